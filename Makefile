@@ -1,0 +1,29 @@
+# Every target creates .venv and installs what it needs, idempotently.
+# `torch` is pinned through constraints.txt so that this machine resolves it to the local CPU build.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+OUT    ?= optimlab-out
+
+.PHONY: demo test test-fast bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,bench]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/optimlab demo functions --out $(OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py --out docs
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache

@@ -1,0 +1,7 @@
+"""optimlab: optimizers, learning-rate schedules, clipping, monitoring and a benchmark lab for PyTorch."""
+
+from optimlab.optim.registry import create_optimizer, list_optimizers
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "create_optimizer", "list_optimizers"]

@@ -1,0 +1,5 @@
+"""``python -m optimlab`` is the ``optimlab`` command."""
+
+from optimlab.cli import main
+
+main()

@@ -1,0 +1,11 @@
+"""The ``optimlab`` command line: each module below registers its commands on :data:`app`."""
+
+from optimlab.cli import optimizers  # noqa: F401  (registers `optimlab optimizers`)
+from optimlab.cli.app import app
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    """Entry point of the ``optimlab`` console script."""
+    app()
