@@ -1,0 +1,219 @@
+r"""Memory-light optimizer state: moments stored in bfloat16 or as 8-bit block-wise quantised codes.
+
+An optimizer that supports ``state_dtype`` keeps its moment buffers (``exp_avg``, ``exp_avg_sq``, ...)
+in one of three storages, chosen per param group:
+
+* ``None`` (default): the parameter's own dtype, exactly like ``torch.optim``;
+* ``"bfloat16"`` (or ``torch.bfloat16``): a bf16 copy, 2 bytes per value;
+* ``"int8"``: block-wise quantisation (Dettmers et al., "8-bit Optimizers via Block-wise
+  Quantization", ICLR 2022). The flattened moment is cut into blocks of :data:`BLOCK_SIZE` = 256
+  values; each block keeps its absolute maximum :math:`a_b = \max_{i \in b} |x_i|` (float32) and
+  every value is stored as the index (an ``int8``) of the nearest entry of a fixed code
+  :math:`Q \subset [-1, 1]`:
+
+  .. math:: \mathrm{code}_i = \arg\min_j |x_i / a_b - Q_j|, \qquad \hat x_i = a_b\, Q_{\mathrm{code}_i}.
+
+  So 1 byte per value plus 4 bytes per 256 values. ``Q`` is the *dynamic tree* code of the paper:
+  a value is written as a decimal exponent followed by a linear fraction, so that a code spends
+  its 256 entries over seven (signed) or eight (unsigned) decades rather than uniformly; small
+  second-moment values survive instead of collapsing to zero. First moments use the signed code,
+  second moments (non-negative) the unsigned one, which has one more decade.
+
+Updates are always computed in the parameter's dtype: :func:`load_moments` returns working tensors
+and :func:`store_moments` writes them back (a no-op for full-precision state, where the working
+tensor *is* the state tensor). Storage is plain tensors in ``optimizer.state`` (``<key>`` holds the
+codes, ``<key>_absmax`` the block scales), so ``state_dict``, ``deepcopy`` and ``torch.save`` work
+as usual; :func:`register_state_dtype_restore` undoes the float cast that
+``Optimizer.load_state_dict`` applies to every state tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BLOCK_SIZE",
+    "STATE_DTYPES",
+    "dynamic_code",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "resolve_state_dtype",
+    "init_moment",
+    "load_moments",
+    "store_moments",
+    "register_state_dtype_restore",
+]
+
+BLOCK_SIZE = 256
+STATE_DTYPES = (None, "bfloat16", "int8")
+_ABSMAX_SUFFIX = "_absmax"
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_code_cpu(signed: bool) -> Tensor:
+    # Magnitudes: decade e (0 = the smallest) holds 2**e values spaced linearly in (0.1, 1] * 10**(e - top),
+    # i.e. after the exponent the remaining bits are a linear fraction (the "dynamic tree" of Dettmers 2016/2022).
+    decades = 7 if signed else 8
+    magnitudes = [
+        10.0 ** (e - (decades - 1)) * (0.1 + 0.9 * j / 2**e) for e in range(decades) for j in range(1, 2**e + 1)
+    ]
+    values = [0.0, *magnitudes]
+    if signed:
+        values += [-m for m in magnitudes]
+    return torch.tensor(sorted(values), dtype=torch.float64)
+
+
+def dynamic_code(signed: bool, device: torch.device | str = "cpu") -> Tensor:
+    r"""The sorted dynamic-tree quantisation code (float32) on ``device``.
+
+    Signed: 255 values, :math:`\{0\} \cup \{\pm m\}` with 127 magnitudes over the decades
+    :math:`10^{-6}..1`; unsigned: 256 values, :math:`\{0\}` and 255 magnitudes over :math:`10^{-7}..1`.
+    Decade :math:`e` holds :math:`2^e` values :math:`10^{e-E}(0.1 + 0.9\,j/2^e)`, :math:`j = 1..2^e`,
+    so the largest entry is exactly 1 and a block's absmax is represented without error
+    (Dettmers, "8-Bit Approximations for Parallelism in Deep Learning", 2016; Dettmers et al. 2022).
+    """
+    return _dynamic_code_cpu(bool(signed)).to(device=device, dtype=torch.float32)
+
+
+def _code_offset(signed: bool) -> int:
+    # stored int8 value = index into the sorted code - offset (signed: -127..127, unsigned: -128..127)
+    return 127 if signed else 128
+
+
+def quantize_blockwise(values: Tensor, signed: bool, block_size: int = BLOCK_SIZE) -> tuple[Tensor, Tensor]:
+    r"""Quantise ``values`` block-wise: returns ``(codes, absmax)``.
+
+    ``codes`` is an ``int8`` tensor of ``values``' shape (the index of the nearest code entry to
+    :math:`x_i / a_b`, shifted into the int8 range); ``absmax`` is a float32 tensor with one
+    :math:`a_b = \max_{i\in b}|x_i|` per block of ``block_size`` consecutive values of the flattened
+    tensor (the last block may be shorter). Nearest-entry rounding bounds the error of each value by
+    half the gap between the two code entries around it, times :math:`a_b`.
+    """
+    if block_size < 1:
+        raise ValueError(f"Invalid block_size: {block_size} (accepted range: >= 1)")
+    if not signed and bool((values < 0).any()):
+        raise ValueError("quantize_blockwise(signed=False) needs non-negative values (a second moment)")
+    flat = values.detach().reshape(-1).to(torch.float32)
+    numel = flat.numel()
+    n_blocks = -(-numel // block_size)
+    padded = torch.nn.functional.pad(flat, (0, n_blocks * block_size - numel)).view(n_blocks, block_size)
+    absmax = padded.abs().amax(dim=1)
+    normalized = padded / absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)
+    code = dynamic_code(signed, flat.device)
+    midpoints = (code[1:] + code[:-1]) / 2
+    index = torch.bucketize(normalized, midpoints)
+    codes = (index - _code_offset(signed)).to(torch.int8).reshape(-1)[:numel].view(values.shape)
+    return codes, absmax
+
+
+def dequantize_blockwise(
+    codes: Tensor, absmax: Tensor, signed: bool, dtype: torch.dtype = torch.float32, block_size: int = BLOCK_SIZE
+) -> Tensor:
+    r""":math:`\hat x_i = a_b\, Q_{\mathrm{code}_i}`: the inverse of :func:`quantize_blockwise`, in ``dtype``."""
+    code = dynamic_code(signed, codes.device)
+    numel = codes.numel()
+    n_blocks = absmax.numel()
+    if not (n_blocks - 1) * block_size < numel <= n_blocks * block_size:
+        raise ValueError(
+            f"Invalid absmax: {n_blocks} blocks of {block_size} do not match {numel} codes"
+        )
+    index = codes.reshape(-1).to(torch.long) + _code_offset(signed)
+    index = torch.nn.functional.pad(index, (0, n_blocks * block_size - numel), value=_code_offset(signed))
+    decoded = code[index].view(n_blocks, block_size) * absmax.to(torch.float32).unsqueeze(1)
+    return decoded.reshape(-1)[:numel].view(codes.shape).to(dtype)
+
+
+def resolve_state_dtype(state_dtype: str | torch.dtype | None) -> str | None:
+    """Normalise a ``state_dtype`` argument to ``None``, ``"bfloat16"`` or ``"int8"``.
+
+    Accepts ``None``/``"float32"``/``torch.float32`` (state in the parameter's dtype),
+    ``"bfloat16"``/``"bf16"``/``torch.bfloat16`` and ``"int8"``/``torch.int8``; anything else raises
+    ``ValueError`` naming the accepted values.
+    """
+    aliases: dict[Any, str | None] = {
+        None: None, "float32": None, "fp32": None, torch.float32: None,
+        "bfloat16": "bfloat16", "bf16": "bfloat16", torch.bfloat16: "bfloat16",
+        "int8": "int8", torch.int8: "int8",
+    }
+    try:
+        return aliases[state_dtype]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"Invalid state_dtype: {state_dtype!r} (accepted: None or 'float32' for the parameter's dtype, "
+            "'bfloat16', 'int8')"
+        ) from None
+
+
+def init_moment(state: dict[str, Any], key: str, param: Tensor, state_dtype: str | None, *, signed: bool) -> None:
+    """Create a zero moment ``state[key]`` for ``param`` in the storage ``state_dtype`` (already resolved)."""
+    if state_dtype is None:
+        state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    elif state_dtype == "bfloat16":
+        state[key] = torch.zeros_like(param, dtype=torch.bfloat16, memory_format=torch.preserve_format)
+    else:
+        codes, absmax = quantize_blockwise(torch.zeros_like(param), signed)
+        state[key], state[key + _ABSMAX_SUFFIX] = codes, absmax
+
+
+def load_moments(states: Sequence[dict[str, Any]], key: str, params: Sequence[Tensor], *, signed: bool) -> list[Tensor]:
+    """The moment ``key`` of each state as a tensor in its parameter's dtype.
+
+    Full-precision state is returned as is (updates in place act on the state itself); bf16 and
+    int8 state are decoded into fresh working tensors that :func:`store_moments` writes back.
+    """
+    loaded = []
+    for state, param in zip(states, params):
+        stored = state[key]
+        if key + _ABSMAX_SUFFIX in state:
+            loaded.append(dequantize_blockwise(stored, state[key + _ABSMAX_SUFFIX], signed, param.dtype))
+        elif stored.dtype != param.dtype:
+            loaded.append(stored.to(param.dtype))
+        else:
+            loaded.append(stored)
+    return loaded
+
+
+def store_moments(
+    states: Sequence[dict[str, Any]], key: str, values: Sequence[Tensor], *, signed: bool
+) -> None:
+    """Write working tensors from :func:`load_moments` back into their storage (rounding to bf16 or re-quantising)."""
+    for state, value in zip(states, values):
+        stored = state[key]
+        if value is stored:
+            continue
+        if key + _ABSMAX_SUFFIX in state:
+            state[key], state[key + _ABSMAX_SUFFIX] = quantize_blockwise(value, signed)
+        else:
+            stored.copy_(value)
+
+
+def _restore_state_dtypes(optimizer: torch.optim.Optimizer, keys: tuple[str, ...]) -> None:
+    for group in optimizer.param_groups:
+        state_dtype = group.get("state_dtype")
+        if state_dtype is None:
+            continue
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key in keys:
+                if key not in state:
+                    continue
+                if state_dtype == "bfloat16":
+                    state[key] = state[key].to(torch.bfloat16)
+                else:
+                    state[key] = state[key].to(torch.int8)
+                    state[key + _ABSMAX_SUFFIX] = state[key + _ABSMAX_SUFFIX].to(torch.float32)
+
+
+def register_state_dtype_restore(optimizer: torch.optim.Optimizer, keys: Sequence[str]) -> None:
+    """After ``load_state_dict``, cast the moments ``keys`` back to their storage dtype.
+
+    ``torch.optim.Optimizer.load_state_dict`` casts every non-``step`` state tensor to the
+    parameter's dtype; the values round-trip exactly (bf16 values and int8 codes are representable
+    in float32), so casting back restores the state bit for bit.
+    """
+    optimizer.register_load_state_dict_post_hook(functools.partial(_restore_state_dtypes, keys=tuple(keys)))
