@@ -214,7 +214,7 @@ def _nonconvex_minimum(dim: int) -> tuple[tuple[float, ...], float]:
             t -= grad / curvature
         coords.append(float(t))
         total += (t - i) ** 2 + 0.1 * math.sin(10 * t) ** 2 + 0.01 * t**4
-    return tuple(coords), total
+    return tuple(coords), float(total)
 
 
 def nonconvex_sum(dim: int = 10, seed: int = 0) -> Problem:
