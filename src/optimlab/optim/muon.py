@@ -1,0 +1,196 @@
+r"""Muon: MomentUm Orthogonalized by Newton–Schulz (Jordan et al. 2024, "Muon: An optimizer for hidden
+layers in neural networks", https://kellerjordan.github.io/posts/muon/).
+
+For a 2-D weight :math:`W \in \mathbb{R}^{A\times B}` with gradient :math:`G_t`:
+
+.. math::
+    B_t &= \mu B_{t-1} + (1-\mu) G_t \\
+    \tilde B_t &= (1-\mu) G_t + \mu B_t \ \text{(Nesterov)} \quad\text{or}\quad B_t \\
+    O_t &= \mathrm{NS}_k(\tilde B_t) \approx U V^\top \quad (\tilde B_t = U \Sigma V^\top) \\
+    W_t &= W_{t-1}(1 - \eta\lambda) - \eta\, s(A, B)\, O_t
+
+:math:`\mathrm{NS}_k` is :math:`k` steps of the quintic Newton–Schulz iteration
+:math:`X \leftarrow aX + (bS + cS^2)X`, :math:`S = XX^\top`, started from
+:math:`X_0 = \tilde B / \max(\|\tilde B\|_F, \epsilon)` (transposed so that :math:`X` is wide), with
+:math:`(a, b, c) = (3.4445, -4.7750, 2.0315)`: in 5 steps it maps every singular value that is not
+tiny into roughly [0.68, 1.19] rather than exactly 1, which trains as well (Jordan et al. 2024). The scale :math:`s` is :math:`\sqrt{\max(1, A/B)}` (``"original"``),
+:math:`0.2\sqrt{\max(A, B)}` (``"match_rms_adamw"``, Liu et al. 2025, "Muon is Scalable for LLM
+Training"), as in ``torch.optim.Muon``.
+
+Muon is for the hidden weight matrices only; embeddings, the output head, biases and normalisation
+gains go to AdamW (:func:`muon_param_split`, the modded-nanogpt recipe).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from optimlab.optim._base import OptimlabOptimizer, ParamsT, as_float, check_lr, check_non_negative
+
+__all__ = ["Muon", "muon_step", "newton_schulz_orthogonalize", "muon_param_split", "NS_COEFFICIENTS"]
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+
+
+def newton_schulz_orthogonalize(
+    matrix: Tensor, steps: int = 5, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
+    r"""Approximate the orthogonal factor :math:`UV^\top` of ``matrix`` (2-D) by ``steps`` quintic
+    Newton–Schulz iterations :math:`X \leftarrow aX + (bXX^\top + c(XX^\top)^2)X` computed in ``dtype``
+    (bfloat16 by default, as Jordan et al. 2024 and ``torch.optim.Muon`` do). Returns a tensor of ``dtype``."""
+    if matrix.dim() != 2:
+        raise ValueError(f"Invalid matrix: Newton-Schulz needs a 2-D tensor, got shape {tuple(matrix.shape)}")
+    a, b, c = coefficients
+    x = matrix.to(dtype)
+    tall = matrix.size(0) > matrix.size(1)
+    if tall:
+        x = x.T
+    x = x.div(x.norm().clamp(min=eps))
+    for _ in range(steps):
+        gram = x @ x.T
+        polynomial = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.addmm(x, polynomial, x, beta=a)
+    return x.T if tall else x
+
+
+def _lr_scale(adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    rows, cols = shape
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return math.sqrt(max(1.0, rows / cols))
+
+
+def muon_step(
+    params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor], *,
+    lr: float, weight_decay: float, momentum: float, nesterov: bool, ns_coefficients: tuple[float, float, float],
+    ns_steps: int, eps: float, adjust_lr_fn: str | None, ns_dtype: torch.dtype,
+) -> None:
+    """Apply the Muon rule (module docstring) to each 2-D parameter, updating ``momentum_buffers`` in place."""
+    for param, grad, buffer in zip(params, grads, momentum_buffers):
+        buffer.lerp_(grad, 1 - momentum)
+        direction = grad.lerp(buffer, momentum) if nesterov else buffer
+        orthogonal = newton_schulz_orthogonalize(direction, ns_steps, ns_coefficients, eps, ns_dtype)
+        param.mul_(1 - lr * weight_decay)
+        param.add_(orthogonal, alpha=-lr * _lr_scale(adjust_lr_fn, param.shape))
+
+
+class Muon(OptimlabOptimizer):
+    r"""Muon (Jordan et al. 2024) for 2-D weight matrices: momentum, then Newton–Schulz orthogonalisation.
+
+    Same arguments and defaults as ``torch.optim.Muon`` plus ``ns_dtype`` (the precision of the
+    Newton–Schulz iteration; bfloat16 like torch's) and ``maximize``.
+
+    Args:
+        params: 2-D parameters or param-group dicts (anything else raises ``ValueError``; route it to
+            AdamW with :func:`muon_param_split`).
+        lr: learning rate :math:`\eta` (>= 0).
+        weight_decay: decoupled weight decay :math:`\lambda` (>= 0).
+        momentum: :math:`\mu` in [0, 1).
+        nesterov: use the Nesterov look-ahead direction.
+        ns_coefficients: :math:`(a, b, c)` of the quintic iteration.
+        eps: floor of the Frobenius norm in the normalisation (>= 0).
+        ns_steps: Newton–Schulz iterations :math:`k`, 1..99.
+        adjust_lr_fn: ``None``/``"original"`` or ``"match_rms_adamw"`` (see module docstring).
+        ns_dtype: floating dtype of the iteration.
+        maximize: ascend the objective instead.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = None,
+        *,
+        ns_dtype: torch.dtype = torch.bfloat16,
+        maximize: bool = False,
+    ) -> None:
+        check_lr(lr)
+        check_non_negative("weight_decay", weight_decay)
+        if not (0.0 <= momentum < 1.0):
+            raise ValueError(f"Invalid momentum: {momentum} (accepted range: [0, 1))")
+        if len(ns_coefficients) != 3:
+            raise ValueError(f"Invalid ns_coefficients: {ns_coefficients!r} (expected three floats (a, b, c))")
+        check_non_negative("eps", eps)
+        if not isinstance(ns_steps, int) or not (1 <= ns_steps < 100):
+            raise ValueError(f"Invalid ns_steps: {ns_steps!r} (accepted range: an integer in [1, 99])")
+        if adjust_lr_fn not in ADJUST_LR_FNS:
+            raise ValueError(f"Invalid adjust_lr_fn: {adjust_lr_fn!r} (accepted: {ADJUST_LR_FNS})")
+        if not (isinstance(ns_dtype, torch.dtype) and ns_dtype.is_floating_point):
+            raise ValueError(f"Invalid ns_dtype: {ns_dtype!r} (accepted: a floating torch.dtype)")
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
+                        adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, maximize=maximize)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group (``torch.optim`` semantics); every parameter must be a 2-D matrix."""
+        super().add_param_group(param_group)
+        for param in self.param_groups[-1]["params"]:
+            if param.dim() != 2:
+                raise ValueError(
+                    f"Invalid params: Muon takes 2-D weight matrices, got a tensor of shape {tuple(param.shape)}; "
+                    "send embeddings, heads, biases and norms to AdamW (optimlab.optim.muon.muon_param_split)"
+                )
+
+    def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        for param in params:
+            state = self.state[param]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _update_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
+    ) -> None:
+        if group["maximize"]:
+            grads = [-grad for grad in grads]
+        muon_step(
+            params, grads, [state["momentum_buffer"] for state in states], lr=as_float(group["lr"]),
+            weight_decay=group["weight_decay"], momentum=group["momentum"], nesterov=group["nesterov"],
+            ns_coefficients=group["ns_coefficients"], ns_steps=group["ns_steps"], eps=group["eps"],
+            adjust_lr_fn=group["adjust_lr_fn"], ns_dtype=group["ns_dtype"],
+        )
+
+
+def muon_param_split(
+    model: nn.Module, *, adamw_names: Iterable[str] = ("head",),
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Split ``model``'s trainable parameters into ``(muon_params, adamw_params)``, the modded-nanogpt recipe.
+
+    A parameter goes to Muon when it is a 2-D hidden weight matrix: ``ndim == 2``, not owned by an
+    ``nn.Embedding``/``nn.EmbeddingBag``, and no entry of ``adamw_names`` occurs in its qualified name
+    (default ``("head",)`` catches ``head``/``lm_head``, the output projection). Everything else
+    (embeddings, the head, biases, normalisation gains, other shapes) goes to AdamW. Tied parameters
+    are listed once.
+
+    Example:
+        >>> muon_params, adamw_params = muon_param_split(model)
+        >>> optimizers = [Muon(muon_params, lr=0.02, momentum=0.95),
+        ...               AdamW(adamw_params, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.0)]
+        >>> # each step: loss.backward(); for opt in optimizers: opt.step(); opt.zero_grad()
+    """
+    markers = tuple(adamw_names)
+    embedding_params = {
+        id(p) for module in model.modules() if isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+        for p in module.parameters(recurse=False)
+    }
+    muon_params: list[Tensor] = []
+    adamw_params: list[Tensor] = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        hidden_matrix = param.dim() == 2 and id(param) not in embedding_params and not any(m in name for m in markers)
+        (muon_params if hidden_matrix else adamw_params).append(param)
+    return muon_params, adamw_params
