@@ -1,0 +1,388 @@
+"""Running a bench: tune every configuration with the same budget, rerun the best over seeds, store it all.
+
+A *study* is one task × optimizer × schedule × clipping. Each study runs ``trials`` tuning trials one
+after the other (seed 0, TPE suggestions, see :mod:`optimlab.bench.tuning`), then reruns its best
+hyperparameters with seeds ``1..seeds`` (the ``final`` phase, which the report's mean ± std use).
+Every optimizer gets the same trial budget, the same tuning seed stream and the same final seeds.
+
+Studies are independent, so ``jobs > 1`` runs them in parallel worker processes; the results do not
+depend on ``jobs``. Every finished trial is committed at once (one transaction), so:
+
+* rerunning the same command (same :meth:`BenchConfig.key`) resumes the same run, skipping finished
+  trials, even after a SIGKILL;
+* Ctrl-C stops cleanly: workers finish the trial in hand, finished trials stay, the run is marked
+  ``interrupted`` and the next identical command resumes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import queue
+import signal
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from optimlab.bench.store import Store
+from optimlab.bench.tasks import get_task
+from optimlab.bench.trial import TrialConfig, run_trial
+from optimlab.bench.tuning import HistoryItem, best_index, score, search_space, suggest
+from optimlab.progress import progress
+
+__all__ = ["BenchConfig", "BenchResult", "Study", "QUICK_TASKS", "QUICK_OPTIMIZERS", "default_jobs", "run_bench", "summarize", "winners"]
+
+QUICK_TASKS = ("rosenbrock", "rastrigin", "beale", "quadratic", "nonconvex-10d", "digits-logreg", "digits-mlp")
+QUICK_OPTIMIZERS = ("sgd-momentum", "adam", "adamw", "rmsprop")
+
+
+@dataclass(frozen=True)
+class Study:
+    """One configuration family whose hyperparameters are tuned together."""
+
+    task: str
+    optimizer: str
+    schedule: str
+    clip: str
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """A bench: the cross product of tasks, optimizers, schedules and clipping specs, and the budget.
+
+    Attributes:
+        tasks / optimizers / schedules / clips: names and specs (validated by :meth:`validate`).
+        trials: tuning trials per study (the same for every optimizer).
+        seeds: final reruns of the best configuration per study.
+        steps: step budget per trial; ``None`` means each task's own (``quick_steps`` under ``quick``).
+        quick: use the tasks' short budgets.
+        tune: hyperparameters searched (``"lr"`` plus :data:`optimlab.bench.tuning.EXTRA_SEARCH_SPACE` keys).
+        seed: seed of the tuning sampler.
+    """
+
+    tasks: tuple[str, ...]
+    optimizers: tuple[str, ...]
+    schedules: tuple[str, ...] = ("constant",)
+    clips: tuple[str, ...] = ("none",)
+    trials: int = 20
+    seeds: int = 3
+    steps: int | None = None
+    quick: bool = False
+    tune: tuple[str, ...] = ("lr",)
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ``ValueError``/``KeyError`` (listing valid choices) for anything unusable, before running."""
+        for label, values in (("tasks", self.tasks), ("optimizers", self.optimizers),
+                              ("schedules", self.schedules), ("clips", self.clips)):
+            if not values:
+                raise ValueError(f"Invalid {label}: empty (give at least one)")
+        if self.trials < 1:
+            raise ValueError(f"Invalid trials: {self.trials} (accepted range: >= 1)")
+        if self.seeds < 1:
+            raise ValueError(f"Invalid seeds: {self.seeds} (accepted range: >= 1)")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"Invalid steps: {self.steps} (accepted range: >= 1)")
+        for task in self.tasks:
+            get_task(task)
+        for optimizer in self.optimizers:
+            search_space(optimizer, self.tune)
+        for schedule in self.schedules:
+            _check_schedule(schedule)
+        for clip in self.clips:
+            _check_clip(clip)
+
+    def steps_for(self, task: str) -> int:
+        """The step budget of one trial of ``task``."""
+        if self.steps is not None:
+            return self.steps
+        spec = get_task(task)
+        return spec.quick_steps if self.quick else spec.steps
+
+    def studies(self) -> list[Study]:
+        """Every task × optimizer × schedule × clip, in a fixed order."""
+        return [Study(t, o, s, c) for t in self.tasks for o in self.optimizers for s in self.schedules
+                for c in self.clips]
+
+    def key(self) -> str:
+        """A hash of everything that determines the results (a rerun with the same key resumes)."""
+        payload = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def to_json(self) -> dict[str, Any]:
+        """The configuration plus each task's metric metadata (what a report needs from the store)."""
+        tasks = {}
+        for name in self.tasks:
+            spec = get_task(name)
+            tasks[name] = {"metric": spec.metric, "mode": spec.mode, "target": spec.target,
+                           "steps": self.steps_for(name), "family": spec.family, "description": spec.description}
+        return {**asdict(self), "task_info": tasks}
+
+
+def _check_schedule(schedule: str) -> None:
+    if schedule == "constant":
+        return
+    from optimlab.bench.trial import parse_spec
+    from optimlab.schedules import list_schedules
+
+    name, _ = parse_spec(schedule)
+    if name not in list_schedules():
+        raise KeyError(f"Unknown schedule {name!r}. Valid names: constant, {', '.join(list_schedules())}")
+
+
+def _check_clip(clip: str) -> None:
+    if clip == "none":
+        return
+    import torch
+
+    from optimlab.clip import make_clipper
+
+    make_clipper(clip, [torch.zeros(1, requires_grad=True)])
+
+
+@dataclass
+class BenchResult:
+    """What :func:`run_bench` did: the run id, whether it finished, and trial counts."""
+
+    run_id: int
+    complete: bool
+    trials_run: int
+    trials_skipped: int
+    resumed: bool
+    diverged: int = 0
+    messages: list[str] = field(default_factory=list)
+
+
+# -- one study (runs in the main process or a worker) ------------------------------------------------
+Event = tuple[str, str, int]  # (status, study label, steps)
+
+
+def _history(store: Store, run_id: int, study: Study, mode: str) -> list[tuple[dict[str, Any], HistoryItem]]:
+    rows = store.trials(run_id, task=study.task, optimizer=study.optimizer, schedule=study.schedule,
+                        clip=study.clip, phase="tune")
+    return [(row, HistoryItem(row["params"], score(row["final_metric"], mode, row["status"] == "diverged")))
+            for row in rows]
+
+
+def run_study(db_path: str, run_id: int, config: BenchConfig, study: Study,
+              report: Callable[[Event], None], should_stop: Callable[[], bool]) -> None:
+    """Run the missing trials of one study, committing each as it finishes."""
+    spec = get_task(study.task)
+    steps = config.steps_for(study.task)
+    space = search_space(study.optimizer, config.tune)
+    label = f"{study.task}/{study.optimizer}"
+    probe = spec.build(0)
+    record_trajectory = probe.point is not None and len(probe.point()) == 2
+    with Store(db_path) as store:
+        history = _history(store, run_id, study, spec.mode)
+        done_tune = {row["trial_index"] for row, _ in history}
+        for index in range(config.trials):
+            if index in done_tune:
+                continue
+            if should_stop():
+                return
+            params = suggest(space, [item for _, item in history], index, config.seed)
+            record = run_trial(TrialConfig(study.task, study.optimizer, params, steps, study.schedule, study.clip,
+                                           seed=0, phase="tune", trial_index=index))
+            store.add_trial(run_id, record)
+            history = _history(store, run_id, study, spec.mode)
+            report((record.status, label, record.steps))
+        best = history[best_index([item for _, item in history])][0]["params"]
+        done_final = {row["trial_index"] for row in store.trials(
+            run_id, task=study.task, optimizer=study.optimizer, schedule=study.schedule, clip=study.clip,
+            phase="final")}
+        for index in range(config.seeds):
+            if index in done_final:
+                continue
+            if should_stop():
+                return
+            record = run_trial(TrialConfig(study.task, study.optimizer, best, steps, study.schedule, study.clip,
+                                           seed=index + 1, phase="final", trial_index=index,
+                                           record_trajectory=record_trajectory))
+            store.add_trial(run_id, record)
+            report((record.status, label, record.steps))
+
+
+# -- worker processes ---------------------------------------------------------------------------------
+_worker_events: Any = None
+_worker_stop: Any = None
+
+
+def _init_worker(events: Any, stop: Any) -> None:
+    global _worker_events, _worker_stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into the stop event
+    _worker_events, _worker_stop = events, stop
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _worker_run_study(db_path: str, run_id: int, config: BenchConfig, study: Study) -> None:
+    run_study(db_path, run_id, config, study, _worker_events.put, _worker_stop.is_set)
+
+
+# -- the bench -----------------------------------------------------------------------------------------
+def _count_done(store: Store, run_id: int, config: BenchConfig) -> int:
+    studies = {(s.task, s.optimizer, s.schedule, s.clip) for s in config.studies()}
+    return sum(1 for row in store.trials(run_id)
+               if (row["task"], row["optimizer"], row["schedule"], row["clip"]) in studies)
+
+
+def run_bench(config: BenchConfig, db_path: str | Path, *, jobs: int = 1, quiet: bool = False,
+              new_run: bool = False, command: str = "") -> BenchResult:
+    """Run (or resume) the bench described by ``config`` into the database at ``db_path``.
+
+    Resumes the latest run with the same configuration key unless ``new_run``. Returns when every trial
+    is stored, or after a Ctrl-C (the run is then marked ``interrupted`` and ``complete`` is False).
+    """
+    config.validate()
+    if jobs < 1:
+        raise ValueError(f"Invalid jobs: {jobs} (accepted range: >= 1)")
+    db_path = str(db_path)
+    studies = config.studies()
+    total = len(studies) * (config.trials + config.seeds)
+    with Store(db_path) as store:
+        existing = None if new_run else store.latest_run_with_key(config.key())
+        if existing is not None:
+            run_id, resumed = int(existing["id"]), True
+            store.set_run_status(run_id, "running")
+        else:
+            run_id, resumed = store.create_run(config.key(), config.to_json(), command), False
+        skipped = _count_done(store, run_id, config)
+    result = BenchResult(run_id=run_id, complete=False, trials_run=0, trials_skipped=skipped, resumed=resumed)
+    if skipped >= total:
+        with Store(db_path) as store:
+            store.set_run_status(run_id, "complete")
+        result.complete = True
+        return result
+
+    with progress(f"bench run {run_id}", total=total, quiet=quiet, unit="trials") as bar:
+        bar.advance(skipped)
+        steps_total = 0
+
+        def on_event(event: Event) -> None:
+            nonlocal steps_total
+            status, label, steps = event
+            steps_total += steps
+            result.trials_run += 1
+            result.diverged += status == "diverged"
+            bar.advance(1, study=label, steps=steps_total, diverged=result.diverged)
+
+        try:
+            if jobs == 1:
+                for study in studies:
+                    run_study(db_path, run_id, config, study, on_event, lambda: False)
+            else:
+                _run_parallel(db_path, run_id, config, studies, jobs, on_event)
+        except KeyboardInterrupt:
+            with Store(db_path) as store:
+                store.set_run_status(run_id, "interrupted")
+            result.messages.append(f"interrupted: {result.trials_run} new trials kept; rerun the same command "
+                                   "to resume")
+            return result
+    with Store(db_path) as store:
+        complete = _count_done(store, run_id, config) >= total
+        store.set_run_status(run_id, "complete" if complete else "interrupted")
+    result.complete = complete
+    return result
+
+
+def _run_parallel(db_path: str, run_id: int, config: BenchConfig, studies: Sequence[Study], jobs: int,
+                  on_event: Callable[[Event], None]) -> None:
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
+    context = multiprocessing.get_context(method)
+    events = context.Queue()
+    stop = context.Event()
+
+    def drain() -> None:
+        while True:
+            try:
+                on_event(events.get_nowait())
+            except queue.Empty:
+                return
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker,
+                             initargs=(events, stop)) as pool:
+        pending: set[Future[None]] = {pool.submit(_worker_run_study, db_path, run_id, config, s) for s in studies}
+        try:
+            while pending:
+                finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                drain()
+                for future in finished:
+                    future.result()
+        except KeyboardInterrupt:
+            stop.set()
+            for future in pending:
+                future.cancel()
+            wait(pending)
+            drain()
+            raise
+    drain()
+
+
+def summarize(store: Store, run_id: int) -> list[dict[str, Any]]:
+    """One row per study of a run: the best hyperparameters and the final-phase mean ± std over seeds.
+
+    Keys: task, optimizer, schedule, clip, params, metric, mode, n_seeds, n_diverged, metric_mean, metric_std,
+    loss_mean, steps_to_target_mean (over seeds that reached it), reached (count), time_to_target_mean,
+    ms_per_step, state_bytes_per_param, tune_diverged (tuning trials that diverged).
+    """
+    run = store.get_run(run_id)
+    task_info = run["config"]["task_info"]
+    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    tune_diverged: dict[tuple[str, str, str, str], int] = {}
+    for row in store.trials(run_id):
+        key = (row["task"], row["optimizer"], row["schedule"], row["clip"])
+        if row["phase"] == "final":
+            groups.setdefault(key, []).append(row)
+        else:
+            tune_diverged[key] = tune_diverged.get(key, 0) + (row["status"] == "diverged")
+    rows = []
+    for key, trials in groups.items():
+        info = task_info[key[0]]
+        values = [t["final_metric"] for t in trials if t["status"] == "complete" and t["final_metric"] is not None]
+        losses = [t["final_loss"] for t in trials if t["final_loss"] is not None]
+        reached = [t for t in trials if t["steps_to_target"] is not None]
+        ms = [t["ms_per_step"] for t in trials if t["ms_per_step"] is not None]
+        rows.append({
+            "task": key[0], "optimizer": key[1], "schedule": key[2], "clip": key[3],
+            "params": trials[0]["params"], "metric": info["metric"], "mode": info["mode"],
+            "target": info["target"], "n_seeds": len(trials),
+            "n_diverged": sum(t["status"] == "diverged" for t in trials),
+            "metric_mean": statistics.fmean(values) if values else None,
+            "metric_std": statistics.pstdev(values) if values else None,
+            "loss_mean": statistics.fmean(losses) if losses else None,
+            "reached": len(reached),
+            "steps_to_target_mean": statistics.fmean(t["steps_to_target"] for t in reached) if reached else None,
+            "time_to_target_mean": statistics.fmean(t["time_to_target"] for t in reached) if reached else None,
+            "ms_per_step": statistics.median(ms) if ms else None,
+            "state_bytes_per_param": trials[0]["state_bytes_per_param"],
+            "tune_diverged": tune_diverged.get(key, 0),
+        })
+    return rows
+
+
+def winners(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per task, the summary row with the best mean metric (ties: fewer steps to target, then name)."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["metric_mean"] is None:
+            continue
+        sign = 1.0 if row["mode"] == "min" else -1.0
+        rank = (sign * row["metric_mean"], row["steps_to_target_mean"] or float("inf"), row["optimizer"])
+        current = best.get(row["task"])
+        if current is None or rank < current["_rank"]:
+            best[row["task"]] = {**row, "_rank": rank}
+    return {task: {k: v for k, v in row.items() if k != "_rank"} for task, row in best.items()}
+
+
+def default_jobs() -> int:
+    """A sensible ``--jobs`` default: the CPU cores available to this process, at most 4."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+

@@ -1,0 +1,204 @@
+"""One trial: train one task with one configuration (optimizer × schedule × clipping, seed) and measure it.
+
+The loop per step is: training loss on the next batch → divergence check → ``backward`` → clipping
+→ ``optimizer.step()`` (timed alone, for milliseconds per optimizer step) → scheduler step, with an
+evaluation every ``eval_every`` steps and at the end. A non-finite loss, or one above
+:data:`DIVERGENCE_FACTOR` times the initial loss, stops the trial and marks it ``diverged``: the
+bench records it and goes on.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from optimlab.bench.store import TrialRecord
+from optimlab.bench.tasks import get_task
+from optimlab.optim.registry import create_optimizer
+from optimlab.optim.state import state_bytes_per_param
+
+__all__ = ["DIVERGENCE_FACTOR", "TrialConfig", "parse_spec", "run_trial"]
+
+DIVERGENCE_FACTOR = 1e8
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """What one trial runs.
+
+    Attributes:
+        task: a task name (:func:`optimlab.bench.tasks.list_tasks`).
+        optimizer: an optimizer name (:func:`optimlab.optim.list_optimizers`).
+        params: optimizer keyword arguments, ``lr`` included.
+        schedule: ``"constant"`` or a schedule spec ``"NAME"`` / ``"NAME:key=value,key=value"``
+            for :func:`optimlab.schedules.create_scheduler`.
+        clip: a clipping spec for :func:`optimlab.clip.make_clipper` (``"none"``, ``"norm:1.0"``, ...).
+        seed: initial weights and batch order.
+        steps: step budget.
+        phase: ``"tune"`` or ``"final"`` (stored with the trial).
+        trial_index: position within its phase.
+        record_trajectory: keep every iterate of a test function (for the 2-D pictures).
+    """
+
+    task: str
+    optimizer: str
+    params: dict[str, Any]
+    steps: int
+    schedule: str = "constant"
+    clip: str = "none"
+    seed: int = 0
+    phase: str = "tune"
+    trial_index: int = 0
+    record_trajectory: bool = False
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, float]]:
+    """Split ``"name:key=value,key=value"`` into ``("name", {key: float(value)})``.
+
+    ``"cosine"`` gives ``("cosine", {})``; a malformed pair raises ``ValueError``.
+    """
+    name, _, rest = spec.partition(":")
+    options: dict[str, float] = {}
+    for pair in filter(None, rest.split(",")):
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"Invalid spec {spec!r}: expected 'name:key=value,key=value', got {pair!r}")
+        try:
+            options[key.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"Invalid spec {spec!r}: value of {key!r} is not a number: {value!r}") from None
+    return name.strip().lower(), options
+
+
+def _make_scheduler(schedule: str, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+    if schedule == "constant":
+        return None
+    from optimlab.schedules import create_scheduler
+
+    name, options = parse_spec(schedule)
+    options = {k: int(v) if float(v).is_integer() and k.endswith("steps") else v for k, v in options.items()}
+    return create_scheduler(name, optimizer, total_steps, **options)
+
+
+def _make_clipper(clip: str, parameters: list[torch.Tensor]) -> Any:
+    if clip == "none":
+        return None
+    from optimlab.clip import make_clipper
+
+    return make_clipper(clip, parameters)
+
+
+def _finite(value: float) -> bool:
+    return not (math.isnan(value) or math.isinf(value))
+
+
+def _set_mode(optimizer: torch.optim.Optimizer, mode: str) -> None:
+    """Schedule-free optimizers evaluate at a different point than they train: switch them if they can."""
+    switch = getattr(optimizer, mode, None)
+    if callable(switch):
+        switch()
+
+
+def run_trial(config: TrialConfig) -> TrialRecord:
+    """Run one trial and return its record (not yet stored)."""
+    spec = get_task(config.task)
+    instance = spec.build(config.seed)
+    torch.manual_seed(config.seed)
+    parameters = [p for p in instance.model.parameters() if p.requires_grad]
+    optimizer = create_optimizer(parameters, config.optimizer, **config.params)
+    scheduler = _make_scheduler(config.schedule, optimizer, config.steps)
+    clipper = _make_clipper(config.clip, parameters)
+    _set_mode(optimizer, "train")
+
+    curve: list[tuple[int, float | None, float | None, float | None]] = []
+    trajectory = [instance.point()] if config.record_trajectory and instance.point is not None else None
+    step_seconds: list[float] = []
+    losses: list[float] = []
+    metrics: list[float] = []
+    status = "complete"
+    steps_to_target: int | None = None
+    time_to_target: float | None = None
+    loss_limit: float | None = None
+
+    def evaluate() -> float:
+        _set_mode(optimizer, "eval")
+        value = instance.evaluate()[spec.metric]
+        _set_mode(optimizer, "train")
+        return float(value)
+
+    start = time.perf_counter()
+    initial_metric = evaluate()
+    if spec.reached(initial_metric):
+        steps_to_target, time_to_target = 0, 0.0
+    steps_done = 0
+    for step in range(1, config.steps + 1):
+        lr = float(optimizer.param_groups[0]["lr"])
+        optimizer.zero_grad(set_to_none=True)
+        loss = instance.loss(next(instance.batches))
+        loss_value = float(loss.detach())
+        if loss_limit is None:
+            loss_limit = DIVERGENCE_FACTOR * max(abs(loss_value), 1.0)
+        if not _finite(loss_value) or abs(loss_value) > loss_limit:
+            status = "diverged"
+            curve.append((step, loss_value, None, lr))
+            break
+        loss.backward()
+        if clipper is not None:
+            clipper.step()
+        tick = time.perf_counter()
+        optimizer.step()
+        step_seconds.append(time.perf_counter() - tick)
+        if scheduler is not None:
+            scheduler.step()
+        steps_done = step
+        losses.append(loss_value)
+        metric: float | None = None
+        if step % spec.eval_every == 0 or step == config.steps:
+            metric = evaluate()
+            if not _finite(metric):
+                status = "diverged"
+                curve.append((step, loss_value, metric, lr))
+                break
+            metrics.append(metric)
+            if steps_to_target is None and spec.reached(metric):
+                steps_to_target, time_to_target = step, time.perf_counter() - start
+        curve.append((step, loss_value, metric, lr))
+        if trajectory is not None:
+            trajectory.append(instance.point())
+    wall_time = time.perf_counter() - start
+
+    artifacts: dict[str, Any] = {}
+    if trajectory is not None:
+        artifacts["trajectory"] = trajectory
+    if instance.point is not None and config.phase == "final":
+        artifacts["final_point"] = instance.point()
+    best_metric = (min(metrics) if spec.mode == "min" else max(metrics)) if metrics else None
+    timed = step_seconds[1:] or step_seconds  # the first step also allocates the optimizer state
+    return TrialRecord(
+        task=config.task,
+        optimizer=config.optimizer,
+        schedule=config.schedule,
+        clip=config.clip,
+        phase=config.phase,
+        trial_index=config.trial_index,
+        seed=config.seed,
+        params=dict(config.params),
+        status=status,
+        steps=steps_done,
+        final_loss=losses[-1] if losses and status == "complete" else None,
+        best_loss=min(losses) if losses else None,
+        final_metric=metrics[-1] if metrics and status == "complete" else None,
+        best_metric=best_metric,
+        steps_to_target=steps_to_target,
+        time_to_target=time_to_target,
+        ms_per_step=1e3 * statistics.median(timed) if timed else None,
+        state_bytes_per_param=state_bytes_per_param(optimizer),
+        wall_time=wall_time,
+        curve=curve,
+        artifacts=artifacts,
+    )

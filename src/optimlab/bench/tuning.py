@@ -1,0 +1,112 @@
+"""Hyperparameter search with Optuna's TPE sampler (Bergstra et al., 2011), made exactly reproducible.
+
+The learning rate is always searched, log-uniformly within the optimizer's registry bounds
+(:attr:`optimlab.optim.registry.OptimizerSpec.lr_bounds`); other hyperparameters can be added from
+:data:`EXTRA_SEARCH_SPACE` when the optimizer accepts them.
+
+Trial ``k``'s suggestion is a pure function of (seed, k, the results of trials ``0..k-1``): a fresh
+study is rebuilt from the stored history and a TPE sampler seeded with ``seed + k`` asks once. So a
+bench that was killed and resumed suggests exactly what an uninterrupted one would, and every
+optimizer's search uses the same random stream (same quantiles of its own range) — a fair budget.
+
+Objective (minimised): the task metric at the end of the trial, negated for "higher is better"
+metrics; a diverged trial scores :data:`DIVERGED_SCORE`, worse than any real result.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, FloatDistribution
+
+from optimlab.optim.registry import get_spec
+
+__all__ = ["DIVERGED_SCORE", "EXTRA_SEARCH_SPACE", "HistoryItem", "search_space", "score", "suggest", "best_index"]
+
+DIVERGED_SCORE = 1e300
+
+# name -> (low, high, log)
+EXTRA_SEARCH_SPACE: dict[str, tuple[float, float, bool]] = {
+    "weight_decay": (1e-6, 1e-1, True),
+    "momentum": (0.5, 0.99, False),
+    "eps": (1e-10, 1e-6, True),
+}
+
+
+@dataclass(frozen=True)
+class HistoryItem:
+    """A finished trial as the sampler sees it: its hyperparameters and score (lower is better)."""
+
+    params: dict[str, float]
+    score: float
+
+
+def _accepted_kwargs(optimizer: str) -> set[str] | None:
+    """Constructor keywords the optimizer accepts (``None`` when it takes ``**kwargs``)."""
+    spec = get_spec(optimizer)
+    parameters = inspect.signature(spec.resolve().__init__).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters}
+
+
+def search_space(optimizer: str, tune: Sequence[str] = ("lr",)) -> dict[str, BaseDistribution]:
+    """The Optuna distributions searched for ``optimizer``.
+
+    ``tune`` names what to search: ``"lr"`` plus any of :data:`EXTRA_SEARCH_SPACE`. An extra the optimizer's
+    constructor does not accept, or that its registry preset fixes (e.g. SGD-momentum's ``momentum``),
+    is left out for that optimizer. An unknown name raises ``ValueError`` listing the valid ones.
+    """
+    spec = get_spec(optimizer)
+    valid = ["lr", *EXTRA_SEARCH_SPACE]
+    for name in tune:
+        if name not in valid:
+            raise ValueError(f"Invalid hyperparameter to tune: {name!r} (accepted: {', '.join(valid)})")
+    low, high = spec.lr_bounds
+    space: dict[str, BaseDistribution] = {"lr": FloatDistribution(low, high, log=True)}
+    accepted = _accepted_kwargs(optimizer)
+    for name in tune:
+        if name == "lr" or name in spec.preset or (accepted is not None and name not in accepted):
+            continue
+        extra_low, extra_high, log = EXTRA_SEARCH_SPACE[name]
+        space[name] = FloatDistribution(extra_low, extra_high, log=log)
+    return space
+
+
+def score(final_metric: float | None, mode: str, diverged: bool) -> float:
+    """The minimised objective: ``metric`` (mode ``"min"``) or ``-metric`` (``"max"``); diverged → worst."""
+    if mode not in ("min", "max"):
+        raise ValueError(f"Invalid mode: {mode!r} (accepted: 'min', 'max')")
+    if diverged or final_metric is None or not math.isfinite(final_metric):
+        return DIVERGED_SCORE
+    return final_metric if mode == "min" else -final_metric
+
+
+def suggest(space: dict[str, BaseDistribution], history: Sequence[HistoryItem], trial_index: int, seed: int,
+            n_startup_trials: int = 4) -> dict[str, float]:
+    """Hyperparameters for trial ``trial_index`` given the earlier trials' ``history`` (see the module docstring)."""
+    if trial_index < 0:
+        raise ValueError(f"Invalid trial_index: {trial_index} (accepted range: >= 0)")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=seed + trial_index, n_startup_trials=n_startup_trials,
+                                             multivariate=len(space) > 1)
+        study = optuna.create_study(direction="minimize", sampler=sampler)
+        for item in history:
+            study.add_trial(optuna.trial.create_trial(params=item.params, distributions=space, value=item.score))
+        trial = study.ask(space)
+    return {name: float(trial.params[name]) for name in space}
+
+
+def best_index(history: Sequence[HistoryItem]) -> int:
+    """Index of the lowest score (the earliest on ties); ``ValueError`` on an empty history."""
+    if not history:
+        raise ValueError("Invalid history: empty (no finished trials to choose from)")
+    return min(range(len(history)), key=lambda i: (history[i].score, i))
