@@ -1,0 +1,150 @@
+r"""LAMB: Layer-wise Adaptive Moments for Batch training (You et al., "Large Batch Optimization for
+Deep Learning: Training BERT in 76 minutes", ICLR 2020, Algorithm 2).
+
+Adam's direction plus decoupled weight decay, rescaled per tensor (layer) by a trust ratio:
+
+.. math::
+    m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+    r_t &= \frac{m_t/(1-\beta_1^t)}{\sqrt{v_t/(1-\beta_2^t)} + \epsilon} \qquad
+        \text{(no bias correction when ``bias_correction=False``)} \\
+    u_t &= r_t + \lambda x_{t-1} \\
+    x_t &= x_{t-1} - \eta\, \frac{\phi(\|x_{t-1}\|)}{\|u_t\|}\, u_t
+
+with :math:`\phi(z) = z` (optionally capped: the ratio is clamped to ``max_trust_ratio``) and the
+ratio taken as 1 when either norm is 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optimlab.optim._base import (
+    OptimlabOptimizer,
+    ParamsT,
+    as_float,
+    check_betas,
+    check_lr,
+    check_non_negative,
+    group_by_device_and_dtype,
+    new_step_tensor,
+)
+from optimlab.optim.lars import trust_ratios
+
+__all__ = ["LAMB", "lamb_step", "lamb_step_foreach"]
+
+
+def _bias_corrections(steps: Sequence[Tensor], beta1: float, beta2: float, enabled: bool) -> tuple[list[float], list[float]]:
+    counts = [step.item() for step in steps]
+    if not enabled:
+        return [1.0] * len(counts), [1.0] * len(counts)
+    return [1 - beta1**t for t in counts], [1 - beta2**t for t in counts]
+
+
+def lamb_step(
+    params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+    bias_correction: bool, max_trust_ratio: float | None,
+) -> None:
+    """Per-tensor reference path of LAMB (module docstring); increments each ``steps`` counter."""
+    for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        step += 1
+        (correction1,), (correction2,) = _bias_corrections([step], beta1, beta2, bias_correction)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = exp_avg_sq.div(correction2).sqrt_().add_(eps)
+        update = exp_avg.div(correction1).div_(denom)
+        if weight_decay != 0:
+            update.add_(param, alpha=weight_decay)
+        (ratio,) = trust_ratios([param.norm()], [update.norm()], max_ratio=max_trust_ratio)
+        update.mul_(ratio)
+        param.add_(update, alpha=-lr)
+
+
+def lamb_step_foreach(
+    params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+    bias_correction: bool, max_trust_ratio: float | None,
+) -> None:
+    """Multi-tensor path of :func:`lamb_step`; all tensors share device and dtype."""
+    torch._foreach_add_(steps, 1)
+    corrections1, corrections2 = _bias_corrections(steps, beta1, beta2, bias_correction)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    denoms = torch._foreach_div(exp_avg_sqs, corrections2)
+    torch._foreach_sqrt_(denoms)
+    torch._foreach_add_(denoms, eps)
+    updates = torch._foreach_div(exp_avgs, corrections1)
+    torch._foreach_div_(updates, denoms)
+    if weight_decay != 0:
+        torch._foreach_add_(updates, params, alpha=weight_decay)
+    ratios = trust_ratios(torch._foreach_norm(params), torch._foreach_norm(updates), max_ratio=max_trust_ratio)
+    torch._foreach_mul_(updates, ratios)
+    torch._foreach_add_(params, updates, alpha=-lr)
+
+
+class LAMB(OptimlabOptimizer):
+    r"""LAMB (You et al. 2020): Adam direction + decoupled weight decay, scaled by a per-layer trust ratio.
+
+    Args:
+        params: parameters or param-group dicts.
+        lr: learning rate :math:`\eta` (>= 0).
+        betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
+        eps: :math:`\epsilon` (>= 0), added to :math:`\sqrt{\hat v}`.
+        weight_decay: :math:`\lambda` (>= 0), added to the direction before the trust ratio.
+        bias_correction: divide the moments by :math:`1-\beta^t` (the paper's Algorithm 2 does).
+        max_trust_ratio: upper clamp of the trust ratio (> 0), or ``None`` for none (:math:`\phi(z) = z`).
+        maximize: ascend the objective instead.
+        foreach: use the multi-tensor path (default: when the tensors are on CPU/CUDA).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        bias_correction: bool = True,
+        max_trust_ratio: float | None = None,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        check_lr(lr)
+        check_betas(betas)
+        check_non_negative("eps", eps)
+        check_non_negative("weight_decay", weight_decay)
+        if max_trust_ratio is not None and not (max_trust_ratio > 0):
+            raise ValueError(f"Invalid max_trust_ratio: {max_trust_ratio} (accepted range: > 0, or None)")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
+                        max_trust_ratio=max_trust_ratio, maximize=maximize, foreach=foreach)
+        super().__init__(params, defaults)
+
+    def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        for param in params:
+            state = self.state[param]
+            if not state:
+                state["step"] = new_step_tensor()
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _update_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
+    ) -> None:
+        if group["maximize"]:
+            grads = torch._foreach_neg(grads)
+        beta1, beta2 = (as_float(beta) for beta in group["betas"])
+        options = dict(lr=as_float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                       weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
+                       max_trust_ratio=group["max_trust_ratio"])
+        tensors = [params, grads, *([state[key] for state in states] for key in ("exp_avg", "exp_avg_sq", "step"))]
+        if self._use_foreach(group, params):
+            for device_tensors, _ in group_by_device_and_dtype(tensors).values():
+                lamb_step_foreach(*device_tensors, **options)
+        else:
+            lamb_step(*tensors, **options)
