@@ -9,14 +9,19 @@ Every optimizer in :mod:`optimlab.optim` subclasses :class:`OptimlabOptimizer`, 
   param group that have a gradient, either through its per-tensor reference path or its multi-tensor
   (``torch._foreach_*``) path, chosen by :meth:`OptimlabOptimizer._use_foreach`.
 
-Everything else (closures, ``maximize``, sparse-gradient checks, ``lr`` as a tensor, state_dict and
-hooks) is handled here or by ``torch.optim.Optimizer`` itself.
+Everything else (closures, sparse-gradient checks, state_dict and hooks) is handled here or by
+``torch.optim.Optimizer`` itself. The helpers below are shared by every update rule so that no rule
+re-implements them: :func:`prepare_grad` / :func:`prepare_grads` (``maximize`` and coupled or
+decoupled weight decay), :func:`increment_steps` (the ``step`` counters), :func:`real_views` (complex
+parameters as real pairs), :func:`zeros_state` (lazy moment buffers) and :func:`foreach_groups`
+(multi-tensor batches of one device and dtype). ``lr`` may be a float or a 0-dim tensor;
+:func:`as_float` reads either.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -31,8 +36,14 @@ __all__ = [
     "check_non_negative",
     "reject_unsupported",
     "group_by_device_and_dtype",
+    "foreach_groups",
     "as_float",
     "new_step_tensor",
+    "increment_steps",
+    "prepare_grad",
+    "prepare_grads",
+    "real_views",
+    "zeros_state",
 ]
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
@@ -102,16 +113,119 @@ def reject_unsupported(class_name: str, **flags: bool | None) -> None:
 def group_by_device_and_dtype(tensor_lists: list[list[Tensor | None]]) -> dict:
     """Group parallel tensor lists by (device, dtype) so each multi-tensor kernel sees one kind.
 
-    Returns ``{(device, dtype): (lists, indices)}`` like torch's internal helper, which it wraps.
+    Returns ``{(device, dtype): (lists, indices)}`` like torch's internal helper, which it wraps;
+    ``indices`` are the positions of the group's tensors in the input lists. An empty input list
+    (e.g. no ``max_exp_avg_sq`` without AMSGrad) stays empty in every group.
     """
-    return torch.optim.Optimizer._group_tensors_by_device_and_dtype(tensor_lists)  # type: ignore[arg-type]
+    return torch.optim.Optimizer._group_tensors_by_device_and_dtype(  # type: ignore[arg-type]
+        tensor_lists, with_indices=True
+    )
 
 
-def new_step_tensor() -> Tensor:
-    """A fresh ``step`` counter in torch.optim's format: a 0-dim CPU tensor, float64 when the default
-    dtype is float64 and float32 otherwise (so state_dicts move between torch.optim and optimlab)."""
+def foreach_groups(
+    tensor_lists: list[list[Tensor]], per_tensor: Sequence[Sequence[Any]] = ()
+) -> Iterator[tuple[list[list[Tensor]], list[list[Any]]]]:
+    """Yield ``(tensor_lists, per_tensor_values)`` batches that share one device and dtype.
+
+    ``per_tensor`` holds parallel lists that are not grouped by torch (Python floats such as step
+    counts, or 0-dim CPU tensors such as NAdam's ``mu_product``); each batch gets the entries at
+    its tensors' positions, so per-parameter values stay aligned with their tensors.
+    """
+    for lists, indices in group_by_device_and_dtype(tensor_lists).values():  # type: ignore[arg-type]
+        yield [list(tensors) for tensors in lists], [[values[i] for i in indices] for values in per_tensor]
+
+
+def zeros_state(param: Tensor) -> Tensor:
+    """A zero buffer shaped, typed and strided like ``param`` (torch.optim's lazy moment init)."""
+    return torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+def increment_steps(states: Sequence[dict[str, Any]]) -> list[float]:
+    """Add one to each state's ``step`` counter (a 0-dim tensor, as in torch.optim) and return the
+    new counts as floats, :math:`t \\leftarrow t + 1`, which the update rules use for bias corrections."""
+    steps = []
+    for state in states:
+        state["step"] += 1
+        steps.append(float(state["step"]))
+    return steps
+
+
+def real_views(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """Complex tensors as real views with a trailing dimension of 2 (``torch.view_as_real``).
+
+    Every classic rule is element-wise, so it treats the real and imaginary parts of a complex
+    parameter as two real parameters, as torch.optim does; the views share memory with the state.
+    """
+    return [torch.view_as_real(t) if t is not None and t.is_complex() else t for t in tensors]
+
+
+def _check_sparse_weight_decay(grad: Tensor, weight_decay: float) -> None:
+    if grad.is_sparse and weight_decay != 0:
+        raise RuntimeError(
+            f"weight_decay={weight_decay} is not compatible with sparse gradients (accepted: weight_decay=0)"
+        )
+
+
+def prepare_grad(
+    param: Tensor,
+    grad: Tensor,
+    *,
+    maximize: bool,
+    weight_decay: float,
+    lr: float = 0.0,
+    decoupled: bool = False,
+) -> Tensor:
+    r"""The direction an update rule consumes, per tensor (the reference path).
+
+    .. math::
+        g \leftarrow egin{cases} -
+abla f & 	ext{maximize} \ 
+abla f & 	ext{otherwise} \end{cases},
+        \qquad
+        egin{cases} 	heta \leftarrow 	heta\,(1 - \eta\lambda) & 	ext{decoupled (Loshchilov \& Hutter 2019)} \
+                      g \leftarrow g + \lambda	heta & 	ext{coupled (L2 penalty)} \end{cases}
+
+    ``param.grad`` is never modified: a new tensor is returned whenever ``g`` differs from it.
+    """
+    if maximize:
+        grad = -grad
+    if weight_decay != 0:
+        if decoupled:
+            param.mul_(1 - lr * weight_decay)
+        else:
+            _check_sparse_weight_decay(grad, weight_decay)
+            grad = grad.add(param, alpha=weight_decay)
+    return grad
+
+
+def prepare_grads(
+    params: list[Tensor],
+    grads: list[Tensor],
+    *,
+    maximize: bool,
+    weight_decay: float,
+    lr: float = 0.0,
+    decoupled: bool = False,
+) -> list[Tensor]:
+    """Multi-tensor form of :func:`prepare_grad` (same rule, ``torch._foreach_*`` kernels)."""
+    if maximize:
+        grads = list(torch._foreach_neg(grads))
+    if weight_decay != 0:
+        if decoupled:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        elif maximize:  # the negated copies are ours to modify
+            torch._foreach_add_(grads, params, alpha=weight_decay)
+        else:
+            grads = list(torch._foreach_add(grads, params, alpha=weight_decay))
+    return grads
+
+
+def new_step_tensor(value: float = 0.0) -> Tensor:
+    """A fresh ``step`` counter (or other scalar state such as NAdam's ``mu_product``) in torch.optim's
+    format: a 0-dim CPU tensor holding ``value``, float64 when the default dtype is float64 and float32
+    otherwise (so state_dicts move between torch.optim and optimlab)."""
     dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-    return torch.tensor(0.0, dtype=dtype)
+    return torch.tensor(value, dtype=dtype)
 
 
 class OptimlabOptimizer(torch.optim.Optimizer):
@@ -140,12 +254,15 @@ class OptimlabOptimizer(torch.optim.Optimizer):
                 p_state = self.state.get(p, {})
                 step = p_state.get("step")
                 if step is not None and not torch.is_tensor(step):
-                    p_state["step"] = new_step_tensor() + float(step)
+                    p_state["step"] = new_step_tensor(float(step))
 
     @staticmethod
     def _use_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:
         """The multi-tensor path is the default (``foreach=None``) unless the params are not on a
-        native device (foreach kernels need CPU/CUDA tensors); ``foreach=False`` picks the reference."""
+        native device (foreach kernels need CPU/CUDA tensors); ``foreach=False`` picks the reference.
+        Sparse gradients always take the reference path (foreach kernels are dense only)."""
+        if any(p.grad is not None and p.grad.is_sparse for p in params):
+            return False
         foreach = group.get("foreach")
         if foreach is None:
             return all(p.device.type in ("cpu", "cuda") and not torch.jit.is_scripting() for p in params)

@@ -1,0 +1,265 @@
+r"""Adam and AdamW: one rule, with L2 (coupled) or decoupled weight decay.
+
+With learning rate :math:`\eta`, betas :math:`(\beta_1, \beta_2)`, :math:`\epsilon`, step :math:`t`
+and gradient :math:`g_t` (after ``maximize`` and weight decay, see
+:func:`optimlab.optim._base.prepare_grad`):
+
+.. math::
+    m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
+    v_t &= \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
+    \hat v_t &= \max(\hat v_{t-1}, v_t) \text{ with AMSGrad, else } v_t \\
+    \theta_t &= \theta_{t-1} - \frac{\eta}{1 - \beta_1^t}\,
+        \frac{m_t}{\sqrt{\hat v_t} / \sqrt{1 - \beta_2^t} + \epsilon}
+
+References: Kingma & Ba, "Adam: A Method for Stochastic Optimization" (2014); Reddi et al., "On the
+Convergence of Adam and Beyond" (AMSGrad, 2018); Loshchilov & Hutter, "Decoupled Weight Decay
+Regularization" (AdamW, 2019).
+
+The rule functions take the moment buffers as plain tensors (no state-dict access), so storage
+variants (e.g. low-precision moments) can wrap them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optimlab.optim._base import (
+    OptimlabOptimizer,
+    ParamsT,
+    as_float,
+    check_betas,
+    check_lr,
+    check_non_negative,
+    foreach_groups,
+    increment_steps,
+    new_step_tensor,
+    prepare_grad,
+    prepare_grads,
+    real_views,
+    reject_unsupported,
+    zeros_state,
+)
+
+__all__ = ["Adam", "AdamW"]
+
+
+def _adam_single_tensor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    steps: list[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+) -> None:
+    """Per-tensor reference path of the Adam rule (module docstring). ``steps`` are the already
+    incremented step counts; ``max_exp_avg_sqs`` is empty unless ``amsgrad``."""
+    for i, param in enumerate(params):
+        grad = prepare_grad(param, grads[i], maximize=maximize, weight_decay=weight_decay, lr=lr,
+                            decoupled=decoupled_weight_decay)
+        exp_avg, exp_avg_sq = exp_avgs[i], exp_avg_sqs[i]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1 ** steps[i]
+        bias_correction2_sqrt = (1 - beta2 ** steps[i]) ** 0.5
+        if amsgrad:
+            torch.maximum(max_exp_avg_sqs[i], exp_avg_sq, out=max_exp_avg_sqs[i])
+            second_moment = max_exp_avg_sqs[i]
+        else:
+            second_moment = exp_avg_sq
+        denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)
+        param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
+
+
+def _adam_multi_tensor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    steps: list[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+) -> None:
+    """Multi-tensor (``torch._foreach_*``) path of the same rule as :func:`_adam_single_tensor`."""
+    for (device_params, device_grads, device_exp_avgs, device_exp_avg_sqs, device_max_exp_avg_sqs), (
+        device_steps,
+    ) in foreach_groups([params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], [steps]):
+        device_grads = prepare_grads(device_params, device_grads, maximize=maximize, weight_decay=weight_decay,
+                                     lr=lr, decoupled=decoupled_weight_decay)
+        torch._foreach_lerp_(device_exp_avgs, device_grads, 1 - beta1)
+        torch._foreach_mul_(device_exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(device_exp_avg_sqs, device_grads, device_grads, 1 - beta2)
+        bias_correction2_sqrts = [(1 - beta2**step) ** 0.5 for step in device_steps]
+        step_sizes = [-(lr / (1 - beta1**step)) for step in device_steps]
+        if amsgrad:
+            torch._foreach_maximum_(device_max_exp_avg_sqs, device_exp_avg_sqs)
+            denoms = torch._foreach_sqrt(device_max_exp_avg_sqs)
+        else:
+            denoms = torch._foreach_sqrt(device_exp_avg_sqs)
+        torch._foreach_div_(denoms, bias_correction2_sqrts)
+        torch._foreach_add_(denoms, eps)
+        torch._foreach_addcdiv_(device_params, device_exp_avgs, denoms, step_sizes)
+
+
+class Adam(OptimlabOptimizer):
+    r"""Adam (Kingma & Ba 2014), with optional AMSGrad (Reddi et al. 2018) and decoupled weight decay.
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,\quad
+        \theta_t = \theta_{t-1} - \frac{\eta}{1-\beta_1^t}\,\frac{m_t}{\sqrt{\hat v_t/(1-\beta_2^t)} + \epsilon}
+
+    with :math:`\hat v_t = \max_{s \le t} v_s` under AMSGrad (else :math:`v_t`), and
+    :math:`g_t = \pm\nabla f + \lambda\theta` (coupled) or :math:`\theta \leftarrow \theta(1-\eta\lambda)`
+    first (``decoupled_weight_decay=True``, Loshchilov & Hutter 2019).
+
+    Same arguments, defaults and state (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``)
+    as ``torch.optim.Adam``.
+
+    Args:
+        params: parameters, named parameters or param-group dicts.
+        lr: :math:`\eta` (float or 0-dim tensor, >= 0). Default 1e-3.
+        betas: :math:`(\beta_1, \beta_2)`, each in [0, 1). Default (0.9, 0.999).
+        eps: :math:`\epsilon` (>= 0). Default 1e-8.
+        weight_decay: :math:`\lambda` (>= 0). Default 0.
+        amsgrad: use the running maximum of :math:`v_t`. Default False.
+        foreach: multi-tensor path (default: yes on CPU/CUDA).
+        maximize: ascend the objective. Default False.
+        capturable, differentiable, fused: not supported (``NotImplementedError`` when true).
+        decoupled_weight_decay: AdamW-style decay. Default False.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        reject_unsupported(type(self).__name__, capturable=capturable, differentiable=differentiable, fused=fused)
+        check_lr(lr)
+        check_betas(betas)
+        check_non_negative("eps", eps)
+        check_non_negative("weight_decay", weight_decay)
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
+            "decoupled_weight_decay": decoupled_weight_decay,
+        }
+        super().__init__(params, defaults)
+
+    def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        for param in params:
+            state = self.state[param]
+            if not state:
+                state["step"] = new_step_tensor()
+                state["exp_avg"] = zeros_state(param)
+                state["exp_avg_sq"] = zeros_state(param)
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = zeros_state(param)
+
+    def _update_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
+    ) -> None:
+        beta1, beta2 = group["betas"]
+        rule = _adam_multi_tensor if self._use_foreach(group, params) else _adam_single_tensor
+        rule(
+            real_views(params),
+            real_views(grads),
+            real_views([state["exp_avg"] for state in states]),
+            real_views([state["exp_avg_sq"] for state in states]),
+            real_views([state["max_exp_avg_sq"] for state in states]) if group["amsgrad"] else [],
+            increment_steps(states),
+            lr=as_float(group["lr"]),
+            beta1=as_float(beta1),
+            beta2=as_float(beta2),
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            amsgrad=group["amsgrad"],
+            maximize=group["maximize"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+        )
+
+
+class AdamW(Adam):
+    r"""AdamW (Loshchilov & Hutter 2019): Adam (Kingma & Ba 2014) with decoupled weight decay.
+
+    .. math::
+        \theta \leftarrow \theta\,(1 - \eta\lambda), \quad
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,\quad
+        \theta_t = \theta - \frac{\eta}{1-\beta_1^t}\,\frac{m_t}{\sqrt{\hat v_t/(1-\beta_2^t)} + \epsilon}
+
+    The same rule as :class:`Adam` with ``decoupled_weight_decay=True`` (so ``isinstance(opt, Adam)``
+    holds, as in torch). Same arguments, defaults (``weight_decay=1e-2``) and state as
+    ``torch.optim.AdamW``; see :class:`Adam` for the arguments.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True

@@ -1,0 +1,168 @@
+r"""Adamax: Adam with the infinity norm in place of the second moment.
+
+With learning rate :math:`\eta`, betas :math:`(\beta_1, \beta_2)`, :math:`\epsilon`, step :math:`t` and
+gradient :math:`g_t` (after ``maximize`` and weight decay, see
+:func:`optimlab.optim._base.prepare_grad`):
+
+.. math::
+    m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \\
+    u_t &= \max(\beta_2 u_{t-1},\ |g_t| + \epsilon) \\
+    \theta_t &= \theta_{t-1} - \frac{\eta}{1 - \beta_1^t}\, \frac{m_t}{u_t}
+
+Reference: Kingma & Ba, "Adam: A Method for Stochastic Optimization" (2014), section 7.1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optimlab.optim._base import (
+    OptimlabOptimizer,
+    ParamsT,
+    as_float,
+    check_betas,
+    check_lr,
+    check_non_negative,
+    foreach_groups,
+    increment_steps,
+    new_step_tensor,
+    prepare_grad,
+    prepare_grads,
+    real_views,
+    reject_unsupported,
+    zeros_state,
+)
+
+__all__ = ["Adamax"]
+
+
+def _adamax_single_tensor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_infs: list[Tensor],
+    steps: list[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """Per-tensor reference path of the Adamax rule (module docstring)."""
+    for i, param in enumerate(params):
+        grad = prepare_grad(param, grads[i], maximize=maximize, weight_decay=weight_decay)
+        exp_avgs[i].lerp_(grad, 1 - beta1)
+        torch.maximum(exp_infs[i].mul_(beta2), grad.abs().add_(eps), out=exp_infs[i])
+        param.addcdiv_(exp_avgs[i], exp_infs[i], value=-(lr / (1 - beta1 ** steps[i])))
+
+
+def _adamax_multi_tensor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_infs: list[Tensor],
+    steps: list[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """Multi-tensor (``torch._foreach_*``) path of the same rule as :func:`_adamax_single_tensor`."""
+    for (device_params, device_grads, device_exp_avgs, device_exp_infs), (device_steps,) in foreach_groups(
+        [params, grads, exp_avgs, exp_infs], [steps]
+    ):
+        device_grads = prepare_grads(device_params, device_grads, maximize=maximize, weight_decay=weight_decay)
+        torch._foreach_lerp_(device_exp_avgs, device_grads, 1 - beta1)
+        torch._foreach_mul_(device_exp_infs, beta2)
+        abs_grads = torch._foreach_abs(device_grads)
+        torch._foreach_add_(abs_grads, eps)
+        torch._foreach_maximum_(device_exp_infs, abs_grads)
+        step_sizes = [-(lr / (1 - beta1**step)) for step in device_steps]
+        torch._foreach_addcdiv_(device_params, device_exp_avgs, device_exp_infs, step_sizes)
+
+
+class Adamax(OptimlabOptimizer):
+    r"""Adamax (Kingma & Ba 2014, section 7.1): Adam with an infinity-norm second moment.
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad u_t = \max(\beta_2 u_{t-1}, |g_t| + \epsilon),\quad
+        \theta_t = \theta_{t-1} - \frac{\eta}{1-\beta_1^t}\,\frac{m_t}{u_t}
+
+    with :math:`g_t = \pm\nabla f + \lambda\theta`. Same arguments, defaults and state (``step``,
+    ``exp_avg``, ``exp_inf``) as ``torch.optim.Adamax``.
+
+    Args:
+        params: parameters, named parameters or param-group dicts.
+        lr: :math:`\eta` (float or 0-dim tensor, >= 0). Default 2e-3.
+        betas: :math:`(\beta_1, \beta_2)`, each in [0, 1). Default (0.9, 0.999).
+        eps: :math:`\epsilon` (>= 0). Default 1e-8.
+        weight_decay: :math:`\lambda` (>= 0). Default 0.
+        foreach: multi-tensor path (default: yes on CPU/CUDA).
+        maximize: ascend the objective. Default False.
+        differentiable, capturable: not supported (``NotImplementedError`` when true).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        foreach: bool | None = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        capturable: bool = False,
+    ) -> None:
+        reject_unsupported(type(self).__name__, differentiable=differentiable, capturable=capturable)
+        check_lr(lr)
+        check_betas(betas)
+        check_non_negative("eps", eps)
+        check_non_negative("weight_decay", weight_decay)
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "foreach": foreach,
+            "maximize": maximize,
+            "differentiable": differentiable,
+            "capturable": capturable,
+        }
+        super().__init__(params, defaults)
+
+    def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        for param in params:
+            state = self.state[param]
+            if not state:
+                state["step"] = new_step_tensor()
+                state["exp_avg"] = zeros_state(param)
+                state["exp_inf"] = zeros_state(param)
+
+    def _update_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
+    ) -> None:
+        beta1, beta2 = group["betas"]
+        rule = _adamax_multi_tensor if self._use_foreach(group, params) else _adamax_single_tensor
+        rule(
+            real_views(params),
+            real_views(grads),
+            real_views([state["exp_avg"] for state in states]),
+            real_views([state["exp_inf"] for state in states]),
+            increment_steps(states),
+            lr=as_float(group["lr"]),
+            beta1=as_float(beta1),
+            beta2=as_float(beta2),
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+        )

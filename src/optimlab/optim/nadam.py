@@ -1,0 +1,231 @@
+r"""NAdam: Adam with Nesterov momentum and a warming momentum schedule.
+
+With learning rate :math:`\eta`, betas :math:`(\beta_1, \beta_2)`, momentum decay :math:`\psi`,
+:math:`\epsilon`, step :math:`t` and gradient :math:`g_t` (after ``maximize`` and coupled or decoupled
+weight decay, see :func:`optimlab.optim._base.prepare_grad`):
+
+.. math::
+    \mu_t &= \beta_1\,\big(1 - \tfrac12\, 0.96^{t\psi}\big), \qquad
+    \Pi_t = \prod_{s \le t} \mu_s \quad (\texttt{mu\_product}) \\
+    m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t, \qquad
+    v_t = \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
+    d_t &= \sqrt{v_t / (1 - \beta_2^t)} + \epsilon \\
+    \theta_t &= \theta_{t-1} - \eta\,\frac{1 - \mu_t}{1 - \Pi_t}\,\frac{g_t}{d_t}
+        - \eta\,\frac{\mu_{t+1}}{1 - \Pi_t \mu_{t+1}}\,\frac{m_t}{d_t}
+
+References: Dozat, "Incorporating Nesterov Momentum into Adam" (2016); decoupled weight decay from
+Loshchilov & Hutter (2019).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optimlab.optim._base import (
+    OptimlabOptimizer,
+    ParamsT,
+    as_float,
+    check_betas,
+    check_lr,
+    check_non_negative,
+    foreach_groups,
+    increment_steps,
+    new_step_tensor,
+    prepare_grad,
+    prepare_grads,
+    real_views,
+    reject_unsupported,
+    zeros_state,
+)
+
+__all__ = ["NAdam"]
+
+
+def _momentum_coefficient(beta1: float, momentum_decay: float, step: float) -> float:
+    r""":math:`\mu_t = \beta_1 (1 - \tfrac12 0.96^{t\psi})`."""
+    return beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+
+
+def _nadam_step_sizes(
+    mu_product: Tensor, step: float, *, lr: float, beta1: float, momentum_decay: float
+) -> tuple[float, float]:
+    r"""Advance :math:`\Pi_t = \Pi_{t-1}\mu_t` in place (a 0-dim state tensor) and return the
+    signed coefficients of :math:`g_t/d_t` and :math:`m_t/d_t` in the update."""
+    mu = _momentum_coefficient(beta1, momentum_decay, step)
+    mu_next = _momentum_coefficient(beta1, momentum_decay, step + 1)
+    mu_product.mul_(mu)
+    product = float(mu_product)
+    return -lr * (1.0 - mu) / (1.0 - product), -lr * mu_next / (1.0 - product * mu_next)
+
+
+def _nadam_single_tensor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    mu_products: list[Tensor],
+    steps: list[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    momentum_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+) -> None:
+    """Per-tensor reference path of the NAdam rule (module docstring); ``mu_products`` are 0-dim
+    tensors updated in place."""
+    for i, param in enumerate(params):
+        grad = prepare_grad(param, grads[i], maximize=maximize, weight_decay=weight_decay, lr=lr,
+                            decoupled=decoupled_weight_decay)
+        grad_coefficient, exp_avg_coefficient = _nadam_step_sizes(
+            mu_products[i], steps[i], lr=lr, beta1=beta1, momentum_decay=momentum_decay
+        )
+        exp_avgs[i].lerp_(grad, 1 - beta1)
+        exp_avg_sqs[i].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = exp_avg_sqs[i].div(1 - beta2 ** steps[i]).sqrt_().add_(eps)
+        param.addcdiv_(grad, denom, value=grad_coefficient)
+        param.addcdiv_(exp_avgs[i], denom, value=exp_avg_coefficient)
+
+
+def _nadam_multi_tensor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    mu_products: list[Tensor],
+    steps: list[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    momentum_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+) -> None:
+    """Multi-tensor (``torch._foreach_*``) path of the same rule as :func:`_nadam_single_tensor`."""
+    for (device_params, device_grads, device_exp_avgs, device_exp_avg_sqs), (device_mu_products, device_steps) in (
+        foreach_groups([params, grads, exp_avgs, exp_avg_sqs], [mu_products, steps])
+    ):
+        device_grads = prepare_grads(device_params, device_grads, maximize=maximize, weight_decay=weight_decay,
+                                     lr=lr, decoupled=decoupled_weight_decay)
+        coefficients = [
+            _nadam_step_sizes(mu_product, step, lr=lr, beta1=beta1, momentum_decay=momentum_decay)
+            for mu_product, step in zip(device_mu_products, device_steps)
+        ]
+        torch._foreach_lerp_(device_exp_avgs, device_grads, 1 - beta1)
+        torch._foreach_mul_(device_exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(device_exp_avg_sqs, device_grads, device_grads, 1 - beta2)
+        denoms = torch._foreach_div(device_exp_avg_sqs, [1 - beta2**step for step in device_steps])
+        torch._foreach_sqrt_(denoms)
+        torch._foreach_add_(denoms, eps)
+        torch._foreach_addcdiv_(device_params, device_grads, denoms, [c for c, _ in coefficients])
+        torch._foreach_addcdiv_(device_params, device_exp_avgs, denoms, [c for _, c in coefficients])
+
+
+class NAdam(OptimlabOptimizer):
+    r"""NAdam (Dozat 2016): Adam with Nesterov momentum and the momentum schedule
+    :math:`\mu_t = \beta_1(1 - \tfrac12 0.96^{t\psi})`.
+
+    .. math::
+        \theta_t = \theta_{t-1} - \eta\,\frac{1 - \mu_t}{1 - \Pi_t}\,\frac{g_t}{d_t}
+            - \eta\,\frac{\mu_{t+1}}{1 - \Pi_t \mu_{t+1}}\,\frac{m_t}{d_t},\qquad
+        d_t = \sqrt{v_t/(1-\beta_2^t)} + \epsilon,\quad \Pi_t = \textstyle\prod_{s\le t}\mu_s
+
+    with Adam's moments :math:`m_t, v_t` and :math:`g_t = \pm\nabla f + \lambda\theta` (coupled) or
+    :math:`\theta \leftarrow \theta(1-\eta\lambda)` first (``decoupled_weight_decay``, Loshchilov & Hutter 2019).
+
+    Same arguments, defaults and state (``step``, ``mu_product``, ``exp_avg``, ``exp_avg_sq``) as
+    ``torch.optim.NAdam``.
+
+    Args:
+        params: parameters, named parameters or param-group dicts.
+        lr: :math:`\eta` (float or 0-dim tensor, >= 0). Default 2e-3.
+        betas: :math:`(\beta_1, \beta_2)`, each in [0, 1). Default (0.9, 0.999).
+        eps: :math:`\epsilon` (>= 0). Default 1e-8.
+        weight_decay: :math:`\lambda` (>= 0). Default 0.
+        momentum_decay: :math:`\psi` (>= 0). Default 4e-3.
+        decoupled_weight_decay: AdamW-style decay. Default False.
+        foreach: multi-tensor path (default: yes on CPU/CUDA).
+        maximize: ascend the objective. Default False.
+        capturable, differentiable: not supported (``NotImplementedError`` when true).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum_decay: float = 4e-3,
+        decoupled_weight_decay: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        reject_unsupported(type(self).__name__, capturable=capturable, differentiable=differentiable)
+        check_lr(lr)
+        check_betas(betas)
+        check_non_negative("eps", eps)
+        check_non_negative("weight_decay", weight_decay)
+        check_non_negative("momentum_decay", momentum_decay)
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "momentum_decay": momentum_decay,
+            "decoupled_weight_decay": decoupled_weight_decay,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+        }
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for param_state in self.state.values():
+            if "mu_product" in param_state and not torch.is_tensor(param_state["mu_product"]):
+                param_state["mu_product"] = new_step_tensor(float(param_state["mu_product"]))
+
+    def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        for param in params:
+            state = self.state[param]
+            if not state:
+                state["step"] = new_step_tensor()
+                state["mu_product"] = new_step_tensor(1.0)
+                state["exp_avg"] = zeros_state(param)
+                state["exp_avg_sq"] = zeros_state(param)
+
+    def _update_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
+    ) -> None:
+        beta1, beta2 = group["betas"]
+        rule = _nadam_multi_tensor if self._use_foreach(group, params) else _nadam_single_tensor
+        rule(
+            real_views(params),
+            real_views(grads),
+            real_views([state["exp_avg"] for state in states]),
+            real_views([state["exp_avg_sq"] for state in states]),
+            [state["mu_product"] for state in states],
+            increment_steps(states),
+            lr=as_float(group["lr"]),
+            beta1=as_float(beta1),
+            beta2=as_float(beta2),
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            momentum_decay=group["momentum_decay"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            maximize=group["maximize"],
+        )

@@ -1,0 +1,216 @@
+r"""RAdam: Adam with a rectified adaptive learning rate (no warm-up needed).
+
+With learning rate :math:`\eta`, betas :math:`(\beta_1, \beta_2)`, :math:`\epsilon`, step :math:`t` and
+gradient :math:`g_t` (after ``maximize`` and coupled or decoupled weight decay, see
+:func:`optimlab.optim._base.prepare_grad`):
+
+.. math::
+    m_t &= \beta_1 m_{t-1} + (1 - \beta_1)\, g_t, \qquad
+    v_t = \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
+    \rho_\infty &= \frac{2}{1 - \beta_2} - 1, \qquad
+    \rho_t = \rho_\infty - \frac{2 t \beta_2^t}{1 - \beta_2^t} \\
+    r_t &= \sqrt{\frac{(\rho_t - 4)(\rho_t - 2)\,\rho_\infty}{(\rho_\infty - 4)(\rho_\infty - 2)\,\rho_t}} \\
+    \theta_t &= \theta_{t-1} - \frac{\eta}{1 - \beta_1^t} \begin{cases}
+        r_t\, \dfrac{\sqrt{1 - \beta_2^t}\; m_t}{\sqrt{v_t} + \epsilon} & \rho_t > 5 \\
+        m_t & \text{otherwise (SGD with momentum while the variance is intractable)} \end{cases}
+
+Reference: Liu et al., "On the Variance of the Adaptive Learning Rate and Beyond" (2019/2020);
+decoupled weight decay from Loshchilov & Hutter (2019).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optimlab.optim._base import (
+    OptimlabOptimizer,
+    ParamsT,
+    as_float,
+    check_betas,
+    check_lr,
+    check_non_negative,
+    foreach_groups,
+    increment_steps,
+    new_step_tensor,
+    prepare_grad,
+    prepare_grads,
+    real_views,
+    reject_unsupported,
+    zeros_state,
+)
+
+__all__ = ["RAdam"]
+
+_RECTIFICATION_THRESHOLD = 5.0  # rho_t above which the variance of the adaptive lr is tractable
+
+
+def _radam_step_size(step: float, *, lr: float, beta1: float, beta2: float) -> tuple[float, bool]:
+    r"""The signed step size and whether the adaptive (rectified) update applies at step ``t``:
+    :math:`-\eta\, r_t \sqrt{1-\beta_2^t} / (1-\beta_1^t)` when :math:`\rho_t > 5`, else :math:`-\eta/(1-\beta_1^t)`."""
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
+    if rho_t > _RECTIFICATION_THRESHOLD:
+        rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+        return -lr * rect * bias_correction2**0.5 / bias_correction1, True
+    return -lr / bias_correction1, False
+
+
+def _radam_single_tensor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+) -> None:
+    """Per-tensor reference path of the RAdam rule (module docstring)."""
+    for i, param in enumerate(params):
+        grad = prepare_grad(param, grads[i], maximize=maximize, weight_decay=weight_decay, lr=lr,
+                            decoupled=decoupled_weight_decay)
+        exp_avgs[i].lerp_(grad, 1 - beta1)
+        exp_avg_sqs[i].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step_size, adaptive = _radam_step_size(steps[i], lr=lr, beta1=beta1, beta2=beta2)
+        if adaptive:
+            param.addcdiv_(exp_avgs[i], exp_avg_sqs[i].sqrt().add_(eps), value=step_size)
+        else:
+            param.add_(exp_avgs[i], alpha=step_size)
+
+
+def _radam_multi_tensor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+) -> None:
+    """Multi-tensor (``torch._foreach_*``) path of the same rule as :func:`_radam_single_tensor`.
+
+    Tensors in the rectified phase are batched into one ``addcdiv``, the others into one ``add``
+    (they differ once parameters have missed steps)."""
+    for (device_params, device_grads, device_exp_avgs, device_exp_avg_sqs), (device_steps,) in foreach_groups(
+        [params, grads, exp_avgs, exp_avg_sqs], [steps]
+    ):
+        device_grads = prepare_grads(device_params, device_grads, maximize=maximize, weight_decay=weight_decay,
+                                     lr=lr, decoupled=decoupled_weight_decay)
+        torch._foreach_lerp_(device_exp_avgs, device_grads, 1 - beta1)
+        torch._foreach_mul_(device_exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(device_exp_avg_sqs, device_grads, device_grads, 1 - beta2)
+        step_sizes = [_radam_step_size(step, lr=lr, beta1=beta1, beta2=beta2) for step in device_steps]
+        rectified = [j for j, (_, adaptive) in enumerate(step_sizes) if adaptive]
+        plain = [j for j, (_, adaptive) in enumerate(step_sizes) if not adaptive]
+        if rectified:
+            denoms = torch._foreach_sqrt([device_exp_avg_sqs[j] for j in rectified])
+            torch._foreach_add_(denoms, eps)
+            torch._foreach_addcdiv_([device_params[j] for j in rectified], [device_exp_avgs[j] for j in rectified],
+                                    denoms, [step_sizes[j][0] for j in rectified])
+        if plain:
+            scaled = torch._foreach_mul([device_exp_avgs[j] for j in plain], [step_sizes[j][0] for j in plain])
+            torch._foreach_add_([device_params[j] for j in plain], scaled)
+
+
+class RAdam(OptimlabOptimizer):
+    r"""RAdam (Liu et al. 2019): Adam whose adaptive step is switched on and rectified by
+    :math:`r_t` once the variance of the adaptive learning rate is tractable (:math:`\rho_t > 5`).
+
+    .. math::
+        \theta_t = \theta_{t-1} - \frac{\eta}{1-\beta_1^t}\begin{cases}
+            r_t \sqrt{1-\beta_2^t}\, m_t / (\sqrt{v_t} + \epsilon) & \rho_t > 5 \\ m_t & \text{otherwise}\end{cases}
+
+    with Adam's moments, :math:`\rho_t = \rho_\infty - 2t\beta_2^t/(1-\beta_2^t)`,
+    :math:`\rho_\infty = 2/(1-\beta_2) - 1` and
+    :math:`r_t = \sqrt{(\rho_t-4)(\rho_t-2)\rho_\infty / ((\rho_\infty-4)(\rho_\infty-2)\rho_t)}`.
+    Coupled (:math:`g_t = \pm\nabla f + \lambda\theta`) or decoupled weight decay (Loshchilov & Hutter 2019).
+
+    Same arguments, defaults and state (``step``, ``exp_avg``, ``exp_avg_sq``) as ``torch.optim.RAdam``.
+
+    Args:
+        params: parameters, named parameters or param-group dicts.
+        lr: :math:`\eta` (float or 0-dim tensor, >= 0). Default 1e-3.
+        betas: :math:`(\beta_1, \beta_2)`, each in [0, 1). Default (0.9, 0.999).
+        eps: :math:`\epsilon` (>= 0). Default 1e-8.
+        weight_decay: :math:`\lambda` (>= 0). Default 0.
+        decoupled_weight_decay: AdamW-style decay. Default False.
+        foreach: multi-tensor path (default: yes on CPU/CUDA).
+        maximize: ascend the objective. Default False.
+        capturable, differentiable: not supported (``NotImplementedError`` when true).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        decoupled_weight_decay: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        reject_unsupported(type(self).__name__, capturable=capturable, differentiable=differentiable)
+        check_lr(lr)
+        check_betas(betas)
+        check_non_negative("eps", eps)
+        check_non_negative("weight_decay", weight_decay)
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "decoupled_weight_decay": decoupled_weight_decay,
+            "differentiable": differentiable,
+        }
+        super().__init__(params, defaults)
+
+    def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        for param in params:
+            state = self.state[param]
+            if not state:
+                state["step"] = new_step_tensor()
+                state["exp_avg"] = zeros_state(param)
+                state["exp_avg_sq"] = zeros_state(param)
+
+    def _update_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
+    ) -> None:
+        beta1, beta2 = group["betas"]
+        rule = _radam_multi_tensor if self._use_foreach(group, params) else _radam_single_tensor
+        rule(
+            real_views(params),
+            real_views(grads),
+            real_views([state["exp_avg"] for state in states]),
+            real_views([state["exp_avg_sq"] for state in states]),
+            increment_steps(states),
+            lr=as_float(group["lr"]),
+            beta1=as_float(beta1),
+            beta2=as_float(beta2),
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            maximize=group["maximize"],
+        )

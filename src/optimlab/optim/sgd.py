@@ -1,0 +1,183 @@
+r"""Stochastic gradient descent with optional heavy-ball or Nesterov momentum.
+
+With learning rate :math:`\eta`, momentum :math:`\mu`, dampening :math:`\tau` and weight decay
+:math:`\lambda` (gradient :math:`g_t` after ``maximize`` and weight decay, see
+:func:`optimlab.optim._base.prepare_grad`):
+
+.. math::
+    b_1 &= g_1, \qquad b_t = \mu\, b_{t-1} + (1 - \tau)\, g_t \quad (t > 1) \\
+    d_t &= \begin{cases} g_t + \mu\, b_t & \text{nesterov} \\ b_t & \mu \neq 0 \\ g_t & \mu = 0 \end{cases} \\
+    \theta_t &= \theta_{t-1} - \eta\, d_t
+
+References: Robbins & Monro, "A Stochastic Approximation Method" (1951); Polyak, "Some methods of
+speeding up the convergence of iteration methods" (1964); Nesterov, "A method for solving the convex
+programming problem with convergence rate O(1/k^2)" (1983), in the form of Sutskever et al. (2013).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optimlab.optim._base import (
+    OptimlabOptimizer,
+    ParamsT,
+    as_float,
+    check_in_range,
+    check_lr,
+    check_non_negative,
+    foreach_groups,
+    prepare_grad,
+    prepare_grads,
+    real_views,
+    reject_unsupported,
+)
+
+__all__ = ["SGD"]
+
+
+def _sgd_single_tensor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    """Per-tensor reference path of the SGD rule (module docstring). Missing momentum buffers
+    (``None``) are created from the first gradient and written back into ``momentum_buffers``."""
+    for i, param in enumerate(params):
+        grad = prepare_grad(param, grads[i], maximize=maximize, weight_decay=weight_decay)
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            if buf is None:
+                buf = momentum_buffers[i] = grad.detach().clone()
+            else:
+                buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+            grad = grad.add(buf, alpha=momentum) if nesterov else buf
+        param.add_(grad, alpha=-lr)
+
+
+def _sgd_multi_tensor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    """Multi-tensor (``torch._foreach_*``) path of the same rule as :func:`_sgd_single_tensor`."""
+    positions = list(range(len(params)))
+    for (device_params, device_grads), (device_positions,) in foreach_groups([params, grads], [positions]):
+        device_grads = prepare_grads(device_params, device_grads, maximize=maximize, weight_decay=weight_decay)
+        if momentum != 0:
+            existing = [j for j, i in enumerate(device_positions) if momentum_buffers[i] is not None]
+            if existing:
+                bufs = [momentum_buffers[device_positions[j]] for j in existing]
+                torch._foreach_mul_(bufs, momentum)
+                torch._foreach_add_(bufs, [device_grads[j] for j in existing], alpha=1 - dampening)
+            for j, i in enumerate(device_positions):
+                if momentum_buffers[i] is None:
+                    momentum_buffers[i] = device_grads[j].detach().clone()
+            bufs = [momentum_buffers[i] for i in device_positions]
+            device_grads = list(torch._foreach_add(device_grads, bufs, alpha=momentum)) if nesterov else bufs
+        torch._foreach_add_(device_params, device_grads, alpha=-lr)
+
+
+class SGD(OptimlabOptimizer):
+    r"""Stochastic gradient descent, optionally with heavy-ball or Nesterov momentum.
+
+    .. math::
+        b_t = \mu\, b_{t-1} + (1 - \tau)\, g_t \;(b_1 = g_1), \qquad
+        \theta_t = \theta_{t-1} - \eta \begin{cases} g_t + \mu b_t & \text{nesterov} \\ b_t & \text{otherwise}\end{cases}
+
+    where :math:`g_t = \pm\nabla f(\theta_{t-1}) + \lambda\theta_{t-1}` (minus when ``maximize``).
+    Robbins & Monro 1951; momentum Polyak 1964; Nesterov 1983 (Sutskever et al. 2013 form).
+
+    Same arguments, defaults and state (``momentum_buffer`` when ``momentum != 0``) as
+    ``torch.optim.SGD``; sparse gradients are supported (reference path, no weight decay).
+
+    Args:
+        params: parameters, named parameters or param-group dicts.
+        lr: learning rate :math:`\eta` (float or 0-dim tensor, >= 0). Default 1e-3.
+        momentum: :math:`\mu` (>= 0). Default 0.
+        dampening: :math:`\tau` in [0, 1]. Default 0.
+        weight_decay: L2 penalty :math:`\lambda` (>= 0). Default 0.
+        nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``). Default False.
+        maximize: ascend the objective. Default False.
+        foreach: multi-tensor path (default: yes on CPU/CUDA).
+        differentiable, fused: not supported (``NotImplementedError`` when true).
+    """
+
+    supports_sparse = True
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        reject_unsupported(type(self).__name__, differentiable=differentiable, fused=fused)
+        check_lr(lr)
+        check_non_negative("momentum", momentum)
+        check_in_range("dampening", dampening, 0.0, 1.0, high_inclusive=True)
+        check_non_negative("weight_decay", weight_decay)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError(
+                f"Invalid nesterov=True with momentum={momentum}, dampening={dampening}: "
+                "Nesterov momentum requires momentum > 0 and dampening = 0"
+            )
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "maximize": maximize,
+            "foreach": foreach,
+            "differentiable": differentiable,
+            "fused": fused,
+        }
+        super().__init__(params, defaults)
+
+    def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """SGD's only state, ``momentum_buffer``, is created by the rule from the first gradient."""
+
+    def _update_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
+    ) -> None:
+        momentum = group["momentum"]
+        buffers = real_views([state.get("momentum_buffer") for state in states]) if momentum != 0 else []
+        rule = _sgd_multi_tensor if self._use_foreach(group, params) else _sgd_single_tensor
+        rule(
+            real_views(params),
+            real_views(grads),
+            buffers,
+            lr=as_float(group["lr"]),
+            weight_decay=as_float(group["weight_decay"]),
+            momentum=momentum,
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+        )
+        if momentum != 0:
+            for param, state, buf in zip(params, states, buffers):
+                state["momentum_buffer"] = torch.view_as_complex(buf) if param.is_complex() else buf
