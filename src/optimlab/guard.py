@@ -1,0 +1,289 @@
+r"""Training-stability guards: skip optimizer steps on non-finite gradients, flag exploding gradient norms.
+
+* :class:`NonFiniteGuard` wraps an optimizer's ``step``: when any gradient holds NaN or :math:`\pm\infty`
+  the step is skipped (parameters and optimizer state stay bit-for-bit unchanged), counted, logged,
+  and ``last_step_skipped`` says so — the question ``torch.amp.GradScaler`` leaves open (pytorch
+  issues 44511 and 67590), answered for both plain and GradScaler training::
+
+      guard = NonFiniteGuard(optimizer, scaler=scaler)   # scaler optional
+      scaler.scale(loss).backward()
+      guard.step()                                        # instead of scaler.step(optimizer)
+      scaler.update()
+      if not guard.last_step_skipped:
+          scheduler.step()
+
+* :class:`ExplosionDetector` flags a step whose total gradient norm exceeds a fixed threshold or lies
+  ``k`` standard deviations above its recent history, returning an :class:`ExplosionEvent`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["ExplosionDetector", "ExplosionEvent", "NonFiniteGradientError", "NonFiniteGuard", "nonfinite_grads"]
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteGradientError(RuntimeError):
+    """Raised by :class:`NonFiniteGuard` when more than ``max_consecutive_skips`` steps in a row were skipped."""
+
+
+def _grads(optimizer: torch.optim.Optimizer) -> list[tuple[int, int, Tensor]]:
+    """``(group index, param index, gradient values)`` for every parameter of ``optimizer`` with a non-empty
+    gradient (the stored values of a sparse gradient)."""
+    located = []
+    for group_index, group in enumerate(optimizer.param_groups):
+        for param_index, param in enumerate(group["params"]):
+            grad = param.grad
+            if grad is None:
+                continue
+            values = grad.coalesce().values() if grad.is_sparse else grad
+            if values.numel() > 0:
+                located.append((group_index, param_index, values))
+    return located
+
+
+@torch.no_grad()
+def nonfinite_grads(optimizer: torch.optim.Optimizer) -> list[tuple[int, int]]:
+    """The ``(param group, index in group)`` of every gradient of ``optimizer`` holding a NaN or an infinity.
+
+    One multi-tensor max-abs pass and a single device sync in the common all-finite case.
+    """
+    located = _grads(optimizer)
+    if not located:
+        return []
+    grads = [grad for _, _, grad in located]
+    max_abs = torch._foreach_norm(grads, math.inf) if all(g.device.type in ("cpu", "cuda") for g in grads) else [
+        torch.linalg.vector_norm(g, math.inf) for g in grads]
+    finite = torch.stack([m.to(grads[0].device, torch.float32) for m in max_abs]).isfinite()
+    if bool(finite.all()):
+        return []
+    return [(group_index, param_index) for (group_index, param_index, _), ok in zip(located, finite.tolist())
+            if not ok]
+
+
+class NonFiniteGuard:
+    r"""Skip the optimizer step whenever a gradient is non-finite; count, log and report the skips.
+
+    ``step(closure)`` evaluates the closure (if any), then
+
+    * if some gradient holds NaN/inf: does **not** call ``optimizer.step`` — parameters and every state
+      tensor are untouched, bit for bit — increments ``skipped_steps`` and ``consecutive_skips``, sets
+      ``last_step_skipped`` and logs a warning naming the parameters; after more than
+      ``max_consecutive_skips`` skips in a row it raises :class:`NonFiniteGradientError`;
+    * otherwise calls ``optimizer.step`` and resets ``consecutive_skips``.
+
+    With a ``torch.amp.GradScaler`` the guard calls ``scaler.step(optimizer)`` (which unscales, and
+    skips on inf/NaN itself) and learns whether the optimizer really stepped from a step post-hook,
+    so ``last_step_skipped`` is exact there too; call ``scaler.update()`` afterwards as usual.
+    ``state_dict()`` holds the guard's counters only (save the optimizer's own state separately).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_consecutive_skips: int | None = 10,
+                 scaler: torch.amp.GradScaler | None = None, log: bool = True) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if max_consecutive_skips is not None and (
+                not isinstance(max_consecutive_skips, int) or max_consecutive_skips < 0):
+            raise ValueError(f"Invalid max_consecutive_skips: {max_consecutive_skips} "
+                             "(accepted range: an int >= 0, or None for no limit)")
+        self.optimizer = optimizer
+        self.max_consecutive_skips = max_consecutive_skips
+        self.scaler = scaler
+        self.log = log
+        self.steps = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.last_step_skipped = False
+        self._optimizer_stepped = False
+        self._hook = optimizer.register_step_post_hook(self._mark_stepped)
+
+    def _mark_stepped(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._optimizer_stepped = True
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One guarded optimizer step; returns the closure's loss (or ``None``)."""
+        self._optimizer_stepped = False
+        loss = None
+        bad: list[tuple[int, int]] = []
+        if self.scaler is not None:
+            if closure is not None:
+                raise ValueError("closure is not supported together with a GradScaler (torch's GradScaler refuses it)")
+            self.scaler.step(self.optimizer)
+        else:
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            bad = nonfinite_grads(self.optimizer)
+            if not bad:
+                self.optimizer.step(None if closure is None else _replay_first(closure, loss))
+        self.steps += 1
+        self._record(skipped=not self._optimizer_stepped, bad=bad)
+        return loss
+
+    def _record(self, skipped: bool, bad: list[tuple[int, int]]) -> None:
+        self.last_step_skipped = skipped
+        if not skipped:
+            self.consecutive_skips = 0
+            return
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        where = (", ".join(f"group {g} param {i}" for g, i in bad) if bad else "found by the GradScaler")
+        if self.log:
+            logger.warning("non-finite gradient at step %d (%s): step skipped (%d skipped so far)",
+                           self.steps, where, self.skipped_steps)
+        if self.max_consecutive_skips is not None and self.consecutive_skips > self.max_consecutive_skips:
+            raise NonFiniteGradientError(
+                f"{self.consecutive_skips} optimizer steps in a row had non-finite gradients (last: {where}); "
+                f"max_consecutive_skips={self.max_consecutive_skips}. The model or the learning rate is likely "
+                "diverging: lower the LR, clip gradients, or check the data.")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``optimizer.zero_grad``."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The wrapped optimizer's param groups."""
+        return self.optimizer.param_groups
+
+    def state_dict(self) -> dict[str, Any]:
+        """The guard's counters (not the optimizer's state)."""
+        return {"steps": self.steps, "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
+                "last_step_skipped": self.last_step_skipped}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the counters saved by :meth:`state_dict`."""
+        self.steps = int(state_dict["steps"])
+        self.skipped_steps = int(state_dict["skipped_steps"])
+        self.consecutive_skips = int(state_dict["consecutive_skips"])
+        self.last_step_skipped = bool(state_dict["last_step_skipped"])
+
+    def remove(self) -> None:
+        """Detach the guard's hook from the optimizer."""
+        self._hook.remove()
+
+    def __repr__(self) -> str:
+        return (f"NonFiniteGuard({type(self.optimizer).__name__}, steps={self.steps}, "
+                f"skipped_steps={self.skipped_steps}, max_consecutive_skips={self.max_consecutive_skips})")
+
+
+def _replay_first(closure: Callable[[], Any], first_loss: Any) -> Callable[[], Any]:
+    """A closure whose first call returns the already-computed ``first_loss`` (the gradients from that
+    evaluation are in place) and whose later calls re-evaluate ``closure`` (for L-BFGS-like optimizers)."""
+    calls = 0
+
+    def replay() -> Any:
+        nonlocal calls
+        calls += 1
+        return first_loss if calls == 1 else closure()
+
+    return replay
+
+
+@dataclass(frozen=True)
+class ExplosionEvent:
+    """One flagged step: ``reason`` is ``"non-finite"``, ``"threshold"`` or ``"sigma"``; ``mean``/``std``
+    describe the history the norm was compared with (``None`` before ``min_history`` norms); ``z_score`` is
+    :math:`(n - \\mu)/\\sigma` when defined."""
+
+    step: int
+    norm: float
+    reason: str
+    threshold: float | None
+    mean: float | None
+    std: float | None
+    z_score: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The event as a plain dict (for JSON logs)."""
+        return asdict(self)
+
+
+class ExplosionDetector:
+    r"""Flag gradient-norm explosions: a fixed ceiling and/or a k-sigma rule over a window of recent norms.
+
+    For each observed total gradient norm :math:`n_t` (``update(norm)``), with :math:`\mu, \sigma` the
+    mean and (population) standard deviation of the last ``window`` *unflagged* finite norms:
+
+    .. math:: \text{flag}_t = \lnot\operatorname{finite}(n_t) \;\lor\; n_t > \text{threshold}
+        \;\lor\; \big(|\mathcal H| \ge \text{min\_history} \land n_t > \mu + k\sigma\big)
+
+    Flagged norms are kept out of the history, so a sustained explosion keeps being reported instead
+    of becoming the new normal. Returns an :class:`ExplosionEvent` (also logged as a warning when
+    ``log``) or ``None``. Generalises the classic fixed-threshold check (e.g. Pascanu et al. 2013's
+    observation that gradient norms spike at cliffs of the loss surface).
+    """
+
+    def __init__(self, threshold: float | None = None, k_sigma: float | None = 6.0, window: int = 100,
+                 min_history: int = 10, log: bool = True) -> None:
+        if threshold is None and k_sigma is None:
+            raise ValueError("Invalid ExplosionDetector: give a threshold, a k_sigma, or both")
+        if threshold is not None and not (float(threshold) > 0.0):
+            raise ValueError(f"Invalid threshold: {threshold} (accepted range: > 0, or None)")
+        if k_sigma is not None and not (float(k_sigma) > 0.0):
+            raise ValueError(f"Invalid k_sigma: {k_sigma} (accepted range: > 0, or None)")
+        if not isinstance(window, int) or window < 2:
+            raise ValueError(f"Invalid window: {window} (accepted range: an int >= 2)")
+        if not isinstance(min_history, int) or not (2 <= min_history <= window):
+            raise ValueError(f"Invalid min_history: {min_history} (accepted range: an int in [2, window={window}])")
+        self.threshold = None if threshold is None else float(threshold)
+        self.k_sigma = None if k_sigma is None else float(k_sigma)
+        self.window = window
+        self.min_history = min_history
+        self.log = log
+        self.steps = 0
+        self.history: deque[float] = deque(maxlen=window)
+        self.events: list[ExplosionEvent] = []
+
+    def update(self, norm: float | Tensor) -> ExplosionEvent | None:
+        """Observe one step's total gradient norm; return an event if it is flagged."""
+        norm = float(norm)
+        self.steps += 1
+        mean = std = z_score = None
+        if len(self.history) >= self.min_history:
+            values = np.asarray(self.history, dtype=np.float64)
+            mean, std = float(values.mean()), float(values.std())
+            z_score = (norm - mean) / std if std > 0 and math.isfinite(norm) else None
+        reason = None
+        if not math.isfinite(norm):
+            reason = "non-finite"
+        elif self.threshold is not None and norm > self.threshold:
+            reason = "threshold"
+        elif self.k_sigma is not None and mean is not None and norm > mean + self.k_sigma * std:
+            reason = "sigma"
+        if reason is None:
+            self.history.append(norm)
+            return None
+        event = ExplosionEvent(self.steps, norm, reason, self.threshold, mean, std, z_score)
+        self.events.append(event)
+        if self.log:
+            logger.warning("gradient explosion at step %d: norm %.4g (%s; mean %s, std %s)", event.step, norm, reason,
+                           "n/a" if mean is None else f"{mean:.4g}", "n/a" if std is None else f"{std:.4g}")
+        return event
+
+    def state_dict(self) -> dict[str, Any]:
+        """Settings, step count, the history window and the events so far (plain Python values)."""
+        return {"threshold": self.threshold, "k_sigma": self.k_sigma, "window": self.window,
+                "min_history": self.min_history, "steps": self.steps, "history": list(self.history),
+                "events": [event.as_dict() for event in self.events]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self.threshold = state_dict["threshold"]
+        self.k_sigma = state_dict["k_sigma"]
+        self.window = int(state_dict["window"])
+        self.min_history = int(state_dict["min_history"])
+        self.steps = int(state_dict["steps"])
+        self.history = deque((float(n) for n in state_dict["history"]), maxlen=self.window)
+        self.events = [ExplosionEvent(**event) for event in state_dict["events"]]

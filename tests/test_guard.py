@@ -1,0 +1,204 @@
+"""optimlab.guard: skipped steps leave parameters and state bit-for-bit unchanged; explosion detection."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from optimlab.guard import ExplosionDetector, NonFiniteGradientError, NonFiniteGuard, nonfinite_grads
+from optimlab.optim.registry import create_optimizer
+
+OPTIMIZERS = ["torch.adam", "torch.sgd-momentum", "adam", "adamw", "sgd-momentum", "rmsprop"]
+
+
+def tiny_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 2))
+
+
+def loss_of(model: nn.Module, step: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(step)
+    inputs, targets = torch.randn(16, 4, generator=generator), torch.randn(16, 2, generator=generator)
+    return nn.functional.mse_loss(model(inputs), targets)
+
+
+def backward(model: nn.Module, step: int) -> torch.Tensor:
+    loss = loss_of(model, step)
+    loss.backward()
+    return loss
+
+
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every parameter and every state tensor (moments, step counters), cloned."""
+    tensors = [p.detach().clone() for p in model.parameters()]
+    for state in optimizer.state.values():
+        tensors.extend(value.clone() for _, value in sorted(state.items()) if torch.is_tensor(value))
+    return tensors
+
+
+def assert_bitwise_equal(first: list[torch.Tensor], second: list[torch.Tensor]) -> None:
+    assert len(first) == len(second)
+    for a, b in zip(first, second):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a.view(torch.uint8) if a.dim() else a.reshape(1).view(torch.uint8),
+                           b.view(torch.uint8) if b.dim() else b.reshape(1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("bad_value", [math.nan, math.inf])
+def test_nonfinite_step_is_skipped_bitwise_and_training_goes_on(name: str, bad_value: float) -> None:
+    model = tiny_model()
+    reference_model = copy.deepcopy(model)
+    optimizer = create_optimizer(model.parameters(), name, lr=0.01)
+    reference_optimizer = create_optimizer(reference_model.parameters(), name, lr=0.01)
+    guard = NonFiniteGuard(optimizer, max_consecutive_skips=2, log=False)
+    bad_step = 3
+    for step in range(8):
+        optimizer.zero_grad()
+        backward(model, step)
+        if step == bad_step:
+            before = snapshot(model, optimizer)
+            list(model.parameters())[2].grad[1] = bad_value  # the LayerNorm weight
+            guard.step()
+            assert guard.last_step_skipped
+            assert_bitwise_equal(snapshot(model, optimizer), before)
+            continue
+        guard.step()
+        assert not guard.last_step_skipped
+        # the reference never sees the bad batch: the guarded run must equal it exactly
+        reference_optimizer.zero_grad()
+        backward(reference_model, step)
+        reference_optimizer.step()
+        assert_bitwise_equal(snapshot(model, optimizer), snapshot(reference_model, reference_optimizer))
+    assert guard.skipped_steps == 1 and guard.steps == 8 and guard.consecutive_skips == 0
+
+
+def test_max_consecutive_skips_raises_and_counts_reset() -> None:
+    model = tiny_model()
+    guard = NonFiniteGuard(torch.optim.SGD(model.parameters(), lr=0.1), max_consecutive_skips=2, log=False)
+    poison = [True, True, False, True, True, True]
+    with pytest.raises(NonFiniteGradientError, match="3 optimizer steps in a row.*max_consecutive_skips=2"):
+        for step, bad in enumerate(poison):
+            guard.zero_grad()
+            backward(model, step)
+            if bad:
+                next(model.parameters()).grad.fill_(math.nan)
+            guard.step()
+    assert guard.skipped_steps == 5 and guard.consecutive_skips == 3
+
+
+def test_state_dict_round_trip_and_logging(caplog: pytest.LogCaptureFixture) -> None:
+    model = tiny_model()
+    guard = NonFiniteGuard(torch.optim.SGD(model.parameters(), lr=0.1))
+    backward(model, 0)
+    list(model.parameters())[3].grad[0] = -math.inf
+    with caplog.at_level(logging.WARNING, logger="optimlab.guard"):
+        guard.step()
+    assert "group 0 param 3" in caplog.text and "skipped" in caplog.text
+    other = NonFiniteGuard(torch.optim.SGD(model.parameters(), lr=0.1), max_consecutive_skips=None)
+    other.load_state_dict(guard.state_dict())
+    assert other.state_dict() == {"steps": 1, "skipped_steps": 1, "consecutive_skips": 1, "last_step_skipped": True}
+
+
+def test_closure_is_evaluated_once_for_the_check_and_replayed() -> None:
+    model = tiny_model()
+    calls = []
+
+    def closure() -> torch.Tensor:
+        calls.append(1)
+        model.zero_grad()
+        return backward(model, 0)
+
+    guard = NonFiniteGuard(torch.optim.SGD(model.parameters(), lr=0.1))
+    loss = guard.step(closure)
+    assert len(calls) == 1 and torch.is_tensor(loss) and not guard.last_step_skipped
+    calls.clear()
+    NonFiniteGuard(torch.optim.LBFGS(model.parameters(), max_iter=3)).step(closure)
+    assert len(calls) >= 2  # L-BFGS re-evaluated the closure after the replayed first call
+
+
+def test_with_grad_scaler_reports_the_skip_and_leaves_state_alone() -> None:
+    model = tiny_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    guard = NonFiniteGuard(optimizer, scaler=scaler, log=False)
+    for step in range(3):
+        optimizer.zero_grad()
+        scaler.scale(loss_of(model, step)).backward()
+        if step == 1:
+            next(model.parameters()).grad[0, 0] = math.inf
+            before = snapshot(model, optimizer)
+        guard.step()
+        scale_before = scaler.get_scale()
+        scaler.update()
+        if step == 1:
+            assert guard.last_step_skipped and scaler.get_scale() < scale_before
+            assert_bitwise_equal(snapshot(model, optimizer), before)
+        else:
+            assert not guard.last_step_skipped
+    assert guard.skipped_steps == 1
+    with pytest.raises(ValueError, match="closure"):
+        guard.step(lambda: 0.0)
+
+
+def test_nonfinite_grads_locates_parameters_and_validation() -> None:
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert nonfinite_grads(optimizer) == []
+    backward(model, 0)
+    assert nonfinite_grads(optimizer) == []
+    list(model.parameters())[5].grad[0] = math.nan
+    assert nonfinite_grads(optimizer) == [(0, 5)]
+    with pytest.raises(ValueError, match="max_consecutive_skips"):
+        NonFiniteGuard(optimizer, max_consecutive_skips=-1)
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        NonFiniteGuard(model)  # type: ignore[arg-type]
+
+
+def test_remove_detaches_the_hook() -> None:
+    optimizer = torch.optim.SGD(tiny_model().parameters(), lr=0.1)
+    guard = NonFiniteGuard(optimizer)
+    assert len(optimizer._optimizer_step_post_hooks) == 1
+    guard.remove()
+    assert len(optimizer._optimizer_step_post_hooks) == 0
+
+
+def test_explosion_detector_k_sigma_matches_numpy_and_threshold() -> None:
+    rng = np.random.default_rng(0)
+    norms = list(rng.normal(10.0, 1.0, size=40))
+    norms[25] = 100.0  # a spike
+    detector = ExplosionDetector(k_sigma=4.0, window=20, min_history=5, log=False)
+    kept: list[float] = []
+    for step, norm in enumerate(norms, start=1):
+        event = detector.update(norm)
+        window = kept[-20:]
+        expected_flag = len(window) >= 5 and norm > np.mean(window) + 4.0 * np.std(window)
+        assert (event is not None) == expected_flag
+        if event is None:
+            kept.append(norm)
+        else:
+            assert event.step == step and event.reason == "sigma"
+            assert event.mean == pytest.approx(np.mean(window)) and event.std == pytest.approx(np.std(window))
+            assert event.z_score == pytest.approx((norm - np.mean(window)) / np.std(window))
+    assert [e.step for e in detector.events] == [26]
+    fixed = ExplosionDetector(threshold=5.0, k_sigma=None, log=False)
+    assert fixed.update(4.0) is None
+    assert fixed.update(torch.tensor(6.0)).reason == "threshold"
+    assert fixed.update(math.nan).reason == "non-finite"
+    restored = ExplosionDetector(threshold=1.0, log=False)
+    restored.load_state_dict(detector.state_dict())
+    assert restored.state_dict() == detector.state_dict()
+
+
+def test_explosion_detector_validation() -> None:
+    with pytest.raises(ValueError, match="threshold"):
+        ExplosionDetector(threshold=None, k_sigma=None)
+    with pytest.raises(ValueError, match="k_sigma"):
+        ExplosionDetector(k_sigma=-1.0)
+    with pytest.raises(ValueError, match="min_history"):
+        ExplosionDetector(window=5, min_history=6)
