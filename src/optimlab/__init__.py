@@ -1,6 +1,7 @@
 """optimlab: optimizers, learning-rate schedules, clipping, monitoring and a benchmark lab for PyTorch."""
 
 from optimlab.optim.registry import create_optimizer, list_optimizers
+from optimlab.optim.groups import param_groups  # noqa: F401  (public name: optimlab.param_groups)
 
 __version__ = "0.1.0"
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import sysconfig
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,7 +177,8 @@ class EpochBatches:
 
     Epoch e shuffles the windows with seed ``seed + e`` (``set_epoch``); rank r of W takes every W-th
     index of that permutation (``drop_last=True``, so every rank gets the same count), and cuts its share
-    into batches of ``batch_size`` (an incomplete last batch is dropped). Hence for any W, the union over
+    into batches of ``batch_size`` (an incomplete last batch is dropped). :meth:`indices` addresses a batch
+    by ``(epoch, batch)``, which is all a checkpoint needs to store to resume the stream exactly. Hence for any W, the union over
     ranks of batch b is permutation[b·W·B : (b+1)·W·B], the batch b of one process with batch size W·B.
     """
 
@@ -189,6 +190,8 @@ class EpochBatches:
         self.batch_size = batch_size
         self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                           drop_last=True)
+        self._order: list[int] = []
+        self._order_epoch: int | None = None
         if self.batches_per_epoch < 1:
             raise ValueError(
                 f"Invalid batch_size: {batch_size} x {world_size} rank(s) exceeds the {len(dataset)} training "
@@ -200,9 +203,12 @@ class EpochBatches:
         """Full batches per epoch on this rank."""
         return len(self.sampler) // self.batch_size
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[list[int]]:
-        """The index batches of ``epoch``, skipping the first ``start_batch`` (to resume mid-epoch)."""
-        self.sampler.set_epoch(epoch)
-        order = list(self.sampler)
-        for b in range(start_batch, self.batches_per_epoch):
-            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+    def indices(self, epoch: int, batch: int) -> list[int]:
+        """The window indices of batch ``batch`` (0 <= batch < batches_per_epoch) of ``epoch`` on this rank."""
+        if not (0 <= batch < self.batches_per_epoch):
+            raise ValueError(f"Invalid batch: {batch} (accepted range: 0..{self.batches_per_epoch - 1})")
+        if self._order_epoch != epoch:
+            self.sampler.set_epoch(epoch)
+            self._order = list(self.sampler)
+            self._order_epoch = epoch
+        return self._order[batch * self.batch_size:(batch + 1) * self.batch_size]

@@ -1,0 +1,169 @@
+"""Data-parallel plumbing over ``torch.distributed``: process-group setup, reductions, and the launcher.
+
+Workers learn their place from the environment variables that torchrun (torch elastic) sets
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), so the same worker runs
+under ``optimlab train --nproc-per-node N`` on one machine and under
+``torchrun --nnodes M --nproc-per-node N --rdzv-endpoint HOST:PORT -m optimlab.train ...`` on several.
+The backend is gloo on CPU and NCCL on GPU.
+
+:func:`launch` starts the workers through torch elastic's launcher (the engine behind torchrun) with
+no restarts: when one worker dies the agent stops the others and :class:`LaunchError` names the rank
+that failed first. Collectives carry a timeout (``TrainConfig.dist_timeout_s``) as a second guard when
+workers run under an external launcher.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+import uuid
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistContext", "LaunchError", "pick_device", "init_distributed", "shutdown", "all_reduce_sum", "all_gather_objects",
+           "port_in_use", "launch"]
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: ``rank`` of ``world_size``, its ``local_rank`` and its ``device``."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that logs and writes files."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        """More than one process."""
+        return self.world_size > 1
+
+
+class LaunchError(RuntimeError):
+    """A data-parallel job that could not start or whose worker failed; the message says which and why."""
+
+
+def pick_device(device: str, local_rank: int = 0) -> torch.device:
+    """``"auto"`` → CUDA when available else CPU; ``"cuda"`` → this local rank's GPU; ``"cpu"`` → CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("Invalid device: 'cuda' requested but no CUDA device is available")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 60.0) -> DistContext:
+    """Join the process group described by the environment (a single process when ``WORLD_SIZE`` is unset or 1).
+
+    gloo on CPU, NCCL on CUDA; collectives time out after ``timeout_s`` seconds.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    chosen = pick_device(device, local_rank)
+    if world_size == 1:
+        return DistContext(device=chosen)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+    backend = "nccl" if chosen.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=chosen)
+
+
+def shutdown(context: DistContext) -> None:
+    """Leave the process group (no-op for a single process)."""
+    if context.is_distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: torch.Tensor, context: DistContext) -> torch.Tensor:
+    """Σ over ranks of ``values`` (returned unchanged for a single process)."""
+    if context.is_distributed:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def all_gather_objects(value: object, context: DistContext) -> list[object]:
+    """``[value of rank 0, value of rank 1, ...]`` (``[value]`` for a single process)."""
+    if not context.is_distributed:
+        return [value]
+    gathered: list[object] = [None] * context.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether a TCP server can *not* bind ``host:port`` right now (another process listens there)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def _describe_failures(error: Exception) -> str:
+    failures = getattr(error, "failures", {})
+    if not failures:
+        return str(error)
+    # The agent stops survivors with SIGTERM after the first failure: those are consequences, not causes.
+    ordered = sorted(failures.items(), key=lambda item: (item[1].timestamp, item[1].exitcode == -15, item[0]))
+    lines = []
+    for rank, failure in ordered:
+        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        lines.append(f"rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) ended with {how}")
+    first_rank = ordered[0][0]
+    return f"rank {first_rank} failed; " + "; ".join(lines)
+
+
+def launch(worker_args: list[str], nproc_per_node: int, *, master_addr: str = "127.0.0.1",
+           master_port: int = 29500) -> None:
+    """Run ``python -m optimlab.train <worker_args>`` in ``nproc_per_node`` processes on this machine.
+
+    Rendezvous goes through a c10d store at ``master_addr:master_port`` (``master_port=0`` picks a free
+    port). Each worker gets ``OMP_NUM_THREADS`` = cores / processes unless already set. Raises
+    :class:`LaunchError` when the port is taken or any worker fails (naming the rank that failed first);
+    returns when every worker has finished cleanly.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if nproc_per_node < 1:
+        raise ValueError(f"Invalid nproc_per_node: {nproc_per_node} (accepted range: >= 1)")
+    if not (0 <= master_port <= 65535):
+        raise ValueError(f"Invalid master_port: {master_port} (accepted range: 0..65535, 0 picks a free port)")
+    if master_port == 0:
+        master_port = _free_port(master_addr)
+    elif port_in_use(master_addr, master_port):
+        raise LaunchError(f"port {master_port} on {master_addr} is already in use (another job is listening "
+                          "there): pass a free --master-port, or --master-port 0 to pick one")
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc_per_node, run_id=uuid.uuid4().hex,
+                          rdzv_backend="c10d", rdzv_endpoint=f"{master_addr}:{master_port}",
+                          rdzv_configs={"is_host": True}, max_restarts=0, monitor_interval=0.1)
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-u", "-m", "optimlab.train", *worker_args)
+    except ChildFailedError as error:
+        raise LaunchError(f"data-parallel job failed: {_describe_failures(error)}") from None
+    except RendezvousError as error:
+        raise LaunchError(f"could not start the workers' rendezvous at {master_addr}:{master_port} "
+                          f"(is the port in use?): {error}") from None
+

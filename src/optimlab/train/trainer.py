@@ -1,0 +1,418 @@
+"""The training loop for the character-level GPT, single-process or data-parallel.
+
+Read top to bottom, :class:`Trainer` does this:
+
+1. **Setup** (``__init__``): refuse to overwrite an existing checkpoint unless resuming; load the text
+   (the standard library's sources or ``--data``), build the vocabulary and the train/val split; build
+   the model from ``seed``; split its parameters into weight-decay groups (:func:`optimlab.param_groups`);
+   build the optimizer by registry name (sharded with ``ZeroRedundancyOptimizer`` under ``--zero``),
+   the LR schedule, the gradient clipper, the non-finite-step guard, the GradScaler (fp16) and the
+   optimizer-state monitor; load a checkpoint when resuming (after checking that it fits this model);
+   wrap the model in ``DistributedDataParallel`` when there are several processes. Every check that can
+   fail runs before the first file is written.
+2. **Loop** (:meth:`Trainer.train`): each optimizer step takes ``accum`` micro-batches from the sharded
+   epoch stream (:class:`optimlab.train.data.EpochBatches`), back-propagates loss/accum through each
+   (gradients of non-final micro-batches are not all-reduced: ``no_sync``), clips, steps the optimizer
+   (through the guard or the GradScaler), steps the schedule, and all-reduces the loss for logging.
+3. **Every N steps**: log (console progress bar, ``metrics.csv``, TensorBoard), evaluate on fixed
+   validation windows sharded across ranks, and checkpoint atomically (rank 0 writes; with ZeRO the
+   optimizer state is consolidated first).
+4. **End**: final evaluation and checkpoint, and a sample of generated text (``sample.txt``).
+
+Exact resume: the checkpoint holds every piece of state the loop reads (model, optimizer, schedule,
+clipper, guard, scaler, RNG states of every rank, data position, step), evaluation does not consume
+random numbers, and batches are addressed by (epoch, batch), so N steps + resume + N steps reproduces
+2N steps bit for bit on CPU in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.nn.parallel import DistributedDataParallel
+
+from optimlab.clip import make_clipper
+from optimlab.guard import NonFiniteGuard
+from optimlab.io import atomic_write_text
+from optimlab.optim.groups import param_groups
+from optimlab.optim.registry import create_optimizer, get_spec
+from optimlab.progress import progress
+from optimlab.train.checkpoint import (
+    capture_rng_state,
+    check_compatible,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from optimlab.train.config import TrainConfig
+from optimlab.train.data import CharVocab, EpochBatches, WindowDataset, build_corpus, read_text_file, stdlib_corpus
+from optimlab.train.distributed import DistContext, all_gather_objects, all_reduce_sum, pick_device
+from optimlab.train.model import GPT, GPTConfig
+
+__all__ = ["Trainer", "TrainResult", "CHECKPOINT_NAME", "METRICS_NAME"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.csv"
+_CSV_FIELDS = ("step", "epoch", "train_loss", "val_loss", "lr", "grad_norm", "clipped", "tokens_per_s", "elapsed_s")
+
+
+@dataclass
+class TrainResult:
+    """What a call to :meth:`Trainer.train` did.
+
+    Attributes:
+        step: the step reached.
+        losses: the training loss (mean over ranks and micro-batches) of every step run by this call.
+        val_losses: ``(step, validation loss)`` of every evaluation in this call.
+        tokens_per_s: training throughput over this call (all ranks, excluding evaluation/checkpoints).
+        sample: generated text (empty unless the run finished and ``sample_chars`` > 0).
+    """
+
+    step: int
+    losses: list[float] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    tokens_per_s: float = 0.0
+    sample: str = ""
+
+
+class Trainer:
+    """Trains a :class:`~optimlab.train.model.GPT` as described by a :class:`TrainConfig` (see the module docstring).
+
+    Args:
+        config: the run's settings.
+        context: this process's place in a data-parallel job (default: one process on ``config.device``).
+        resume: continue from ``out_dir/checkpoint.pt`` (it must exist and fit the model).
+        overwrite: allow starting afresh over an existing checkpoint in ``out_dir``.
+        quiet: no progress bar and no console lines.
+    """
+
+    def __init__(self, config: TrainConfig, context: DistContext | None = None, *, resume: bool = False,
+                 overwrite: bool = False, quiet: bool = False) -> None:
+        self.config = config
+        self.context = context or DistContext(device=pick_device(config.device))
+        self.quiet = quiet or not self.context.is_main
+        self.out_dir = Path(config.out_dir)
+        self.checkpoint_path = self.out_dir / CHECKPOINT_NAME
+        device = self.context.device
+        if config.zero and not self.context.is_distributed:
+            raise ValueError("Invalid zero: ZeroRedundancyOptimizer shards state across processes; "
+                             "use it with --nproc-per-node >= 2 (or under torchrun)")
+        if config.precision == "fp16" and device.type != "cuda":
+            raise ValueError("Invalid precision: 'fp16' needs a CUDA device (use 'bf16' on CPU)")
+        if self.checkpoint_path.exists() and not (resume or overwrite):
+            raise FileExistsError(f"{self.checkpoint_path} already exists: pass --resume to continue that run, "
+                                  "--overwrite to start afresh over it, or another --out folder")
+
+        # Data: the text, its vocabulary, the train/val split, the sharded batch stream.
+        text = read_text_file(config.data) if config.data else stdlib_corpus(config.corpus_chars)
+        corpus = build_corpus(text, config.block_size, config.val_fraction)
+        self.vocab: CharVocab = corpus.vocab
+        self.train_windows = WindowDataset(corpus.train, config.block_size)
+        self.val_windows = WindowDataset(corpus.val, config.block_size)
+        self.batches = EpochBatches(self.train_windows, config.batch_size, world_size=self.context.world_size,
+                                    rank=self.context.rank, seed=config.seed)
+
+        # Model: identical initial weights on every rank (DDP also broadcasts rank 0's).
+        self.model_config = GPTConfig(vocab_size=len(self.vocab), block_size=config.block_size,
+                                      n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
+                                      dropout=config.dropout)
+        saved = load_checkpoint(self.checkpoint_path) if resume else None
+        if saved is not None:
+            check_compatible(saved, self.model_config.to_dict(), self.vocab.chars, self.checkpoint_path)
+        torch.manual_seed(config.seed)
+        self.model = GPT(self.model_config).to(device)
+
+        # Optimization: param groups, optimizer (maybe sharded), schedule, clipper, guard, scaler, monitor.
+        groups = param_groups(self.model, config.weight_decay, layer_decay=config.layer_decay, lr=config.lr)
+        self.optimizer = _build_optimizer(groups, config)
+        self.scheduler = _build_scheduler(config, self.optimizer)
+        self.clipper = make_clipper(config.clip, self.model.parameters())
+        self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+        self.guard = NonFiniteGuard(self.optimizer, scaler=self.scaler) if config.skip_nonfinite else None
+        self.monitor = _build_monitor(self.optimizer, config.monitor_every) if self.context.is_main else None
+
+        # Position in the run; restored from the checkpoint when resuming.
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.tokens_seen = 0
+        torch.manual_seed(config.seed + 1 + self.context.rank)  # dropout noise differs between ranks
+        if saved is not None:
+            self._restore(saved)
+
+        self.ddp_model: torch.nn.Module = self.model
+        if self.context.is_distributed:
+            device_ids = [device.index] if device.type == "cuda" else None
+            self.ddp_model = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.forward_model = torch.compile(self.ddp_model) if config.compile else self.ddp_model
+        self._started = time.perf_counter()
+        self._writer: Any = None
+        if self.context.is_main:
+            self._open_outputs(resumed=saved is not None)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self, stop_at: int | None = None) -> TrainResult:
+        """Train until ``config.steps`` (or until ``stop_at``, e.g. to split a run in two), then evaluate,
+        checkpoint and, at the end of the run, sample text. Returns what this call did."""
+        config = self.config
+        last = config.steps if stop_at is None else min(stop_at, config.steps)
+        result = TrainResult(step=self.step)
+        if self.step == 0:
+            result.val_losses.append((0, self._log_validation(0)))
+            self._log({"val_loss": result.val_losses[0][1]})
+        tokens_per_step = config.batch_size * config.block_size * config.accum * self.context.world_size
+        train_seconds = 0.0
+        window_start, window_steps = time.perf_counter(), 0
+        with progress("train", total=last, quiet=self.quiet, unit="step") as bar:
+            bar.advance(self.step)
+            while self.step < last:
+                began = time.perf_counter()
+                loss, grad_norm, clipped = self._train_step()
+                train_seconds += time.perf_counter() - began
+                self.step += 1
+                self.tokens_seen += tokens_per_step
+                result.losses.append(loss)
+                window_steps += 1
+                row: dict[str, Any] = {}
+                if self.step % config.log_every == 0 or self.step == last:
+                    now = time.perf_counter()
+                    rate = window_steps * tokens_per_step / max(now - window_start, 1e-9)
+                    window_start, window_steps = now, 0
+                    row.update(train_loss=loss, grad_norm=grad_norm, clipped=int(clipped), tokens_per_s=rate,
+                               lr=float(self.optimizer.param_groups[-1]["lr"]))
+                if self.step % config.eval_every == 0 or self.step == last:
+                    row["val_loss"] = self._log_validation(self.step)
+                    result.val_losses.append((self.step, row["val_loss"]))
+                    window_start = time.perf_counter()
+                if row:
+                    self._log(row)
+                bar.advance(1, loss=loss, lr=float(self.optimizer.param_groups[-1]["lr"]))
+                if self.step % config.checkpoint_every == 0 or self.step == last:
+                    self.save()
+                    window_start = time.perf_counter()
+        result.step = self.step
+        result.tokens_per_s = len(result.losses) * tokens_per_step / train_seconds if train_seconds else 0.0
+        if self.step == config.steps and config.sample_chars > 0 and self.context.is_main:
+            result.sample = self.sample(config.sample_chars)
+            atomic_write_text(self.out_dir / "sample.txt", result.sample + "\n")
+            self._print(f"--- sample after {self.step} steps ---\n{result.sample}\n---")
+        self._close_outputs()
+        return result
+
+    def _micro_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The next ``accum`` micro-batches of this rank, advancing the (epoch, batch) position."""
+        for _ in range(self.config.accum):
+            if self.batch_in_epoch == self.batches.batches_per_epoch:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            inputs, targets = self.train_windows.batch(self.batches.indices(self.epoch, self.batch_in_epoch))
+            self.batch_in_epoch += 1
+            yield inputs.to(self.context.device), targets.to(self.context.device)
+
+    def _train_step(self) -> tuple[float, float, bool]:
+        """One optimizer step over ``accum`` micro-batches; returns (mean loss over ranks, grad norm, clipped)."""
+        accum = self.config.accum
+        self.forward_model.train()
+        loss_sum = torch.zeros((), device=self.context.device)
+        for index, (inputs, targets) in enumerate(self._micro_batches()):
+            final = index == accum - 1
+            sync = contextlib.nullcontext() if final or not self.context.is_distributed else self.ddp_model.no_sync()
+            with sync:
+                with self._autocast():
+                    _, loss = self.forward_model(inputs, targets)
+                scaled = loss / accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss_sum += loss.detach().float()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        clip = self.clipper.step()
+        if self.guard is not None:
+            self.guard.step()  # skips the step on inf/NaN gradients (through the GradScaler under fp16)
+        elif self.scaler is not None:
+            self.scaler.step(self.optimizer)
+        else:
+            self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        skipped = self.guard is not None and self.guard.last_step_skipped
+        if self.scheduler is not None and not skipped:
+            self.scheduler.step()
+        mean_loss = all_reduce_sum(loss_sum / accum, self.context) / self.context.world_size
+        return float(mean_loss), clip.norm, clip.clipped
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.context.device.type, dtype=dtype)
+
+    # ------------------------------------------------------------------ evaluation and sampling
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over the first ``eval_batches × batch_size`` validation windows (fixed, so
+        evaluations compare), sharded across ranks and all-reduced; consumes no random numbers."""
+        config = self.config
+        count = min(len(self.val_windows), config.eval_batches * config.batch_size)
+        mine = list(range(self.context.rank, count, self.context.world_size))
+        totals = torch.zeros(2, dtype=torch.float64, device=self.context.device)
+        self.model.eval()
+        for start in range(0, len(mine), config.batch_size):
+            chunk = mine[start:start + config.batch_size]
+            inputs, targets = self.val_windows.batch(chunk)
+            with self._autocast():
+                _, loss = self.model(inputs.to(self.context.device), targets.to(self.context.device))
+            totals += torch.stack([loss.double() * len(chunk), torch.tensor(float(len(chunk)), dtype=torch.float64,
+                                                                             device=self.context.device)])
+        self.model.train()
+        totals = all_reduce_sum(totals, self.context)
+        return float(totals[0] / totals[1])
+
+    @torch.no_grad()
+    def sample(self, length: int, prompt: str = "\n", *, temperature: float = 0.8, top_k: int | None = 20,
+               seed: int = 0) -> str:
+        """``length`` characters generated after ``prompt`` (its characters must be in the vocabulary)."""
+        generator = torch.Generator(device=self.context.device).manual_seed(seed)
+        start = self.vocab.encode(prompt).unsqueeze(0).to(self.context.device)
+        self.model.eval()
+        ids = self.model.generate(start, length, temperature=temperature, top_k=top_k, generator=generator)
+        self.model.train()
+        return self.vocab.decode(ids[0, start.shape[1]:])
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> None:
+        """Write ``out_dir/checkpoint.pt`` atomically (rank 0). Every rank must call it: the optimizer
+        state is consolidated from the ZeRO shards and the RNG states of all ranks are gathered."""
+        if isinstance(self.optimizer, ZeroRedundancyOptimizer):
+            self.optimizer.consolidate_state_dict(to=0)
+        rng_states = all_gather_objects(capture_rng_state(), self.context)
+        if not self.context.is_main:
+            return
+        payload = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "tokens_seen": self.tokens_seen,
+            "world_size": self.context.world_size,
+            "model_config": self.model_config.to_dict(),
+            "train_config": self.config.to_dict(),
+            "vocab": self.vocab.chars,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "clipper": self.clipper.state_dict(),
+            "guard": self.guard.state_dict() if self.guard is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rng_states,
+        }
+        save_checkpoint(self.checkpoint_path, payload)
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        for name in ("scheduler", "guard", "scaler"):
+            component = getattr(self, name)
+            if component is not None and saved.get(name) is not None:
+                component.load_state_dict(saved[name])
+        self.clipper.load_state_dict(saved["clipper"])
+        self.step, self.epoch = saved["step"], saved["epoch"]
+        self.batch_in_epoch, self.tokens_seen = saved["batch_in_epoch"], saved["tokens_seen"]
+        if saved["world_size"] != self.context.world_size:
+            # The data stream is re-sharded for the new world size: continue at the next epoch boundary.
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        rng_states = saved["rng"]
+        if self.context.rank < len(rng_states):
+            restore_rng_state(rng_states[self.context.rank])
+
+    # ------------------------------------------------------------------ outputs (rank 0 only)
+
+    def _open_outputs(self, resumed: bool) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.config.save(self.out_dir / "config.json")
+        metrics = self.out_dir / METRICS_NAME
+        kept: list[dict[str, str]] = []
+        if resumed and metrics.exists():  # drop rows logged after the checkpoint by the interrupted run
+            with metrics.open(newline="") as handle:
+                kept = [r for r in csv.DictReader(handle) if int(r["step"]) <= self.step]
+        lines = [",".join(_CSV_FIELDS)] + [",".join(r.get(k, "") for k in _CSV_FIELDS) for r in kept]
+        atomic_write_text(metrics, "\n".join(lines) + "\n")
+        self._metrics = metrics.open("a", newline="")
+        self._csv = csv.DictWriter(self._metrics, fieldnames=_CSV_FIELDS)
+        if self.config.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=self.step + 1 if resumed else None)
+
+    def _close_outputs(self) -> None:
+        if not self.context.is_main:
+            return
+        if self._writer is not None:
+            self._writer.flush()
+        self._metrics.flush()
+
+    def close(self) -> None:
+        """Close the log files (rank 0)."""
+        if self.context.is_main:
+            if self._writer is not None:
+                self._writer.close()
+            self._metrics.close()
+
+    def _log_validation(self, step: int) -> float:
+        val_loss = self.evaluate()
+        self._print(f"step {step}: val loss {val_loss:.4f}")
+        return val_loss
+
+    def _log(self, values: dict[str, Any]) -> None:
+        if not self.context.is_main:
+            return
+        row = {"step": self.step, "epoch": self.epoch,
+               "elapsed_s": f"{time.perf_counter() - self._started:.3f}", **values}
+        self._csv.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        self._metrics.flush()
+        if self._writer is not None:
+            for key, value in values.items():
+                self._writer.add_scalar(f"train/{key}", float(value), self.step)
+            if self.monitor is not None and "train_loss" in values:
+                for key, value in self.monitor.summary().items():
+                    if isinstance(value, (int, float)):
+                        self._writer.add_scalar(f"optimizer/{key}", float(value), self.step)
+
+    def _print(self, message: str) -> None:
+        if not self.quiet:
+            print(message, file=sys.stdout, flush=True)
+
+
+def _build_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer by registry name; under ``zero`` the same class sharded by ZeroRedundancyOptimizer."""
+    if not config.zero:
+        return create_optimizer(groups, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
+    spec = get_spec(config.optimizer)
+    options = {**spec.preset, "lr": config.lr, "weight_decay": config.weight_decay}
+    return ZeroRedundancyOptimizer(groups, optimizer_class=spec.resolve(), **options)
+
+
+def _build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> Any:
+    """The LR schedule by name, stepped once per optimizer step; ``None`` for ``"none"``."""
+    if config.schedule == "none":
+        return None
+    from optimlab.schedules import create_scheduler
+
+    return create_scheduler(config.schedule, optimizer, total_steps=config.steps)
+
+
+def _build_monitor(optimizer: torch.optim.Optimizer, every: int) -> Any:
+    from optimlab.monitor import OptimizerMonitor
+
+    local = optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+    return OptimizerMonitor(local, every=every)
