@@ -24,6 +24,7 @@ __all__ = [
     "unflatten",
     "preserved_model",
     "preserved_optimizer",
+    "evaluation_mode",
     "mean_loss",
     "as_batches",
 ]
@@ -83,6 +84,18 @@ def preserved_model(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
         for param, grad in grads.items():
             param.grad = grad
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in ``eval`` mode (dropout off, running statistics used) and restore every module's flag on exit."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 @contextlib.contextmanager
