@@ -175,7 +175,7 @@ def run_study(db_path: str, run_id: int, config: BenchConfig, study: Study,
     """Run the missing trials of one study, committing each as it finishes."""
     spec = get_task(study.task)
     steps = config.steps_for(study.task)
-    space = search_space(study.optimizer, config.tune)
+    space = search_space(study.optimizer, config.tune, spec.lr_widen)
     label = f"{study.task}/{study.optimizer}"
     probe = spec.build(0)
     record_trajectory = probe.point is not None and len(probe.point()) == 2

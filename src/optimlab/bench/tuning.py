@@ -56,8 +56,10 @@ def _accepted_kwargs(optimizer: str) -> set[str] | None:
     return {p.name for p in parameters}
 
 
-def search_space(optimizer: str, tune: Sequence[str] = ("lr",)) -> dict[str, BaseDistribution]:
+def search_space(optimizer: str, tune: Sequence[str] = ("lr",), lr_widen: float = 1.0) -> dict[str, BaseDistribution]:
     """The Optuna distributions searched for ``optimizer``.
+
+    The learning rate is log-uniform on ``[low, high * lr_widen]`` with ``(low, high)`` the registry bounds.
 
     ``tune`` names what to search: ``"lr"`` plus any of :data:`EXTRA_SEARCH_SPACE`. An extra the optimizer's
     constructor does not accept, or that its registry preset fixes (e.g. SGD-momentum's ``momentum``),
@@ -68,7 +70,9 @@ def search_space(optimizer: str, tune: Sequence[str] = ("lr",)) -> dict[str, Bas
     for name in tune:
         if name not in valid:
             raise ValueError(f"Invalid hyperparameter to tune: {name!r} (accepted: {', '.join(valid)})")
-    low, high = spec.lr_bounds
+    if not lr_widen >= 1.0:
+        raise ValueError(f"Invalid lr_widen: {lr_widen} (accepted range: >= 1)")
+    low, high = spec.lr_bounds[0], spec.lr_bounds[1] * lr_widen
     space: dict[str, BaseDistribution] = {"lr": FloatDistribution(low, high, log=True)}
     accepted = _accepted_kwargs(optimizer)
     for name in tune:

@@ -1,6 +1,8 @@
 """The ``optimlab`` command line: each module below registers its commands on :data:`app`."""
 
 from optimlab.cli import optimizers  # noqa: F401  (registers `optimlab optimizers`)
+from optimlab.cli import train  # noqa: F401  (registers `optimlab train`, `optimlab demo ddp`)
+from optimlab.cli import bench  # noqa: F401  (registers `optimlab bench`, `runs`, `report`, `recommend`)
 from optimlab.cli.app import app
 
 __all__ = ["app", "main"]

@@ -51,6 +51,8 @@ class TaskSpec:
         eval_every: evaluate every this many steps (and at the last step).
         family: ``"function"`` for test functions, ``"model"`` for learning tasks.
         build: ``seed -> TaskInstance``: same seed, same initial weights and batch order.
+        lr_widen: the tuning range's upper learning-rate bound is the optimizer's registry bound times
+            this (the same for every optimizer; test functions need larger steps than networks).
     """
 
     name: str
@@ -63,6 +65,7 @@ class TaskSpec:
     eval_every: int
     family: str
     build: Callable[[int], TaskInstance]
+    lr_widen: float = 1.0
 
     def __post_init__(self) -> None:
         if self.mode not in ("min", "max"):
@@ -70,6 +73,8 @@ class TaskSpec:
         for label in ("steps", "quick_steps", "eval_every"):
             if getattr(self, label) < 1:
                 raise ValueError(f"Invalid {label} for task {self.name!r}: {getattr(self, label)} (accepted range: >= 1)")
+        if not self.lr_widen >= 1.0:
+            raise ValueError(f"Invalid lr_widen for task {self.name!r}: {self.lr_widen} (accepted range: >= 1)")
 
     def reached(self, value: float) -> bool:
         """Whether a metric ``value`` meets the target (``<=`` for min tasks, ``>=`` for max tasks)."""

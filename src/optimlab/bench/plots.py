@@ -1,0 +1,158 @@
+"""The bench report's figures. Each function takes plain data (no store access), writes one PNG
+atomically and returns its path. Every figure has a title, labelled axes and a legend."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+
+from optimlab.bench.problems import Problem  # noqa: E402
+from optimlab.io import atomic_savefig  # noqa: E402
+
+__all__ = ["trajectories_plot", "curves_plot", "bars_plot", "final_point_plot", "lr_plot"]
+
+Curve = tuple[Sequence[int], Sequence[float]]
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    try:
+        return atomic_savefig(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def trajectories_plot(problem: Problem, trajectories: Mapping[str, Sequence[Sequence[float]]], path: Path,
+                      title: str) -> Path:
+    """One panel per optimizer: the iterates over log-spaced contours of ``problem``, start ○, end ■, minimum ★."""
+    if problem.bounds is None:
+        raise ValueError(f"Invalid problem {problem.name!r}: trajectories need a 2-D problem with plot bounds")
+    (x_low, x_high), (y_low, y_high) = problem.bounds
+    grid_x, grid_y = torch.meshgrid(torch.linspace(x_low, x_high, 300, dtype=torch.float64),
+                                    torch.linspace(y_low, y_high, 300, dtype=torch.float64), indexing="xy")
+    values = (problem(torch.stack([grid_x, grid_y], -1)) - problem.min_value).clamp_min(1e-12).numpy()
+    names = list(trajectories)
+    cols = min(4, max(1, len(names)))
+    rows = math.ceil(len(names) / cols) if names else 1
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.0 * rows), squeeze=False)
+    levels = np.logspace(math.log10(max(values.min(), 1e-12)), math.log10(values.max()), 25)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names):
+        ax.contour(grid_x.numpy(), grid_y.numpy(), values, levels=levels, norm=LogNorm(), cmap="viridis",
+                   linewidths=0.6)
+        points = np.asarray(trajectories[name], dtype=float)
+        inside = np.clip(points, [x_low, y_low], [x_high, y_high])
+        ax.plot(inside[:, 0], inside[:, 1], "-", color="tab:red", lw=1.2, alpha=0.85, label="path")
+        ax.plot(*points[0], "o", color="black", ms=7, label="start")
+        ax.plot(*inside[-1], "s", color="tab:red", ms=7, label="end")
+        for minimum in problem.minima:
+            ax.plot(*minimum, "*", color="gold", mec="black", ms=14, label="minimum")
+        final_gap = float(problem(torch.tensor(points[-1])) - problem.min_value)
+        ax.set_title(f"{name}\n{len(points) - 1} steps, final gap {final_gap:.2e}", fontsize=9)
+        ax.set_xlim(x_low, x_high)
+        ax.set_ylim(y_low, y_high)
+        ax.set_xlabel("x")
+        ax.set_ylabel("y")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=len(unique), frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    return _save(fig, path)
+
+
+def curves_plot(curves: Mapping[str, Sequence[Curve]], path: Path, title: str, ylabel: str,
+                log_y: bool = True) -> Path:
+    """Per optimizer, the mean over seeds as a line and the min–max band over seeds (log y by default)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for name, runs in curves.items():
+        if not runs:
+            continue
+        length = min(len(steps) for steps, _ in runs)
+        if length == 0:
+            continue
+        steps = np.asarray(runs[0][0][:length])
+        stacked = np.asarray([np.asarray(values[:length], dtype=float) for _, values in runs])
+        if log_y:
+            stacked = np.clip(stacked, 1e-12, None)
+        mean = stacked.mean(0)
+        line, = ax.plot(steps, mean, lw=1.5, label=f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+        if len(runs) > 1:
+            ax.fill_between(steps, stacked.min(0), stacked.max(0), color=line.get_color(), alpha=0.2)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def bars_plot(values: Mapping[str, tuple[float | None, float | None, str]], path: Path, title: str,
+              ylabel: str) -> Path:
+    """One bar per optimizer: ``(mean, std, annotation)``; a ``None`` mean is drawn as "not reached"."""
+    names = list(values)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(names) + 2), 4.2))
+    positions = np.arange(len(names))
+    means = [values[n][0] for n in names]
+    heights = [m if m is not None else 0.0 for m in means]
+    errors = [values[n][1] or 0.0 for n in names]
+    colors = [f"C{i}" for i in range(len(names))]
+    ax.bar(positions, heights, yerr=errors, color=colors, capsize=4, label="mean ± std over seeds")
+    top = max(heights) if any(m is not None for m in means) else 1.0
+    top = top if top > 0 else 1.0
+    for x, name, mean in zip(positions, names, means):
+        text = values[name][2] if mean is not None else "not reached"
+        ax.text(x, (mean or 0.0) + 0.02 * top, text, ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(positions, names, rotation=20, ha="right")
+    ax.set_ylim(0, top * 1.2)
+    ax.set_xlabel("optimizer")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def final_point_plot(points: Mapping[str, Sequence[float]], minimum: Sequence[float], path: Path,
+                     title: str) -> Path:
+    """Grouped bars: each coordinate of each optimizer's final point next to the known minimiser."""
+    dim = len(minimum)
+    series = {**{name: list(p) for name, p in points.items()}, "minimum": list(minimum)}
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * dim + 3), 4.5))
+    for i, (name, values) in enumerate(series.items()):
+        offsets = np.arange(dim) - 0.4 + width * (i + 0.5)
+        ax.bar(offsets, values, width=width, label=name, color="black" if name == "minimum" else f"C{i}",
+               alpha=0.6 if name == "minimum" else 0.9)
+    ax.set_xticks(np.arange(dim), [f"x{i}" for i in range(dim)])
+    ax.set_xlabel("coordinate")
+    ax.set_ylabel("value at the end of training")
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def lr_plot(curves: Mapping[str, Curve], path: Path, title: str) -> Path:
+    """The learning rate used at every step, one line per configuration (log y)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for name, (steps, lrs) in curves.items():
+        ax.plot(steps, lrs, lw=1.5, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
