@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -43,9 +45,11 @@ from torch.nn.parallel import DistributedDataParallel
 from optimlab.clip import make_clipper
 from optimlab.guard import NonFiniteGuard
 from optimlab.io import atomic_write_text
+from optimlab.monitor import CSVSink, OptimizerMonitor, TensorBoardSink
 from optimlab.optim.groups import param_groups
 from optimlab.optim.registry import create_optimizer, get_spec
 from optimlab.progress import progress
+from optimlab.schedules import create_scheduler, list_schedules, step_scheduler
 from optimlab.train.checkpoint import (
     capture_rng_state,
     check_compatible,
@@ -54,15 +58,68 @@ from optimlab.train.checkpoint import (
     save_checkpoint,
 )
 from optimlab.train.config import TrainConfig
-from optimlab.train.data import CharVocab, EpochBatches, WindowDataset, build_corpus, read_text_file, stdlib_corpus
+from optimlab.train.data import (
+    CharCorpus,
+    CharVocab,
+    EpochBatches,
+    WindowDataset,
+    build_corpus,
+    read_text_file,
+    stdlib_corpus,
+)
 from optimlab.train.distributed import DistContext, all_gather_objects, all_reduce_sum, pick_device
 from optimlab.train.model import GPT, GPTConfig
 
-__all__ = ["Trainer", "TrainResult", "CHECKPOINT_NAME", "METRICS_NAME"]
+__all__ = ["Trainer", "TrainResult", "RunPlan", "prepare_run", "CHECKPOINT_NAME", "METRICS_NAME", "SUMMARY_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.csv"
+SUMMARY_NAME = "summary.json"
+MONITOR_NAME = "monitor.csv"
 _CSV_FIELDS = ("step", "epoch", "train_loss", "val_loss", "lr", "grad_norm", "clipped", "tokens_per_s", "elapsed_s")
+
+
+@dataclass
+class RunPlan:
+    """What :func:`prepare_run` found: the corpus, the model's shape and the checkpoint to resume (or ``None``)."""
+
+    corpus: CharCorpus
+    model_config: GPTConfig
+    checkpoint: dict[str, Any] | None
+    train_windows: WindowDataset
+    val_windows: WindowDataset
+    batches: EpochBatches
+
+
+def prepare_run(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, world_size: int = 1,
+                rank: int = 0) -> RunPlan:
+    """Every check that can reject a run, done before anything is written.
+
+    Refuses to start over an existing checkpoint unless ``resume`` or ``overwrite``; reads the text
+    (a missing ``--data`` file or a corpus shorter than the block size raise); checks the optimizer and
+    schedule names and the clipping spec; when resuming, loads the checkpoint and checks that it was
+    written for this model and vocabulary; builds this rank's batch stream (too large a batch for the
+    corpus raises). The launcher runs it once before starting the workers.
+    """
+    checkpoint_path = Path(config.out_dir) / CHECKPOINT_NAME
+    if checkpoint_path.exists() and not (resume or overwrite):
+        raise FileExistsError(f"{checkpoint_path} already exists: pass --resume to continue that run, "
+                              "--overwrite to start afresh over it, or another --out folder")
+    get_spec(config.optimizer)
+    if config.schedule != "none" and config.schedule.lower() not in list_schedules():
+        raise ValueError(f"Unknown schedule {config.schedule!r} (valid: none, {', '.join(list_schedules())})")
+    make_clipper(config.clip, [])
+    text = read_text_file(config.data) if config.data else stdlib_corpus(config.corpus_chars)
+    corpus = build_corpus(text, config.block_size, config.val_fraction)
+    train_windows = WindowDataset(corpus.train, config.block_size)
+    batches = EpochBatches(train_windows, config.batch_size, world_size=world_size, rank=rank, seed=config.seed)
+    model_config = GPTConfig(vocab_size=len(corpus.vocab), block_size=config.block_size, n_layer=config.n_layer,
+                             n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout)
+    checkpoint = load_checkpoint(checkpoint_path) if resume else None
+    if checkpoint is not None:
+        check_compatible(checkpoint, model_config.to_dict(), corpus.vocab.chars, checkpoint_path)
+    return RunPlan(corpus=corpus, model_config=model_config, checkpoint=checkpoint, train_windows=train_windows,
+                   val_windows=WindowDataset(corpus.val, config.block_size), batches=batches)
 
 
 @dataclass
@@ -108,37 +165,26 @@ class Trainer:
                              "use it with --nproc-per-node >= 2 (or under torchrun)")
         if config.precision == "fp16" and device.type != "cuda":
             raise ValueError("Invalid precision: 'fp16' needs a CUDA device (use 'bf16' on CPU)")
-        if self.checkpoint_path.exists() and not (resume or overwrite):
-            raise FileExistsError(f"{self.checkpoint_path} already exists: pass --resume to continue that run, "
-                                  "--overwrite to start afresh over it, or another --out folder")
 
-        # Data: the text, its vocabulary, the train/val split, the sharded batch stream.
-        text = read_text_file(config.data) if config.data else stdlib_corpus(config.corpus_chars)
-        corpus = build_corpus(text, config.block_size, config.val_fraction)
-        self.vocab: CharVocab = corpus.vocab
-        self.train_windows = WindowDataset(corpus.train, config.block_size)
-        self.val_windows = WindowDataset(corpus.val, config.block_size)
-        self.batches = EpochBatches(self.train_windows, config.batch_size, world_size=self.context.world_size,
-                                    rank=self.context.rank, seed=config.seed)
+        # Data and model shape; the checkpoint to resume from, checked against them.
+        plan = prepare_run(config, resume=resume, overwrite=overwrite, world_size=self.context.world_size,
+                           rank=self.context.rank)
+        self.vocab: CharVocab = plan.corpus.vocab
+        self.model_config = plan.model_config
+        self.train_windows, self.val_windows, self.batches = plan.train_windows, plan.val_windows, plan.batches
+        saved = plan.checkpoint
 
         # Model: identical initial weights on every rank (DDP also broadcasts rank 0's).
-        self.model_config = GPTConfig(vocab_size=len(self.vocab), block_size=config.block_size,
-                                      n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
-                                      dropout=config.dropout)
-        saved = load_checkpoint(self.checkpoint_path) if resume else None
-        if saved is not None:
-            check_compatible(saved, self.model_config.to_dict(), self.vocab.chars, self.checkpoint_path)
         torch.manual_seed(config.seed)
         self.model = GPT(self.model_config).to(device)
 
-        # Optimization: param groups, optimizer (maybe sharded), schedule, clipper, guard, scaler, monitor.
+        # Optimization: param groups, optimizer (maybe sharded), schedule, clipper, guard, scaler.
         groups = param_groups(self.model, config.weight_decay, layer_decay=config.layer_decay, lr=config.lr)
         self.optimizer = _build_optimizer(groups, config)
         self.scheduler = _build_scheduler(config, self.optimizer)
         self.clipper = make_clipper(config.clip, self.model.parameters())
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
         self.guard = NonFiniteGuard(self.optimizer, scaler=self.scaler) if config.skip_nonfinite else None
-        self.monitor = _build_monitor(self.optimizer, config.monitor_every) if self.context.is_main else None
 
         # Position in the run; restored from the checkpoint when resuming.
         self.step = 0
@@ -156,8 +202,10 @@ class Trainer:
         self.forward_model = torch.compile(self.ddp_model) if config.compile else self.ddp_model
         self._started = time.perf_counter()
         self._writer: Any = None
+        self._metrics: Any = None
+        self.monitor: OptimizerMonitor | None = None
         if self.context.is_main:
-            self._open_outputs(resumed=saved is not None)
+            self._open_outputs(saved)
 
     # ------------------------------------------------------------------ the loop
 
@@ -202,11 +250,20 @@ class Trainer:
                     window_start = time.perf_counter()
         result.step = self.step
         result.tokens_per_s = len(result.losses) * tokens_per_step / train_seconds if train_seconds else 0.0
+        if self.context.is_main:
+            summary = {"step": self.step, "train_loss": result.losses[-1] if result.losses else None,
+                       "val_loss": result.val_losses[-1][1] if result.val_losses else None,
+                       "tokens_per_s": result.tokens_per_s, "world_size": self.context.world_size,
+                       "tokens_seen": self.tokens_seen}
+            atomic_write_text(self.out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
         if self.step == config.steps and config.sample_chars > 0 and self.context.is_main:
             result.sample = self.sample(config.sample_chars)
             atomic_write_text(self.out_dir / "sample.txt", result.sample + "\n")
             self._print(f"--- sample after {self.step} steps ---\n{result.sample}\n---")
-        self._close_outputs()
+        if self.context.is_main:
+            self._metrics.flush()
+            if self._writer is not None:
+                self._writer.flush()
         return result
 
     def _micro_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -244,11 +301,11 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        mean_loss = float(all_reduce_sum(loss_sum / accum, self.context) / self.context.world_size)
         skipped = self.guard is not None and self.guard.last_step_skipped
         if self.scheduler is not None and not skipped:
-            self.scheduler.step()
-        mean_loss = all_reduce_sum(loss_sum / accum, self.context) / self.context.world_size
-        return float(mean_loss), clip.norm, clip.clipped
+            step_scheduler(self.scheduler, metric=mean_loss)  # the loss is the metric of "plateau"
+        return mean_loss, clip.norm, clip.clipped
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)
@@ -315,6 +372,7 @@ class Trainer:
             "guard": self.guard.state_dict() if self.guard is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": rng_states,
+            "monitor": self.monitor.state_dict() if self.monitor is not None else None,
         }
         save_checkpoint(self.checkpoint_path, payload)
 
@@ -337,36 +395,43 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs (rank 0 only)
 
-    def _open_outputs(self, resumed: bool) -> None:
+    def _open_outputs(self, saved: dict[str, Any] | None) -> None:
+        """Config, metrics CSV, TensorBoard writer and the optimizer-state monitor with its sinks.
+        When resuming, rows logged after the checkpoint by the interrupted run are dropped."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.config.save(self.out_dir / "config.json")
         metrics = self.out_dir / METRICS_NAME
-        kept: list[dict[str, str]] = []
-        if resumed and metrics.exists():  # drop rows logged after the checkpoint by the interrupted run
-            with metrics.open(newline="") as handle:
-                kept = [r for r in csv.DictReader(handle) if int(r["step"]) <= self.step]
-        lines = [",".join(_CSV_FIELDS)] + [",".join(r.get(k, "") for k in _CSV_FIELDS) for r in kept]
-        atomic_write_text(metrics, "\n".join(lines) + "\n")
+        monitor_csv = self.out_dir / MONITOR_NAME
+        if saved is None:
+            atomic_write_text(metrics, ",".join(_CSV_FIELDS) + "\n")
+            monitor_csv.unlink(missing_ok=True)
+        else:
+            for path in (metrics, monitor_csv):
+                _truncate_csv(path, self.step)
         self._metrics = metrics.open("a", newline="")
         self._csv = csv.DictWriter(self._metrics, fieldnames=_CSV_FIELDS)
+        sinks: list[Any] = [CSVSink(monitor_csv, append=monitor_csv.exists())]
         if self.config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=self.step + 1 if resumed else None)
-
-    def _close_outputs(self) -> None:
-        if not self.context.is_main:
-            return
-        if self._writer is not None:
-            self._writer.flush()
-        self._metrics.flush()
+            self._writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=self.step + 1 if saved else None)
+            sinks.append(TensorBoardSink(writer=self._writer))
+        local = self.optimizer.optim if isinstance(self.optimizer, ZeroRedundancyOptimizer) else self.optimizer
+        self.monitor = OptimizerMonitor(local, every=self.config.monitor_every, sinks=sinks)
+        if saved is not None and saved.get("monitor") is not None:
+            self.monitor.load_state_dict(saved["monitor"])
 
     def close(self) -> None:
-        """Close the log files (rank 0)."""
-        if self.context.is_main:
-            if self._writer is not None:
-                self._writer.close()
+        """Detach the monitor and close the log files (rank 0)."""
+        if self.monitor is not None:
+            self.monitor.remove()
+            self.monitor = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._metrics is not None:
             self._metrics.close()
+            self._metrics = None
 
     def _log_validation(self, step: int) -> float:
         val_loss = self.evaluate()
@@ -374,6 +439,7 @@ class Trainer:
         return val_loss
 
     def _log(self, values: dict[str, Any]) -> None:
+        """One row of metrics.csv, TensorBoard scalars, and a console line for the training metrics (rank 0)."""
         if not self.context.is_main:
             return
         row = {"step": self.step, "epoch": self.epoch,
@@ -383,14 +449,31 @@ class Trainer:
         if self._writer is not None:
             for key, value in values.items():
                 self._writer.add_scalar(f"train/{key}", float(value), self.step)
-            if self.monitor is not None and "train_loss" in values:
-                for key, value in self.monitor.summary().items():
-                    if isinstance(value, (int, float)):
-                        self._writer.add_scalar(f"optimizer/{key}", float(value), self.step)
+        if "train_loss" in values:
+            monitor = self.monitor.summary() if self.monitor is not None else {}
+            extra = "".join(f" | {label} {monitor[key]:.3g}" for key, label in
+                            (("update_norm/total", "update norm"), ("state_bytes", "state bytes")) if key in monitor)
+            self._print(f"step {self.step} | loss {values['train_loss']:.4f} | lr {values['lr']:.3g} | "
+                        f"grad norm {values['grad_norm']:.3g} | {values['tokens_per_s']:.0f} tok/s{extra}")
 
     def _print(self, message: str) -> None:
         if not self.quiet:
             print(message, file=sys.stdout, flush=True)
+
+
+def _truncate_csv(path: Path, step: int) -> None:
+    """Keep the header and the rows of ``path`` whose ``step`` is <= ``step`` (atomically)."""
+    if not path.exists():
+        return
+    with path.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        return
+    step_column = rows[0].index("step")
+    kept = [rows[0]] + [r for r in rows[1:] if r and float(r[step_column]) <= step]
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(kept)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def _build_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
@@ -406,13 +489,5 @@ def _build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> A
     """The LR schedule by name, stepped once per optimizer step; ``None`` for ``"none"``."""
     if config.schedule == "none":
         return None
-    from optimlab.schedules import create_scheduler
-
     return create_scheduler(config.schedule, optimizer, total_steps=config.steps)
 
-
-def _build_monitor(optimizer: torch.optim.Optimizer, every: int) -> Any:
-    from optimlab.monitor import OptimizerMonitor
-
-    local = optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
-    return OptimizerMonitor(local, every=every)

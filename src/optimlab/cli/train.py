@@ -1,0 +1,193 @@
+"""``optimlab train`` (one process, or data-parallel with ``--nproc-per-node``) and ``optimlab demo ddp``.
+
+``python -m optimlab.train`` runs the same command without the launcher; torchrun starts it that way:
+``torchrun --nproc-per-node 2 -m optimlab.train --quick``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from optimlab.cli.app import app, demo_app, fail
+from optimlab.train.checkpoint import CheckpointError, load_checkpoint
+from optimlab.train.config import TrainConfig
+from optimlab.train.distributed import LaunchError, init_distributed, launch, shutdown
+from optimlab.train.trainer import CHECKPOINT_NAME, SUMMARY_NAME, Trainer, prepare_run
+
+__all__ = ["train_command", "demo_ddp_command", "worker_main"]
+
+_USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, CheckpointError)
+
+
+def _message(error: Exception) -> str:
+    return error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+
+
+def _build_config(base: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def train_command(
+    out: str = typer.Option(None, "--out", help="Output folder (checkpoint.pt, metrics.csv, tb/, sample.txt). "
+                            "[default: runs/train]"),
+    quick: bool = typer.Option(False, "--quick", help="A small model for a few hundred steps (~1 min on 2 cores)."),
+    config_file: Path = typer.Option(None, "--config", help="Start from a config.json written by a previous run."),
+    resume: bool = typer.Option(False, "--resume", help="Continue exactly from OUT/checkpoint.pt."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh even if OUT holds a checkpoint."),
+    data: str = typer.Option(None, "--data", help="A UTF-8 text file [default: the Python stdlib's sources]."),
+    corpus_chars: int = typer.Option(None, help="Characters of the stdlib corpus. [default: 2000000]"),
+    block_size: int = typer.Option(None, help="Context length. [default: 128]"),
+    n_layer: int = typer.Option(None, help="Transformer blocks. [default: 4]"),
+    n_head: int = typer.Option(None, help="Attention heads. [default: 4]"),
+    n_embd: int = typer.Option(None, help="Model width. [default: 128]"),
+    dropout: float = typer.Option(None, help="Dropout probability. [default: 0]"),
+    batch_size: int = typer.Option(None, help="Sequences per micro-batch per process. [default: 32]"),
+    accum: int = typer.Option(None, help="Gradient-accumulation micro-batches per step. [default: 1]"),
+    steps: int = typer.Option(None, help="Optimizer steps. [default: 2000]"),
+    optimizer: str = typer.Option(None, help="Optimizer name (see `optimlab optimizers`). [default: adamw]"),
+    lr: float = typer.Option(None, help="Peak learning rate. [default: 1e-3]"),
+    weight_decay: float = typer.Option(None, help="Weight decay on weight matrices. [default: 0.1]"),
+    layer_decay: float = typer.Option(None, help="Layer-wise LR decay factor in (0, 1]. [default: off]"),
+    schedule: str = typer.Option(None, help="LR schedule name, or 'none'. [default: warmup-cosine]"),
+    clip: str = typer.Option(None, help="Clipping spec: none, norm:C, value:C, adaptive:P, autoclip:P, agc:C. "
+                             "[default: norm:1.0]"),
+    skip_nonfinite: bool = typer.Option(None, "--skip-nonfinite/--no-skip-nonfinite",
+                                        help="Skip steps with inf/NaN gradients. [default: on]"),
+    precision: str = typer.Option(None, help="fp32, bf16 (CPU/GPU autocast) or fp16 (GPU, GradScaler). "
+                                  "[default: fp32]"),
+    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model. [default: off]"),
+    device: str = typer.Option(None, help="auto, cpu or cuda. [default: auto]"),
+    zero: bool = typer.Option(None, "--zero/--no-zero", help="Shard optimizer state (ZeroRedundancyOptimizer)."),
+    seed: int = typer.Option(None, help="Seed of init, data order and dropout. [default: 0]"),
+    log_every: int = typer.Option(None, help="Log every N steps. [default: 50]"),
+    eval_every: int = typer.Option(None, help="Validate every N steps. [default: 250]"),
+    eval_batches: int = typer.Option(None, help="Validation micro-batches per evaluation. [default: 8]"),
+    checkpoint_every: int = typer.Option(None, help="Checkpoint every N steps. [default: 500]"),
+    monitor_every: int = typer.Option(None, help="Optimizer-state monitor interval. [default: 50]"),
+    sample_chars: int = typer.Option(None, help="Characters of generated text at the end. [default: 300]"),
+    tensorboard: bool = typer.Option(None, "--tensorboard/--no-tensorboard", help="Log to OUT/tb. [default: on]"),
+    dist_timeout: float = typer.Option(None, help="Seconds before a collective gives up on a dead peer. "
+                                       "[default: 60]"),
+    nproc_per_node: int = typer.Option(1, help="Data-parallel processes on this machine (gloo on CPU, NCCL on GPU)."),
+    master_addr: str = typer.Option("127.0.0.1", help="Rendezvous address for --nproc-per-node."),
+    master_port: int = typer.Option(29500, help="Rendezvous port for --nproc-per-node (0: pick a free one)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar or console lines."),
+) -> None:
+    """Train a character-level GPT; exact --resume; data-parallel with --nproc-per-node N (DDP, --zero)."""
+    overrides = dict(out_dir=out, data=data, corpus_chars=corpus_chars, block_size=block_size, n_layer=n_layer,
+                     n_head=n_head, n_embd=n_embd, dropout=dropout, batch_size=batch_size, accum=accum, steps=steps,
+                     optimizer=optimizer, lr=lr, weight_decay=weight_decay, layer_decay=layer_decay,
+                     schedule=schedule, clip=clip, skip_nonfinite=skip_nonfinite, precision=precision,
+                     compile=compile, device=device, zero=zero, seed=seed, log_every=log_every,
+                     eval_every=eval_every, eval_batches=eval_batches, checkpoint_every=checkpoint_every,
+                     monitor_every=monitor_every, sample_chars=sample_chars, tensorboard=tensorboard,
+                     dist_timeout_s=dist_timeout)
+    try:
+        if config_file is not None:
+            base = TrainConfig.load(config_file)
+        else:
+            base = TrainConfig.quick() if quick else TrainConfig()
+        config = _build_config(base, overrides)
+        if nproc_per_node > 1:
+            _launch(config, nproc_per_node, master_addr, master_port, resume=resume, overwrite=overwrite,
+                    quiet=quiet)
+        else:
+            _run_worker(config, resume=resume, overwrite=overwrite, quiet=quiet)
+    except LaunchError as error:
+        raise fail(str(error), code=1) from None
+    except _USER_ERRORS as error:
+        raise fail(_message(error)) from None
+
+
+def _launch(config: TrainConfig, nproc_per_node: int, master_addr: str, master_port: int, *, resume: bool,
+            overwrite: bool, quiet: bool) -> None:
+    """Check the run, write its config for the workers, and start them."""
+    if "WORLD_SIZE" in os.environ:
+        raise ValueError("Invalid nproc_per_node: already running under a launcher (torchrun); "
+                         "drop --nproc-per-node")
+    prepare_run(config, resume=resume, overwrite=overwrite, world_size=nproc_per_node)
+    config_path = Path(config.out_dir) / "config.json"
+    config.save(config_path)
+    flags = [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite), ("--quiet", quiet)) if on]
+    launch(["--config", str(config_path), *flags], nproc_per_node, master_addr=master_addr, master_port=master_port)
+    if not quiet:
+        _print_summary(Path(config.out_dir))
+
+
+def _run_worker(config: TrainConfig, *, resume: bool, overwrite: bool, quiet: bool) -> None:
+    """Train in this process (alone, or as one rank of a job described by the environment)."""
+    context = init_distributed(config.device, config.dist_timeout_s)
+    try:
+        trainer = Trainer(config, context, resume=resume, overwrite=overwrite, quiet=quiet)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    finally:
+        shutdown(context)
+    if context.is_main and not quiet and "WORLD_SIZE" not in os.environ:
+        _print_summary(Path(config.out_dir))
+
+
+def _print_summary(out_dir: Path) -> None:
+    summary = json.loads((out_dir / SUMMARY_NAME).read_text())
+    typer.echo(f"done: {summary['step']} steps, val loss {summary['val_loss']:.4f}, "
+               f"{summary['tokens_per_s']:.0f} tokens/s on {summary['world_size']} process(es); "
+               f"outputs in {out_dir}")
+
+
+app.command("train")(train_command)
+
+
+def worker_main() -> None:
+    """``python -m optimlab.train``: the ``train`` command, as torchrun starts each worker."""
+    typer.run(train_command)
+
+
+@demo_app.command("ddp")
+def demo_ddp_command(
+    out: Path = typer.Option(Path("optimlab-out/ddp"), "--out", help="Output folder (one sub-folder per run)."),
+    steps: int = typer.Option(40, help="Optimizer steps of each run."),
+    batch_size: int = typer.Option(8, help="Sequences per step per process in the 2-process run."),
+    master_port: int = typer.Option(0, help="Rendezvous port (0: pick a free one)."),
+) -> None:
+    """The seed's DistributedTrainer, on CPU: 2 gloo processes (batch B each) vs 1 process (batch 2B).
+
+    Both runs see the same global batches, so they must end with the same weights; the table shows the
+    largest parameter difference, the validation losses and the throughputs."""
+    base = TrainConfig.quick(steps=steps, eval_every=steps, log_every=max(1, steps // 4), checkpoint_every=steps,
+                             sample_chars=0, tensorboard=False, device="cpu", schedule="warmup-cosine")
+    runs = {"1 process, batch 2B": (1, 2 * batch_size), "2 processes (DDP), batch B": (2, batch_size)}
+    try:
+        for label, (nproc, batch) in runs.items():
+            config = dataclasses.replace(base, out_dir=str(out / f"nproc{nproc}"), batch_size=batch)
+            typer.echo(f"== {label}")
+            if nproc == 1:
+                _run_worker(config, resume=False, overwrite=True, quiet=True)
+            else:
+                _launch(config, nproc, "127.0.0.1", master_port, resume=False, overwrite=True, quiet=True)
+    except LaunchError as error:
+        raise fail(str(error), code=1) from None
+    except _USER_ERRORS as error:
+        raise fail(_message(error)) from None
+    models = [load_checkpoint(out / f"nproc{n}" / CHECKPOINT_NAME)["model"] for n, _ in runs.values()]
+    max_diff = max(float((models[0][k].float() - models[1][k].float()).abs().max()) for k in models[0])
+    table = Table(title=f"DDP demo: {steps} steps, same global batch")
+    for column in ("run", "val loss", "tokens/s"):
+        table.add_column(column)
+    for label, (nproc, _) in runs.items():
+        summary = json.loads((out / f"nproc{nproc}" / SUMMARY_NAME).read_text())
+        table.add_row(label, f"{summary['val_loss']:.5f}", f"{summary['tokens_per_s']:.0f}")
+    Console().print(table)
+    typer.echo(f"max |parameter difference| between the runs: {max_diff:.2e} (float32 reduction order only)")
+    if not max_diff < 1e-4 or not torch.isfinite(torch.tensor(max_diff)):
+        raise fail(f"the 1-process and 2-process runs disagree (max difference {max_diff:.2e})", code=1)
