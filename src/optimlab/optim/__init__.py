@@ -10,9 +10,17 @@ from optimlab.optim.nadam import NAdam
 from optimlab.optim.radam import RAdam
 from optimlab.optim.rmsprop import RMSprop
 from optimlab.optim.sgd import SGD
+from optimlab.optim.lion import Lion
+from optimlab.optim.lamb import LAMB
+from optimlab.optim.lars import LARS
+from optimlab.optim.adafactor import Adafactor
+from optimlab.optim.muon import Muon, MuonWithAdamW, muon_param_split
+from optimlab.optim.schedule_free import ScheduleFreeAdamW
+from optimlab.optim.lookahead import Lookahead
 
 __all__ = [
     "SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam", "Adadelta",
+    "Lion", "LAMB", "LARS", "Adafactor", "Muon", "MuonWithAdamW", "muon_param_split", "ScheduleFreeAdamW", "Lookahead",
     "create_optimizer",
     "get_spec",
     "list_optimizers",

@@ -39,7 +39,10 @@ from optimlab.optim._base import (
     check_in_range,
     check_lr,
     check_non_negative,
+    increment_steps,
     new_step_tensor,
+    prepare_grad,
+    zeros_state,
 )
 
 __all__ = ["Adafactor", "adafactor_step"]
@@ -53,6 +56,7 @@ def adafactor_step(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     states: Sequence[dict[str, Any]],
+    steps: Sequence[float],
     *,
     lr: float,
     beta2_decay: float,
@@ -63,18 +67,17 @@ def adafactor_step(
     beta1: float | None,
     relative_step: bool,
     scale_parameter: bool,
+    maximize: bool,
 ) -> None:
-    """Apply the Adafactor rule (module docstring) to each parameter; ``states`` hold ``step``,
-    ``row_var``/``col_var`` (factored) or ``variance``, and ``exp_avg`` when ``beta1`` is set."""
-    for param, grad, state in zip(params, grads, states):
-        state["step"] += 1
-        step = state["step"].item()
+    """Apply the Adafactor rule (module docstring) to each parameter; ``states`` hold
+    ``row_var``/``col_var`` (factored) or ``variance``, and ``exp_avg`` when ``beta1`` is set;
+    ``steps`` are the already incremented step counts."""
+    for param, grad, state, step in zip(params, grads, states, steps):
         new_weight = step**beta2_decay  # 1 - beta2_hat_t
         rho = min(lr, 1 / math.sqrt(step)) if relative_step else lr
         alpha = max(eps2, _rms(param)) * rho if scale_parameter else rho
         eps_floor = torch.finfo(param.dtype).eps if eps1 is None else eps1
-        if weight_decay != 0:
-            param.mul_(1 - lr * weight_decay)
+        grad = prepare_grad(param, grad, maximize=maximize, weight_decay=weight_decay, lr=lr, decoupled=True)
         if grad.dim() > 1:
             row_var, col_var = state["row_var"], state["col_var"]
             row_var.lerp_(grad.square().mean(dim=-1, keepdim=True), new_weight)
@@ -153,18 +156,17 @@ class Adafactor(OptimlabOptimizer):
                 state["row_var"] = param.new_zeros((*param.shape[:-1], 1))
                 state["col_var"] = param.new_zeros((*param.shape[:-2], 1, param.shape[-1]))
             else:
-                state["variance"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["variance"] = zeros_state(param)
             if group["beta1"] is not None:
-                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg"] = zeros_state(param)
 
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
-        if group["maximize"]:
-            grads = [-grad for grad in grads]
         eps1, eps2 = group["eps"]
         adafactor_step(
-            params, grads, states, lr=as_float(group["lr"]), beta2_decay=group["beta2_decay"], eps1=eps1, eps2=eps2,
+            params, grads, states, increment_steps(states), lr=as_float(group["lr"]), beta2_decay=group["beta2_decay"], eps1=eps1, eps2=eps2,
             d=group["d"], weight_decay=group["weight_decay"], beta1=group["beta1"],
             relative_step=group["relative_step"], scale_parameter=group["scale_parameter"],
+            maximize=group["maximize"],
         )

@@ -29,29 +29,32 @@ from optimlab.optim._base import (
     check_betas,
     check_lr,
     check_non_negative,
-    group_by_device_and_dtype,
+    foreach_groups,
+    increment_steps,
     new_step_tensor,
+    prepare_grad,
+    prepare_grads,
+    zeros_state,
 )
 from optimlab.optim.lars import trust_ratios
 
 __all__ = ["LAMB", "lamb_step", "lamb_step_foreach"]
 
 
-def _bias_corrections(steps: Sequence[Tensor], beta1: float, beta2: float, enabled: bool) -> tuple[list[float], list[float]]:
-    counts = [step.item() for step in steps]
+def _bias_corrections(steps: Sequence[float], beta1: float, beta2: float, enabled: bool) -> tuple[list[float], list[float]]:
     if not enabled:
-        return [1.0] * len(counts), [1.0] * len(counts)
-    return [1 - beta1**t for t in counts], [1 - beta2**t for t in counts]
+        return [1.0] * len(steps), [1.0] * len(steps)
+    return [1 - beta1**t for t in steps], [1 - beta2**t for t in steps]
 
 
 def lamb_step(
     params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
-    steps: Sequence[Tensor], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-    bias_correction: bool, max_trust_ratio: float | None,
+    steps: Sequence[float], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+    bias_correction: bool, max_trust_ratio: float | None, maximize: bool,
 ) -> None:
-    """Per-tensor reference path of LAMB (module docstring); increments each ``steps`` counter."""
+    """Per-tensor reference path of LAMB (module docstring); ``steps`` are the already incremented counts."""
     for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
-        step += 1
+        grad = prepare_grad(param, grad, maximize=maximize, weight_decay=0.0)
         (correction1,), (correction2,) = _bias_corrections([step], beta1, beta2, bias_correction)
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -66,25 +69,30 @@ def lamb_step(
 
 def lamb_step_foreach(
     params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
-    steps: Sequence[Tensor], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-    bias_correction: bool, max_trust_ratio: float | None,
+    steps: Sequence[float], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+    bias_correction: bool, max_trust_ratio: float | None, maximize: bool,
 ) -> None:
-    """Multi-tensor path of :func:`lamb_step`; all tensors share device and dtype."""
-    torch._foreach_add_(steps, 1)
-    corrections1, corrections2 = _bias_corrections(steps, beta1, beta2, bias_correction)
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-    denoms = torch._foreach_div(exp_avg_sqs, corrections2)
-    torch._foreach_sqrt_(denoms)
-    torch._foreach_add_(denoms, eps)
-    updates = torch._foreach_div(exp_avgs, corrections1)
-    torch._foreach_div_(updates, denoms)
-    if weight_decay != 0:
-        torch._foreach_add_(updates, params, alpha=weight_decay)
-    ratios = trust_ratios(torch._foreach_norm(params), torch._foreach_norm(updates), max_ratio=max_trust_ratio)
-    torch._foreach_mul_(updates, ratios)
-    torch._foreach_add_(params, updates, alpha=-lr)
+    """Multi-tensor (``torch._foreach_*``) path of :func:`lamb_step`."""
+    tensor_lists = [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)]
+    for (device_params, device_grads, device_exp_avgs, device_exp_avg_sqs), (device_steps,) in foreach_groups(
+        tensor_lists, [steps]
+    ):
+        device_grads = prepare_grads(device_params, device_grads, maximize=maximize, weight_decay=0.0)
+        corrections1, corrections2 = _bias_corrections(device_steps, beta1, beta2, bias_correction)
+        torch._foreach_lerp_(device_exp_avgs, device_grads, 1 - beta1)
+        torch._foreach_mul_(device_exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(device_exp_avg_sqs, device_grads, device_grads, value=1 - beta2)
+        denoms = torch._foreach_div(device_exp_avg_sqs, corrections2)
+        torch._foreach_sqrt_(denoms)
+        torch._foreach_add_(denoms, eps)
+        updates = torch._foreach_div(device_exp_avgs, corrections1)
+        torch._foreach_div_(updates, denoms)
+        if weight_decay != 0:
+            torch._foreach_add_(updates, device_params, alpha=weight_decay)
+        ratios = trust_ratios(torch._foreach_norm(device_params), torch._foreach_norm(updates),
+                              max_ratio=max_trust_ratio)
+        torch._foreach_mul_(updates, ratios)
+        torch._foreach_add_(device_params, updates, alpha=-lr)
 
 
 class LAMB(OptimlabOptimizer):
@@ -130,21 +138,16 @@ class LAMB(OptimlabOptimizer):
             state = self.state[param]
             if not state:
                 state["step"] = new_step_tensor()
-                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg"] = zeros_state(param)
+                state["exp_avg_sq"] = zeros_state(param)
 
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
         beta1, beta2 = (as_float(beta) for beta in group["betas"])
         options = dict(lr=as_float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                        weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
-                       max_trust_ratio=group["max_trust_ratio"])
-        tensors = [params, grads, *([state[key] for state in states] for key in ("exp_avg", "exp_avg_sq", "step"))]
-        if self._use_foreach(group, params):
-            for device_tensors, _ in group_by_device_and_dtype(tensors).values():
-                lamb_step_foreach(*device_tensors, **options)
-        else:
-            lamb_step(*tensors, **options)
+                       max_trust_ratio=group["max_trust_ratio"], maximize=group["maximize"])
+        rule = lamb_step_foreach if self._use_foreach(group, params) else lamb_step
+        rule(params, grads, [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states],
+             increment_steps(states), **options)

@@ -32,7 +32,10 @@ from optimlab.optim._base import (
     check_in_range,
     check_lr,
     check_non_negative,
-    group_by_device_and_dtype,
+    foreach_groups,
+    prepare_grad,
+    prepare_grads,
+    zeros_state,
 )
 
 __all__ = ["LARS", "lars_step", "lars_step_foreach", "trust_ratios"]
@@ -58,15 +61,17 @@ def trust_ratios(param_norms: Sequence[Tensor], update_norms: Sequence[Tensor], 
 def lars_step(
     params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor], *,
     lr: float, momentum: float, weight_decay: float, trust_coefficient: float, eps: float, adapt: bool,
+    maximize: bool,
 ) -> None:
     """Per-tensor reference path of LARS (module docstring); ``adapt=False`` means :math:`\\lambda^l = 1`."""
     for param, grad, buffer in zip(params, grads, momentum_buffers):
-        direction = grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad.clone()
+        grad = prepare_grad(param, grad, maximize=maximize, weight_decay=0.0)
+        direction = prepare_grad(param, grad, maximize=False, weight_decay=weight_decay)
         if adapt:
             param_norm = param.norm()
             (ratio,) = trust_ratios([param_norm], [grad.norm()], coefficient=trust_coefficient,
                                     extra=[param_norm * weight_decay], eps=eps)
-            direction.mul_(ratio)
+            direction = direction.mul(ratio)
         buffer.mul_(momentum).add_(direction, alpha=lr)
         param.sub_(buffer)
 
@@ -74,17 +79,20 @@ def lars_step(
 def lars_step_foreach(
     params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor], *,
     lr: float, momentum: float, weight_decay: float, trust_coefficient: float, eps: float, adapt: bool,
+    maximize: bool,
 ) -> None:
-    """Multi-tensor path of :func:`lars_step`; all tensors share device and dtype."""
-    directions = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay != 0 else [g.clone() for g in grads]
-    if adapt:
-        param_norms = torch._foreach_norm(params)
-        ratios = trust_ratios(param_norms, torch._foreach_norm(grads), coefficient=trust_coefficient,
-                              extra=torch._foreach_mul(param_norms, weight_decay), eps=eps)
-        torch._foreach_mul_(directions, ratios)
-    torch._foreach_mul_(momentum_buffers, momentum)
-    torch._foreach_add_(momentum_buffers, directions, alpha=lr)
-    torch._foreach_sub_(params, momentum_buffers)
+    """Multi-tensor (``torch._foreach_*``) path of :func:`lars_step`."""
+    for (device_params, device_grads, buffers), _ in foreach_groups([list(params), list(grads), list(momentum_buffers)]):
+        device_grads = prepare_grads(device_params, device_grads, maximize=maximize, weight_decay=0.0)
+        directions = prepare_grads(device_params, device_grads, maximize=False, weight_decay=weight_decay)
+        if adapt:
+            param_norms = torch._foreach_norm(device_params)
+            ratios = trust_ratios(param_norms, torch._foreach_norm(device_grads), coefficient=trust_coefficient,
+                                  extra=torch._foreach_mul(param_norms, weight_decay), eps=eps)
+            directions = torch._foreach_mul(directions, ratios)
+        torch._foreach_mul_(buffers, momentum)
+        torch._foreach_add_(buffers, directions, alpha=lr)
+        torch._foreach_sub_(device_params, buffers)
 
 
 class LARS(OptimlabOptimizer):
@@ -130,26 +138,19 @@ class LARS(OptimlabOptimizer):
         for param in params:
             state = self.state[param]
             if not state:
-                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["momentum_buffer"] = zeros_state(param)
 
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
         buffers = [state["momentum_buffer"] for state in states]
         excluded = [group["exclude_bias_and_norm"] and param.dim() <= 1 for param in params]
         options = dict(lr=as_float(group["lr"]), momentum=group["momentum"], trust_coefficient=group["trust_coefficient"],
-                       eps=group["eps"])
-        use_foreach = self._use_foreach(group, params)
+                       eps=group["eps"], maximize=group["maximize"])
+        rule = lars_step_foreach if self._use_foreach(group, params) else lars_step
         for adapt in (True, False):
             chosen = [i for i, is_excluded in enumerate(excluded) if is_excluded != adapt]
             if not chosen:
                 continue
             tensors = [[tensor_list[i] for i in chosen] for tensor_list in (params, grads, buffers)]
-            weight_decay = group["weight_decay"] if adapt else 0.0
-            if use_foreach:
-                for device_tensors, _ in group_by_device_and_dtype(tensors).values():
-                    lars_step_foreach(*device_tensors, weight_decay=weight_decay, adapt=adapt, **options)
-            else:
-                lars_step(*tensors, weight_decay=weight_decay, adapt=adapt, **options)
+            rule(*tensors, weight_decay=group["weight_decay"] if adapt else 0.0, adapt=adapt, **options)

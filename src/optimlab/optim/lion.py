@@ -26,13 +26,15 @@ from optimlab.optim._base import (
     check_betas,
     check_lr,
     check_non_negative,
-    group_by_device_and_dtype,
+    foreach_groups,
+    prepare_grad,
+    prepare_grads,
 )
 from optimlab.optim.lowp_state import (
     init_moment,
     load_moments,
-    register_state_dtype_restore,
     resolve_state_dtype,
+    restore_state_dtypes,
     store_moments,
 )
 
@@ -41,30 +43,30 @@ __all__ = ["Lion", "lion_step", "lion_step_foreach"]
 
 def lion_step(
     params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], *,
-    lr: float, beta1: float, beta2: float, weight_decay: float,
+    lr: float, beta1: float, beta2: float, weight_decay: float, maximize: bool,
 ) -> None:
     """Per-tensor reference path of the Lion rule (module docstring), updating ``params`` and ``exp_avgs`` in place."""
     for param, grad, exp_avg in zip(params, grads, exp_avgs):
+        grad = prepare_grad(param, grad, maximize=maximize, weight_decay=weight_decay, lr=lr, decoupled=True)
         update = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1).sign_()
-        if weight_decay != 0:
-            param.mul_(1 - lr * weight_decay)
         param.add_(update, alpha=-lr)
         exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
 
 
 def lion_step_foreach(
     params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], *,
-    lr: float, beta1: float, beta2: float, weight_decay: float,
+    lr: float, beta1: float, beta2: float, weight_decay: float, maximize: bool,
 ) -> None:
-    """Multi-tensor (``torch._foreach_*``) path of the same rule as :func:`lion_step`; all tensors share device and dtype."""
-    updates = torch._foreach_mul(exp_avgs, beta1)
-    torch._foreach_add_(updates, grads, alpha=1 - beta1)
-    torch._foreach_sign_(updates)
-    if weight_decay != 0:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
-    torch._foreach_add_(params, updates, alpha=-lr)
-    torch._foreach_mul_(exp_avgs, beta2)
-    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta2)
+    """Multi-tensor (``torch._foreach_*``) path of the same rule as :func:`lion_step`."""
+    for (device_params, device_grads, device_exp_avgs), _ in foreach_groups([list(params), list(grads), list(exp_avgs)]):
+        device_grads = prepare_grads(device_params, device_grads, maximize=maximize, weight_decay=weight_decay,
+                                     lr=lr, decoupled=True)
+        updates = torch._foreach_mul(device_exp_avgs, beta1)
+        torch._foreach_add_(updates, device_grads, alpha=1 - beta1)
+        torch._foreach_sign_(updates)
+        torch._foreach_add_(device_params, updates, alpha=-lr)
+        torch._foreach_mul_(device_exp_avgs, beta2)
+        torch._foreach_add_(device_exp_avgs, device_grads, alpha=1 - beta2)
 
 
 class Lion(OptimlabOptimizer):
@@ -99,12 +101,16 @@ class Lion(OptimlabOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize, foreach=foreach,
                         state_dtype=resolve_state_dtype(state_dtype))
         super().__init__(params, defaults)
-        register_state_dtype_restore(self, ("exp_avg",))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (``torch.optim`` semantics), validating its ``state_dtype``."""
         super().add_param_group(param_group)
         self.param_groups[-1]["state_dtype"] = resolve_state_dtype(self.param_groups[-1]["state_dtype"])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim`` semantics; low-precision moments keep their storage dtype."""
+        super().load_state_dict(state_dict)
+        restore_state_dtypes(self, ("exp_avg",))
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         for param in params:
@@ -115,16 +121,9 @@ class Lion(OptimlabOptimizer):
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
         exp_avgs = load_moments(states, "exp_avg", params, signed=True)
         beta1, beta2 = group["betas"]
-        options = dict(lr=as_float(group["lr"]), beta1=as_float(beta1), beta2=as_float(beta2),
-                       weight_decay=group["weight_decay"])
-        if self._use_foreach(group, params):
-            grouped = group_by_device_and_dtype([params, grads, exp_avgs])
-            for (device_params, device_grads, device_exp_avgs), _ in grouped.values():
-                lion_step_foreach(device_params, device_grads, device_exp_avgs, **options)
-        else:
-            lion_step(params, grads, exp_avgs, **options)
+        rule = lion_step_foreach if self._use_foreach(group, params) else lion_step
+        rule(params, grads, exp_avgs, lr=as_float(group["lr"]), beta1=as_float(beta1), beta2=as_float(beta2),
+             weight_decay=group["weight_decay"], maximize=group["maximize"])
         store_moments(states, "exp_avg", exp_avgs, signed=True)

@@ -23,7 +23,7 @@ Updates are always computed in the parameter's dtype: :func:`load_moments` retur
 and :func:`store_moments` writes them back (a no-op for full-precision state, where the working
 tensor *is* the state tensor). Storage is plain tensors in ``optimizer.state`` (``<key>`` holds the
 codes, ``<key>_absmax`` the block scales), so ``state_dict``, ``deepcopy`` and ``torch.save`` work
-as usual; :func:`register_state_dtype_restore` undoes the float cast that
+as usual; :func:`restore_state_dtypes` undoes the float cast that
 ``Optimizer.load_state_dict`` applies to every state tensor.
 """
 
@@ -46,7 +46,7 @@ __all__ = [
     "init_moment",
     "load_moments",
     "store_moments",
-    "register_state_dtype_restore",
+    "restore_state_dtypes",
 ]
 
 BLOCK_SIZE = 256
@@ -192,7 +192,14 @@ def store_moments(
             stored.copy_(value)
 
 
-def _restore_state_dtypes(optimizer: torch.optim.Optimizer, keys: tuple[str, ...]) -> None:
+def restore_state_dtypes(optimizer: torch.optim.Optimizer, keys: Sequence[str]) -> None:
+    """Cast the moments ``keys`` of every group with a ``state_dtype`` back to their storage dtype.
+
+    Call it at the end of ``load_state_dict``: ``torch.optim.Optimizer.load_state_dict`` casts every
+    non-``step`` state tensor to the parameter's dtype. The values round-trip exactly (bf16 values
+    and int8 codes are representable in float32), so casting back restores the state bit for bit.
+    (A method override rather than a load-state-dict hook, because hooks are dropped by ``deepcopy``.)
+    """
     for group in optimizer.param_groups:
         state_dtype = group.get("state_dtype")
         if state_dtype is None:
@@ -207,13 +214,3 @@ def _restore_state_dtypes(optimizer: torch.optim.Optimizer, keys: tuple[str, ...
                 else:
                     state[key] = state[key].to(torch.int8)
                     state[key + _ABSMAX_SUFFIX] = state[key + _ABSMAX_SUFFIX].to(torch.float32)
-
-
-def register_state_dtype_restore(optimizer: torch.optim.Optimizer, keys: Sequence[str]) -> None:
-    """After ``load_state_dict``, cast the moments ``keys`` back to their storage dtype.
-
-    ``torch.optim.Optimizer.load_state_dict`` casts every non-``step`` state tensor to the
-    parameter's dtype; the values round-trip exactly (bf16 values and int8 codes are representable
-    in float32), so casting back restores the state bit for bit.
-    """
-    optimizer.register_load_state_dict_post_hook(functools.partial(_restore_state_dtypes, keys=tuple(keys)))

@@ -30,9 +30,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from optimlab.optim._base import OptimlabOptimizer, ParamsT, as_float, check_lr, check_non_negative
+from optimlab.optim._base import (
+    OptimlabOptimizer,
+    ParamsT,
+    as_float,
+    check_betas,
+    check_lr,
+    check_non_negative,
+    increment_steps,
+    new_step_tensor,
+    prepare_grad,
+    zeros_state,
+)
+from optimlab.optim.adam import _adam_multi_tensor, _adam_single_tensor
 
-__all__ = ["Muon", "muon_step", "newton_schulz_orthogonalize", "muon_param_split", "NS_COEFFICIENTS"]
+__all__ = ["Muon", "MuonWithAdamW", "muon_step", "newton_schulz_orthogonalize", "muon_param_split", "NS_COEFFICIENTS"]
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
@@ -70,15 +82,41 @@ def _lr_scale(adjust_lr_fn: str | None, shape: torch.Size) -> float:
 def muon_step(
     params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor], *,
     lr: float, weight_decay: float, momentum: float, nesterov: bool, ns_coefficients: tuple[float, float, float],
-    ns_steps: int, eps: float, adjust_lr_fn: str | None, ns_dtype: torch.dtype,
+    ns_steps: int, eps: float, adjust_lr_fn: str | None, ns_dtype: torch.dtype, maximize: bool,
 ) -> None:
     """Apply the Muon rule (module docstring) to each 2-D parameter, updating ``momentum_buffers`` in place."""
     for param, grad, buffer in zip(params, grads, momentum_buffers):
+        grad = prepare_grad(param, grad, maximize=maximize, weight_decay=weight_decay, lr=lr, decoupled=True)
         buffer.lerp_(grad, 1 - momentum)
         direction = grad.lerp(buffer, momentum) if nesterov else buffer
         orthogonal = newton_schulz_orthogonalize(direction, ns_steps, ns_coefficients, eps, ns_dtype)
-        param.mul_(1 - lr * weight_decay)
         param.add_(orthogonal, alpha=-lr * _lr_scale(adjust_lr_fn, param.shape))
+
+
+def _check_muon_args(lr: float | Tensor, weight_decay: float, momentum: float, ns_coefficients: Sequence[float],
+                     eps: float, ns_steps: int, adjust_lr_fn: str | None, ns_dtype: torch.dtype) -> None:
+    check_lr(lr)
+    check_non_negative("weight_decay", weight_decay)
+    if not (0.0 <= momentum < 1.0):
+        raise ValueError(f"Invalid momentum: {momentum} (accepted range: [0, 1))")
+    if len(ns_coefficients) != 3:
+        raise ValueError(f"Invalid ns_coefficients: {ns_coefficients!r} (expected three floats (a, b, c))")
+    check_non_negative("eps", eps)
+    if not isinstance(ns_steps, int) or not (1 <= ns_steps < 100):
+        raise ValueError(f"Invalid ns_steps: {ns_steps!r} (accepted range: an integer in [1, 99])")
+    if adjust_lr_fn not in ADJUST_LR_FNS:
+        raise ValueError(f"Invalid adjust_lr_fn: {adjust_lr_fn!r} (accepted: {ADJUST_LR_FNS})")
+    if not (isinstance(ns_dtype, torch.dtype) and ns_dtype.is_floating_point):
+        raise ValueError(f"Invalid ns_dtype: {ns_dtype!r} (accepted: a floating torch.dtype)")
+
+
+def _muon_update(group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]) -> None:
+    muon_step(
+        params, grads, [state["momentum_buffer"] for state in states], lr=as_float(group["lr"]),
+        weight_decay=group["weight_decay"], momentum=group["momentum"], nesterov=group["nesterov"],
+        ns_coefficients=group["ns_coefficients"], ns_steps=group["ns_steps"], eps=group["eps"],
+        adjust_lr_fn=group["adjust_lr_fn"], ns_dtype=group["ns_dtype"], maximize=group["maximize"],
+    )
 
 
 class Muon(OptimlabOptimizer):
@@ -117,19 +155,7 @@ class Muon(OptimlabOptimizer):
         ns_dtype: torch.dtype = torch.bfloat16,
         maximize: bool = False,
     ) -> None:
-        check_lr(lr)
-        check_non_negative("weight_decay", weight_decay)
-        if not (0.0 <= momentum < 1.0):
-            raise ValueError(f"Invalid momentum: {momentum} (accepted range: [0, 1))")
-        if len(ns_coefficients) != 3:
-            raise ValueError(f"Invalid ns_coefficients: {ns_coefficients!r} (expected three floats (a, b, c))")
-        check_non_negative("eps", eps)
-        if not isinstance(ns_steps, int) or not (1 <= ns_steps < 100):
-            raise ValueError(f"Invalid ns_steps: {ns_steps!r} (accepted range: an integer in [1, 99])")
-        if adjust_lr_fn not in ADJUST_LR_FNS:
-            raise ValueError(f"Invalid adjust_lr_fn: {adjust_lr_fn!r} (accepted: {ADJUST_LR_FNS})")
-        if not (isinstance(ns_dtype, torch.dtype) and ns_dtype.is_floating_point):
-            raise ValueError(f"Invalid ns_dtype: {ns_dtype!r} (accepted: a floating torch.dtype)")
+        _check_muon_args(lr, weight_decay, momentum, ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype)
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
                         adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, maximize=maximize)
@@ -149,19 +175,12 @@ class Muon(OptimlabOptimizer):
         for param in params:
             state = self.state[param]
             if not state:
-                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["momentum_buffer"] = zeros_state(param)
 
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
-        if group["maximize"]:
-            grads = [-grad for grad in grads]
-        muon_step(
-            params, grads, [state["momentum_buffer"] for state in states], lr=as_float(group["lr"]),
-            weight_decay=group["weight_decay"], momentum=group["momentum"], nesterov=group["nesterov"],
-            ns_coefficients=group["ns_coefficients"], ns_steps=group["ns_steps"], eps=group["eps"],
-            adjust_lr_fn=group["adjust_lr_fn"], ns_dtype=group["ns_dtype"],
-        )
+        _muon_update(group, params, grads, states)
 
 
 def muon_param_split(
@@ -194,3 +213,108 @@ def muon_param_split(
         hidden_matrix = param.dim() == 2 and id(param) not in embedding_params and not any(m in name for m in markers)
         (muon_params if hidden_matrix else adamw_params).append(param)
     return muon_params, adamw_params
+
+
+class MuonWithAdamW(OptimlabOptimizer):
+    r"""Muon for hidden 2-D matrices and AdamW for every other parameter, in one optimizer.
+
+    Each param group is either a Muon group or an AdamW group (its ``"use_muon"`` flag). A group given
+    without the flag is split by shape: 2-D tensors to Muon, the rest (biases, norm gains, scalars) to
+    AdamW. Shape cannot tell embeddings and the output head from hidden matrices, so for the full
+    modded-nanogpt recipe pass the groups from :func:`muon_param_split`::
+
+        hidden, other = muon_param_split(model)
+        opt = MuonWithAdamW([{"params": hidden, "use_muon": True}, {"params": other, "use_muon": False}])
+
+    AdamW groups take ``lr``/``weight_decay`` from ``adamw_lr``/``adamw_weight_decay`` unless the group
+    sets them, so an LR scheduler scales both kinds of groups by the same factor. The AdamW rule is
+    :class:`optimlab.optim.AdamW`'s (decoupled weight decay, bias correction); its state keys are
+    torch's (``step``, ``exp_avg``, ``exp_avg_sq``), Muon's is ``momentum_buffer``.
+
+    Args:
+        params: parameters or param-group dicts (optionally with ``"use_muon"``).
+        lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype:
+            the Muon groups' settings, as in :class:`Muon` (defaults as modded-nanogpt: lr 0.02, no decay).
+        adamw_lr: learning rate of the AdamW groups (>= 0).
+        adamw_betas: :math:`(\beta_1, \beta_2)` of the AdamW groups.
+        adamw_eps: :math:`\epsilon` of the AdamW groups (>= 0).
+        adamw_weight_decay: decoupled weight decay of the AdamW groups (>= 0).
+        maximize: ascend the objective instead.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 0.02,
+        weight_decay: float = 0.0,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = None,
+        *,
+        ns_dtype: torch.dtype = torch.bfloat16,
+        adamw_lr: float = 3e-4,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float = 0.0,
+        maximize: bool = False,
+    ) -> None:
+        _check_muon_args(lr, weight_decay, momentum, ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype)
+        check_lr(adamw_lr)
+        check_betas(adamw_betas, ("adamw_beta1", "adamw_beta2"))
+        check_non_negative("adamw_eps", adamw_eps)
+        check_non_negative("adamw_weight_decay", adamw_weight_decay)
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
+                        ns_dtype=ns_dtype, adamw_lr=adamw_lr, adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps,
+                        adamw_weight_decay=adamw_weight_decay, maximize=maximize)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; without ``"use_muon"`` it is split into a Muon part (2-D) and an AdamW part."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        if "use_muon" not in param_group:
+            for use_muon in (True, False):
+                chosen = [p for p in params if (p.dim() == 2) == use_muon]
+                if chosen:
+                    self.add_param_group({**param_group, "params": chosen, "use_muon": use_muon})
+            return
+        group = dict(param_group, params=params)
+        if group["use_muon"]:
+            for param in params:
+                if param.dim() != 2:
+                    raise ValueError(f"Invalid params: a use_muon group takes 2-D matrices, got shape {tuple(param.shape)}")
+        else:
+            group.setdefault("lr", self.defaults["adamw_lr"])
+            group.setdefault("weight_decay", self.defaults["adamw_weight_decay"])
+        super().add_param_group(group)
+
+    def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        for param in params:
+            state = self.state[param]
+            if state:
+                continue
+            if group["use_muon"]:
+                state["momentum_buffer"] = zeros_state(param)
+            else:
+                state["step"] = new_step_tensor()
+                state["exp_avg"] = zeros_state(param)
+                state["exp_avg_sq"] = zeros_state(param)
+
+    def _update_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
+    ) -> None:
+        if group["use_muon"]:
+            _muon_update(group, params, grads, states)
+            return
+        beta1, beta2 = group["adamw_betas"]
+        rule = _adam_multi_tensor if self._use_foreach(group, params) else _adam_single_tensor
+        rule(
+            params, grads, [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states], [],
+            increment_steps(states), lr=as_float(group["lr"]), beta1=as_float(beta1), beta2=as_float(beta2),
+            eps=group["adamw_eps"], weight_decay=group["weight_decay"], amsgrad=False, maximize=group["maximize"],
+            decoupled_weight_decay=True,
+        )

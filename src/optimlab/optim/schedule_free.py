@@ -35,7 +35,10 @@ from optimlab.optim._base import (
     check_betas,
     check_lr,
     check_non_negative,
-    group_by_device_and_dtype,
+    foreach_groups,
+    prepare_grad,
+    prepare_grads,
+    zeros_state,
 )
 
 __all__ = ["ScheduleFreeAdamW", "schedule_free_adamw_step", "schedule_free_adamw_step_foreach"]
@@ -44,9 +47,11 @@ __all__ = ["ScheduleFreeAdamW", "schedule_free_adamw_step", "schedule_free_adamw
 def schedule_free_adamw_step(
     params: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], *,
     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction2: float, ckp1: float,
+    maximize: bool,
 ) -> None:
     """Per-tensor reference path of the Schedule-Free AdamW step (module docstring); ``params`` hold :math:`y`."""
     for y, grad, z, exp_avg_sq in zip(params, grads, zs, exp_avg_sqs):
+        grad = prepare_grad(y, grad, maximize=maximize, weight_decay=0.0)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = exp_avg_sq.div(bias_correction2).sqrt_().add_(eps)
         normalized = grad.div(denom)
@@ -60,19 +65,23 @@ def schedule_free_adamw_step(
 def schedule_free_adamw_step_foreach(
     params: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], *,
     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction2: float, ckp1: float,
+    maximize: bool,
 ) -> None:
-    """Multi-tensor path of :func:`schedule_free_adamw_step`; all tensors share device and dtype."""
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-    denoms = torch._foreach_div(exp_avg_sqs, bias_correction2)
-    torch._foreach_sqrt_(denoms)
-    torch._foreach_add_(denoms, eps)
-    normalized = torch._foreach_div(grads, denoms)
-    if weight_decay != 0:
-        torch._foreach_add_(normalized, params, alpha=weight_decay)
-    torch._foreach_lerp_(params, zs, ckp1)
-    torch._foreach_add_(params, normalized, alpha=lr * (beta1 * (1 - ckp1) - 1))
-    torch._foreach_sub_(zs, normalized, alpha=lr)
+    """Multi-tensor (``torch._foreach_*``) path of :func:`schedule_free_adamw_step`."""
+    tensor_lists = [list(params), list(grads), list(zs), list(exp_avg_sqs)]
+    for (ys, device_grads, device_zs, device_exp_avg_sqs), _ in foreach_groups(tensor_lists):
+        device_grads = prepare_grads(ys, device_grads, maximize=maximize, weight_decay=0.0)
+        torch._foreach_mul_(device_exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(device_exp_avg_sqs, device_grads, device_grads, value=1 - beta2)
+        denoms = torch._foreach_div(device_exp_avg_sqs, bias_correction2)
+        torch._foreach_sqrt_(denoms)
+        torch._foreach_add_(denoms, eps)
+        normalized = torch._foreach_div(device_grads, denoms)
+        if weight_decay != 0:
+            torch._foreach_add_(normalized, ys, alpha=weight_decay)
+        torch._foreach_lerp_(ys, device_zs, ckp1)
+        torch._foreach_add_(ys, normalized, alpha=lr * (beta1 * (1 - ckp1) - 1))
+        torch._foreach_sub_(device_zs, normalized, alpha=lr)
 
 
 class ScheduleFreeAdamW(OptimlabOptimizer):
@@ -159,13 +168,11 @@ class ScheduleFreeAdamW(OptimlabOptimizer):
             state = self.state[param]
             if not state:
                 state["z"] = param.detach().clone(memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = zeros_state(param)
 
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
         beta1, beta2 = (as_float(beta) for beta in group["betas"])
         step = group["step"]
         warmup = group["warmup_steps"]
@@ -176,13 +183,7 @@ class ScheduleFreeAdamW(OptimlabOptimizer):
         group["weight_sum"] = weight_sum = group["weight_sum"] + weight
         ckp1 = weight / weight_sum if weight_sum != 0 else 0.0
         options = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                       bias_correction2=1 - beta2 ** (step + 1), ckp1=ckp1)
-        zs = [state["z"] for state in states]
-        exp_avg_sqs = [state["exp_avg_sq"] for state in states]
-        if self._use_foreach(group, params):
-            grouped = group_by_device_and_dtype([params, grads, zs, exp_avg_sqs])
-            for tensors, _ in grouped.values():
-                schedule_free_adamw_step_foreach(*tensors, **options)
-        else:
-            schedule_free_adamw_step(params, grads, zs, exp_avg_sqs, **options)
+                       bias_correction2=1 - beta2 ** (step + 1), ckp1=ckp1, maximize=group["maximize"])
+        rule = schedule_free_adamw_step_foreach if self._use_foreach(group, params) else schedule_free_adamw_step
+        rule(params, grads, [state["z"] for state in states], [state["exp_avg_sq"] for state in states], **options)
         group["step"] = step + 1

@@ -23,7 +23,10 @@ def state_bytes(optimizer: torch.optim.Optimizer, *, include_scalars: bool = Fal
     Scalar bookkeeping such as the 0-dim ``step`` counter is left out unless ``include_scalars``,
     so that the figure reflects what grows with model size: fp32 Adam holds
     :math:`2 \times 4 = 8` bytes per parameter (``exp_avg``, ``exp_avg_sq``).
-    Works for torch's optimizers and optimlab's.
+    Works for torch's optimizers and optimlab's; low-precision state counts its real storage
+    (bf16 moments 2 bytes, int8 codes 1 byte plus one float32 scale per 256-value block). A wrapper
+    that holds its inner optimizer as ``.optimizer`` (:class:`optimlab.optim.Lookahead`) adds the
+    inner optimizer's state to its own.
     """
     total = 0
     for param_state in optimizer.state.values():
@@ -31,6 +34,9 @@ def state_bytes(optimizer: torch.optim.Optimizer, *, include_scalars: bool = Fal
             if torch.is_tensor(value) and value.dim() == 0 and not include_scalars:
                 continue
             total += _tensor_bytes(value)
+    inner = getattr(optimizer, "optimizer", None)
+    if isinstance(inner, torch.optim.Optimizer):
+        total += state_bytes(inner, include_scalars=include_scalars)
     return total
 
 

@@ -1,0 +1,110 @@
+r"""Lookahead (Zhang, Lucas, Hinton & Ba, "Lookahead Optimizer: k steps forward, 1 step back", NeurIPS 2019).
+
+Any inner optimizer updates the *fast* weights :math:`\theta`; every :math:`k` inner steps the *slow*
+weights :math:`\phi` move part of the way towards them and the fast weights restart from there:
+
+.. math::
+    \theta_{t,0} = \phi_{t-1}, \quad \theta_{t,i} = \text{inner step}(\theta_{t,i-1}) \ (i = 1..k), \quad
+    \phi_t = \phi_{t-1} + \alpha\,(\theta_{t,k} - \phi_{t-1}), \quad \theta_{t+1,0} = \phi_t.
+
+The inner optimizer's state (momenta, ...) is kept across the synchronisation, as in the paper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from optimlab.optim._base import check_in_range
+
+__all__ = ["Lookahead"]
+
+
+class Lookahead(torch.optim.Optimizer):
+    r"""Wrap ``optimizer`` with Lookahead's slow weights (Zhang et al. 2019).
+
+    The wrapper shares ``param_groups`` with the inner optimizer, so LR schedulers, ``zero_grad`` and
+    ``add_param_group`` act on both. Its ``state`` holds the slow weights (``slow_param``, one copy of
+    each parameter: +4 bytes per float32 parameter); ``state_dict()`` holds the inner optimizer's
+    state dict, the slow weights and the step counter.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` (optimlab's or torch's).
+        k: synchronisation period, an integer >= 1.
+        alpha: slow-weights step size :math:`\alpha` in (0, 1].
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, k: int = 5, alpha: float = 0.5) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"Invalid optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"Invalid k: {k!r} (accepted range: an integer >= 1)")
+        check_in_range("alpha", alpha, 0.0, 1.0, low_inclusive=False, high_inclusive=True)
+        self.optimizer = optimizer
+        self.k = k
+        self.alpha = float(alpha)
+        self.inner_steps = 0
+        super().__init__(optimizer.param_groups, {})
+        self.param_groups = optimizer.param_groups
+        self.defaults = optimizer.defaults
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer pickles only defaults/state/param_groups; keep the wrapper's own fields too
+        return {**super().__getstate__(), "optimizer": self.optimizer, "k": self.k, "alpha": self.alpha,
+                "inner_steps": self.inner_steps}
+
+    def __repr__(self) -> str:
+        return f"Lookahead(k={self.k}, alpha={self.alpha}, optimizer={self.optimizer!r})"
+
+    @torch.no_grad()
+    def _init_slow_params(self) -> None:
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state[param]
+                if "slow_param" not in state:
+                    state["slow_param"] = param.detach().clone(memory_format=torch.preserve_format)
+
+    @torch.no_grad()
+    def _synchronize(self) -> None:
+        for group in self.param_groups:
+            for param in group["params"]:
+                slow = self.state[param]["slow_param"]
+                slow.lerp_(param, self.alpha)
+                param.copy_(slow)
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One inner step; every ``k``-th also moves the slow weights and resets the fast ones to them."""
+        self._init_slow_params()
+        loss = self.optimizer.step(closure)
+        self.inner_steps += 1
+        if self.inner_steps % self.k == 0:
+            self._synchronize()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"optimizer": inner state dict, "slow_params": {index: tensor}, "inner_steps", "k", "alpha"}``;
+        parameters are numbered in ``param_groups`` order, like ``torch.optim``'s state dicts."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        slow = {index: self.state[p]["slow_param"] for index, p in enumerate(params) if "slow_param" in self.state[p]}
+        return {"optimizer": self.optimizer.state_dict(), "slow_params": slow, "inner_steps": self.inner_steps,
+                "k": self.k, "alpha": self.alpha}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (the inner optimizer's part through its own ``load_state_dict``)."""
+        missing = {"optimizer", "slow_params", "inner_steps", "k", "alpha"} - set(state_dict)
+        if missing:
+            raise ValueError(f"Invalid state_dict: not a Lookahead state dict (missing {sorted(missing)})")
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.param_groups = self.optimizer.param_groups
+        params = [p for group in self.param_groups for p in group["params"]]
+        if any(not 0 <= index < len(params) for index in state_dict["slow_params"]):
+            raise ValueError("Invalid state_dict: slow_params refer to more parameters than the optimizer holds")
+        self.state.clear()
+        for index, slow in state_dict["slow_params"].items():
+            param = params[index]
+            self.state[param]["slow_param"] = slow.to(device=param.device, dtype=param.dtype, copy=True)
+        self.inner_steps = int(state_dict["inner_steps"])
+        self.k = int(state_dict["k"])
+        self.alpha = float(state_dict["alpha"])
