@@ -241,6 +241,8 @@ class OptimlabOptimizer(torch.optim.Optimizer):
     """
 
     supports_sparse: bool = False
+    #: 0-dim CPU state entries besides ``step`` (e.g. NAdam's ``mu_product``), kept in the scalar dtype.
+    scalar_state_keys: tuple[str, ...] = ()
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
@@ -252,9 +254,22 @@ class OptimlabOptimizer(torch.optim.Optimizer):
                 group.setdefault(key, value)
             for p in group["params"]:
                 p_state = self.state.get(p, {})
-                step = p_state.get("step")
-                if step is not None and not torch.is_tensor(step):
-                    p_state["step"] = new_step_tensor(float(step))
+                for key in ("step", *self.scalar_state_keys):
+                    value = p_state.get(key)
+                    if value is not None and not torch.is_tensor(value):
+                        p_state[key] = new_step_tensor(float(value))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, then the 0-dim entries named in
+        ``scalar_state_keys`` go back to the scalar-state dtype (torch casts every state entry but
+        ``step`` to the parameter's dtype, which would change e.g. NAdam's ``mu_product`` from float32
+        to float64 and the trajectory with it)."""
+        super().load_state_dict(state_dict)
+        scalar_dtype = new_step_tensor().dtype
+        for p_state in self.state.values():
+            for key in self.scalar_state_keys:
+                if torch.is_tensor(p_state.get(key)):
+                    p_state[key] = p_state[key].to(device="cpu", dtype=scalar_dtype)
 
     @staticmethod
     def _use_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:

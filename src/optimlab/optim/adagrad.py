@@ -45,7 +45,7 @@ def _decayed_lr(lr: float, lr_decay: float, step: float) -> float:
 
 def _sparse_like(grad: Tensor, values: Tensor) -> Tensor:
     """A sparse tensor with ``grad``'s (coalesced) indices and the given values."""
-    return torch.sparse_coo_tensor(grad._indices(), values, grad.size())
+    return torch.sparse_coo_tensor(grad._indices(), values, grad.size(), check_invariants=False)
 
 
 def _adagrad_sparse_update(param: Tensor, grad: Tensor, state_sum: Tensor, *, lr: float, eps: float) -> None:

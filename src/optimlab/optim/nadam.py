@@ -158,6 +158,8 @@ class NAdam(OptimlabOptimizer):
         capturable, differentiable: not supported (``NotImplementedError`` when true).
     """
 
+    scalar_state_keys = ("mu_product",)
+
     def __init__(
         self,
         params: ParamsT,
@@ -192,12 +194,6 @@ class NAdam(OptimlabOptimizer):
             "differentiable": differentiable,
         }
         super().__init__(params, defaults)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for param_state in self.state.values():
-            if "mu_product" in param_state and not torch.is_tensor(param_state["mu_product"]):
-                param_state["mu_product"] = new_step_tensor(float(param_state["mu_product"]))
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         for param in params:
