@@ -42,6 +42,8 @@ def train_command(
     quick: bool = typer.Option(False, "--quick", help="A small model for a few hundred steps (~1 min on 2 cores)."),
     config_file: Path = typer.Option(None, "--config", help="Start from a config.json written by a previous run."),
     resume: bool = typer.Option(False, "--resume", help="Continue exactly from OUT/checkpoint.pt."),
+    stop_at: int = typer.Option(None, "--stop-at", help="Stop after this step (checkpointed), to --resume later, "
+                                "e.g. in a time-limited job slot."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh even if OUT holds a checkpoint."),
     data: str = typer.Option(None, "--data", help="A UTF-8 text file [default: the Python stdlib's sources]."),
     corpus_chars: int = typer.Option(None, help="Characters of the stdlib corpus. [default: 2000000]"),
@@ -99,9 +101,9 @@ def train_command(
         config = _build_config(base, overrides)
         if nproc_per_node > 1:
             _launch(config, nproc_per_node, master_addr, master_port, resume=resume, overwrite=overwrite,
-                    quiet=quiet)
+                    quiet=quiet, stop_at=stop_at)
         else:
-            _run_worker(config, resume=resume, overwrite=overwrite, quiet=quiet)
+            _run_worker(config, resume=resume, overwrite=overwrite, quiet=quiet, stop_at=stop_at)
     except LaunchError as error:
         raise fail(str(error), code=1) from None
     except _USER_ERRORS as error:
@@ -109,7 +111,7 @@ def train_command(
 
 
 def _launch(config: TrainConfig, nproc_per_node: int, master_addr: str, master_port: int, *, resume: bool,
-            overwrite: bool, quiet: bool) -> None:
+            overwrite: bool, quiet: bool, stop_at: int | None = None) -> None:
     """Check the run, write its config for the workers, and start them."""
     if "WORLD_SIZE" in os.environ:
         raise ValueError("Invalid nproc_per_node: already running under a launcher (torchrun); "
@@ -118,18 +120,21 @@ def _launch(config: TrainConfig, nproc_per_node: int, master_addr: str, master_p
     config_path = Path(config.out_dir) / "config.json"
     config.save(config_path)
     flags = [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite), ("--quiet", quiet)) if on]
+    if stop_at is not None:
+        flags += ["--stop-at", str(stop_at)]
     launch(["--config", str(config_path), *flags], nproc_per_node, master_addr=master_addr, master_port=master_port)
     if not quiet:
         _print_summary(Path(config.out_dir))
 
 
-def _run_worker(config: TrainConfig, *, resume: bool, overwrite: bool, quiet: bool) -> None:
+def _run_worker(config: TrainConfig, *, resume: bool, overwrite: bool, quiet: bool,
+                stop_at: int | None = None) -> None:
     """Train in this process (alone, or as one rank of a job described by the environment)."""
     context = init_distributed(config.device, config.dist_timeout_s)
     try:
         trainer = Trainer(config, context, resume=resume, overwrite=overwrite, quiet=quiet)
         try:
-            trainer.train()
+            trainer.train(stop_at=stop_at)
         finally:
             trainer.close()
     finally:

@@ -213,6 +213,8 @@ class Trainer:
         """Train until ``config.steps`` (or until ``stop_at``, e.g. to split a run in two), then evaluate,
         checkpoint and, at the end of the run, sample text. Returns what this call did."""
         config = self.config
+        if stop_at is not None and stop_at < 1:
+            raise ValueError(f"Invalid stop_at: {stop_at} (accepted range: >= 1, or None)")
         last = config.steps if stop_at is None else min(stop_at, config.steps)
         result = TrainResult(step=self.step)
         if self.step == 0:
@@ -269,7 +271,7 @@ class Trainer:
     def _micro_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The next ``accum`` micro-batches of this rank, advancing the (epoch, batch) position."""
         for _ in range(self.config.accum):
-            if self.batch_in_epoch == self.batches.batches_per_epoch:
+            if self.batch_in_epoch >= self.batches.batches_per_epoch:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             inputs, targets = self.train_windows.batch(self.batches.indices(self.epoch, self.batch_in_epoch))
             self.batch_in_epoch += 1
@@ -362,6 +364,7 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "tokens_seen": self.tokens_seen,
             "world_size": self.context.world_size,
+            "global_batch": self.config.batch_size * self.context.world_size,
             "model_config": self.model_config.to_dict(),
             "train_config": self.config.to_dict(),
             "vocab": self.vocab.chars,
@@ -386,8 +389,13 @@ class Trainer:
         self.clipper.load_state_dict(saved["clipper"])
         self.step, self.epoch = saved["step"], saved["epoch"]
         self.batch_in_epoch, self.tokens_seen = saved["batch_in_epoch"], saved["tokens_seen"]
-        if saved["world_size"] != self.context.world_size:
-            # The data stream is re-sharded for the new world size: continue at the next epoch boundary.
+        # Batch b of an epoch is the same windows for any split of a global batch over ranks, so the position
+        # carries over to another world size / per-rank batch when the global batch divides the windows used.
+        global_batch = self.config.batch_size * self.context.world_size
+        windows_used = self.batch_in_epoch * saved["global_batch"]
+        if windows_used % global_batch == 0:
+            self.batch_in_epoch = windows_used // global_batch
+        else:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         rng_states = saved["rng"]
         if self.context.rank < len(rng_states):
