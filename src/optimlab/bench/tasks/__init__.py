@@ -24,6 +24,8 @@ __all__ = ["TaskInstance", "TaskSpec", "get_task", "list_tasks"]
 _PROVIDERS: list[tuple[str, str]] = [
     ("optimlab.bench.tasks.functions", "FUNCTION_TASKS"),
     ("optimlab.bench.tasks.digits", "DIGITS_TASKS"),
+    ("optimlab.bench.tasks.rnn", "RNN_TASKS"),
+    ("optimlab.bench.tasks.gpt", "GPT_TASKS"),
 ]
 
 _TASKS: dict[str, TaskSpec] | None = None
