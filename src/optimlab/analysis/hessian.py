@@ -93,7 +93,7 @@ class HessianOperator:
         return sum(flatten([g.detach() for g in grads]) for grads in self._gradients) / len(self._gradients)
 
     def _batch_matvec(self, grads: list[Tensor], pieces: list[Tensor]) -> Tensor:
-        """:math:`\nabla_\theta \langle g, v\rangle` for one batch's gradient ``g`` (entries without a graph are constant)."""
+        r""":math:`\nabla_\theta \langle g, v\rangle` for one batch's gradient ``g`` (entries without a graph are constant)."""
         live = [i for i, g in enumerate(grads) if g.requires_grad]
         products: list[Tensor | None] = [None] * len(self.params)
         if live:
@@ -207,7 +207,7 @@ def _extremes(result: LanczosResult, k: int) -> tuple[np.ndarray, np.ndarray, np
     return values, residuals, np.arange(values.size - count, values.size)[::-1], np.arange(count)
 
 
-def lanczos_eigenvalues(operator: MatVec, dim: int, k: int = 5, *, max_iter: int = 100, tol: float = 1e-6,
+def lanczos_eigenvalues(operator: MatVec, dim: int, k: int = 5, *, max_iter: int = 200, tol: float = 1e-6,
                         dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
                         generator: torch.Generator | None = None) -> EigenEstimate:
     r"""The ``k`` largest and ``k`` smallest eigenvalues of a symmetric operator by Lanczos.
@@ -386,7 +386,7 @@ class CurvatureReport:
 
 
 def analyze_curvature(model: nn.Module, loss_fn: LossFn, data: Any, *, k: int = 5, lr: float | None = None,
-                      momentum: float = 0.0, num_probes: int | None = 100, max_iter: int = 100, tol: float = 1e-6,
+                      momentum: float = 0.0, num_probes: int | None = 100, max_iter: int = 200, tol: float = 1e-6,
                       generator: torch.Generator | None = None) -> CurvatureReport:
     """Eigenvalue extremes (Lanczos), Hutchinson trace (skipped when ``num_probes`` is ``None``), sign pattern
     and stability check of ``lr`` for the model's loss over ``data``."""
