@@ -24,6 +24,20 @@ __all__ = ["trajectories_plot", "curves_plot", "bars_plot", "final_point_plot", 
 Curve = tuple[Sequence[int], Sequence[float]]
 
 
+def _legend(ax: plt.Axes) -> None:
+    """A legend inside the axes for a few series, to the right of them for many."""
+    count = len(ax.get_legend_handles_labels()[0])
+    if count > 4:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    else:
+        ax.legend(fontsize=8)
+
+
+def _style(index: int) -> dict[str, str]:
+    """Distinct colour and line style for series ``index`` (colours repeat every 10, styles change)."""
+    return {"color": f"C{index % 10}", "linestyle": ("-", "--", ":", "-.")[(index // 10) % 4]}
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
     try:
         return atomic_savefig(fig, path)
@@ -75,7 +89,7 @@ def curves_plot(curves: Mapping[str, Sequence[Curve]], path: Path, title: str, y
                 log_y: bool = True) -> Path:
     """Per optimizer, the mean over seeds as a line and the min–max band over seeds (log y by default)."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for name, runs in curves.items():
+    for index, (name, runs) in enumerate(curves.items()):
         if not runs:
             continue
         length = min(len(steps) for steps, _ in runs)
@@ -86,7 +100,8 @@ def curves_plot(curves: Mapping[str, Sequence[Curve]], path: Path, title: str, y
         if log_y:
             stacked = np.clip(stacked, 1e-12, None)
         mean = stacked.mean(0)
-        line, = ax.plot(steps, mean, lw=1.5, label=f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+        line, = ax.plot(steps, mean, lw=1.5, label=f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})",
+                        **_style(index))
         if len(runs) > 1:
             ax.fill_between(steps, stacked.min(0), stacked.max(0), color=line.get_color(), alpha=0.2)
     if log_y:
@@ -95,7 +110,7 @@ def curves_plot(curves: Mapping[str, Sequence[Curve]], path: Path, title: str, y
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    _legend(ax)
     return _save(fig, path)
 
 
@@ -147,12 +162,12 @@ def final_point_plot(points: Mapping[str, Sequence[float]], minimum: Sequence[fl
 def lr_plot(curves: Mapping[str, Curve], path: Path, title: str) -> Path:
     """The learning rate used at every step, one line per configuration (log y)."""
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for name, (steps, lrs) in curves.items():
-        ax.plot(steps, lrs, lw=1.5, label=name)
+    for index, (name, (steps, lrs)) in enumerate(curves.items()):
+        ax.plot(steps, lrs, lw=1.5, label=name, **_style(index))
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("learning rate")
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    _legend(ax)
     return _save(fig, path)

@@ -30,10 +30,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from optimlab.bench.store import Store
 from optimlab.bench.tasks import get_task
-from optimlab.bench.trial import TrialConfig, run_trial
+from optimlab.bench.trial import TrialConfig, make_scheduler, parse_spec, run_trial
 from optimlab.bench.tuning import HistoryItem, best_index, score, search_space, suggest
+from optimlab.clip import make_clipper
 from optimlab.progress import progress
 
 __all__ = ["BenchConfig", "BenchResult", "Study", "QUICK_TASKS", "QUICK_OPTIMIZERS", "default_jobs", "run_bench", "summarize", "winners"]
@@ -126,23 +129,20 @@ class BenchConfig:
 
 
 def _check_schedule(schedule: str) -> None:
+    """Build the schedule on a throw-away optimizer, so a bad name or option fails before any trial runs."""
     if schedule == "constant":
         return
-    from optimlab.bench.trial import parse_spec
     from optimlab.schedules import list_schedules
 
     name, _ = parse_spec(schedule)
     if name not in list_schedules():
-        raise KeyError(f"Unknown schedule {name!r}. Valid names: constant, {', '.join(list_schedules())}")
+        valid = sorted({"constant", *list_schedules()})
+        raise KeyError(f"Unknown schedule {name!r}. Valid names: {', '.join(valid)}")
+    make_scheduler(schedule, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), 10)
 
 
 def _check_clip(clip: str) -> None:
-    if clip == "none":
-        return
-    import torch
-
-    from optimlab.clip import make_clipper
-
+    """Build the clipper on a throw-away tensor (``ValueError`` listing the valid forms when malformed)."""
     make_clipper(clip, [torch.zeros(1, requires_grad=True)])
 
 
@@ -218,8 +218,6 @@ def _init_worker(events: Any, stop: Any) -> None:
     global _worker_events, _worker_stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into the stop event
     _worker_events, _worker_stop = events, stop
-    import torch
-
     torch.set_num_threads(1)
 
 

@@ -19,10 +19,12 @@ import torch
 
 from optimlab.bench.store import TrialRecord
 from optimlab.bench.tasks import get_task
+from optimlab.clip import make_clipper
 from optimlab.optim.registry import create_optimizer
 from optimlab.optim.state import state_bytes_per_param
+from optimlab.schedules import create_scheduler, step_scheduler
 
-__all__ = ["DIVERGENCE_FACTOR", "TrialConfig", "parse_spec", "run_trial"]
+__all__ = ["DIVERGENCE_FACTOR", "TrialConfig", "make_scheduler", "parse_spec", "run_trial"]
 
 DIVERGENCE_FACTOR = 1e8
 
@@ -75,21 +77,18 @@ def parse_spec(spec: str) -> tuple[str, dict[str, float]]:
     return name.strip().lower(), options
 
 
-def _make_scheduler(schedule: str, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+def make_scheduler(schedule: str, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+    """The scheduler for a schedule spec (``None`` for ``"constant"``); integral option values become ints."""
     if schedule == "constant":
         return None
-    from optimlab.schedules import create_scheduler
-
     name, options = parse_spec(schedule)
-    options = {k: int(v) if float(v).is_integer() and k.endswith("steps") else v for k, v in options.items()}
-    return create_scheduler(name, optimizer, total_steps, **options)
+    typed = {key: int(value) if value.is_integer() else value for key, value in options.items()}
+    return create_scheduler(name, optimizer, total_steps, **typed)
 
 
 def _make_clipper(clip: str, parameters: list[torch.Tensor]) -> Any:
     if clip == "none":
         return None
-    from optimlab.clip import make_clipper
-
     return make_clipper(clip, parameters)
 
 
@@ -111,7 +110,7 @@ def run_trial(config: TrialConfig) -> TrialRecord:
     torch.manual_seed(config.seed)
     parameters = [p for p in instance.model.parameters() if p.requires_grad]
     optimizer = create_optimizer(parameters, config.optimizer, **config.params)
-    scheduler = _make_scheduler(config.schedule, optimizer, config.steps)
+    scheduler = make_scheduler(config.schedule, optimizer, config.steps)
     clipper = _make_clipper(config.clip, parameters)
     _set_mode(optimizer, "train")
 
@@ -154,7 +153,7 @@ def run_trial(config: TrialConfig) -> TrialRecord:
         optimizer.step()
         step_seconds.append(time.perf_counter() - tick)
         if scheduler is not None:
-            scheduler.step()
+            step_scheduler(scheduler, loss_value)
         steps_done = step
         losses.append(loss_value)
         metric: float | None = None
