@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from typer.testing import CliRunner, Result
+
+from optimlab.cli import app
 from optimlab.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,3 +31,8 @@ def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "optimlab", *args], cwd=REPO, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def invoke(*args: str) -> Result:
+    """``optimlab <args>`` in this process (typer's CliRunner), output captured; stderr kept apart."""
+    return CliRunner().invoke(app, list(args))

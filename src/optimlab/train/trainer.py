@@ -33,13 +33,13 @@ import io
 import json
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from optimlab.clip import make_clipper
@@ -353,7 +353,7 @@ class Trainer:
     def save(self) -> None:
         """Write ``out_dir/checkpoint.pt`` atomically (rank 0). Every rank must call it: the optimizer
         state is consolidated from the ZeRO shards and the RNG states of all ranks are gathered."""
-        if isinstance(self.optimizer, ZeroRedundancyOptimizer):
+        if self.config.zero:
             self.optimizer.consolidate_state_dict(to=0)
         rng_states = all_gather_objects(capture_rng_state(), self.context)
         if not self.context.is_main:
@@ -424,7 +424,7 @@ class Trainer:
 
             self._writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=self.step + 1 if saved else None)
             sinks.append(TensorBoardSink(writer=self._writer))
-        local = self.optimizer.optim if isinstance(self.optimizer, ZeroRedundancyOptimizer) else self.optimizer
+        local = self.optimizer.optim if self.config.zero else self.optimizer  # ZeRO: this rank's shard
         self.monitor = OptimizerMonitor(local, every=self.config.monitor_every, sinks=sinks)
         if saved is not None and saved.get("monitor") is not None:
             self.monitor.load_state_dict(saved["monitor"])
@@ -488,6 +488,10 @@ def _build_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch
     """The optimizer by registry name; under ``zero`` the same class sharded by ZeroRedundancyOptimizer."""
     if not config.zero:
         return create_optimizer(groups, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
+    with warnings.catch_warnings():  # torch.distributed.optim's TorchScript helpers warn on import (torch >= 2.9);
+        warnings.simplefilter("ignore", DeprecationWarning)  # imported here as it takes seconds
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
     spec = get_spec(config.optimizer)
     options = {**spec.preset, "lr": config.lr, "weight_decay": config.weight_decay}
     return ZeroRedundancyOptimizer(groups, optimizer_class=spec.resolve(), **options)
