@@ -123,6 +123,8 @@ CLASSIC_CASES: list[Case] = [
     }),
 ]
 
-ALL_CASES: list[Case] = CLASSIC_CASES
+from .cases_modern import MODERN_CASES  # noqa: E402  (imports Case from this module, defined above)
+
+ALL_CASES: list[Case] = CLASSIC_CASES + MODERN_CASES
 
 REFERENCE_CASES: list[Case] = [case for case in ALL_CASES if case.reference is not None]

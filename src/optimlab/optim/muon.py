@@ -226,8 +226,9 @@ class MuonWithAdamW(OptimlabOptimizer):
         hidden, other = muon_param_split(model)
         opt = MuonWithAdamW([{"params": hidden, "use_muon": True}, {"params": other, "use_muon": False}])
 
-    AdamW groups take ``lr``/``weight_decay`` from ``adamw_lr``/``adamw_weight_decay`` unless the group
-    sets them, so an LR scheduler scales both kinds of groups by the same factor. The AdamW rule is
+    ``lr`` and ``weight_decay`` (arguments or keys of an unflagged group) are Muon's; AdamW groups
+    store theirs as ``lr``/``weight_decay`` too, taken from ``adamw_lr``/``adamw_weight_decay`` (or
+    set directly in a ``use_muon=False`` group), so an LR scheduler scales both kinds alike. The AdamW rule is
     :class:`optimlab.optim.AdamW`'s (decoupled weight decay, bias correction); its state keys are
     torch's (``step``, ``exp_avg``, ``exp_avg_sq``), Muon's is ``momentum_buffer``.
 
@@ -277,10 +278,13 @@ class MuonWithAdamW(OptimlabOptimizer):
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
         if "use_muon" not in param_group:
-            for use_muon in (True, False):
-                chosen = [p for p in params if (p.dim() == 2) == use_muon]
-                if chosen:
-                    self.add_param_group({**param_group, "params": chosen, "use_muon": use_muon})
+            matrices = [p for p in params if p.dim() == 2]
+            others = [p for p in params if p.dim() != 2]
+            if matrices:
+                self.add_param_group({**param_group, "params": matrices, "use_muon": True})
+            if others:
+                adamw_part = {k: v for k, v in param_group.items() if k not in ("lr", "weight_decay")}
+                self.add_param_group({**adamw_part, "params": others, "use_muon": False})
             return
         group = dict(param_group, params=params)
         if group["use_muon"]:
@@ -288,8 +292,8 @@ class MuonWithAdamW(OptimlabOptimizer):
                 if param.dim() != 2:
                     raise ValueError(f"Invalid params: a use_muon group takes 2-D matrices, got shape {tuple(param.shape)}")
         else:
-            group.setdefault("lr", self.defaults["adamw_lr"])
-            group.setdefault("weight_decay", self.defaults["adamw_weight_decay"])
+            group.setdefault("lr", group.get("adamw_lr", self.defaults["adamw_lr"]))
+            group.setdefault("weight_decay", group.get("adamw_weight_decay", self.defaults["adamw_weight_decay"]))
         super().add_param_group(group)
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
