@@ -6,6 +6,7 @@ from optimlab.cli import bench  # noqa: F401  (registers `optimlab bench`, `runs
 from optimlab.cli import analysis  # noqa: F401  (registers `optimlab lr-find`, `landscape`, `hessian`)
 from optimlab.cli import stability  # noqa: F401  (registers `optimlab demo clipping`)
 from optimlab.cli import schedules  # noqa: F401  (registers `optimlab schedule`, `optimlab demo schedules`)
+from optimlab.cli import demo_functions  # noqa: F401  (registers `optimlab demo functions`)
 from optimlab.cli.app import app
 
 __all__ = ["app", "main"]
