@@ -70,3 +70,25 @@ def test_torch_own_resume_drifts_where_ours_does_not():
         scheduler.load_state_dict(checkpoint["scheduler"])
         results[lib] = (lrs(optimizer), momenta(optimizer)) == expected
     assert results == {ours: True, torch_sched: False}
+
+
+class _Decay:
+    """A callable object: its ``__dict__`` is saved in the scheduler's state (plain functions are not)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+
+    def __call__(self, step: int) -> float:
+        return self.rate**step
+
+
+def test_callable_object_state_is_saved_and_plain_functions_are_not():
+    optimizer = make_optimizer({"lrs": [0.1, 0.01], "optimizer": "sgd"})
+    scheduler = ours.LambdaLR(optimizer, [_Decay(0.9), lambda step: 1.0])
+    scheduler.lr_lambdas[0].rate = 0.5
+    state = roundtrip(scheduler.state_dict())
+    assert state["lr_lambdas"] == [{"rate": 0.5}, None]
+    fresh = ours.LambdaLR(make_optimizer({"lrs": [0.1, 0.01], "optimizer": "sgd"}), [_Decay(0.9), lambda step: 1.0])
+    fresh.load_state_dict(state)
+    assert fresh.lr_lambdas[0].rate == 0.5
+    assert fresh.lr_at(2) == pytest.approx([0.1 * 0.25, 0.01], rel=1e-15)
