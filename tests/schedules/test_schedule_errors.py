@@ -50,6 +50,12 @@ BAD = [
     (lambda o: S.SequentialLR(o, [S.ExponentialLR(o, gamma=0.9), S.ReduceLROnPlateau(o)], milestones=[3]),
      "cannot contain ReduceLROnPlateau"),
     (lambda o: S.ChainedScheduler([]), "at least one scheduler"),
+    (lambda o: S.SequentialLR(o, [S.ExponentialLR(o, gamma=0.9), S.ChainedScheduler([S.StepLR(o, step_size=2)])],
+                              milestones=[3]), "cannot be restarted at a milestone"),
+    (lambda o: S.SequentialLR(o, [S.ExponentialLR(o, gamma=0.9), S.StepLR(o, step_size=2)], milestones=[0]),
+     "Invalid milestone: 0"),
+    (lambda o: S.SequentialLR(o, [S.ExponentialLR(o, gamma=0.9), S.StepLR(o, step_size=2),
+                                  S.StepLR(o, step_size=3)], milestones=[5, 5]), "strictly increasing"),
     (lambda o: S.LambdaLR(o, [lambda t: 1.0, lambda t: 2.0]), "one value per param group: got 2"),
 ]
 

@@ -62,6 +62,9 @@ class SequentialLR(Schedule):
             if not isinstance(scheduler, Schedule):
                 raise TypeError(f"SequentialLR: schedulers[{index}] is {type(scheduler).__name__}; use the "
                                 "optimlab.schedules class of the same name")
+            if isinstance(scheduler, (SequentialLR, ChainedScheduler)):
+                raise ValueError(f"SequentialLR: schedulers[{index}] is a {type(scheduler).__name__}, which cannot "
+                                 "be restarted at a milestone; flatten it into this SequentialLR's stages")
         milestones = list(milestones)
         if len(milestones) != len(schedulers) - 1:
             raise ValueError(f"SequentialLR needs one milestone fewer than schedulers: got {len(schedulers)} "
@@ -78,20 +81,12 @@ class SequentialLR(Schedule):
         for group in optimizer.param_groups:
             set_group_value(group, "lr", group["initial_lr"])
         self.base_lrs = current_values(optimizer, "initial_lr")
-        self._undo_initial_steps(self)
+        for scheduler in self._schedulers:  # undo each child's own initial step
+            scheduler.last_epoch -= 1
         first = self._schedulers[bisect_right(milestones, 0)]
         first._initial_step()
         self._last_lr = first.get_last_lr()
         self.closed_form = all(s.closed_form for s in self._schedulers)
-
-    @classmethod
-    def _undo_initial_steps(cls, scheduler: LRScheduler) -> None:
-        children = getattr(scheduler, "_schedulers", None)
-        if children is not None:
-            for child in children:
-                cls._undo_initial_steps(child)
-        else:
-            scheduler.last_epoch -= 1
 
     def _active(self, step: int) -> tuple[Schedule, int]:
         index = bisect_right(self._milestones, step)
@@ -107,9 +102,6 @@ class SequentialLR(Schedule):
         else:
             scheduler.step()
         self._last_lr = scheduler.get_last_lr()
-
-    def _restart(self) -> None:
-        raise TypeError("SequentialLR cannot be nested inside another SequentialLR; flatten the milestones")
 
     def lr_at(self, step: int) -> list[float]:
         """The active child's closed form at the step counted from its milestone."""
@@ -159,9 +151,6 @@ class ChainedScheduler(Schedule):
         for scheduler in self._schedulers:
             scheduler.step()
         self._last_lr = current_values(self.optimizer, "lr")
-
-    def _restart(self) -> None:
-        raise TypeError("ChainedScheduler cannot be a SequentialLR stage")
 
     def state_dict(self) -> dict[str, Any]:
         """This schedule's counters plus each child's ``state_dict()`` under ``"_schedulers"``."""

@@ -7,7 +7,6 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from torch import Tensor
 from torch.optim import Optimizer
 
 from optimlab.schedules._base import MomentumCycler, Schedule, check_choice, per_group, set_group_value

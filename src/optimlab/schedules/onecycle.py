@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from torch import Tensor
 from torch.optim import Optimizer
 
 from optimlab.schedules._base import MomentumCycler, Schedule, check_choice, check_positive_int, per_group

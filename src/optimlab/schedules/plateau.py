@@ -7,7 +7,14 @@ from typing import SupportsFloat
 
 from torch.optim import Optimizer
 
-from optimlab.schedules._base import Schedule, check_choice, check_non_negative_int, current_values, per_group, set_group_value
+from optimlab.schedules._base import (
+    Schedule,
+    check_choice,
+    check_non_negative_int,
+    current_values,
+    per_group,
+    set_group_value,
+)
 
 __all__ = ["ReduceLROnPlateau"]
 

@@ -9,7 +9,14 @@ import math
 
 from torch.optim import Optimizer
 
-from optimlab.schedules._base import Schedule, check_choice, check_factor, check_non_negative_int, check_positive_int, per_group
+from optimlab.schedules._base import (
+    Schedule,
+    check_choice,
+    check_factor,
+    check_non_negative_int,
+    check_positive_int,
+    per_group,
+)
 from optimlab.schedules.cosine import cosine_between
 
 __all__ = ["WarmupCosineLR", "WarmupStableDecayLR", "DECAY_SHAPES"]
