@@ -36,3 +36,9 @@ def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None)
 def invoke(*args: str) -> Result:
     """``optimlab <args>`` in this process (typer's CliRunner), output captured; stderr kept apart."""
     return CliRunner().invoke(app, list(args))
+
+
+DDP_STEPS = 26
+"""Planned steps of the data-parallel scenarios (the schedule spans these)."""
+DDP_STOP = 20
+"""Where the data-parallel scenarios stop and checkpoint, to be resumed elsewhere."""
