@@ -145,7 +145,7 @@ def test_indefinite_quadratic_is_reported_as_saddle_and_definite_ones_by_sign():
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_stability_bound_separates_converging_and_diverging_sgd(momentum):
-    for seed in range(4):
+    for seed in range(3):
         gen = torch.Generator().manual_seed(seed)
         sharpness = float(10 ** (torch.rand(1, generator=gen) * 2 - 1))
         matrix = random_symmetric(torch.linspace(0.05 * sharpness, sharpness, 8), gen)
@@ -161,7 +161,7 @@ def test_stability_bound_separates_converging_and_diverging_sgd(momentum):
             assert report.stable is converges
             optimizer = torch.optim.SGD(model.parameters(), lr=factor * bound, momentum=momentum)
             initial = float(loss_fn(model, shift).detach())
-            for _ in range(600):
+            for _ in range(400):
                 optimizer.zero_grad()
                 loss_fn(model, shift).backward()
                 optimizer.step()

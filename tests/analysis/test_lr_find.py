@@ -135,6 +135,18 @@ def test_schedule_and_smoothing_match_formulas():
     assert grid[steepest_descent_index(grid, curve)] == pytest.approx(1e-3, rel=1e-9)
 
 
+def test_steepest_descent_prefers_a_sustained_descent_to_a_wiggle():
+    # a sigmoid descent centred at lr = 0.1 (slope 1.5 per decade) and a sharp one-point dip near lr = 1e-5
+    grid = lr_schedule(1e-7, 10.0, 101)
+    curve = [10 - 3 / (1 + math.exp(-2 * (math.log10(lr) + 1))) - 0.5 * math.exp(-((i - 25) ** 2)) for i, lr in
+             enumerate(grid)]
+    assert grid[steepest_descent_index(grid, curve, radius=1)] < 1e-4  # the plain derivative falls for the dip
+    assert grid[steepest_descent_index(grid, curve)] == pytest.approx(0.1, rel=0.25)
+    # a steeper fall after a bump beyond the curve's minimum is not a candidate
+    tail = curve[:80] + [curve[79] + 3 - 0.5 * j for j in range(6)]
+    assert steepest_descent_index(grid[:86], tail, skip_end=0) < 80
+
+
 def test_linear_mode_sets_every_group_lr():
     model = nn.Linear(3, 1)
     optimizer = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.5}], lr=0.1)

@@ -63,6 +63,15 @@ def unflatten(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     return [chunk.view_as(t) for chunk, t in zip(vector.split([t.numel() for t in like]), like)]
 
 
+def _training_flags(model: nn.Module) -> dict[nn.Module, bool]:
+    return {module: module.training for module in model.modules()}
+
+
+def _restore_training_flags(flags: dict[nn.Module, bool]) -> None:
+    for module, training in flags.items():
+        module.training = training
+
+
 @contextlib.contextmanager
 def preserved_model(model: nn.Module) -> Iterator[nn.Module]:
     """Snapshot ``model``'s parameters, buffers, gradients and train/eval flags; restore them bitwise on exit.
@@ -71,7 +80,7 @@ def preserved_model(model: nn.Module) -> Iterator[nn.Module]:
     optimizer, for instance) stay valid. Exceptions inside the block still restore the model.
     """
     saved = {name: tensor.detach().clone() for name, tensor in model.state_dict(keep_vars=True).items()}
-    modes = {module: module.training for module in model.modules()}
+    modes = _training_flags(model)
     grads = {param: None if param.grad is None else param.grad.detach().clone() for param in model.parameters()}
     try:
         yield model
@@ -80,8 +89,7 @@ def preserved_model(model: nn.Module) -> Iterator[nn.Module]:
             current = model.state_dict(keep_vars=True)
             for name, value in saved.items():
                 current[name].detach().copy_(value)
-        for module, training in modes.items():
-            module.training = training
+        _restore_training_flags(modes)
         for param, grad in grads.items():
             param.grad = grad
 
@@ -89,13 +97,12 @@ def preserved_model(model: nn.Module) -> Iterator[nn.Module]:
 @contextlib.contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in ``eval`` mode (dropout off, running statistics used) and restore every module's flag on exit."""
-    modes = {module: module.training for module in model.modules()}
+    modes = _training_flags(model)
     model.eval()
     try:
         yield model
     finally:
-        for module, training in modes.items():
-            module.training = training
+        _restore_training_flags(modes)
 
 
 @contextlib.contextmanager

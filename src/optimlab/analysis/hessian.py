@@ -192,10 +192,12 @@ class EigenEstimate:
 
     @property
     def lambda_max(self) -> float:
+        """The largest eigenvalue found (the sharpness)."""
         return self.top[0]
 
     @property
     def lambda_min(self) -> float:
+        """The smallest eigenvalue found."""
         return self.bottom[0]
 
 
@@ -358,6 +360,7 @@ class CurvatureReport:
 
     @property
     def stability_bound(self) -> float:
+        """:func:`stability_bound` of the largest eigenvalue and the momentum."""
         return stability_bound(self.eigen.lambda_max, self.momentum)
 
     @property

@@ -62,18 +62,22 @@ class ProbeResult:
 
     @property
     def mean(self) -> float:
+        """Mean loss over the draws."""
         return float(np.mean(self.losses))
 
     @property
     def std(self) -> float:
+        """Sample standard deviation of the loss (ddof=1)."""
         return float(np.std(self.losses, ddof=1)) if len(self.losses) > 1 else 0.0
 
     @property
     def min(self) -> float:
+        """Smallest loss drawn."""
         return float(np.min(self.losses))
 
     @property
     def max(self) -> float:
+        """Largest loss drawn."""
         return float(np.max(self.losses))
 
 

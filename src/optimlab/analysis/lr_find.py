@@ -113,23 +113,34 @@ def smooth_losses(losses: Iterable[float], beta: float = 0.98) -> list[float]:
     return [ema.update(loss) for loss in losses]
 
 
-def steepest_descent_index(lrs: list[float], smoothed: list[float], skip_start: int = 10,
-                           skip_end: int = 5) -> int | None:
-    r"""Index minimising :math:`d\hat\ell / d\log_{10}\eta` (central differences, ``numpy.gradient``).
+def steepest_descent_index(lrs: list[float], smoothed: list[float], skip_start: int = 10, skip_end: int = 5,
+                           radius: int | None = None) -> int | None:
+    r"""Index of the steepest descent of the smoothed curve against :math:`\log_{10}\eta`, before its minimum.
 
-    The first ``skip_start`` and last ``skip_end`` points are ignored (the EMA's warm-up and the blow-up);
-    when fewer than 3 points would remain, both skips are dropped, and with fewer than 3 points at all
-    the answer is ``None``.
+    The slope at :math:`i` is the central difference over :math:`r` points on each side,
+    :math:`(\hat\ell_{i+r} - \hat\ell_{i-r}) / (\log_{10}\eta_{i+r} - \log_{10}\eta_{i-r})` (one-sided at the ends),
+    with :math:`r` = ``radius`` (default: 1/20 of the points, at least 1) so that wiggles of a noisy loss
+    count less than a sustained descent. Only points up to the curve's minimum are candidates, and the first
+    ``skip_start`` / last ``skip_end`` points are ignored (the EMA's warm-up, the blow-up); when fewer than
+    3 points would remain the skips are dropped, and with fewer than 3 points at all the answer is ``None``.
     """
     if len(lrs) != len(smoothed):
         raise ValueError(f"Invalid smoothed: length {len(smoothed)} differs from lrs' {len(lrs)}")
     if len(lrs) < 3:
         return None
+    if radius is None:
+        radius = max(1, len(lrs) // 20)
+    if radius < 1:
+        raise ValueError(f"Invalid radius: {radius} (accepted range: >= 1)")
     low, high = skip_start, len(lrs) - skip_end
     if high - low < 3:
         low, high = 0, len(lrs)
-    slopes = np.gradient(np.asarray(smoothed[low:high]), np.log10(np.asarray(lrs[low:high])))
-    return low + int(np.argmin(slopes))
+    curve, log_lrs = np.asarray(smoothed[low:high]), np.log10(np.asarray(lrs[low:high]))
+    high_index = np.minimum(np.arange(curve.size) + radius, curve.size - 1)
+    low_index = np.maximum(np.arange(curve.size) - radius, 0)
+    slopes = (curve[high_index] - curve[low_index]) / (log_lrs[high_index] - log_lrs[low_index])
+    candidates = slopes[: int(np.argmin(curve)) + 1]
+    return low + int(np.argmin(candidates))
 
 
 def _cycle(data: Iterable[Any]) -> Iterator[Any]:
