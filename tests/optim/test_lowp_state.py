@@ -1,0 +1,173 @@
+"""Memory-light optimizer state: the 8-bit block-wise code, its error bound, state dtypes and bytes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from optimlab.optim import Lion, state_bytes, state_bytes_per_param
+from optimlab.optim.lion import lion_step
+from optimlab.optim.lowp_state import (
+    BLOCK_SIZE,
+    dequantize_blockwise,
+    dynamic_code,
+    quantize_blockwise,
+    resolve_state_dtype,
+)
+
+from .harness import MLPProblem, save_and_load, train
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_dynamic_code_shape_and_range(signed: bool) -> None:
+    code = dynamic_code(signed).double()
+    assert code.dtype == torch.float64 and code.numel() == (255 if signed else 256)
+    assert bool((code[1:] > code[:-1]).all())  # sorted, no duplicates
+    assert float(code.max()) == 1.0 and 0.0 in code.tolist()
+    positive = code[code > 0]
+    assert positive.numel() == (127 if signed else 255)
+    assert float(positive.min()) == pytest.approx(1e-6 if signed else 1e-7, rel=1e-6)
+    if signed:
+        assert torch.equal(code, -code.flip(0))
+    else:
+        assert float(code.min()) == 0.0
+    # dynamic: each decade [10^-k, 10^-k+1) holds twice as many entries as the one below it
+    counts = [int(((positive >= 10.0 ** -(k + 1) * 1.0001) & (positive <= 10.0**-k * 1.0001)).sum()) for k in range(3)]
+    assert counts[0] == 2 * counts[1] == 4 * counts[2]
+
+
+def _values(numel: int, signed: bool, seed: int) -> torch.Tensor:
+    """Blocks of values spread over 8 decades, like optimizer moments."""
+    generator = torch.Generator().manual_seed(seed)
+    magnitudes = 10.0 ** torch.empty(numel).uniform_(-8, 0, generator=generator)
+    scale = 10.0 ** torch.empty(numel).uniform_(-3, 3, generator=generator)
+    values = magnitudes * scale
+    if signed:
+        values = values * torch.where(torch.rand(numel, generator=generator) < 0.5, -1.0, 1.0)
+    return values
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("shape", [(1000,), (7, 300), (256,), (3, 4, 5), (1,)])
+def test_round_trip_error_is_at_most_half_a_step_per_block(signed: bool, shape: tuple[int, ...]) -> None:
+    numel = math.prod(shape)
+    values = _values(numel, signed, seed=numel).view(shape)
+    codes, absmax = quantize_blockwise(values, signed)
+    assert codes.dtype == torch.int8 and codes.shape == values.shape
+    assert absmax.dtype == torch.float32 and absmax.shape == (math.ceil(numel / BLOCK_SIZE),)
+    decoded = dequantize_blockwise(codes, absmax, signed).double()
+    code = dynamic_code(signed).double()
+    flat, flat_decoded = values.reshape(-1).double(), decoded.reshape(-1)
+    block_scale = absmax.double().repeat_interleave(BLOCK_SIZE)[:numel]
+    normalized = flat / block_scale
+    upper_index = torch.searchsorted(code, normalized).clamp(max=code.numel() - 1)
+    lower_index = (upper_index - 1).clamp(min=0)
+    step = (code[upper_index] - code[lower_index]) * block_scale  # the local quantisation step
+    error = (flat - flat_decoded).abs()
+    assert bool((error <= step / 2 + 2e-7 * block_scale).all())  # float32 arithmetic on the way
+    assert torch.equal(flat_decoded.abs().reshape(-1, 1)[flat.abs().argmax()], block_scale[flat.abs().argmax()].view(1))
+
+
+def test_small_second_moments_survive_where_a_linear_code_loses_them() -> None:
+    values = torch.tensor([1.0, 1e-2, 3e-4, 1e-5, 2e-7])  # one block, 7 decades
+    codes, absmax = quantize_blockwise(values, signed=False)
+    decoded = dequantize_blockwise(codes, absmax, signed=False)
+    assert bool((decoded > 0).all())
+    relative_error = ((decoded - values).abs() / values)
+    assert float(relative_error.max()) <= 0.5  # the lowest decade holds one entry per 10x
+    assert float(relative_error[:3].max()) <= 0.1
+    linear = torch.round(values / values.max() * 255) / 255 * values.max()  # absmax int8, uniform code
+    assert int((linear == 0).sum()) == 3
+
+
+def test_all_zero_block_and_sign_checks() -> None:
+    codes, absmax = quantize_blockwise(torch.zeros(300), signed=True)
+    assert torch.equal(dequantize_blockwise(codes, absmax, signed=True), torch.zeros(300))
+    with pytest.raises(ValueError, match="non-negative"):
+        quantize_blockwise(torch.tensor([1.0, -1.0]), signed=False)
+    with pytest.raises(ValueError, match="absmax"):
+        dequantize_blockwise(codes, absmax[:1], signed=True)
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    (None, None), ("float32", None), (torch.float32, None), ("bf16", "bfloat16"), (torch.bfloat16, "bfloat16"),
+    ("int8", "int8"), (torch.int8, "int8"),
+])
+def test_resolve_state_dtype(given, expected) -> None:
+    assert resolve_state_dtype(given) == expected
+
+
+@pytest.mark.parametrize("bad", ["float16", "fp8", torch.float16, 8])
+def test_invalid_state_dtype_raises(bad) -> None:
+    with pytest.raises(ValueError, match="state_dtype.*accepted"):
+        Lion([torch.nn.Parameter(torch.ones(3))], state_dtype=bad)
+    optimizer = Lion([torch.nn.Parameter(torch.ones(3))])
+    with pytest.raises(ValueError, match="state_dtype"):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "state_dtype": bad})
+
+
+def _sized_params() -> list[torch.nn.Parameter]:
+    return [torch.nn.Parameter(torch.randn(16, 64)), torch.nn.Parameter(torch.randn(512)), torch.nn.Parameter(torch.randn(300))]
+
+
+def _one_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
+    for param in params:
+        param.grad = torch.randn_like(param)
+    optimizer.step()
+
+
+@pytest.mark.parametrize(("state_dtype", "moment_dtype", "bytes_per_value"), [
+    (None, torch.float32, 4), ("bfloat16", torch.bfloat16, 2), ("int8", torch.int8, 1),
+])
+def test_lion_state_dtype_and_bytes_match_theory(state_dtype, moment_dtype, bytes_per_value) -> None:
+    params = _sized_params()
+    optimizer = Lion(params, lr=1e-3, state_dtype=state_dtype)
+    _one_step(optimizer, params)
+    for param in params:
+        state = optimizer.state[param]
+        assert state["exp_avg"].dtype == moment_dtype and state["exp_avg"].shape == param.shape
+        assert param.dtype == torch.float32 and param.grad.dtype == torch.float32
+    scales = sum(math.ceil(p.numel() / BLOCK_SIZE) * 4 for p in params) if state_dtype == "int8" else 0
+    count = sum(p.numel() for p in params)  # 1024 + 512 + 300
+    assert state_bytes(optimizer) == count * bytes_per_value + scales
+    if state_dtype == "int8":
+        assert state_bytes_per_param(optimizer) == pytest.approx(1 + 4 / BLOCK_SIZE, abs=0.01)
+
+
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
+def test_lion_low_precision_state_is_fp32_math_on_rounded_moments(state_dtype: str) -> None:
+    """The update is the float32 rule applied to the decoded moment; only the stored moment is rounded."""
+    params = _sized_params()
+    reference_params = [p.detach().clone() for p in params]
+    reference_moments = [torch.zeros_like(p) for p in params]
+    optimizer = Lion(params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, state_dtype=state_dtype)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(10):
+        grads = [torch.randn(p.shape, generator=generator) for p in params]
+        for param, grad in zip(params, grads):
+            param.grad = grad
+        optimizer.step()
+        lion_step(reference_params, grads, reference_moments, lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1,
+                  maximize=False)
+        for index, moment in enumerate(reference_moments):
+            if state_dtype == "bfloat16":
+                reference_moments[index] = moment.to(torch.bfloat16).float()
+            else:
+                reference_moments[index] = dequantize_blockwise(*quantize_blockwise(moment, True), True)
+    for param, reference in zip(params, reference_params):
+        assert torch.equal(param.detach(), reference)
+
+
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
+def test_checkpoint_keeps_the_storage_dtype(state_dtype: str) -> None:
+    problem = MLPProblem(torch.float32)
+    optimizer = Lion(problem.parameters(), lr=1e-3, state_dtype=state_dtype)
+    train(problem, optimizer, 6)
+    resumed = Lion(problem.parameters(), lr=1e-3, state_dtype=state_dtype)
+    resumed.load_state_dict(save_and_load(optimizer.state_dict()))
+    for param in problem.parameters():
+        for key, value in optimizer.state[param].items():
+            assert resumed.state[param][key].dtype == value.dtype
+            assert torch.equal(resumed.state[param][key], value)
