@@ -49,12 +49,13 @@ __all__ = [
 
 
 def set_group_value(group: dict[str, Any], key: str, value: float | Tensor) -> None:
-    """Set ``group[key] = value``; a tensor entry is updated in place (``fill_``) instead of replaced."""
+    """Set ``group[key] = value`` keeping the entry's type: a tensor entry is updated in place (``fill_``)
+    instead of replaced, a float entry stays a float."""
     current = group[key]
     if isinstance(current, Tensor):
         current.fill_(value.item() if isinstance(value, Tensor) else value)
     else:
-        group[key] = value
+        group[key] = value.item() if isinstance(value, Tensor) else value
 
 
 def current_values(optimizer: Optimizer, key: str) -> list[Any]:
@@ -197,7 +198,7 @@ class Schedule(LRScheduler):
         for attr in self._callable_attrs:
             fns = getattr(self, attr)
             many = isinstance(fns, list)
-            saved = [None if fn is None or isinstance(fn, types.FunctionType) else dict(fn.__dict__)
+            saved = [None if isinstance(fn, types.FunctionType) or not hasattr(fn, "__dict__") else dict(fn.__dict__)
                      for fn in (fns if many else [fns])]
             state[attr] = saved if many else saved[0]
         return state
