@@ -83,7 +83,7 @@ def plot_command(
 
 @schedule_app.command("list")
 def list_command() -> None:
-    """List the schedule names with their defaults."""
+    """List the schedule names, their classes and a one-line description of their defaults."""
     from optimlab.schedules.registry import get_schedule_spec, list_schedules
 
     for name in list_schedules():
