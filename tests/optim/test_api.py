@@ -103,3 +103,52 @@ def test_grads_are_not_modified_by_the_update() -> None:
                 grad = param.grad.clone()
                 optimizer.step()
                 assert torch.equal(param.grad, grad), (name, foreach)
+
+
+def _run(factory, steps: int = 6) -> tuple[ShapesProblem, torch.optim.Optimizer]:
+    problem = ShapesProblem()
+    optimizer = factory(problem.parameters())
+    train(problem, optimizer, steps)
+    return problem, optimizer
+
+
+@pytest.mark.parametrize(
+    ("cls", "tensor_kwargs", "float_kwargs"),
+    [
+        (Adam, {"betas": (torch.tensor(0.75), torch.tensor(0.9375))}, {"betas": (0.75, 0.9375)}),
+        (SGD, {"weight_decay": torch.tensor(0.125), "momentum": 0.5}, {"weight_decay": 0.125, "momentum": 0.5}),
+    ],
+    ids=["adam-tensor-betas", "sgd-tensor-weight-decay"],
+)
+def test_tensor_hyperparameters_equal_floats(cls: type, tensor_kwargs: dict, float_kwargs: dict) -> None:
+    """torch accepts these as 0-dim tensors too (values exactly representable in float32)."""
+    tensor_problem, tensor_opt = _run(lambda params: cls(params, lr=0.01, **tensor_kwargs))
+    float_problem, float_opt = _run(lambda params: cls(params, lr=0.01, **float_kwargs))
+    assert max_deviation(tensor_problem.parameters(), tensor_opt, float_problem.parameters(), float_opt) == 0.0
+
+
+def test_step_hooks_and_lr_schedulers_work_as_with_torch() -> None:
+    """The hooks of torch.optim.Optimizer fire, and an LR scheduler drives our lr like torch's."""
+    calls = []
+
+    def make(cls):
+        def factory(params):
+            optimizer = cls(params, lr=0.1, momentum=0.9)
+            optimizer.register_step_pre_hook(lambda *_: calls.append(("pre", cls.__module__)))
+            optimizer.register_step_post_hook(lambda *_: calls.append(("post", cls.__module__)))
+            return optimizer
+        return factory
+
+    results = []
+    for cls in (SGD, torch.optim.SGD):
+        problem = ShapesProblem()
+        optimizer = make(cls)(problem.parameters())
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+        for t in range(9):
+            train(problem, optimizer, 1, start=t)
+            scheduler.step()
+        results.append((problem, optimizer))
+    assert calls.count(("pre", SGD.__module__)) == calls.count(("post", SGD.__module__)) == 9
+    (ours_problem, ours), (torch_problem, reference) = results
+    assert ours.param_groups[0]["lr"] == reference.param_groups[0]["lr"] == pytest.approx(0.0125)
+    assert max_deviation(ours_problem.parameters(), ours, torch_problem.parameters(), reference) <= 1e-12
