@@ -42,6 +42,7 @@ from optimlab.optim._base import (
     reject_unsupported,
     zeros_state,
 )
+from optimlab.optim._fused import fused_step, resolve_fused, split_by_value
 
 __all__ = ["Adam", "AdamW"]
 
@@ -66,20 +67,43 @@ def _adam_single_tensor(
     """Per-tensor reference path of the Adam rule (module docstring). ``steps`` are the already
     incremented step counts; ``max_exp_avg_sqs`` is empty unless ``amsgrad``."""
     for i, param in enumerate(params):
-        grad = prepare_grad(param, grads[i], maximize=maximize, weight_decay=weight_decay, lr=lr,
-                            decoupled=decoupled_weight_decay)
-        exp_avg, exp_avg_sq = exp_avgs[i], exp_avg_sqs[i]
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_correction1 = 1 - beta1 ** steps[i]
-        bias_correction2_sqrt = (1 - beta2 ** steps[i]) ** 0.5
-        if amsgrad:
-            torch.maximum(max_exp_avg_sqs[i], exp_avg_sq, out=max_exp_avg_sqs[i])
-            second_moment = max_exp_avg_sqs[i]
-        else:
-            second_moment = exp_avg_sq
-        denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)
-        param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
+        _adam_tensor(param, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None,
+                     lr=lr, beta1=beta1, beta2=beta2, eps=eps, bias_correction1=1 - beta1 ** steps[i],
+                     bias_correction2_sqrt=(1 - beta2 ** steps[i]) ** 0.5, weight_decay=weight_decay,
+                     amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
+
+
+def _adam_tensor(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor | None = None,
+    *,
+    lr: float | Tensor,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    eps: float | Tensor,
+    bias_correction1: float | Tensor,
+    bias_correction2_sqrt: float | Tensor,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+) -> None:
+    """The Adam rule (module docstring) for one tensor, in place: what the per-tensor path loops over and
+    the fused path compiles (:mod:`optimlab.optim._fused`, where the float arguments arrive as 0-dim tensors)."""
+    grad = prepare_grad(param, grad, maximize=maximize, weight_decay=weight_decay, lr=lr,
+                        decoupled=decoupled_weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    if amsgrad:
+        torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        second_moment = max_exp_avg_sq
+    else:
+        second_moment = exp_avg_sq
+    denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
 
 
 def _adam_multi_tensor(
@@ -143,7 +167,8 @@ class Adam(OptimlabOptimizer):
         amsgrad: use the running maximum of :math:`v_t`. Default False.
         foreach: multi-tensor path (default: yes on CPU/CUDA).
         maximize: ascend the objective. Default False.
-        capturable, differentiable, fused: not supported (``NotImplementedError`` when true).
+        fused: the compiled fused step (:mod:`optimlab.optim._fused`); ``None`` (default) means off.
+        capturable, differentiable: not supported (``NotImplementedError`` when true).
         decoupled_weight_decay: AdamW-style decay. Default False.
     """
 
@@ -163,7 +188,7 @@ class Adam(OptimlabOptimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
     ) -> None:
-        reject_unsupported(type(self).__name__, capturable=capturable, differentiable=differentiable, fused=fused)
+        reject_unsupported(type(self).__name__, capturable=capturable, differentiable=differentiable)
         check_lr(lr)
         check_betas(betas)
         check_non_negative("eps", eps)
@@ -197,6 +222,17 @@ class Adam(OptimlabOptimizer):
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
         beta1, beta2 = group["betas"]
+        if resolve_fused(group["fused"], params, type(self).__name__):
+            moments = ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"] if group["amsgrad"] else ["exp_avg", "exp_avg_sq"]
+            tensor_lists = [real_views(params), real_views(grads)]
+            tensor_lists += [real_views([state[key] for state in states]) for key in moments]
+            static = {key: group[key] for key in ("weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")}
+            for step, lists in split_by_value(tensor_lists, increment_steps(states)):
+                fused_step(_adam_tensor, static)(lists, {
+                    "lr": as_float(group["lr"]), "beta1": as_float(beta1), "beta2": as_float(beta2),
+                    "eps": group["eps"], "bias_correction1": 1 - as_float(beta1) ** step,
+                    "bias_correction2_sqrt": (1 - as_float(beta2) ** step) ** 0.5})
+            return
         rule = _adam_multi_tensor if self._use_foreach(group, params) else _adam_single_tensor
         rule(
             real_views(params),

@@ -1,0 +1,226 @@
+r"""The fused optimizer step: one optimizer's per-tensor rule compiled by ``torch.compile``.
+
+An optimizer step is elementwise and memory-bound: Adam reads ``param``, ``grad``, ``exp_avg`` and
+``exp_avg_sq`` and writes three of them, 28 bytes per fp32 parameter. The multi-tensor
+(``torch._foreach_*``) path streams the whole model through memory once *per operation*; a fused
+step streams it once per step. optimlab does not write a second copy of each rule for that: the
+optimizer's own per-tensor update function (the same one its reference path applies) is traced by
+TorchDynamo and compiled by Inductor, which emits one vectorised loop (C++/OpenMP on CPU, Triton on
+GPU) per tensor with every operation of the rule fused into it.
+
+How a step is applied (:meth:`FusedStep.__call__`):
+
+1. the tensors are grouped by (device, dtype) and flattened to 1-D views;
+2. every step-dependent scalar (learning rate, bias corrections, ...) is passed as a 0-dim
+   float64 tensor, so a new learning rate from a schedule is new *data*, never a recompile;
+3. the tensors go to the compiled function in chunks of :attr:`FusedStep.chunk_size`, compiled with
+   symbolic sizes, so any model costs at most two graphs per (rule, device, dtype): full chunks
+   and the last, shorter chunk;
+4. tensors that cannot be flattened (non-contiguous, or with fewer than two elements, whose sizes
+   the compiler would specialise on) are updated by the same rule uncompiled.
+
+Compilation time is measured (:attr:`FusedStep.compile_seconds`) and Inductor's on-disk caches
+keep compiled kernels between runs: ``TORCHINDUCTOR_CACHE_DIR`` defaults to
+``~/.cache/optimlab/inductor`` when the user has not set it.
+
+Fallback: when ``OPTIMLAB_DISABLE_FUSED=1`` is set, or ``torch.compile`` cannot work here (no
+C++ compiler for CPU tensors, unsupported platform or Python), :func:`fused_unavailable_reason`
+says why and :func:`resolve_fused` warns once and returns ``False``; the optimizer then takes its
+multi-tensor path. References: Ansel et al., "PyTorch 2: Faster Machine Learning Through Dynamic
+Python Bytecode Transformation and Graph Compilation", ASPLOS 2024.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import types
+import warnings
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optimlab.optim._base import group_by_device_and_dtype
+
+__all__ = [
+    "DISABLE_ENV",
+    "FusedStep",
+    "fused_step",
+    "fused_unavailable_reason",
+    "resolve_fused",
+    "split_by_value",
+    "compile_stats",
+]
+
+DISABLE_ENV = "OPTIMLAB_DISABLE_FUSED"
+"""Environment switch: ``OPTIMLAB_DISABLE_FUSED=1`` turns every fused path into the foreach path."""
+
+DEFAULT_CHUNK_SIZE = 16
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _has_cpp_compiler() -> bool:
+    compiler = os.environ.get("CXX")
+    candidates = [compiler] if compiler else ["g++", "c++", "clang++"]
+    return any(shutil.which(name) for name in candidates)
+
+
+def fused_unavailable_reason(device: torch.device | str = "cpu") -> str | None:
+    """Why the fused path cannot run on ``device`` here, or ``None`` when it can.
+
+    Checked: the ``OPTIMLAB_DISABLE_FUSED`` switch, TorchDynamo support for this Python/platform, and
+    a C++ compiler for CPU tensors (Inductor generates C++ there; Triton handles CUDA).
+    """
+    if os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no"):
+        return f"disabled by the environment ({DISABLE_ENV}={os.environ[DISABLE_ENV]})"
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile is not supported on this platform / Python version"
+    device_type = torch.device(device).type
+    if device_type == "cpu" and not _has_cpp_compiler():
+        return "no C++ compiler found (Inductor needs one for CPU tensors; set CXX or install g++)"
+    if device_type not in ("cpu", "cuda"):
+        return f"no fused path for device type {device_type!r}"
+    return None
+
+
+def resolve_fused(fused: bool | None, params: Sequence[Tensor], optimizer_name: str) -> bool:
+    """Decide whether a param group takes the fused path.
+
+    ``fused=None`` (the default) resolves to ``False``: compiling costs seconds to a minute on first
+    use, which a default must not impose (torch.optim makes the same choice on CPU). ``fused=True``
+    resolves to ``True`` when :func:`fused_unavailable_reason` finds nothing against it on every
+    parameter's device; otherwise it warns once (per reason) and falls back to ``False``, i.e. the
+    optimizer's multi-tensor path.
+    """
+    if not fused:
+        return False
+    for device in {p.device for p in params}:
+        reason = fused_unavailable_reason(device)
+        if reason is not None:
+            _warn_once(f"{optimizer_name}(fused=True): the fused step is unavailable ({reason}); "
+                       "falling back to the foreach path")
+            return False
+    return True
+
+
+def split_by_value(tensor_lists: Sequence[Sequence[Tensor]], values: Sequence[float]
+                   ) -> list[tuple[float, list[list[Tensor]]]]:
+    """Split parallel tensor lists by a per-tensor value (e.g. the step count, which differs for a
+    parameter that had no gradient on some steps), so each part shares its step-dependent scalars."""
+    parts: dict[float, list[int]] = {}
+    for index, value in enumerate(values):
+        parts.setdefault(value, []).append(index)
+    return [(value, [[tensors[i] for i in indices] for tensors in tensor_lists]) for value, indices in parts.items()]
+
+
+def _ensure_cache_dir() -> None:
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "optimlab" / "inductor"
+        path.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+
+
+def _apply_chunk(update: Callable[..., None], tensor_lists: tuple[list[Tensor], ...],
+                 scalars: dict[str, Tensor], static: dict[str, Any]) -> None:
+    for tensors in zip(*tensor_lists):
+        update(*tensors, **scalars, **static)
+
+
+class FusedStep:
+    r"""One per-tensor update rule, compiled once and applied to lists of tensors.
+
+    Args:
+        update: ``update(param, grad, *state, **scalars, **static)``: the optimizer's rule for one
+            tensor, written with in-place tensor operations. Every value in ``scalars`` arrives as a
+            0-dim float64 tensor, so the rule must use tensor arithmetic for them (``p.sub_(u * lr)``
+            rather than ``p.add_(u, alpha=-lr)``) and must not branch on them; ``static`` values
+            (booleans such as ``maximize``) are compile-time constants.
+        static: the constant keyword arguments; one :class:`FusedStep` per distinct value.
+        chunk_size: tensors per compiled call (see the module docstring).
+
+    Attributes:
+        compiles: how many graphs have been compiled (a recompile would increase it).
+        compile_seconds: wall time of the calls that compiled, in seconds.
+    """
+
+    def __init__(self, update: Callable[..., None], static: Mapping[str, Hashable] | None = None,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"Invalid chunk_size: {chunk_size} (accepted range: >= 1)")
+        self.update = update
+        self.static = dict(static or {})
+        self.chunk_size = int(chunk_size)
+        self.compiles = 0
+        self.compile_seconds = 0.0
+        # Dynamo keeps its compiled-code cache (and its recompile limit) per code object: give each rule its own.
+        label = "".join(c if c.isalnum() else "_" for c in getattr(update, "__qualname__", "rule"))
+        code = _apply_chunk.__code__.replace(co_name=f"fused_{label}")
+        function = types.FunctionType(code, _apply_chunk.__globals__, f"fused_{label}")
+        self._compiled = torch.compile(function, backend=self._backend, dynamic=True)
+
+    def _backend(self, graph_module: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        from torch._inductor.compile_fx import compile_fx
+
+        self.compiles += 1
+        return compile_fx(graph_module, example_inputs)
+
+    def __call__(self, tensor_lists: Sequence[Sequence[Tensor]], scalars: Mapping[str, float | Tensor]) -> None:
+        """Apply the rule to ``zip(*tensor_lists)`` in place; ``scalars`` are floats or 0-dim tensors."""
+        import torch.fx.experimental._config as fx_config
+
+        _ensure_cache_dir()
+        grouped = group_by_device_and_dtype([list(t) for t in tensor_lists])
+        compiles_before = self.compiles
+        start = time.perf_counter()
+        for (device, _dtype), (lists, _indices) in grouped.items():
+            scalar_tensors = {name: torch.as_tensor(value, dtype=torch.float64, device=device).reshape(())
+                              for name, value in scalars.items()}
+            flat: list[tuple[Tensor, ...]] = []
+            for tensors in zip(*lists):
+                if tensors[0].numel() > 1 and all(t.is_contiguous() for t in tensors):
+                    flat.append(tuple(t.view(-1) for t in tensors))
+                else:
+                    self.update(*tensors, **scalar_tensors, **self.static)
+            with fx_config.patch(use_duck_shape=False):
+                for begin in range(0, len(flat), self.chunk_size):
+                    chunk = flat[begin:begin + self.chunk_size]
+                    self._compiled(self.update, tuple(list(column) for column in zip(*chunk)), scalar_tensors,
+                                   self.static)
+        if self.compiles != compiles_before:
+            self.compile_seconds += time.perf_counter() - start
+
+
+_STEPS: dict[tuple[Any, ...], FusedStep] = {}
+
+
+def fused_step(update: Callable[..., None], static: Mapping[str, Hashable] | None = None,
+               chunk_size: int = DEFAULT_CHUNK_SIZE) -> FusedStep:
+    """The process-wide :class:`FusedStep` for ``update`` with these constant arguments (compiled once)."""
+    key = (update, tuple(sorted((static or {}).items())), chunk_size)
+    if key not in _STEPS:
+        _STEPS[key] = FusedStep(update, static, chunk_size)
+    return _STEPS[key]
+
+
+def compile_stats() -> dict[str, dict[str, float]]:
+    """``{rule name: {"compiles": n, "compile_seconds": s}}`` summed over every :func:`fused_step` made so far."""
+    stats: dict[str, dict[str, float]] = {}
+    for step in _STEPS.values():
+        name = getattr(step.update, "__qualname__", repr(step.update))
+        entry = stats.setdefault(name, {"compiles": 0, "compile_seconds": 0.0})
+        entry["compiles"] += step.compiles
+        entry["compile_seconds"] += step.compile_seconds
+    return stats
