@@ -96,26 +96,38 @@ def _adam_second_moment(group: dict[str, Any], param: Tensor, state: dict[str, A
 
 
 @torch.no_grad()
-def effective_lr_summary(group: dict[str, Any], params: Sequence[Tensor],
-                         states: Sequence[dict[str, Any]]) -> tuple[Tensor, Tensor, Tensor] | None:
+def effective_lr_summary(group: dict[str, Any], params: Sequence[Tensor], states: Sequence[dict[str, Any]],
+                         scratch: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
     r"""``(mean, min, max)`` of :math:`\eta / (\sqrt{\hat v} + \epsilon)` over every coordinate of the group's
-    Adam-family parameters, or ``None`` when the group has no Adam-family state."""
-    moments, bias_corrections, counts = [], [], 0
-    for param, state in zip(params, states):
+    Adam-family parameters, or ``None`` when the group has no Adam-family state.
+
+    The map :math:`v \mapsto \eta/(\sqrt{v/b}+\epsilon)` is decreasing, so the min and max come from one
+    ``aminmax`` pass over :math:`v`; the mean needs the full map, computed in place in ``scratch`` (tensors
+    shaped like ``params``, e.g. the monitor's parameter buffers) when given, else in fresh memory.
+    """
+    moments, sqrt_bias_corrections, buffers, counts = [], [], [], 0
+    for index, (param, state) in enumerate(zip(params, states)):
         found = _adam_second_moment(group, param, state)
-        if found is not None:
-            moment, bias_correction = found
-            moments.append(moment if moment.dtype in (torch.float32, torch.float64) else moment.float())
-            bias_corrections.append(math.sqrt(bias_correction))
-            counts += moment.numel()
+        if found is None:
+            continue
+        moment, bias_correction = found
+        moments.append(moment)
+        sqrt_bias_corrections.append(math.sqrt(bias_correction))
+        candidate = scratch[index] if scratch is not None else None
+        usable = candidate is not None and candidate.shape == moment.shape and candidate.dtype == moment.dtype and (
+            candidate.device == moment.device)
+        buffers.append(candidate if usable else torch.empty_like(moment))
+        counts += moment.numel()
     if not moments:
         return None
-    inverse_denominators = torch._foreach_sqrt(moments)
-    torch._foreach_div_(inverse_denominators, bias_corrections)
-    torch._foreach_add_(inverse_denominators, float(group["eps"]))
-    torch._foreach_reciprocal_(inverse_denominators)
-    lr = float(group["lr"])
-    total = torch.stack([s.to(torch.float64) for s in per_tensor_norms(inverse_denominators, 1.0)]).sum()
-    smallest = torch.stack([s.to(torch.float64) for s in per_tensor_norms(inverse_denominators, -math.inf)]).min()
-    largest = torch.stack([s.to(torch.float64) for s in per_tensor_norms(inverse_denominators, math.inf)]).max()
-    return lr * total / counts, lr * smallest, lr * largest
+    lr, eps = float(group["lr"]), float(group["eps"])
+    torch._foreach_copy_(buffers, moments)
+    torch._foreach_sqrt_(buffers)
+    torch._foreach_div_(buffers, sqrt_bias_corrections)
+    torch._foreach_add_(buffers, eps)
+    torch._foreach_reciprocal_(buffers)
+    total = torch.stack([b.sum().to(torch.float64) for b in buffers]).sum()
+    extremes = [torch.aminmax(m) for m in moments]
+    smallest_moment = torch.stack([lo.to(torch.float64) / c ** 2 for (lo, _), c in zip(extremes, sqrt_bias_corrections)])
+    largest_moment = torch.stack([hi.to(torch.float64) / c ** 2 for (_, hi), c in zip(extremes, sqrt_bias_corrections)])
+    return (lr * total / counts, lr / (largest_moment.max().sqrt() + eps), lr / (smallest_moment.min().sqrt() + eps))

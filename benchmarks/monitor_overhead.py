@@ -1,0 +1,165 @@
+"""Overhead of :class:`optimlab.monitor.OptimizerMonitor` on a 10M-parameter MLP training step.
+
+The same model and Adam optimizer are trained in blocks of steps under three modes — no monitor,
+``every=10`` and ``every=1`` (memory sink) — interleaved round-robin with the starting mode rotated each
+round, so that drifts in machine load hit every mode alike. Per mode the median per-step time over the
+rounds is reported, and the overhead as ``median(mode) / median(no monitor) - 1``, both for wall-clock
+time and for the process's CPU time (the latter is robust to other processes competing for the cores).
+
+    python benchmarks/monitor_overhead.py --out docs [--quick] [--device cuda]
+
+``run(quick)`` returns the results as a dict (``benchmarks/run_all.py`` calls it); the script also writes
+``monitor_overhead.json`` and ``monitor_overhead.md`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from optimlab.io import atomic_write_text
+from optimlab.monitor import MemorySink, OptimizerMonitor
+
+WIDTHS = (1024, 2304, 2304, 1024)  # three Linear layers: 10,032,640 parameters
+BATCH_SIZE = 64
+MODES: dict[str, int | None] = {"no monitor": None, "every=10": 10, "every=1": 1}
+
+
+def build_mlp(device: torch.device) -> nn.Module:
+    """The benchmark's MLP: Linear-ReLU-Linear-ReLU-Linear with :data:`WIDTHS` (about 10M parameters)."""
+    layers: list[nn.Module] = []
+    for index, (fan_in, fan_out) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:])):
+        if index:
+            layers.append(nn.ReLU())
+        layers.append(nn.Linear(fan_in, fan_out))
+    return nn.Sequential(*layers).to(device)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_block(model: nn.Module, optimizer: torch.optim.Optimizer, every: int | None, steps: int,
+                inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+    """(wall, CPU) seconds per training step over one block of ``steps`` steps (monitor attached for the
+    block only)."""
+    monitor = OptimizerMonitor(optimizer, every=every, sinks=[MemorySink()]) if every else None
+    _synchronize(inputs.device)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(model(inputs), targets).backward()
+        optimizer.step()
+    _synchronize(inputs.device)
+    elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    if monitor is not None:
+        if len(monitor.sinks[0].history) != steps // every:
+            raise RuntimeError(f"the monitor recorded {len(monitor.sinks[0].history)} of {steps // every} steps")
+        monitor.remove()
+    return elapsed / steps, elapsed_cpu / steps
+
+
+def _overheads(medians: dict[str, float]) -> dict[str, float]:
+    """Percent slower than the ``no monitor`` median, per monitored mode."""
+    baseline = medians["no monitor"]
+    return {mode: 100.0 * (value / baseline - 1.0) for mode, value in medians.items() if mode != "no monitor"}
+
+
+def run(quick: bool = False, device: str | None = None) -> dict[str, Any]:
+    """Measure the monitor's overhead; ``quick`` uses fewer rounds and shorter blocks. Returns a dict with
+    the per-mode median step times (ms), overheads (%), all samples and the setup."""
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rounds, block = (3, 10) if quick else (9, 20)
+    torch.manual_seed(0)
+    model = build_mlp(target)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    inputs = torch.randn(BATCH_SIZE, WIDTHS[0], device=target)
+    targets = torch.randn(BATCH_SIZE, WIDTHS[-1], device=target)
+    _time_block(model, optimizer, None, 3, inputs, targets)  # warm-up: allocator, Adam state
+    _time_block(model, optimizer, 1, 2, inputs, targets)  # warm-up: the monitor's buffers and kernels
+    wall: dict[str, list[float]] = {mode: [] for mode in MODES}
+    cpu: dict[str, list[float]] = {mode: [] for mode in MODES}
+    names = list(MODES)
+    for round_index in range(rounds):
+        for offset in range(len(names)):
+            mode = names[(round_index + offset) % len(names)]
+            wall_time, cpu_time = _time_block(model, optimizer, MODES[mode], block, inputs, targets)
+            wall[mode].append(wall_time)
+            cpu[mode].append(cpu_time)
+    medians = {mode: statistics.median(values) for mode, values in wall.items()}
+    cpu_medians = {mode: statistics.median(values) for mode, values in cpu.items()}
+    return {
+        "benchmark": "monitor_overhead",
+        "quick": quick,
+        "device": str(target),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "batch_size": BATCH_SIZE,
+        "optimizer": "torch.optim.Adam (default implementation)",
+        "rounds": rounds,
+        "steps_per_block": block,
+        "median_step_ms": {mode: 1e3 * value for mode, value in medians.items()},
+        "overhead_percent": _overheads(medians),
+        "median_step_cpu_ms": {mode: 1e3 * value for mode, value in cpu_medians.items()},
+        "cpu_overhead_percent": _overheads(cpu_medians),
+        "samples_ms": {mode: [1e3 * v for v in values] for mode, values in wall.items()},
+        "samples_cpu_ms": {mode: [1e3 * v for v in values] for mode, values in cpu.items()},
+    }
+
+
+def to_markdown(results: dict[str, Any]) -> str:
+    """A markdown table of the results."""
+    lines = [
+        "## OptimizerMonitor overhead",
+        "",
+        f"{results['parameters']:,}-parameter MLP, batch {results['batch_size']}, {results['optimizer']}, "
+        f"{results['device']} ({results['threads']} threads), torch {results['torch']}; {results['rounds']} "
+        f"interleaved rounds of {results['steps_per_block']} steps per mode, medians.",
+        "",
+        "| mode | median step, wall (ms) | overhead, wall | median step, CPU (ms) | overhead, CPU |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for mode, value in results["median_step_ms"].items():
+        overhead = results["overhead_percent"].get(mode)
+        cpu_overhead = results["cpu_overhead_percent"].get(mode)
+        lines.append(f"| {mode} | {value:.2f} | {'—' if overhead is None else f'{overhead:+.1f}%'} | "
+                     f"{results['median_step_cpu_ms'][mode]:.2f} | "
+                     f"{'—' if cpu_overhead is None else f'{cpu_overhead:+.1f}%'} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(results: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
+    """Write ``monitor_overhead.json`` and ``monitor_overhead.md`` into ``out`` (atomically)."""
+    out = Path(out)
+    json_path, markdown_path = out / "monitor_overhead.json", out / "monitor_overhead.md"
+    atomic_write_text(json_path, json.dumps(results, indent=2) + "\n")
+    atomic_write_text(markdown_path, to_markdown(results))
+    return json_path, markdown_path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: ``--out DIR [--quick] [--device DEVICE]``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="docs", help="folder for monitor_overhead.json/.md (default: docs)")
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 10 steps instead of 9 of 20")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    args = parser.parse_args(argv)
+    results = run(quick=args.quick, device=args.device)
+    paths = write(results, args.out)
+    print(to_markdown(results))
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
+if __name__ == "__main__":
+    main()
