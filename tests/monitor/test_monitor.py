@@ -11,7 +11,7 @@ from torch import nn
 
 from optimlab.guard import NonFiniteGuard
 from optimlab.monitor import MemorySink, OptimizerMonitor
-from optimlab.optim.registry import create_optimizer
+from optimlab.optim.registry import create_optimizer, list_optimizers
 
 
 def tiny_model(dtype: torch.dtype) -> nn.Module:
@@ -147,3 +147,24 @@ def test_validation() -> None:
         OptimizerMonitor(optimizer, sinks=[object()])
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         OptimizerMonitor(tiny_model(torch.float32))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", list_optimizers())
+def test_every_registered_optimizer_is_monitored(name: str) -> None:
+    """Data-driven over the registry (torch's and optimlab's): finite records with the group norms, and the
+    state norms of whatever floating state the optimizer keeps."""
+    model = tiny_model(torch.float32)
+    optimizer = create_optimizer(model.parameters(), name)
+    monitor = OptimizerMonitor(optimizer, every=1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(5, 3)).pow(2).mean().backward()
+        optimizer.step()
+    record = monitor.summary()
+    assert record["step"] == 3
+    assert all(math.isfinite(value) for value in record.values()), record
+    assert record["update_norm/group0"] > 0 and record["state_bytes"] >= 0
+    expected = {f"{key}_norm/group{g}" for g, group in enumerate(optimizer.param_groups) for p in group["params"]
+                for key, value in optimizer.state[p].items()
+                if torch.is_tensor(value) and value.is_floating_point() and value.dim() > 0}
+    assert expected <= set(record)
