@@ -3,6 +3,7 @@ process, ZeRO checkpoints in both directions, a killed rank, a port in use."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ import torch
 from train_helpers import DDP_STEPS, DDP_STOP, REPO, invoke, tiny_config
 
 from optimlab.train.checkpoint import load_checkpoint
-from optimlab.train.trainer import CHECKPOINT_NAME, Trainer
+from optimlab.train.trainer import CHECKPOINT_NAME, SUMMARY_NAME, Trainer
 
 HERE = Path(__file__).resolve().parent
 TOLERANCE = 1e-5  # float32 parameters after 20 steps; only the order of the gradient reductions differs
@@ -67,7 +68,10 @@ def test_two_processes_equal_one_process_with_twice_the_batch(ddp_runs: Path, ac
     assert parallel["step"] == single["step"] == DDP_STOP and parallel["world_size"] == 2
     assert (parallel["epoch"], parallel["batch_in_epoch"]) == (single["epoch"], single["batch_in_epoch"])
     assert _max_difference(parallel["model"], single["model"]) < TOLERANCE
-    assert parallel["rng"][0]["torch"].shape == parallel["rng"][1]["torch"].shape and len(parallel["rng"]) == 2
+    assert len(parallel["rng"]) == 2  # every rank's generators are saved
+    val_losses = [json.loads((ddp_runs / name / SUMMARY_NAME).read_text())["val_loss"]
+                  for name in (f"ddp-a{accum}-z{int(zero)}", f"single-a{accum}-at{DDP_STOP}")]
+    assert val_losses[0] == pytest.approx(val_losses[1], abs=TOLERANCE)  # sharded evaluation, all-reduced
 
 
 @pytest.mark.slow

@@ -209,3 +209,14 @@ def test_sigkill_during_checkpoint_write_leaves_previous_checkpoint(tmp_path: Pa
     assert writer.returncode == -signal.SIGKILL
     saved = torch.load(path, weights_only=False)
     assert saved["step"] >= 1 and torch.equal(saved["weights"], torch.full((4_000_000,), float(saved["step"])))
+
+
+@pytest.mark.slow
+def test_quick_preset_learns(tmp_path: Path) -> None:
+    """The first quarter of `optimlab train --quick` (same preset and schedule) already cuts the validation loss."""
+    trainer = Trainer(TrainConfig.quick(out_dir=str(tmp_path), tensorboard=False, device="cpu"), quiet=True)
+    result = trainer.train(stop_at=100)
+    trainer.close()
+    (_, initial), *_, (_, reached) = result.val_losses
+    assert initial == pytest.approx(4.42, abs=0.1)  # ≈ ln(vocabulary size): an untrained model
+    assert reached < initial - 1.5

@@ -319,10 +319,11 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over the first ``eval_batches × batch_size`` validation windows (fixed, so
-        evaluations compare), sharded across ranks and all-reduced; consumes no random numbers."""
+        """Mean validation loss over the first ``eval_batches`` global batches of validation windows (fixed,
+        so evaluations compare, also across world sizes), sharded across ranks and all-reduced; consumes no
+        random numbers."""
         config = self.config
-        count = min(len(self.val_windows), config.eval_batches * config.batch_size)
+        count = min(len(self.val_windows), config.eval_batches * config.batch_size * self.context.world_size)
         mine = list(range(self.context.rank, count, self.context.world_size))
         totals = torch.zeros(2, dtype=torch.float64, device=self.context.device)
         self.model.eval()
