@@ -56,6 +56,19 @@ def test_hessian_vector_products_match_exact_hessian():
         torch.testing.assert_close(operator.matvec(v), exact @ v, rtol=1e-10, atol=1e-12)
 
 
+def test_operator_over_a_parameter_subset_is_the_matching_block():
+    model, loss_fn, batches = _mlp_problem(2)
+    exact = _exact_hessian(model, loss_fn, batches)
+    last = [model[2].weight, model[2].bias]  # the last 84 of the 224 flat coordinates
+    operator = HessianOperator(model, loss_fn, batches, params=last)
+    assert operator.dim == 84
+    block = exact[140:, 140:]
+    columns = torch.stack([operator.matvec(e) for e in torch.eye(84, dtype=torch.float64)], dim=1)
+    torch.testing.assert_close(columns, block, rtol=1e-10, atol=1e-12)
+    gradient = torch.autograd.grad(sum(loss_fn(model, b) for b in batches) / 2, last)
+    torch.testing.assert_close(operator.gradient(), flatten(gradient), rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_top_eigenvalues_and_minimum_match_exact_hessian(seed):
     model, loss_fn, batches = _mlp_problem(seed)

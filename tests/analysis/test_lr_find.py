@@ -13,7 +13,7 @@ from torch import nn
 
 from optimlab.analysis._params import supervised_loss
 from optimlab.analysis.lr_find import lr_find, lr_schedule, plot_lr_find, smooth_losses, steepest_descent_index
-from optimlab.optim.registry import create_optimizer
+from optimlab.optim.registry import create_optimizer, list_optimizers
 
 
 def _noisy_quadratic(seed: int):
@@ -72,7 +72,7 @@ def _assert_nested_equal(a, b):
         assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
 
 
-@pytest.mark.parametrize("name", ["torch.adamw", "adamw", "torch.sgd-momentum"])
+@pytest.mark.parametrize("name", list_optimizers())
 def test_model_optimizer_and_rng_restored_bitwise(name):
     model, optimizer, loss_fn, data = _adam_setup(name)
     twin_model = copy.deepcopy(model)
@@ -100,6 +100,22 @@ def test_model_optimizer_and_rng_restored_bitwise(name):
         opt.step()
     for p, q in zip(model.parameters(), twin_model.parameters()):
         assert torch.equal(p, q)
+
+
+def test_lookahead_wrapper_restored_bitwise():
+    from optimlab.optim.lookahead import Lookahead
+
+    model, inner, loss_fn, data = _adam_setup("adamw")
+    optimizer = Lookahead(inner, k=2, alpha=0.5)
+    for batch in data[:3]:  # slow weights, an odd inner-step count
+        optimizer.zero_grad()
+        loss_fn(model, batch).backward()
+        optimizer.step()
+    model_before, optimizer_before = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    lr_find(model, optimizer, loss_fn, data, start_lr=1e-5, end_lr=1.0, num_iter=7)
+    _assert_nested_equal(model.state_dict(), model_before)
+    _assert_nested_equal(optimizer.state_dict(), optimizer_before)
+    assert optimizer.inner_steps == 3
 
 
 def test_restored_even_when_loss_fn_raises():

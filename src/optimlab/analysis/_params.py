@@ -107,16 +107,25 @@ def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 @contextlib.contextmanager
 def preserved_optimizer(optimizer: torch.optim.Optimizer) -> Iterator[torch.optim.Optimizer]:
-    """Snapshot ``optimizer``'s state and hyperparameters (``state_dict``); restore them bitwise on exit.
+    """Snapshot ``optimizer``'s state and hyperparameters; restore them bitwise on exit.
 
-    Restoring goes through ``load_state_dict``, so every ``torch.optim.Optimizer`` subclass (torch's,
-    optimlab's, third-party ones) is covered, including learning rates changed inside the block.
+    Two snapshots: ``state_dict()`` (restored through ``load_state_dict``, so wrappers such as Lookahead
+    get their inner optimizer and counters back), then the exact ``state`` entries and ``param_groups``
+    dicts, put back as they were (``load_state_dict`` alone may cast state dtypes or add default keys).
     """
-    saved = copy.deepcopy(optimizer.state_dict())
+    saved_dict = copy.deepcopy(optimizer.state_dict())
+    saved_state = {param: copy.deepcopy(entry) for param, entry in optimizer.state.items()}
+    saved_groups = [{key: value if key == "params" else copy.deepcopy(value) for key, value in group.items()}
+                    for group in optimizer.param_groups]
     try:
         yield optimizer
     finally:
-        optimizer.load_state_dict(saved)
+        optimizer.load_state_dict(saved_dict)
+        optimizer.state.clear()
+        optimizer.state.update(saved_state)
+        for group, saved in zip(optimizer.param_groups, saved_groups):
+            group.clear()
+            group.update(saved)
 
 
 def as_batches(data: Any) -> list[Any]:
