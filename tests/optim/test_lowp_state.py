@@ -12,9 +12,12 @@ from optimlab.optim.lion import lion_step
 from optimlab.optim.lowp_state import (
     BLOCK_SIZE,
     dequantize_blockwise,
+    dither_seed,
     dynamic_code,
     quantize_blockwise,
     resolve_state_dtype,
+    round_to_bfloat16,
+    uniform_dither,
 )
 
 from .harness import MLPProblem, save_and_load, train
@@ -68,6 +71,51 @@ def test_round_trip_error_is_at_most_half_a_step_per_block(signed: bool, shape: 
     error = (flat - flat_decoded).abs()
     assert bool((error <= step / 2 + 2e-7 * block_scale).all())  # float32 arithmetic on the way
     assert torch.equal(flat_decoded.abs().reshape(-1, 1)[flat.abs().argmax()], block_scale[flat.abs().argmax()].view(1))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_stochastic_rounding_is_unbiased_and_within_one_step(signed: bool) -> None:
+    values = _values(600, signed, seed=5)
+    code = dynamic_code(signed).double()
+    total = torch.zeros(600, dtype=torch.float64)
+    draws = 400
+    for seed in range(draws):
+        codes, absmax = quantize_blockwise(values, signed, dither=uniform_dither(values.shape, seed))
+        decoded = dequantize_blockwise(codes, absmax, signed).double()
+        scale = absmax.double().repeat_interleave(BLOCK_SIZE)[:600]
+        upper = torch.searchsorted(code, values.double() / scale).clamp(1, code.numel() - 1)
+        step = (code[upper] - code[upper - 1]) * scale
+        assert bool(((decoded - values.double()).abs() <= step * (1 + 1e-5)).all())
+        total += decoded
+    mean_error = (total / draws - values.double()).abs()
+    # the mean of 400 Bernoulli roundings is within 4 standard deviations (step / (2 sqrt(400))) of the value
+    assert bool((mean_error <= 4 * step / (2 * draws**0.5) + 1e-6 * scale).all())
+    assert float(mean_error.max()) > 0  # not a deterministic rounding
+
+
+def test_bfloat16_stochastic_rounding_is_unbiased() -> None:
+    values = torch.randn(500, generator=torch.Generator().manual_seed(1))
+    ulp = values.abs() * 2.0**-7  # an upper bound of the bf16 spacing at each value (8 significant bits)
+    total = torch.zeros(500, dtype=torch.float64)
+    for seed in range(400):
+        rounded = round_to_bfloat16(values, uniform_dither(values.shape, seed))
+        assert rounded.dtype == torch.bfloat16
+        assert bool(((rounded.float() - values).abs() < ulp).all())  # one of the two neighbours
+        total += rounded.double()
+    # the mean of 400 Bernoulli roundings is within 4 standard deviations (ulp / (2 sqrt(400))) of the value
+    assert bool(((total / 400).float() - values).abs().le(4 * ulp / 40).all())
+    assert torch.equal(round_to_bfloat16(values), values.to(torch.bfloat16))
+
+
+def test_dither_is_deterministic_uniform_and_seed_dependent() -> None:
+    first = uniform_dither((200_000,), dither_seed(3, "exp_avg"))
+    assert torch.equal(first, uniform_dither((200_000,), dither_seed(3, "exp_avg")))
+    assert 0.0 <= float(first.min()) and float(first.max()) < 1.0
+    assert abs(float(first.mean()) - 0.5) < 0.005 and abs(float(first.std()) - 12**-0.5) < 0.005
+    for other in (uniform_dither((200_000,), dither_seed(4, "exp_avg")),
+                  uniform_dither((200_000,), dither_seed(3, "exp_avg_sq"))):
+        assert float((other == first).float().mean()) < 1e-3
+        assert abs(float(torch.corrcoef(torch.stack([first, other]))[0, 1])) < 0.01
 
 
 def test_small_second_moments_survive_where_a_linear_code_loses_them() -> None:
@@ -128,6 +176,7 @@ def test_lion_state_dtype_and_bytes_match_theory(state_dtype, moment_dtype, byte
     for param in params:
         state = optimizer.state[param]
         assert state["exp_avg"].dtype == moment_dtype and state["exp_avg"].shape == param.shape
+        assert ("step" in state) == (state_dtype is not None)
         assert param.dtype == torch.float32 and param.grad.dtype == torch.float32
     scales = sum(math.ceil(p.numel() / BLOCK_SIZE) * 4 for p in params) if state_dtype == "int8" else 0
     count = sum(p.numel() for p in params)  # 1024 + 512 + 300
@@ -138,13 +187,14 @@ def test_lion_state_dtype_and_bytes_match_theory(state_dtype, moment_dtype, byte
 
 @pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
 def test_lion_low_precision_state_is_fp32_math_on_rounded_moments(state_dtype: str) -> None:
-    """The update is the float32 rule applied to the decoded moment; only the stored moment is rounded."""
+    """The update is the float32 rule applied to the decoded moment; only the stored moment is rounded
+    (stochastically, with the dither of the state's step)."""
     params = _sized_params()
     reference_params = [p.detach().clone() for p in params]
     reference_moments = [torch.zeros_like(p) for p in params]
     optimizer = Lion(params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1, state_dtype=state_dtype)
     generator = torch.Generator().manual_seed(3)
-    for _ in range(10):
+    for step in range(1, 11):
         grads = [torch.randn(p.shape, generator=generator) for p in params]
         for param, grad in zip(params, grads):
             param.grad = grad
@@ -152,10 +202,11 @@ def test_lion_low_precision_state_is_fp32_math_on_rounded_moments(state_dtype: s
         lion_step(reference_params, grads, reference_moments, lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1,
                   maximize=False)
         for index, moment in enumerate(reference_moments):
+            dither = uniform_dither(moment.shape, dither_seed(step, "exp_avg"))
             if state_dtype == "bfloat16":
-                reference_moments[index] = moment.to(torch.bfloat16).float()
+                reference_moments[index] = round_to_bfloat16(moment, dither).float()
             else:
-                reference_moments[index] = dequantize_blockwise(*quantize_blockwise(moment, True), True)
+                reference_moments[index] = dequantize_blockwise(*quantize_blockwise(moment, True, dither=dither), True)
     for param, reference in zip(params, reference_params):
         assert torch.equal(param.detach(), reference)
 

@@ -27,6 +27,8 @@ from optimlab.optim._base import (
     check_lr,
     check_non_negative,
     foreach_groups,
+    increment_steps,
+    new_step_tensor,
     prepare_grad,
     prepare_grads,
 )
@@ -81,7 +83,8 @@ class Lion(OptimlabOptimizer):
         foreach: use the multi-tensor path (default: when the tensors are on CPU/CUDA).
         state_dtype: storage of the momentum: ``None`` (the parameter's dtype), ``"bfloat16"`` or
             ``"int8"`` (block-wise quantised, :mod:`optimlab.optim.lowp_state`). Updates are computed
-            in the parameter's dtype either way.
+            in the parameter's dtype either way; the stored moment is rounded stochastically, which
+            needs a ``step`` counter in the state (low-precision state only).
     """
 
     def __init__(
@@ -117,13 +120,16 @@ class Lion(OptimlabOptimizer):
             state = self.state[param]
             if not state:
                 init_moment(state, "exp_avg", param, group["state_dtype"], signed=True)
+                if group["state_dtype"] is not None:
+                    state["step"] = new_step_tensor()  # seeds the stochastic rounding of the stored moment
 
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
         exp_avgs = load_moments(states, "exp_avg", params, signed=True)
+        steps = increment_steps(states) if group["state_dtype"] is not None else [0.0] * len(states)
         beta1, beta2 = group["betas"]
         rule = lion_step_foreach if self._use_foreach(group, params) else lion_step
         rule(params, grads, exp_avgs, lr=as_float(group["lr"]), beta1=as_float(beta1), beta2=as_float(beta2),
              weight_decay=group["weight_decay"], maximize=group["maximize"])
-        store_moments(states, "exp_avg", exp_avgs, signed=True)
+        store_moments(states, "exp_avg", exp_avgs, signed=True, steps=steps)

@@ -21,7 +21,19 @@ in one of three storages, chosen per param group:
 
 Updates are always computed in the parameter's dtype: :func:`load_moments` returns working tensors
 and :func:`store_moments` writes them back (a no-op for full-precision state, where the working
-tensor *is* the state tensor). Storage is plain tensors in ``optimizer.state`` (``<key>`` holds the
+tensor *is* the state tensor).
+
+Writing back rounds *stochastically* (to the code entry above with probability equal to the
+fractional position between the two neighbours; for bf16, to the upper neighbour with probability
+equal to the dropped low mantissa bits over their range). A moving average
+:math:`m \leftarrow \beta m + (1-\beta) g` changes by a fraction :math:`1-\beta` per step (1 % for
+Lion's :math:`\beta_2 = 0.99`, 0.1 % for Adam's :math:`\beta_2 = 0.999`), less than half a
+quantisation step, so round-to-nearest leaves many entries stuck and the error builds up to
+:math:`\tfrac{1}{1-\beta}` half-steps; stochastic rounding is unbiased, so it does not. On the
+digits MLP it moved int8 Lion's final training loss from +7.7 % to -0.3 % of float32 state and int8
+AdamW's from -4.9 % to -0.3 % (3 seeds, 300 steps; ``docs/modern_optimizers.md``). The random
+numbers are a hash of (step, element index, moment name), so runs are deterministic and every path
+(per-tensor, foreach, param groups, a resumed checkpoint) rounds identically. Storage is plain tensors in ``optimizer.state`` (``<key>`` holds the
 codes, ``<key>_absmax`` the block scales), so ``state_dict``, ``deepcopy`` and ``torch.save`` work
 as usual; :func:`restore_state_dtypes` undoes the float cast that
 ``Optimizer.load_state_dict`` applies to every state tensor.
@@ -30,6 +42,8 @@ as usual; :func:`restore_state_dtypes` undoes the float cast that
 from __future__ import annotations
 
 import functools
+import math
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +56,9 @@ __all__ = [
     "dynamic_code",
     "quantize_blockwise",
     "dequantize_blockwise",
+    "round_to_bfloat16",
+    "uniform_dither",
+    "dither_seed",
     "resolve_state_dtype",
     "init_moment",
     "load_moments",
@@ -85,14 +102,21 @@ def _code_offset(signed: bool) -> int:
     return 127 if signed else 128
 
 
-def quantize_blockwise(values: Tensor, signed: bool, block_size: int = BLOCK_SIZE) -> tuple[Tensor, Tensor]:
+def quantize_blockwise(
+    values: Tensor, signed: bool, block_size: int = BLOCK_SIZE, dither: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     r"""Quantise ``values`` block-wise: returns ``(codes, absmax)``.
 
-    ``codes`` is an ``int8`` tensor of ``values``' shape (the index of the nearest code entry to
+    ``codes`` is an ``int8`` tensor of ``values``' shape (the index of a code entry near
     :math:`x_i / a_b`, shifted into the int8 range); ``absmax`` is a float32 tensor with one
     :math:`a_b = \max_{i\in b}|x_i|` per block of ``block_size`` consecutive values of the flattened
-    tensor (the last block may be shorter). Nearest-entry rounding bounds the error of each value by
-    half the gap between the two code entries around it, times :math:`a_b`.
+    tensor (the last block may be shorter).
+
+    Without ``dither`` the nearest entry is taken, so each value's error is at most half the gap
+    between the two code entries around it, times :math:`a_b`. With ``dither`` (uniform [0, 1)
+    numbers, one per value, e.g. from :func:`uniform_dither`) the upper neighbour :math:`Q_{j+1}` is
+    taken when ``dither`` :math:`< (x_i/a_b - Q_j)/(Q_{j+1} - Q_j)`: stochastic rounding, unbiased
+    (:math:`\mathbb{E}\,\hat x_i = x_i`) with an error below one gap.
     """
     if block_size < 1:
         raise ValueError(f"Invalid block_size: {block_size} (accepted range: >= 1)")
@@ -101,14 +125,62 @@ def quantize_blockwise(values: Tensor, signed: bool, block_size: int = BLOCK_SIZ
     flat = values.detach().reshape(-1).to(torch.float32)
     numel = flat.numel()
     n_blocks = -(-numel // block_size)
-    padded = torch.nn.functional.pad(flat, (0, n_blocks * block_size - numel)).view(n_blocks, block_size)
+    padding = n_blocks * block_size - numel
+    padded = torch.nn.functional.pad(flat, (0, padding)).view(n_blocks, block_size)
     absmax = padded.abs().amax(dim=1)
     normalized = padded / absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)
     code = dynamic_code(signed, flat.device)
-    midpoints = (code[1:] + code[:-1]) / 2
-    index = torch.bucketize(normalized, midpoints)
+    if dither is None:
+        index = torch.bucketize(normalized, (code[1:] + code[:-1]) / 2)
+    else:
+        if dither.numel() != numel:
+            raise ValueError(f"Invalid dither: {dither.numel()} values for {numel} to quantise")
+        upper = torch.searchsorted(code, normalized).clamp(1, code.numel() - 1)
+        lower = upper - 1
+        position = (normalized - code[lower]) / (code[upper] - code[lower])
+        uniform = torch.nn.functional.pad(dither.reshape(-1).to(torch.float32), (0, padding)).view(n_blocks, block_size)
+        index = torch.where(uniform < position, upper, lower)
     codes = (index - _code_offset(signed)).to(torch.int8).reshape(-1)[:numel].view(values.shape)
     return codes, absmax
+
+
+def round_to_bfloat16(values: Tensor, dither: Tensor | None = None) -> Tensor:
+    """``values`` as bfloat16: round-to-nearest, or stochastic rounding with ``dither`` (uniform [0, 1),
+    one per value): the float32 bit pattern gets ``floor(dither * 2**16)`` added to its 16 low bits,
+    which are then dropped, so the magnitude rounds up with probability equal to the dropped fraction."""
+    if dither is None:
+        return values.to(torch.bfloat16)
+    if dither.numel() != values.numel():
+        raise ValueError(f"Invalid dither: {dither.numel()} values for {values.numel()} to round")
+    bits = values.detach().to(torch.float32).contiguous().view(torch.int32)
+    noise = (dither.reshape(values.shape).to(torch.float32) * 65536.0).to(torch.int32)
+    rounded = torch.bitwise_and(bits + noise, -65536)  # clear the 16 low bits (two's complement ~0xFFFF)
+    return rounded.view(torch.float32).to(torch.bfloat16)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    # integer hash on values < 2**32 kept in int64; multipliers < 2**31 so products stay below 2**63
+    for multiplier in (0x7FEB352D, 0x5BD1E995):
+        x = torch.bitwise_xor(x, x >> 16)
+        x = (x * multiplier) & _MASK32
+    return torch.bitwise_xor(x, x >> 15)
+
+
+def dither_seed(step: int, key: str) -> int:
+    """The seed of the rounding noise for moment ``key`` at optimizer step ``step`` (a 31-bit integer)."""
+    return (int(step) * 0x2545F491 + zlib.crc32(key.encode())) & 0x7FFFFFFF
+
+
+def uniform_dither(shape: torch.Size | tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> Tensor:
+    """Deterministic uniform [0, 1) float32 numbers of ``shape``: a hash of (``seed``, element index),
+    so the same seed always gives the same numbers on any path and after a checkpoint resume."""
+    numel = math.prod(shape)
+    counter = torch.arange(numel, dtype=torch.int64, device=device)
+    mixed = _mix32((counter + _mix32(torch.tensor(seed & _MASK32, dtype=torch.int64, device=device))) & _MASK32)
+    return ((mixed >> 8).to(torch.float32) / float(1 << 24)).view(shape)
 
 
 def dequantize_blockwise(
@@ -179,17 +251,19 @@ def load_moments(states: Sequence[dict[str, Any]], key: str, params: Sequence[Te
 
 
 def store_moments(
-    states: Sequence[dict[str, Any]], key: str, values: Sequence[Tensor], *, signed: bool
+    states: Sequence[dict[str, Any]], key: str, values: Sequence[Tensor], *, signed: bool, steps: Sequence[float]
 ) -> None:
-    """Write working tensors from :func:`load_moments` back into their storage (rounding to bf16 or re-quantising)."""
-    for state, value in zip(states, values):
+    """Write working tensors from :func:`load_moments` back into their storage, rounding bf16 and
+    int8 state stochastically with the noise of :func:`dither_seed` (``steps``: each state's step count)."""
+    for state, value, step in zip(states, values, steps):
         stored = state[key]
         if value is stored:
             continue
+        dither = uniform_dither(value.shape, dither_seed(int(step), key), value.device)
         if key + _ABSMAX_SUFFIX in state:
-            state[key], state[key + _ABSMAX_SUFFIX] = quantize_blockwise(value, signed)
+            state[key], state[key + _ABSMAX_SUFFIX] = quantize_blockwise(value, signed, dither=dither)
         else:
-            stored.copy_(value)
+            stored.copy_(round_to_bfloat16(value, dither))
 
 
 def restore_state_dtypes(optimizer: torch.optim.Optimizer, keys: Sequence[str]) -> None:
