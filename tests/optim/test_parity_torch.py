@@ -155,6 +155,7 @@ def _embedding_run(cls: type[torch.optim.Optimizer], kwargs: dict, steps: int = 
     ],
 )
 @pytest.mark.parametrize("foreach", [False, True], ids=["per-tensor", "foreach"])
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")  # raised inside torch.optim.Adagrad
 def test_sparse_gradients_match_torch(name: str, kwargs: dict, foreach: bool) -> None:
     ours_weight, ours_state = _embedding_run(getattr(optimlab_optim, name), {**kwargs, "foreach": foreach})
     torch_weight, torch_state = _embedding_run(getattr(torch.optim, name), kwargs)
