@@ -212,17 +212,34 @@ def run_study(db_path: str, run_id: int, config: BenchConfig, study: Study,
 # -- worker processes ---------------------------------------------------------------------------------
 _worker_events: Any = None
 _worker_stop: Any = None
+_parent_pid = 0
 
 
-def _init_worker(events: Any, stop: Any) -> None:
-    global _worker_events, _worker_stop
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this worker when the bench process dies (even by SIGKILL), so an
+    orphaned worker cannot keep writing while a rerun resumes. Elsewhere workers check their parent id."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def _init_worker(events: Any, stop: Any, parent_pid: int) -> None:
+    global _worker_events, _worker_stop, _parent_pid
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into the stop event
-    _worker_events, _worker_stop = events, stop
+    _die_with_parent()
+    _worker_events, _worker_stop, _parent_pid = events, stop, parent_pid
     torch.set_num_threads(1)
 
 
+def _worker_should_stop() -> bool:
+    return _worker_stop.is_set() or os.getppid() != _parent_pid
+
+
 def _worker_run_study(db_path: str, run_id: int, config: BenchConfig, study: Study) -> None:
-    run_study(db_path, run_id, config, study, _worker_events.put, _worker_stop.is_set)
+    run_study(db_path, run_id, config, study, _worker_events.put, _worker_should_stop)
 
 
 # -- the bench -----------------------------------------------------------------------------------------
@@ -306,7 +323,7 @@ def _run_parallel(db_path: str, run_id: int, config: BenchConfig, studies: Seque
                 return
 
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker,
-                             initargs=(events, stop)) as pool:
+                             initargs=(events, stop, os.getpid())) as pool:
         pending: set[Future[None]] = {pool.submit(_worker_run_study, db_path, run_id, config, s) for s in studies}
         try:
             while pending:
