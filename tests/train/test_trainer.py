@@ -220,3 +220,43 @@ def test_quick_preset_learns(tmp_path: Path) -> None:
     (_, initial), *_, (_, reached) = result.val_losses
     assert initial == pytest.approx(4.42, abs=0.1)  # ≈ ln(vocabulary size): an untrained model
     assert reached < initial - 1.5
+
+
+@pytest.fixture
+def one_thread():
+    """Run in-process computations on one thread, like the `optimlab train` subprocesses of these tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_exactly(tmp_path: Path, text_file: Path, one_thread: None) -> None:
+    """`optimlab train` SIGKILLed mid-run, resumed from its last checkpoint: the same steps as an unbroken run."""
+    steps, every = 100_000, 5  # a long planned run (the schedule spans it); checkpoints every 5 steps
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "optimlab", "train", "--out", str(killed), "--data", str(text_file),
+               "--block-size", "16", "--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--batch-size", "4",
+               "--steps", str(steps), "--checkpoint-every", str(every), "--log-every", "1", "--eval-every", "3",
+               "--eval-batches", "2", "--lr", "3e-3", "--optimizer", "adamw", "--dropout", "0.1", "--no-tensorboard",
+               "--device", "cpu", "--monitor-every", "2", "--quiet"]
+    job = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (killed / CHECKPOINT_NAME).exists():
+            assert job.poll() is None and time.monotonic() < deadline, job.stderr.read() if job.poll() else "slow"
+            time.sleep(0.05)
+        time.sleep(0.3)  # let it run past the checkpoint, logging steps the resumed run will redo
+    finally:
+        job.send_signal(signal.SIGKILL)
+        job.communicate(timeout=60)
+    assert job.returncode == -signal.SIGKILL
+    at = load_checkpoint(killed / CHECKPOINT_NAME)["step"]
+    config = dict(block_size=16, n_layer=2, n_head=2, n_embd=16, batch_size=4, steps=steps, checkpoint_every=every,
+                  log_every=1, eval_every=3, eval_batches=2, lr=3e-3, dropout=0.1, monitor_every=2)
+    resumed, resumed_losses = _train(tiny_config(killed, text_file, **config), stop_at=at + every, resume=True)
+    full, full_losses = _train(tiny_config(tmp_path / "full", text_file, **config), stop_at=at + every)
+    assert resumed_losses == full_losses[at:]
+    _assert_same_state(full, resumed)
+    assert _metric_rows(killed) == _metric_rows(tmp_path / "full")
