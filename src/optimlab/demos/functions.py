@@ -257,7 +257,8 @@ def write_functions_demo(demo: FunctionsDemo, out_dir: str | Path) -> dict[str, 
     """Write ``rosenbrock.png``, ``nonconvex.png`` and ``functions.md`` (the table) into ``out_dir``, atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    trajectories = {f"{run.label}: {run.optimizer}": run.points for run in demo.rosenbrock_runs}
+    trajectories = {f"{run.label}, lr {ROSENBROCK_OPTIMIZERS[run.label][1]['lr']:g}": run.points
+                    for run in demo.rosenbrock_runs}
     paths = {
         "rosenbrock": trajectories_plot(
             demo.rosenbrock, trajectories, out / "rosenbrock.png",
