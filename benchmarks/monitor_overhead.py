@@ -1,8 +1,8 @@
 """Overhead of :class:`optimlab.monitor.OptimizerMonitor` on a 10M-parameter MLP training step.
 
-The same model and Adam optimizer are trained in blocks of steps under three modes — no monitor,
-``every=10`` and ``every=1`` (memory sink) — interleaved round-robin with the starting mode rotated each
-round, so that drifts in machine load hit every mode alike. Per mode the median per-step time over the
+Three identical models with Adam — one without a monitor, one with ``every=10`` and one with ``every=1``
+(memory sink), each monitor attached once as in a real run — are trained in blocks of steps,
+interleaved round-robin with the starting mode rotated each round, so that drifts in machine load hit every mode alike. Per mode the median per-step time over the
 rounds is reported, and the overhead as ``median(mode) / median(no monitor) - 1``, both for wall-clock
 time and for the process's CPU time (the latter is robust to other processes competing for the cores).
 
@@ -30,6 +30,7 @@ from optimlab.monitor import MemorySink, OptimizerMonitor
 
 WIDTHS = (1024, 2304, 2304, 1024)  # three Linear layers: 10,032,640 parameters
 BATCH_SIZE = 64
+WARMUP_STEPS = 10  # per setup, before timing: allocator, Adam state, the monitor's buffers
 MODES: dict[str, int | None] = {"no monitor": None, "every=10": 10, "every=1": 1}
 
 
@@ -48,11 +49,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_block(model: nn.Module, optimizer: torch.optim.Optimizer, every: int | None, steps: int,
-                inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
-    """(wall, CPU) seconds per training step over one block of ``steps`` steps (monitor attached for the
-    block only)."""
-    monitor = OptimizerMonitor(optimizer, every=every, sinks=[MemorySink()]) if every else None
+def _time_block(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, inputs: torch.Tensor,
+                targets: torch.Tensor) -> tuple[float, float]:
+    """(wall, CPU) seconds per training step over one block of ``steps`` steps."""
     _synchronize(inputs.device)
     start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
@@ -61,10 +60,6 @@ def _time_block(model: nn.Module, optimizer: torch.optim.Optimizer, every: int |
         optimizer.step()
     _synchronize(inputs.device)
     elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
-    if monitor is not None:
-        if len(monitor.sinks[0].history) != steps // every:
-            raise RuntimeError(f"the monitor recorded {len(monitor.sinks[0].history)} of {steps // every} steps")
-        monitor.remove()
     return elapsed / steps, elapsed_cpu / steps
 
 
@@ -80,21 +75,32 @@ def run(quick: bool = False, device: str | None = None) -> dict[str, Any]:
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rounds, block = (3, 10) if quick else (9, 20)
     torch.manual_seed(0)
-    model = build_mlp(target)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     inputs = torch.randn(BATCH_SIZE, WIDTHS[0], device=target)
     targets = torch.randn(BATCH_SIZE, WIDTHS[-1], device=target)
-    _time_block(model, optimizer, None, 3, inputs, targets)  # warm-up: allocator, Adam state
-    _time_block(model, optimizer, 1, 2, inputs, targets)  # warm-up: the monitor's buffers and kernels
+    setups: dict[str, tuple[nn.Module, torch.optim.Optimizer, OptimizerMonitor | None]] = {}
+    for mode, every in MODES.items():
+        torch.manual_seed(0)
+        model = build_mlp(target)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        monitor = OptimizerMonitor(optimizer, every=every, sinks=[MemorySink()]) if every else None
+        _time_block(model, optimizer, WARMUP_STEPS, inputs, targets)
+        setups[mode] = (model, optimizer, monitor)
     wall: dict[str, list[float]] = {mode: [] for mode in MODES}
     cpu: dict[str, list[float]] = {mode: [] for mode in MODES}
     names = list(MODES)
     for round_index in range(rounds):
         for offset in range(len(names)):
             mode = names[(round_index + offset) % len(names)]
-            wall_time, cpu_time = _time_block(model, optimizer, MODES[mode], block, inputs, targets)
+            model, optimizer, _ = setups[mode]
+            wall_time, cpu_time = _time_block(model, optimizer, block, inputs, targets)
             wall[mode].append(wall_time)
             cpu[mode].append(cpu_time)
+    for mode, (_, _, monitor) in setups.items():
+        if monitor is not None:
+            expected = (WARMUP_STEPS + rounds * block) // MODES[mode]
+            if len(monitor.sinks[0].history) != expected:
+                raise RuntimeError(f"{mode}: the monitor recorded {len(monitor.sinks[0].history)} of {expected} steps")
+            monitor.remove()
     medians = {mode: statistics.median(values) for mode, values in wall.items()}
     cpu_medians = {mode: statistics.median(values) for mode, values in cpu.items()}
     return {
@@ -104,7 +110,7 @@ def run(quick: bool = False, device: str | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(p.numel() for p in setups["no monitor"][0].parameters()),
         "batch_size": BATCH_SIZE,
         "optimizer": "torch.optim.Adam (default implementation)",
         "rounds": rounds,

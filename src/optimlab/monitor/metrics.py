@@ -121,12 +121,12 @@ def effective_lr_summary(group: dict[str, Any], params: Sequence[Tensor], states
     if not moments:
         return None
     lr, eps = float(group["lr"]), float(group["eps"])
-    torch._foreach_copy_(buffers, moments)
-    torch._foreach_sqrt_(buffers)
-    torch._foreach_div_(buffers, sqrt_bias_corrections)
-    torch._foreach_add_(buffers, eps)
+    # 1/(sqrt(v)/c + eps) = c / (sqrt(v) + c*eps): three in-place passes, no division pass
+    for moment, buffer in zip(moments, buffers):
+        torch.sqrt(moment, out=buffer)
+    torch._foreach_add_(buffers, [eps * c for c in sqrt_bias_corrections])
     torch._foreach_reciprocal_(buffers)
-    total = torch.stack([b.sum().to(torch.float64) for b in buffers]).sum()
+    total = torch.stack([b.sum().to(torch.float64) * c for b, c in zip(buffers, sqrt_bias_corrections)]).sum()
     extremes = [torch.aminmax(m) for m in moments]
     smallest_moment = torch.stack([lo.to(torch.float64) / c ** 2 for (lo, _), c in zip(extremes, sqrt_bias_corrections)])
     largest_moment = torch.stack([hi.to(torch.float64) / c ** 2 for (_, hi), c in zip(extremes, sqrt_bias_corrections)])
