@@ -20,6 +20,11 @@ DEFAULT_DB = Path("optimlab.db")
 _DB_OPTION = typer.Option(DEFAULT_DB, "--db", help="SQLite database file.")
 
 
+def _console() -> Console:
+    """Rich console; wide when the output is not a terminal (logs, pipes), so tables are not squeezed."""
+    return Console(markup=False) if sys.stdout.isatty() else Console(width=200, markup=False)
+
+
 def _split(values: list[str] | None) -> tuple[str, ...]:
     """``["a,b", "c"]`` → ``("a", "b", "c")`` (options accept commas and repetition)."""
     return tuple(part.strip() for value in values or [] for part in value.split(",") if part.strip())
@@ -108,7 +113,7 @@ def bench_command(
         result = run_bench(config, db, jobs=jobs or default_jobs(), quiet=quiet, new_run=new, command=command)
     except (KeyError, ValueError) as err:
         raise fail(str(err).strip("'\"")) from None
-    console = Console()
+    console = _console()
     verb = "resumed" if result.resumed else "started"
     console.print(f"run {result.run_id} ({verb}): {result.trials_run} trials run, {result.trials_skipped} already "
                   f"done, {result.diverged} diverged; database {db}")
@@ -137,7 +142,7 @@ def runs_list(db: Path = _DB_OPTION) -> None:
         config = run["config"]
         table.add_row(str(run["id"]), run["status"], run["created_at"], ",".join(config["tasks"]),
                       ",".join(config["optimizers"]), str(run["n_trials"]), str(run["n_diverged"]), run["command"])
-    Console().print(table)
+    _console().print(table)
 
 
 def _resolve_run(store: Any, run_id: str) -> dict[str, Any]:
@@ -156,7 +161,7 @@ def runs_show(run_id: str = typer.Argument(..., help="Run id or 'latest'."), db:
         run = _resolve_run(store, run_id)
         rows = summarize(store, run["id"])
     config = run["config"]
-    console = Console()
+    console = _console()
     console.print(f"run {run['id']} [{run['status']}] created {run['created_at']} finished {run['finished_at'] or '—'}")
     console.print(f"command: {run['command']}")
     console.print(f"tasks: {', '.join(config['tasks'])}; optimizers: {', '.join(config['optimizers'])}; "
@@ -195,7 +200,7 @@ def runs_compare(run_a: str = typer.Argument(..., help="First run id (or 'latest
                 f"run {first['id']}" if sign * mean_a < sign * mean_b else f"run {second['id']}")
         table.add_row(*key, a["metric"], f"{_fmt(mean_a)} ± {_fmt(a['metric_std'], 2)}",
                       f"{_fmt(mean_b)} ± {_fmt(b['metric_std'], 2)}", diff, better)
-    Console().print(table)
+    _console().print(table)
 
 
 @app.command("report")
@@ -231,7 +236,7 @@ def recommend_command(
     if not ranking:
         raise fail(f"no finished results for task {task!r} in {db}; run `optimlab bench --task {task}` first")
     best = ranking[0]
-    console = Console()
+    console = _console()
     console.print(f"recommended for {task}: {best.optimizer} with {_params(best.params)}, schedule {best.schedule}, "
                   f"clip {best.clip} → {best.metric} {_fmt(best.mean)} ± {_fmt(best.std, 2)} over {best.n_seeds} "
                   f"seeds (run {best.run_id})")
