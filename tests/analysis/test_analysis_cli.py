@@ -78,6 +78,20 @@ def test_hessian_on_trained_digits_logreg(tmp_path):
     assert "trace (Hutchinson, 4 probes)" in text
 
 
+def test_hessian_tracks_sharpness_with_the_optimizers_momentum(tmp_path):
+    out = tmp_path / "h.png"
+    text = _run("hessian", "--task", "quadratic", "--optimizer", "sgd-momentum", "--lr", "0.01", "--train-steps", "4",
+                "--track-every", "2", "--k", "1", "--probes", "2", "--slq-runs", "1", "--slq-steps", "2", "-q",
+                "-o", str(out))
+    assert (tmp_path / "h_sharpness.png").read_bytes()[:8] == PNG and out.read_bytes()[:8] == PNG
+    rows = [line.split() for line in text.splitlines() if re.fullmatch(r"\d+  \S+  \S+  \S+", line)]
+    assert [int(r[0]) for r in rows] == [0, 2, 4]
+    # the quadratic task's Hessian is constant with top eigenvalue 100; the bound uses momentum 0.9
+    assert all(float(r[2]) == pytest.approx(100.0, rel=1e-3) for r in rows)
+    assert all(float(r[3]) == pytest.approx(3.8 / 0.01, rel=1e-9) for r in rows)
+    assert "momentum 0.9" in text and "note:" not in text
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -86,6 +100,7 @@ def test_hessian_on_trained_digits_logreg(tmp_path):
         (["lr-find", "--start-lr", "0"], "start_lr"),
         (["landscape", "--resolution", "1"], "--resolution"),
         (["hessian", "--checkpoint", "/nonexistent/x.pt"], "no checkpoint"),
+        (["hessian", "--checkpoint", "/nonexistent/x.pt", "--track-every", "5"], "--track-every"),
     ],
 )
 def test_bad_input_exits_with_a_clear_message(args, message, tmp_path):

@@ -1,4 +1,4 @@
-"""Analysis tools: the LR range test, loss-landscape slices and the Hessian spectrum.
+"""Analysis tools: the LR range test, loss-landscape slices, the Hessian spectrum and sharpness tracking.
 
 A loss function here is ``loss_fn(model, batch) -> scalar tensor``; :func:`supervised_loss` makes one from a
 criterion for ``(inputs, targets)`` batches.
@@ -26,11 +26,13 @@ from optimlab.analysis.landscape import (
     slice_2d,
 )
 from optimlab.analysis.lr_find import LRFindResult, lr_find, plot_lr_find
+from optimlab.analysis.sharpness import SharpnessTrace, plot_sharpness, track_sharpness
 
 __all__ = [
     "CurvatureReport",
     "HessianOperator",
     "LRFindResult",
+    "SharpnessTrace",
     "analyze_curvature",
     "hutchinson_trace",
     "interpolate",
@@ -39,6 +41,7 @@ __all__ = [
     "perturbation_probe",
     "plot_contour",
     "plot_lr_find",
+    "plot_sharpness",
     "plot_slice_1d",
     "plot_spectrum",
     "plot_surface",
@@ -48,4 +51,5 @@ __all__ = [
     "spectral_density",
     "stability_bound",
     "supervised_loss",
+    "track_sharpness",
 ]

@@ -27,6 +27,7 @@ __all__ = [
     "evaluation_mode",
     "mean_loss",
     "as_batches",
+    "cycle_batches",
 ]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -151,3 +152,14 @@ def mean_loss(model: nn.Module, loss_fn: LossFn, batches: Iterable[Any]) -> floa
             total += float(loss_fn(model, batch))
             count += 1
     return total / count
+
+
+def cycle_batches(data: Iterable[Any]) -> Iterator[Any]:
+    """Yield batches from ``data`` forever, restarting it when it runs out (a loader, a list, an infinite iterator)."""
+    while True:
+        produced = False
+        for batch in data:
+            produced = True
+            yield batch
+        if not produced:
+            raise ValueError("Invalid data: the iterable yielded no batch (an exhausted generator?)")

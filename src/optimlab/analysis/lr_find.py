@@ -20,7 +20,7 @@ The model's and optimizer's state (and the global RNG) are restored bitwise afte
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from optimlab.analysis._params import LossFn, preserved_model, preserved_optimizer
+from optimlab.analysis._params import LossFn, cycle_batches, preserved_model, preserved_optimizer
 from optimlab.io import atomic_savefig
 from optimlab.progress import progress
 
@@ -143,17 +143,6 @@ def steepest_descent_index(lrs: list[float], smoothed: list[float], skip_start: 
     return low + int(np.argmin(candidates))
 
 
-def _cycle(data: Iterable[Any]) -> Iterator[Any]:
-    """Yield batches from ``data`` forever, restarting it when it runs out (a loader or a list)."""
-    while True:
-        produced = False
-        for batch in data:
-            produced = True
-            yield batch
-        if not produced:
-            raise ValueError("Invalid data: the iterable yielded no batch (an exhausted generator?)")
-
-
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         if isinstance(group["lr"], torch.Tensor):
@@ -203,7 +192,7 @@ def lr_find(
     losses: list[float] = []
     smoothed: list[float] = []
     best, diverged = math.inf, False
-    batches = _cycle(data)
+    batches = cycle_batches(data)
     with torch.random.fork_rng(devices=devices), preserved_model(model), preserved_optimizer(optimizer), \
             progress("lr-find", total=num_iter, quiet=quiet) as bar:
         model.train()

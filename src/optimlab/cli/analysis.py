@@ -48,14 +48,13 @@ def _optimizer(model: torch.nn.Module, name: str, lr: float | None) -> torch.opt
 
 
 def _prepare(instance: Any, checkpoint: Path | None, train_steps: int, optimizer_name: str, lr: float | None,
-             quiet: bool) -> tuple[dict[str, torch.Tensor], float]:
-    """Load ``checkpoint`` or train ``train_steps``; return the initial parameters and the LR in use."""
+             quiet: bool) -> tuple[dict[str, torch.Tensor], torch.optim.Optimizer]:
+    """Load ``checkpoint`` or train ``train_steps``; return the initial parameters and the optimizer."""
     from optimlab.progress import progress
 
     model = instance.model
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer = _optimizer(model, optimizer_name, lr)
-    lr_in_use = float(optimizer.param_groups[0]["lr"])
     if checkpoint is not None:
         if not checkpoint.is_file():
             raise fail(f"no checkpoint at {checkpoint}")
@@ -65,9 +64,8 @@ def _prepare(instance: Any, checkpoint: Path | None, train_steps: int, optimizer
             model.load_state_dict(state)
         except (RuntimeError, TypeError, AttributeError) as err:
             raise fail(f"checkpoint {checkpoint} does not fit the task's model: {err}") from None
-        return initial, lr_in_use
-    if train_steps < 0:
-        raise fail(f"Invalid --train-steps: {train_steps} (accepted range: >= 0)")
+        return initial, optimizer
+    _check_train_steps(train_steps)
     model.train()
     with progress("train", total=train_steps, quiet=quiet) as bar:
         for _ in range(train_steps):
@@ -76,7 +74,17 @@ def _prepare(instance: Any, checkpoint: Path | None, train_steps: int, optimizer
             loss.backward()
             optimizer.step()
             bar.advance(loss=float(loss.detach()))
-    return initial, lr_in_use
+    return initial, optimizer
+
+
+def _check_train_steps(train_steps: int) -> None:
+    if train_steps < 0:
+        raise fail(f"Invalid --train-steps: {train_steps} (accepted range: >= 0)")
+
+
+def _momentum(optimizer: torch.optim.Optimizer, given: float | None) -> float:
+    """``given``, else the first param group's heavy-ball ``momentum`` (0 when it has none)."""
+    return float(optimizer.param_groups[0].get("momentum", 0.0)) if given is None else given
 
 
 def _fixed_batches(instance: Any, count: int) -> list[Any]:
@@ -168,8 +176,9 @@ def landscape_command(
     if not span > 0:
         raise fail(f"Invalid --span: {span} (accepted range: > 0)")
     spec, instance = _task_instance(task, seed)
+    data = _fixed_batches(instance, batches)
     initial, _ = _prepare(instance, checkpoint, train_steps, optimizer, lr, quiet)
-    model, loss_fn, data = instance.model, _loss_fn(instance), _fixed_batches(instance, batches)
+    model, loss_fn = instance.model, _loss_fn(instance)
     if spec.family == "function" and normalization == "filter":
         normalization = "none"  # a single 1-D coordinate vector has no filters: plain Gaussian directions
     generator = torch.Generator().manual_seed(seed)
@@ -221,7 +230,9 @@ def hessian_command(
     tol: float = typer.Option(1e-4, help="Lanczos stops when every reported Ritz residual is below tol x max|λ|."),
     slq_runs: int = typer.Option(4, help="Random starts of the stochastic Lanczos quadrature density."),
     slq_steps: int = typer.Option(60, help="Lanczos steps per SLQ run."),
-    momentum: float = typer.Option(0.0, help="Heavy-ball momentum for the stability bound (2+2β)/λmax."),
+    momentum: float = typer.Option(None, help="Heavy-ball momentum of the bound (2+2β)/λmax (default: the optimizer's)."),
+    track_every: int = typer.Option(0, help="Record λmax every N training steps (edge of stability); "
+                                    "writes <output>_sharpness.png. Needs training, not --checkpoint."),
     batches: int = _BATCHES,
     seed: int = _SEED,
     output: Path = typer.Option(Path("hessian.png"), "--output", "-o", help="Eigenvalue-density PNG to write."),
@@ -229,25 +240,48 @@ def hessian_command(
 ) -> None:
     """Hessian at the trained parameters: top-k eigenvalues, λmin, trace ± SE, sign pattern, 2/λmax vs the LR."""
     from optimlab.analysis.hessian import HessianOperator, analyze_curvature, plot_spectrum, spectral_density
+    from optimlab.analysis.sharpness import plot_sharpness, track_sharpness
 
     spec, instance = _task_instance(task, seed)
-    _, lr_in_use = _prepare(instance, checkpoint, train_steps, optimizer, lr, quiet)
     data, loss_fn = _fixed_batches(instance, batches), _loss_fn(instance)
     generator = torch.Generator().manual_seed(seed)
+    paths = []
+    if track_every:
+        if checkpoint is not None:
+            raise fail("--track-every trains the model, so it cannot start from --checkpoint")
+        _check_train_steps(train_steps)
+        opt = _optimizer(instance.model, optimizer, lr)
+        beta = _momentum(opt, momentum)
+        try:
+            trace = track_sharpness(instance.model, opt, loss_fn, instance.batches, data, steps=train_steps,
+                                    every=track_every, momentum=beta, tol=1e-3, generator=generator, quiet=quiet)
+        except ValueError as err:
+            raise fail(str(err)) from None
+        paths.append(plot_sharpness(trace, _sibling(output, "sharpness"),
+                                    title=f"Sharpness during training: {spec.name}, {optimizer}"))
+        typer.echo("step  loss  λmax  bound")
+        for row in zip(trace.steps, trace.losses, trace.sharpness, trace.stability_bounds()):
+            typer.echo(f"{row[0]}  {row[1]:.5g}  {row[2]:.5g}  {row[3]:.5g}")
+    else:
+        _, opt = _prepare(instance, checkpoint, train_steps, optimizer, lr, quiet)
+        beta = _momentum(opt, momentum)
+    lr_in_use = float(opt.param_groups[0]["lr"])
     try:
-        report = analyze_curvature(instance.model, loss_fn, data, k=k, lr=lr_in_use, momentum=momentum,
+        report = analyze_curvature(instance.model, loss_fn, data, k=k, lr=lr_in_use, momentum=beta,
                                    num_probes=probes, max_iter=max_iter, tol=tol, generator=generator)
         operator = HessianOperator(instance.model, loss_fn, data)
         density = spectral_density(operator, operator.dim, num_runs=slq_runs, num_steps=slq_steps,
                                    dtype=operator.dtype, generator=generator)
     except ValueError as err:
         raise fail(str(err)) from None
-    path = plot_spectrum(density, output, report=report, title=f"Hessian eigenvalue density (SLQ): {spec.name}")
-    typer.echo(f"hessian: {spec.name}, {operator.dim} parameters, {batches} batches, trained with {optimizer} "
+    paths.insert(0, plot_spectrum(density, output, report=report,
+                                  title=f"Hessian eigenvalue density (SLQ): {spec.name}"))
+    typer.echo(f"hessian: {spec.name}, {operator.dim} parameters, {batches} batches, optimizer {optimizer} "
                f"(lr {lr_in_use:g})")
     for text in report.lines():
         typer.echo(f"  {text}")
-    if not optimizer.removeprefix("torch.").startswith("sgd"):
+    if not optimizer.lower().removeprefix("torch.").startswith("sgd"):
         typer.echo("  note: the bound is gradient descent's; adaptive optimizers precondition the Hessian "
                    "(Cohen et al. 2022), so compare with care")
-    typer.echo(f"wrote {path}")
+    for path in paths:
+        typer.echo(f"wrote {path}")
