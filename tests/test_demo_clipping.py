@@ -72,3 +72,33 @@ def test_run_statistics() -> None:
 def test_cli_rejects_bad_epochs(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["demo", "clipping", "--out", str(tmp_path), "--epochs", "0"])
     assert result.exit_code != 0 and "--epochs" in result.output
+
+
+def test_exploding_rnn_init_shapes_and_validation() -> None:
+    model = ExplodingRNN(input_size=3, hidden_size=50, num_layers=3, output_size=2, init_range=2.0)
+    values = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert float(values.abs().max()) <= 2.0 and float(values.abs().max()) > 1.9  # U(-2, 2), spread over the range
+    assert model.rnn.num_layers == 3 and model.rnn.hidden_size == 50
+    assert model(torch.randn(4, 7, 3)).shape == (4, 2)
+    with pytest.raises(ValueError, match="hidden_size"):
+        ExplodingRNN(hidden_size=0)
+    with pytest.raises(ValueError, match="init_range"):
+        ExplodingRNN(init_range=-1.0)
+
+
+def test_sequence_data_is_deterministic_linear_in_the_sum_and_batched_once_per_epoch() -> None:
+    from optimlab.models import sequence_batches
+
+    data = make_sequence_data(num_samples=200, seq_len=6, input_size=4, noise=0.0, seed=3)
+    again = make_sequence_data(num_samples=200, seq_len=6, input_size=4, noise=0.0, seed=3)
+    assert torch.equal(data.inputs, again.inputs) and torch.equal(data.targets, again.targets)
+    assert not torch.equal(make_sequence_data(seed=4).inputs, make_sequence_data(seed=3).inputs)
+    sums = data.inputs.sum(dim=1).double()
+    solution = torch.linalg.lstsq(sums, data.targets.double()).solution
+    assert float((sums @ solution - data.targets.double()).abs().max()) < 1e-5  # exactly linear in the sum
+    batches = list(sequence_batches(data, 64, torch.Generator().manual_seed(0)))
+    assert [len(b.inputs) for b in batches] == [64, 64, 64, 8]
+    seen = torch.cat([b.inputs for b in batches])
+    assert torch.equal(seen[seen[:, 0, 0].argsort()], data.inputs[data.inputs[:, 0, 0].argsort()])
+    with pytest.raises(ValueError, match="batch_size"):
+        list(sequence_batches(data, 0, torch.Generator()))

@@ -202,3 +202,13 @@ def test_explosion_detector_validation() -> None:
         ExplosionDetector(k_sigma=-1.0)
     with pytest.raises(ValueError, match="min_history"):
         ExplosionDetector(window=5, min_history=6)
+
+
+def test_explosion_detector_check_parameters_uses_the_total_grad_norm() -> None:
+    model = tiny_model()
+    backward(model, 0)
+    expected = float(torch.cat([p.grad.flatten() for p in model.parameters()]).norm())
+    detector = ExplosionDetector(threshold=expected * 0.999, k_sigma=None, log=False)
+    event = detector.check_parameters(model.parameters())
+    assert event is not None and event.norm == pytest.approx(expected, rel=1e-6)
+    assert ExplosionDetector(threshold=expected * 1.001, k_sigma=None).check_parameters(model.parameters()) is None

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -271,6 +271,12 @@ class ExplosionDetector:
             logger.warning("gradient explosion at step %d: norm %.4g (%s; mean %s, std %s)", event.step, norm, reason,
                            "n/a" if mean is None else f"{mean:.4g}", "n/a" if std is None else f"{std:.4g}")
         return event
+
+    def check_parameters(self, parameters: Iterable[Tensor]) -> ExplosionEvent | None:
+        """:meth:`update` with the total L2 norm of the gradients of ``parameters`` (e.g. ``model.parameters()``)."""
+        from optimlab.clip import total_grad_norm
+
+        return self.update(total_grad_norm([p.grad for p in parameters if p.grad is not None]))
 
     def state_dict(self) -> dict[str, Any]:
         """Settings, step count, the history window and the events so far (plain Python values)."""

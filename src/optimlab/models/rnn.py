@@ -82,7 +82,8 @@ def make_sequence_data(num_samples: int = 256, seq_len: int = 20, input_size: in
         \qquad W_{ij} \sim \mathcal N(0, 1/d)
 
     so the network must integrate its input over all ``seq_len`` steps (long-range credit assignment,
-    where the exploding gradients live). Targets have unit variance; ``seed`` fixes everything.
+    where the exploding gradients live). The targets' variance is :math:`\lVert W \rVert^2 + \sigma^2`, 1 + σ²
+    in expectation over :math:`W`; ``seed`` fixes everything.
     """
     for name, value in (("num_samples", num_samples), ("seq_len", seq_len), ("input_size", input_size),
                         ("output_size", output_size)):
