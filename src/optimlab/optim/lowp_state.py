@@ -52,7 +52,6 @@ from torch import Tensor
 
 __all__ = [
     "BLOCK_SIZE",
-    "STATE_DTYPES",
     "dynamic_code",
     "quantize_blockwise",
     "dequantize_blockwise",
@@ -67,7 +66,6 @@ __all__ = [
 ]
 
 BLOCK_SIZE = 256
-STATE_DTYPES = (None, "bfloat16", "int8")
 _ABSMAX_SUFFIX = "_absmax"
 
 
