@@ -161,12 +161,12 @@ def lanczos(matvec: MatVec, start: Tensor, num_steps: int,
         alphas.append(alpha)
         beta = float(w.norm())
         scale = max(scale, abs(alpha), beta)
-        partial = LanczosResult(np.asarray(alphas), np.asarray(betas), basis[: j + 1], beta)
-        if j + 1 == num_steps or beta <= 1e-12 * scale or (stop is not None and stop(partial)):
-            return partial
+        result = LanczosResult(np.asarray(alphas), np.asarray(betas), basis[: j + 1], beta)
+        if j + 1 == num_steps or beta <= 1e-12 * scale or (stop is not None and stop(result)):
+            break
         betas.append(beta)
         basis[j + 1] = w / beta
-    raise AssertionError("unreachable: the loop returns at its last step")
+    return result
 
 
 @dataclass(frozen=True)
