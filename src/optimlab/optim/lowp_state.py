@@ -273,7 +273,7 @@ def restore_state_dtypes(optimizer: torch.optim.Optimizer, keys: Sequence[str]) 
     (A method override rather than a load-state-dict hook, because hooks are dropped by ``deepcopy``.)
     """
     for group in optimizer.param_groups:
-        state_dtype = group.get("state_dtype")
+        state_dtype = resolve_state_dtype(group.get("state_dtype"))
         if state_dtype is None:
             continue
         for param in group["params"]:
