@@ -61,12 +61,12 @@ def test_guard_skips_nonfinite_steps_and_keeps_weights_finite() -> None:
 
 def test_run_statistics() -> None:
     run = ClippingRun("x", "none", epoch_losses=list(np.arange(20.0)), epoch_clip_rates=[0.0, 50.0],
-                      step_grad_norms=[1.0, 3.0, math.nan])
+                      step_grad_norms=[1.0, 3.0, math.nan], explosion_steps=[3])
     stats = run.statistics()
     assert stats["final_loss"] == pytest.approx(14.5)
     assert stats["clip_rate_percent"] == 25.0
     assert stats["max_grad_norm"] == 3.0 and stats["mean_grad_norm"] == 2.0
-    assert stats["nonfinite_grad_steps"] == 1
+    assert stats["nonfinite_grad_steps"] == 1 and stats["explosions"] == 1
 
 
 def test_cli_rejects_bad_epochs(tmp_path: Path) -> None:

@@ -35,12 +35,14 @@ def clipping_command(
                                   on_epoch=lambda run: bar.advance(method=run.spec, loss=run.epoch_losses[-1]))
     paths = write_clipping_study(runs, out)
     table = Table(title=f"clipping study: exploding RNN, SGD lr {lr:g}, {epochs} epochs",
-                  caption="final loss: mean over the last 10 epochs; norms: total L2 gradient norm before clipping")
-    for column in ("method", "final loss", "max norm", "mean norm", "clipped", "skipped"):
+                  caption="final loss: mean over the last 10 epochs; norms: total L2 gradient norm before "
+                          "clipping; clip %: steps clipped; spikes: steps flagged by ExplosionDetector (6 sigma); "
+                          "skips: steps skipped by NonFiniteGuard")
+    for column in ("method", "final loss", "max norm", "mean norm", "clip %", "spikes", "skips"):
         table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
     for row in statistics_rows(runs):
         table.add_row(str(row["method"]), f"{row['final_loss']:.4g}", f"{row['max_grad_norm']:.3g}",
-                      f"{row['mean_grad_norm']:.3g}", f"{row['clip_rate_percent']:.1f}%",
+                      f"{row['mean_grad_norm']:.3g}", f"{row['clip_rate_percent']:.1f}", str(row["explosions"]),
                       str(row["skipped_steps"]) if guard else "off")
     console = Console()
     console.print(table)

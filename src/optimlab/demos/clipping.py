@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from optimlab.clip import make_clipper
-from optimlab.guard import NonFiniteGuard
+from optimlab.guard import ExplosionDetector, NonFiniteGuard
 from optimlab.io import atomic_savefig, atomic_write_text
 from optimlab.models.rnn import ExplodingRNN, SequenceData, make_sequence_data, sequence_batches
 
@@ -49,6 +49,7 @@ class ClippingRun:
     epoch_mean_grad_norms: list[float] = field(default_factory=list)
     step_grad_norms: list[float] = field(default_factory=list)
     skipped_steps: int = 0
+    explosion_steps: list[int] = field(default_factory=list)
 
     @property
     def final_loss(self) -> float:
@@ -66,7 +67,8 @@ class ClippingRun:
         return {"method": self.label, "spec": self.spec, "final_loss": self.final_loss,
                 "max_grad_norm": max(finite, default=math.nan), "mean_grad_norm": float(np.mean(finite)),
                 "clip_rate_percent": self.clip_rate, "skipped_steps": self.skipped_steps,
-                "nonfinite_grad_steps": len(self.step_grad_norms) - len(finite)}
+                "nonfinite_grad_steps": len(self.step_grad_norms) - len(finite),
+                "explosions": len(self.explosion_steps)}
 
 
 def train_with_clipping(label: str, spec: str, model: nn.Module, data: SequenceData, epochs: int = 100,
@@ -75,11 +77,13 @@ def train_with_clipping(label: str, spec: str, model: nn.Module, data: SequenceD
     """Train ``model`` in place with SGD and the clipper ``spec`` (MSE loss); return what happened.
 
     The batch order depends only on ``seed``, so runs that start from the same weights see the same data.
-    With ``guard`` a step whose gradients are NaN/inf is skipped and counted.
+    With ``guard`` a step whose gradients are NaN/inf is skipped and counted. An
+    :class:`~optimlab.guard.ExplosionDetector` (6 sigma over the last 100 norms) records gradient spikes.
     """
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     clipper = make_clipper(spec, model.parameters())
     stepper = NonFiniteGuard(optimizer, max_consecutive_skips=None, log=False) if guard else optimizer
+    detector = ExplosionDetector(k_sigma=6.0, window=100, min_history=10, log=False)
     order = torch.Generator().manual_seed(seed)
     run = ClippingRun(label, spec)
     for _ in range(epochs):
@@ -89,6 +93,8 @@ def train_with_clipping(label: str, spec: str, model: nn.Module, data: SequenceD
             loss = nn.functional.mse_loss(model(inputs), targets)
             loss.backward()
             result = clipper.step()
+            if detector.update(result.norm) is not None:
+                run.explosion_steps.append(detector.steps)
             stepper.step()
             losses.append(float(loss.detach()))
             clipped.append(result.clipped)
