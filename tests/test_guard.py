@@ -212,3 +212,15 @@ def test_explosion_detector_check_parameters_uses_the_total_grad_norm() -> None:
     event = detector.check_parameters(model.parameters())
     assert event is not None and event.norm == pytest.approx(expected, rel=1e-6)
     assert ExplosionDetector(threshold=expected * 1.001, k_sigma=None).check_parameters(model.parameters()) is None
+
+
+def test_disabled_grad_scaler_falls_back_to_the_guards_own_check() -> None:
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = NonFiniteGuard(optimizer, scaler=torch.amp.GradScaler("cpu", enabled=False), log=False)
+    backward(model, 0)
+    next(model.parameters()).grad[0, 0] = math.nan
+    before = snapshot(model, optimizer)
+    guard.step()
+    assert guard.last_step_skipped and guard.skipped_steps == 1
+    assert_bitwise_equal(snapshot(model, optimizer), before)

@@ -85,7 +85,8 @@ class NonFiniteGuard:
 
     With a ``torch.amp.GradScaler`` the guard calls ``scaler.step(optimizer)`` (which unscales, and
     skips on inf/NaN itself) and learns whether the optimizer really stepped from a step post-hook,
-    so ``last_step_skipped`` is exact there too; call ``scaler.update()`` afterwards as usual.
+    so ``last_step_skipped`` is exact there too; call ``scaler.update()`` afterwards as usual. A disabled
+    scaler (``enabled=False``, e.g. bf16 or fp32 runs) is ignored and the guard checks the gradients itself.
     ``state_dict()`` holds the guard's counters only (save the optimizer's own state separately).
     """
 
@@ -116,7 +117,7 @@ class NonFiniteGuard:
         self._optimizer_stepped = False
         loss = None
         bad: list[tuple[int, int]] = []
-        if self.scaler is not None:
+        if self.scaler is not None and self.scaler.is_enabled():
             if closure is not None:
                 raise ValueError("closure is not supported together with a GradScaler (torch's GradScaler refuses it)")
             self.scaler.step(self.optimizer)
