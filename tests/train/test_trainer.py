@@ -31,7 +31,8 @@ def _train(config: TrainConfig, stop_at: int | None = None, **kwargs) -> tuple[T
 
 def _metric_rows(out_dir: Path) -> list[dict[str, str]]:
     with (out_dir / METRICS_NAME).open(newline="") as handle:
-        return [{k: v for k, v in row.items() if k not in ("tokens_per_s", "elapsed_s")} for row in csv.DictReader(handle)]
+        rows = list(csv.DictReader(handle))
+    return [{k: v for k, v in row.items() if k not in ("tokens_per_s", "elapsed_s")} for row in rows]
 
 
 def _assert_same_state(a: Trainer, b: Trainer) -> None:

@@ -178,8 +178,9 @@ class EpochBatches:
     Epoch e shuffles the windows with seed ``seed + e`` (``set_epoch``); rank r of W takes every W-th
     index of that permutation (``drop_last=True``, so every rank gets the same count), and cuts its share
     into batches of ``batch_size`` (an incomplete last batch is dropped). :meth:`indices` addresses a batch
-    by ``(epoch, batch)``, which is all a checkpoint needs to store to resume the stream exactly. Hence for any W, the union over
-    ranks of batch b is permutation[b·W·B : (b+1)·W·B], the batch b of one process with batch size W·B.
+    by ``(epoch, batch)``, which is all a checkpoint needs to store to resume the stream exactly. Hence for
+    any W, the union over ranks of batch b is permutation[b·W·B : (b+1)·W·B], the batch b of one process
+    with batch size W·B.
     """
 
     def __init__(self, dataset: WindowDataset, batch_size: int, *, world_size: int = 1, rank: int = 0,

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "LaunchError", "pick_device", "init_distributed", "shutdown", "all_reduce_sum", "all_gather_objects",
-           "port_in_use", "launch"]
+__all__ = ["DistContext", "LaunchError", "pick_device", "init_distributed", "shutdown", "all_reduce_sum",
+           "all_gather_objects", "port_in_use", "launch"]
 
 
 @dataclass(frozen=True)
