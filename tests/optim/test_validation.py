@@ -73,7 +73,7 @@ def test_boundary_values_are_accepted(cls: type, kwargs: dict) -> None:
 
 
 UNSUPPORTED = [
-    (SGD, "differentiable"), (SGD, "fused"),
+    (SGD, "differentiable"),
     (Adam, "capturable"), (Adam, "differentiable"),
     (AdamW, "capturable"), (AdamW, "differentiable"),
     (Adagrad, "differentiable"), (Adagrad, "fused"),

@@ -105,8 +105,8 @@ def resolve_fused(fused: bool | None, params: Sequence[Tensor], optimizer_name: 
     parameter's device; otherwise it warns once (per reason) and falls back to ``False``, i.e. the
     optimizer's multi-tensor path.
     """
-    if not fused:
-        return False
+    if not fused or any(p.grad is not None and p.grad.is_sparse for p in params):
+        return False  # sparse gradients keep the per-tensor path, which supports them
     for device in {p.device for p in params}:
         reason = fused_unavailable_reason(device)
         if reason is not None:
@@ -181,6 +181,8 @@ class FusedStep:
         """Apply the rule to ``zip(*tensor_lists)`` in place; ``scalars`` are floats or 0-dim tensors."""
         import torch.fx.experimental._config as fx_config
 
+        if not tensor_lists or not tensor_lists[0]:
+            return
         _ensure_cache_dir()
         grouped = group_by_device_and_dtype([list(t) for t in tensor_lists])
         compiles_before = self.compiles

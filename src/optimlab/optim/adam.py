@@ -144,6 +144,34 @@ def _adam_multi_tensor(
         torch._foreach_addcdiv_(device_params, device_exp_avgs, denoms, step_sizes)
 
 
+def _adam_fused(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    steps: list[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+) -> None:
+    """Fused path of the same rule: :func:`_adam_tensor` compiled by :mod:`optimlab.optim._fused`, the
+    step-dependent bias corrections computed once per distinct step count and passed as 0-dim tensors."""
+    tensor_lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    static = {"weight_decay": weight_decay, "amsgrad": amsgrad, "maximize": maximize,
+              "decoupled_weight_decay": decoupled_weight_decay}
+    for step, lists in split_by_value(tensor_lists, steps):
+        fused_step(_adam_tensor, static)(lists, {
+            "lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps,
+            "bias_correction1": 1 - beta1**step, "bias_correction2_sqrt": (1 - beta2**step) ** 0.5})
+
+
 class Adam(OptimlabOptimizer):
     r"""Adam (Kingma & Ba 2014), with optional AMSGrad (Reddi et al. 2018) and decoupled weight decay.
 
@@ -223,17 +251,9 @@ class Adam(OptimlabOptimizer):
     ) -> None:
         beta1, beta2 = group["betas"]
         if resolve_fused(group["fused"], params, type(self).__name__):
-            moments = ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"] if group["amsgrad"] else ["exp_avg", "exp_avg_sq"]
-            tensor_lists = [real_views(params), real_views(grads)]
-            tensor_lists += [real_views([state[key] for state in states]) for key in moments]
-            static = {key: group[key] for key in ("weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")}
-            for step, lists in split_by_value(tensor_lists, increment_steps(states)):
-                fused_step(_adam_tensor, static)(lists, {
-                    "lr": as_float(group["lr"]), "beta1": as_float(beta1), "beta2": as_float(beta2),
-                    "eps": group["eps"], "bias_correction1": 1 - as_float(beta1) ** step,
-                    "bias_correction2_sqrt": (1 - as_float(beta2) ** step) ** 0.5})
-            return
-        rule = _adam_multi_tensor if self._use_foreach(group, params) else _adam_single_tensor
+            rule = _adam_fused
+        else:
+            rule = _adam_multi_tensor if self._use_foreach(group, params) else _adam_single_tensor
         rule(
             real_views(params),
             real_views(grads),

@@ -32,6 +32,7 @@ from optimlab.optim._base import (
     prepare_grad,
     prepare_grads,
 )
+from optimlab.optim._fused import fused_step, resolve_fused
 from optimlab.optim.lowp_state import (
     init_moment,
     load_moments,
@@ -40,7 +41,7 @@ from optimlab.optim.lowp_state import (
     store_moments,
 )
 
-__all__ = ["Lion", "lion_step", "lion_step_foreach"]
+__all__ = ["Lion", "lion_step", "lion_step_foreach", "lion_step_fused", "lion_tensor"]
 
 
 def lion_step(
@@ -49,10 +50,29 @@ def lion_step(
 ) -> None:
     """Per-tensor reference path of the Lion rule (module docstring), updating ``params`` and ``exp_avgs`` in place."""
     for param, grad, exp_avg in zip(params, grads, exp_avgs):
-        grad = prepare_grad(param, grad, maximize=maximize, weight_decay=weight_decay, lr=lr, decoupled=True)
-        update = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1).sign_()
-        param.add_(update, alpha=-lr)
-        exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
+        lion_tensor(param, grad, exp_avg, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                    maximize=maximize)
+
+
+def lion_tensor(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, *,
+    lr: float | Tensor, beta1: float | Tensor, beta2: float | Tensor, weight_decay: float, maximize: bool,
+) -> None:
+    """The Lion rule (module docstring) for one tensor, in place: what :func:`lion_step` loops over and the
+    fused path compiles (:mod:`optimlab.optim._fused`, where ``lr`` and the betas arrive as 0-dim tensors)."""
+    grad = prepare_grad(param, grad, maximize=maximize, weight_decay=weight_decay, lr=lr, decoupled=True)
+    update = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1).sign_()
+    param.add_(update, alpha=-lr)
+    exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
+
+
+def lion_step_fused(
+    params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], *,
+    lr: float, beta1: float, beta2: float, weight_decay: float, maximize: bool,
+) -> None:
+    """Fused path of the same rule: :func:`lion_tensor` compiled by :mod:`optimlab.optim._fused`."""
+    fused_step(lion_tensor, {"weight_decay": weight_decay, "maximize": maximize})(
+        [params, grads, exp_avgs], {"lr": lr, "beta1": beta1, "beta2": beta2})
 
 
 def lion_step_foreach(
@@ -81,6 +101,7 @@ class Lion(OptimlabOptimizer):
         weight_decay: decoupled weight decay :math:`\lambda` (>= 0), applied as :math:`\theta \leftarrow \theta(1 - \eta\lambda)`.
         maximize: ascend the objective instead.
         foreach: use the multi-tensor path (default: when the tensors are on CPU/CUDA).
+        fused: the compiled fused step (:mod:`optimlab.optim._fused`); ``None`` (default) means off.
         state_dtype: storage of the momentum: ``None`` (the parameter's dtype), ``"bfloat16"`` or
             ``"int8"`` (block-wise quantised, :mod:`optimlab.optim.lowp_state`). Updates are computed
             in the parameter's dtype either way; the stored moment is rounded stochastically, which
@@ -96,13 +117,14 @@ class Lion(OptimlabOptimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
         state_dtype: str | torch.dtype | None = None,
     ) -> None:
         check_lr(lr)
         check_betas(betas)
         check_non_negative("weight_decay", weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize, foreach=foreach,
-                        state_dtype=resolve_state_dtype(state_dtype))
+                        fused=fused, state_dtype=resolve_state_dtype(state_dtype))
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -129,7 +151,10 @@ class Lion(OptimlabOptimizer):
         exp_avgs = load_moments(states, "exp_avg", params, signed=True)
         steps = increment_steps(states) if group["state_dtype"] is not None else [0.0] * len(states)
         beta1, beta2 = group["betas"]
-        rule = lion_step_foreach if self._use_foreach(group, params) else lion_step
+        if resolve_fused(group["fused"], params, type(self).__name__):
+            rule = lion_step_fused
+        else:
+            rule = lion_step_foreach if self._use_foreach(group, params) else lion_step
         rule(params, grads, exp_avgs, lr=as_float(group["lr"]), beta1=as_float(beta1), beta2=as_float(beta2),
              weight_decay=group["weight_decay"], maximize=group["maximize"])
         store_moments(states, "exp_avg", exp_avgs, signed=True, steps=steps)

@@ -34,6 +34,7 @@ from optimlab.optim._base import (
     real_views,
     reject_unsupported,
 )
+from optimlab.optim._fused import fused_step, resolve_fused
 
 __all__ = ["SGD"]
 
@@ -53,15 +54,61 @@ def _sgd_single_tensor(
     """Per-tensor reference path of the SGD rule (module docstring). Missing momentum buffers
     (``None``) are created from the first gradient and written back into ``momentum_buffers``."""
     for i, param in enumerate(params):
-        grad = prepare_grad(param, grads[i], maximize=maximize, weight_decay=weight_decay)
+        buf = _sgd_tensor(param, grads[i], momentum_buffers[i] if momentum != 0 else None, lr=lr,
+                          weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                          maximize=maximize)
         if momentum != 0:
-            buf = momentum_buffers[i]
-            if buf is None:
-                buf = momentum_buffers[i] = grad.detach().clone()
-            else:
-                buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-            grad = grad.add(buf, alpha=momentum) if nesterov else buf
-        param.add_(grad, alpha=-lr)
+            momentum_buffers[i] = buf
+
+
+def _sgd_tensor(
+    param: Tensor,
+    grad: Tensor,
+    momentum_buffer: Tensor | None = None,
+    *,
+    lr: float | Tensor,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+) -> Tensor | None:
+    """The SGD rule (module docstring) for one tensor, in place; returns the momentum buffer (created from
+    the first gradient when ``None``). The per-tensor path loops over it; the fused path compiles it
+    (:mod:`optimlab.optim._fused`, ``lr`` then arrives as a 0-dim tensor)."""
+    grad = prepare_grad(param, grad, maximize=maximize, weight_decay=weight_decay)
+    if momentum != 0:
+        if momentum_buffer is None:
+            momentum_buffer = grad.detach().clone()
+        else:
+            momentum_buffer.mul_(momentum).add_(grad, alpha=1 - dampening)
+        grad = grad.add(momentum_buffer, alpha=momentum) if nesterov else momentum_buffer
+    param.add_(grad, alpha=-lr)
+    return momentum_buffer
+
+
+def _sgd_fused(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    """Fused path of the same rule: :func:`_sgd_tensor` compiled by :mod:`optimlab.optim._fused`. A momentum
+    buffer's first step (the buffer is created from the gradient) runs the per-tensor path."""
+    options = {"weight_decay": weight_decay, "momentum": momentum, "dampening": dampening, "nesterov": nesterov,
+               "maximize": maximize}
+    fresh = [i for i in range(len(params)) if momentum != 0 and momentum_buffers[i] is None]
+    for i in fresh:
+        momentum_buffers[i] = _sgd_tensor(params[i], grads[i], None, lr=lr, **options)
+    rest = [i for i in range(len(params)) if i not in set(fresh)]
+    tensor_lists = [params, grads] + ([momentum_buffers] if momentum != 0 else [])
+    fused_step(_sgd_tensor, options)([[tensors[i] for i in rest] for tensors in tensor_lists], {"lr": lr})
 
 
 def _sgd_multi_tensor(
@@ -116,7 +163,8 @@ class SGD(OptimlabOptimizer):
         nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``). Default False.
         maximize: ascend the objective. Default False.
         foreach: multi-tensor path (default: yes on CPU/CUDA).
-        differentiable, fused: not supported (``NotImplementedError`` when true).
+        fused: the compiled fused step (:mod:`optimlab.optim._fused`); ``None`` (default) means off.
+        differentiable: not supported (``NotImplementedError`` when true).
     """
 
     supports_sparse = True
@@ -135,7 +183,7 @@ class SGD(OptimlabOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
     ) -> None:
-        reject_unsupported(type(self).__name__, differentiable=differentiable, fused=fused)
+        reject_unsupported(type(self).__name__, differentiable=differentiable)
         check_lr(lr)
         check_non_negative("momentum", momentum)
         check_in_range("dampening", dampening, 0.0, 1.0, high_inclusive=True)
@@ -166,7 +214,10 @@ class SGD(OptimlabOptimizer):
     ) -> None:
         momentum = group["momentum"]
         buffers = real_views([state.get("momentum_buffer") for state in states]) if momentum != 0 else []
-        rule = _sgd_multi_tensor if self._use_foreach(group, params) else _sgd_single_tensor
+        if resolve_fused(group["fused"], params, type(self).__name__):
+            rule = _sgd_fused
+        else:
+            rule = _sgd_multi_tensor if self._use_foreach(group, params) else _sgd_single_tensor
         rule(
             real_views(params),
             real_views(grads),

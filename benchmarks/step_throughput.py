@@ -1,0 +1,441 @@
+"""Optimizer step throughput: optimlab against torch.optim and peer packages, side by side.
+
+For each algorithm, every implementation (optimlab's fused and foreach paths; torch's fused, foreach
+and for-loop versions where torch has the algorithm; ``pytorch-optimizer``, ``lion-pytorch``,
+``schedulefree`` and ``heavyball`` where they have it) steps the *same* parameters and gradients.
+Implementations are interleaved: each round times a few steps of every implementation, in an order
+rotated from round to round, so that load changes on a shared machine hit every implementation alike;
+the median step time over all rounds is reported.
+
+Reported per implementation: G parameters/s, ms/step, state bytes/parameter, the bytes a step must
+move (``2 * param + grad + 2 * state`` per parameter: every value read once, parameter and state
+written once), the fraction of the streaming bandwidth that this represents (the bandwidth is measured
+in the same run by an in-place ``a += b`` stream), and for compiled paths the first-call compile time.
+
+    python benchmarks/step_throughput.py --out docs [--quick] [--sizes 1M,20M] [--algorithms adamw,lion]
+
+``run(...)`` returns the results as a dict; :func:`to_markdown` renders them; ``benchmarks/run_all.py``
+combines them into ``docs/perf.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from optimlab.io import atomic_write_text
+from optimlab.optim import create_optimizer, state_bytes_per_param
+from optimlab.optim._fused import compile_stats
+from optimlab.progress import progress
+
+Builder = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+
+# name: (total parameters, number of tensors); every tensor is 2-D with rows of ``ROW`` values (or 8 x 8 when small).
+SIZES: dict[str, tuple[int, int]] = {
+    "1M": (1_000_000, 100),
+    "20M": (20_000_000, 100),
+    "200M": (200_000_000, 100),
+    "10k-small": (640_000, 10_000),
+}
+QUICK_SIZES: dict[str, tuple[int, int]] = {"tiny": (20_000, 10), "tiny-small": (6_400, 100)}
+ROW = 1000
+
+
+@dataclass
+class Impl:
+    """One implementation of an algorithm: ``source`` is optimlab, torch or the peer package's name."""
+
+    label: str
+    source: str
+    build: Builder
+    compiles: bool = False
+    note: str = ""
+
+
+@dataclass
+class Algorithm:
+    """An algorithm and its implementations. ``elementwise``: its step streams memory (bandwidth target applies)."""
+
+    name: str
+    impls: list[Impl] = field(default_factory=list)
+    elementwise: bool = True
+    target: str = "3x"  # "torch-fused" (>= 1.0x torch's fused step) or "3x" (>= 3x the best other implementation)
+
+
+def _accepts(name: str, argument: str) -> bool:
+    import inspect
+
+    from optimlab.optim import get_spec
+
+    return argument in inspect.signature(get_spec(name).resolve().__init__).parameters
+
+
+def _optimlab(name: str, fused: bool, **kwargs: Any) -> list[Impl]:
+    """optimlab's fused or multi-tensor implementation of registry entry ``name`` ([] when it has no such path)."""
+    if fused and not _accepts(name, "fused"):
+        return []
+    label = "optimlab fused" if fused else ("optimlab foreach" if _accepts(name, "foreach") else "optimlab")
+    if fused:
+        kwargs = dict(kwargs, fused=True)
+    elif _accepts(name, "foreach"):
+        kwargs = dict(kwargs, foreach=True)
+    return [Impl(label, "optimlab", lambda ps: create_optimizer(ps, name, **kwargs), compiles=fused)]
+
+
+def _torch(cls_name: str, **kwargs: Any) -> list[Impl]:
+    cls = getattr(torch.optim, cls_name)
+    impls = [
+        Impl("torch for-loop", "torch", lambda ps: cls(ps, foreach=False, **kwargs)),
+        Impl("torch foreach", "torch", lambda ps: cls(ps, foreach=True, **kwargs)),
+    ]
+    if cls_name in ("Adam", "AdamW", "SGD", "Adagrad"):
+        impls.append(Impl("torch fused", "torch", lambda ps: cls(ps, fused=True, **kwargs)))
+    return impls
+
+
+def _peer(label: str, module: str, attr: str, setup: Callable[[Any], None] | None = None, **kwargs: Any) -> Impl:
+    def build(ps: list[torch.Tensor]) -> torch.optim.Optimizer:
+        import importlib
+
+        optimizer = getattr(importlib.import_module(module), attr)(ps, **kwargs)
+        if setup is not None:
+            setup(optimizer)
+        return optimizer
+
+    return Impl(label, module.split(".")[0], build, compiles=module == "heavyball")
+
+
+def _train_mode(optimizer: Any) -> None:
+    optimizer.train()
+
+
+def algorithms(include_compiled: bool = True) -> dict[str, Algorithm]:
+    """The benchmark's table: algorithm name -> implementations (compiled ones left out when asked)."""
+    table = {
+        "adamw": Algorithm("adamw", [*_optimlab("adamw", True), *_optimlab("adamw", False), *_torch("AdamW", lr=1e-3),
+                                     _peer("heavyball AdamW", "heavyball", "AdamW", lr=1e-3)], target="torch-fused"),
+        "adam": Algorithm("adam", [*_optimlab("adam", True), *_optimlab("adam", False), *_torch("Adam", lr=1e-3)],
+                          target="torch-fused"),
+        "sgd-momentum": Algorithm("sgd-momentum", [*_optimlab("sgd-momentum", True), *_optimlab("sgd-momentum", False),
+                                                   *_torch("SGD", lr=1e-2, momentum=0.9)], target="torch-fused"),
+        "lion": Algorithm("lion", [*_optimlab("lion", True), *_optimlab("lion", False),
+                                   _peer("lion-pytorch", "lion_pytorch", "Lion", lr=1e-4, use_triton=False),
+                                   _peer("pytorch-optimizer Lion", "pytorch_optimizer", "Lion", lr=1e-4)]),
+        "lamb": Algorithm("lamb", [*_optimlab("lamb", True), *_optimlab("lamb", False),
+                                   _peer("pytorch-optimizer Lamb", "pytorch_optimizer", "Lamb", lr=1e-3)],
+                          elementwise=False),
+        "schedule-free-adamw": Algorithm("schedule-free-adamw", [
+            *_optimlab("schedule-free-adamw", True), *_optimlab("schedule-free-adamw", False),
+            _peer("schedulefree AdamWScheduleFree", "schedulefree", "AdamWScheduleFree", _train_mode, lr=1e-3),
+            _peer("heavyball SFAdamW", "heavyball", "SFAdamW", lr=1e-3)]),
+        "adafactor": Algorithm("adafactor", [*_optimlab("adafactor", True), *_optimlab("adafactor", False),
+                                             Impl("torch for-loop", "torch",
+                                                  lambda ps: torch.optim.Adafactor(ps, lr=1e-2, foreach=False)),
+                                             _peer("pytorch-optimizer AdaFactor", "pytorch_optimizer", "AdaFactor",
+                                                   lr=1e-2)], elementwise=False),
+        "nadam": Algorithm("nadam", [*_optimlab("nadam", True), *_optimlab("nadam", False), *_torch("NAdam", lr=2e-3)]),
+        "radam": Algorithm("radam", [*_optimlab("radam", True), *_optimlab("radam", False), *_torch("RAdam", lr=1e-3)]),
+        "adagrad": Algorithm("adagrad", [*_optimlab("adagrad", True), *_optimlab("adagrad", False),
+                                         *_torch("Adagrad", lr=1e-2)]),
+        "rmsprop": Algorithm("rmsprop", [*_optimlab("rmsprop", True), *_optimlab("rmsprop", False),
+                                         *_torch("RMSprop", lr=1e-3)]),
+        "adamax": Algorithm("adamax", [*_optimlab("adamax", True), *_optimlab("adamax", False),
+                                       *_torch("Adamax", lr=2e-3)]),
+        "adadelta": Algorithm("adadelta", [*_optimlab("adadelta", True), *_optimlab("adadelta", False),
+                                           *_torch("Adadelta", lr=1.0)]),
+        "adamw-bf16-state": Algorithm("adamw-bf16-state", [
+            *_optimlab("adamw", True, state_dtype="bfloat16"), *_optimlab("adamw", False, state_dtype="bfloat16"),
+            *[impl for impl in _torch("AdamW", lr=1e-3) if impl.label == "torch fused"]], target="lowp-1.3"),
+        "adamw-int8-state": Algorithm("adamw-int8-state", [
+            *_optimlab("adamw", True, state_dtype="int8"), *_optimlab("adamw", False, state_dtype="int8"),
+            *[impl for impl in _torch("AdamW", lr=1e-3) if impl.label == "torch fused"]], target="lowp-1.5"),
+    }
+    if not include_compiled:
+        for algorithm in table.values():
+            algorithm.impls = [impl for impl in algorithm.impls if not impl.compiles]
+    return table
+
+
+def make_params(total: int, count: int, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    """``count`` 2-D tensors holding ``total`` values in all, each with a random gradient attached."""
+    generator = torch.Generator().manual_seed(seed)
+    per_tensor = max(total // count, 1)
+    shape = (max(per_tensor // ROW, 1), ROW) if per_tensor >= ROW else (8, max(per_tensor // 8, 1))
+    params = []
+    for _ in range(count):
+        param = torch.randn(shape, generator=generator).to(dtype)
+        param.grad = (torch.randn(shape, generator=generator) * 1e-2).to(dtype)
+        params.append(param)
+    return params
+
+
+def stream_bandwidth(numel: int, repeats: int = 5) -> float:
+    """In-place streaming bandwidth in bytes/s: median time of ``a += b`` over fp32 buffers (12 bytes/element)."""
+    a, b = torch.ones(numel), torch.ones(numel)
+    a.add_(b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a.add_(b)
+        times.append(time.perf_counter() - start)
+    return 12 * numel / statistics.median(times)
+
+
+def step_bytes_per_param(param_bytes: int, state_per_param: float) -> float:
+    """Bytes one step must move per parameter: parameter read and written, gradient read, state read and written."""
+    return 3 * param_bytes + 2 * state_per_param
+
+
+def _compile_seconds() -> float:
+    return sum(entry["compile_seconds"] for entry in compile_stats().values())
+
+
+def measure(algorithm: Algorithm, total: int, count: int, dtype: torch.dtype, *, rounds: int, steps: int,
+            bandwidth: float) -> list[dict[str, Any]]:
+    """Interleaved timing of every implementation of ``algorithm`` on shared parameters; one row per implementation."""
+    params = make_params(total, count, dtype)
+    grads = [p.grad for p in params]
+
+    def restore_grads() -> None:  # some peers (heavyball) clear or reuse ``.grad`` after their step
+        for param, grad in zip(params, grads):
+            param.grad = grad
+
+    numel = sum(p.numel() for p in params)
+    rows: dict[str, dict[str, Any]] = {}
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    for impl in algorithm.impls:
+        row: dict[str, Any] = {"algorithm": algorithm.name, "impl": impl.label, "source": impl.source,
+                               "params": numel, "tensors": count, "dtype": str(dtype).replace("torch.", "")}
+        rows[impl.label] = row
+        try:
+            optimizer = impl.build(params)
+            before = _compile_seconds()
+            start = time.perf_counter()
+            optimizer.step()  # warm-up: lazy state, compilation
+            row["first_step_s"] = time.perf_counter() - start
+            row["compile_s"] = _compile_seconds() - before if impl.source == "optimlab" else None
+            if impl.compiles and row["compile_s"] is None:
+                row["compile_s"] = row["first_step_s"]
+            restore_grads()
+            optimizer.step()
+            restore_grads()
+            optimizers[impl.label] = optimizer
+        except Exception as error:  # a peer or path that cannot run this configuration is reported, not fatal
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}"
+    times: dict[str, list[float]] = {label: [] for label in optimizers}
+    labels = list(optimizers)
+    for round_index in range(rounds):
+        shift = round_index % max(len(labels), 1)
+        for label in labels[shift:] + labels[:shift]:
+            for _ in range(steps):
+                start = time.perf_counter()
+                optimizers[label].step()
+                times[label].append(time.perf_counter() - start)
+                restore_grads()
+    for label, optimizer in optimizers.items():
+        seconds = statistics.median(times[label])
+        state_per_param = state_bytes_per_param(optimizer)
+        moved = step_bytes_per_param(params[0].element_size(), state_per_param)
+        rows[label].update({
+            "ms_per_step": 1e3 * seconds,
+            "gparams_per_s": numel / seconds / 1e9,
+            "state_bytes_per_param": state_per_param,
+            "bytes_per_param_moved": moved,
+            "bandwidth_fraction": moved * numel / seconds / bandwidth,
+        })
+    del optimizers, params
+    gc.collect()
+    return list(rows.values())
+
+
+def machine_description() -> dict[str, Any]:
+    """CPU model, core count, memory, torch version and threads (and the GPU when one is used)."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory_gib = None
+    try:
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        memory_gib = round(pages * page_size / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "memory_gib": memory_gib, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def default_plan(quick: bool) -> list[tuple[str, str, torch.dtype, list[str] | None]]:
+    """(size, algorithm, dtype, implementation labels or None for all) in the order they are run."""
+    if quick:
+        return [(size, name, torch.float32, None) for size in QUICK_SIZES for name in ("adamw", "lion")]
+    every = list(algorithms())
+    core = ["adamw", "adam", "sgd-momentum", "adamw-bf16-state", "adamw-int8-state"]
+    plan: list[tuple[str, str, torch.dtype, list[str] | None]] = []
+    plan += [("1M", name, torch.float32, None) for name in every]
+    plan += [("20M", name, torch.float32, None) for name in every]
+    plan += [("20M", name, torch.bfloat16, None) for name in ("adamw", "sgd-momentum", "lion")]
+    plan += [("10k-small", name, torch.float32, None) for name in ("adamw", "sgd-momentum", "lion")]
+    plan += [("200M", name, torch.float32, ["optimlab fused", "optimlab foreach", "torch fused"]) for name in core]
+    return plan
+
+
+def run(quick: bool = False, sizes: list[str] | None = None, names: list[str] | None = None,
+        include_compiled: bool = True, rounds: int | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Run the benchmark and return ``{"machine", "bandwidth_gbs", "rows", "config"}``.
+
+    ``quick``: tiny sizes and two rounds (checks the bookkeeping, not the speed); ``sizes`` / ``names``
+    filter the plan; ``include_compiled=False`` leaves out implementations that compile.
+    """
+    table = algorithms(include_compiled)
+    all_sizes = {**SIZES, **QUICK_SIZES}
+    plan = [entry for entry in default_plan(quick)
+            if (sizes is None or entry[0] in sizes) and (names is None or entry[1] in names)]
+    rounds = rounds or (2 if quick else 7)
+    bandwidth = stream_bandwidth(1 << (18 if quick else 26))
+    rows: list[dict[str, Any]] = []
+    with progress("step throughput", total=len(plan), quiet=quiet, unit="configs") as bar:
+        for size, name, dtype, labels in plan:
+            algorithm = table[name]
+            if labels is not None:
+                algorithm = Algorithm(algorithm.name, [i for i in algorithm.impls if i.label in labels],
+                                      algorithm.elementwise, algorithm.target)
+            total, count = all_sizes[size]
+            steps = 1 if total >= 100_000_000 else 3
+            for row in measure(algorithm, total, count, dtype, rounds=rounds if total < 100_000_000 else 5,
+                               steps=steps, bandwidth=bandwidth):
+                row["size"] = size
+                rows.append(row)
+            bar.advance(1, last=f"{size}/{name}")
+    return {"machine": machine_description(), "bandwidth_gbs": bandwidth / 1e9, "rows": rows,
+            "config": {"quick": quick, "rounds": rounds, "elementwise": {n: a.elementwise for n, a in table.items()},
+                       "targets": {n: a.target for n, a in table.items()}}}
+
+
+def _best(rows: list[dict[str, Any]], predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+    candidates = [r for r in rows if predicate(r) and "ms_per_step" in r]
+    return min(candidates, key=lambda r: r["ms_per_step"]) if candidates else None
+
+
+def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target of the performance issue as ``{"target", "size", "ratio", "required", "met", "detail"}``."""
+    rows = results["rows"]
+    targets = results["config"]["targets"]
+    elementwise = results["config"]["elementwise"]
+    verdicts: list[dict[str, Any]] = []
+    configs = sorted({(r["size"], r["algorithm"], r["dtype"]) for r in rows})
+    for size, name, dtype in configs:
+        here = [r for r in rows if (r["size"], r["algorithm"], r["dtype"]) == (size, name, dtype)]
+        ours = _best(here, lambda r: r["source"] == "optimlab")
+        if ours is None:
+            continue
+        kind = targets.get(name, "3x")
+        if size.endswith("small"):
+            theirs = _best(here, lambda r: r["impl"] in ("torch fused", "torch foreach"))
+            required, label = 1.0, "10k small tensors: >= torch fused/foreach"
+        elif kind == "torch-fused":
+            theirs = _best(here, lambda r: r["impl"] == "torch fused")
+            required, label = 1.0, ">= 1.0x torch fused"
+        elif kind.startswith("lowp-"):
+            fp32 = [r for r in rows if r["size"] == size and r["algorithm"] == "adamw" and r["dtype"] == dtype]
+            theirs = _best(fp32 + here, lambda r: r["impl"] == "torch fused")
+            required, label = float(kind.split("-")[1]), f">= {kind.split('-')[1]}x torch fused fp32 AdamW"
+        else:
+            theirs = _best(here, lambda r: r["source"] != "optimlab")
+            required, label = 3.0, ">= 3x best torch/peer"
+        if theirs is None:
+            continue
+        ratio = theirs["ms_per_step"] / ours["ms_per_step"]
+        verdict = {"target": label, "algorithm": name, "size": size, "dtype": dtype, "ours": ours["impl"],
+                   "theirs": theirs["impl"], "ratio": ratio, "required": required, "met": ratio >= required}
+        if kind == "3x" and elementwise.get(name, True) and not size.endswith("small"):
+            verdict["bandwidth_fraction"] = ours["bandwidth_fraction"]
+            verdict["met"] = verdict["met"] and ours["bandwidth_fraction"] >= 0.8
+        verdicts.append(verdict)
+    return verdicts
+
+
+def _fmt(value: Any, digits: str = ".3g") -> str:
+    if value is None:
+        return "–"
+    return format(value, digits) if isinstance(value, float) else str(value)
+
+
+def to_markdown(results: dict[str, Any]) -> str:
+    """Markdown: machine, bandwidth, one table per (size, dtype), then the targets with their verdicts."""
+    machine = results["machine"]
+    lines = [
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB, torch {machine['torch']} "
+        f"({machine['torch_threads']} threads, {machine['cpu_capability']}), Python {machine['python']}.",
+        f"Streaming bandwidth measured in this run (in-place `a += b`): **{results['bandwidth_gbs']:.1f} GB/s**.",
+        "",
+    ]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in results["rows"]:
+        groups.setdefault((row["size"], row["dtype"]), []).append(row)
+    for (size, dtype), rows in groups.items():
+        lines += [f"#### {size} parameters ({rows[0]['tensors']} tensors), {dtype}", "",
+                  "| algorithm | implementation | G params/s | ms/step | fraction of bandwidth | state B/param "
+                  "| compile s |", "|---|---|---:|---:|---:|---:|---:|"]
+        for row in rows:
+            if "error" in row:
+                lines.append(f"| {row['algorithm']} | {row['impl']} | – | – | – | – | {row['error']} |")
+                continue
+            lines.append(f"| {row['algorithm']} | {row['impl']} | {row['gparams_per_s']:.3f} | "
+                         f"{row['ms_per_step']:.2f} | {row['bandwidth_fraction']:.0%} | "
+                         f"{row['state_bytes_per_param']:.2f} | {_fmt(row.get('compile_s'), '.1f')} |")
+        lines.append("")
+    verdicts = evaluate_targets(results)
+    if verdicts:
+        lines += ["#### Targets", "", "| algorithm | size | dtype | target | ours | against | ratio | bandwidth | met |",
+                  "|---|---|---|---|---|---|---:|---:|---|"]
+        for v in verdicts:
+            lines.append(f"| {v['algorithm']} | {v['size']} | {v['dtype']} | {v['target']} | {v['ours']} | "
+                         f"{v['theirs']} | {v['ratio']:.2f}x | {_fmt(v.get('bandwidth_fraction'), '.0%')} | "
+                         f"{'yes' if v['met'] else '**no**'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write(results: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
+    """Write ``step_throughput.json`` and ``step_throughput.md`` into ``out`` (atomically); return both paths."""
+    out = Path(out)
+    json_path, md_path = out / "step_throughput.json", out / "step_throughput.md"
+    atomic_write_text(json_path, json.dumps(results, indent=1, default=str))
+    atomic_write_text(md_path, to_markdown(results))
+    return json_path, md_path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: ``--out DIR`` (default docs), ``--quick``, ``--sizes``, ``--algorithms``, ``--rounds``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="docs")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sizes", default=None, help="comma-separated subset of " + ",".join(SIZES))
+    parser.add_argument("--algorithms", default=None, help="comma-separated subset of " + ",".join(algorithms()))
+    parser.add_argument("--rounds", type=int, default=None)
+    args = parser.parse_args(argv)
+    results = run(args.quick, sizes=args.sizes.split(",") if args.sizes else None,
+                  names=args.algorithms.split(",") if args.algorithms else None, rounds=args.rounds)
+    for path in write(results, args.out):
+        print(path)
+    print(to_markdown(results))
+
+
+if __name__ == "__main__":
+    main()

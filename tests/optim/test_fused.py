@@ -1,0 +1,211 @@
+"""The fused (torch.compile) step: parity with the per-tensor reference, no recompiles under an LR
+schedule, state_dict compatibility, and the fallback with a one-time warning.
+
+Compiling is slow (seconds per graph), so every case here uses the same tensor layout and few
+distinct constant configurations; each configuration compiles one or two small graphs once per run.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+
+from optimlab.optim import SGD, Adam, AdamW, Lion
+from optimlab.optim import _fused
+from optimlab.optim._fused import DISABLE_ENV, FusedStep, fused_step, fused_unavailable_reason, resolve_fused
+from optimlab.optim.adam import _adam_tensor
+
+STEPS = 20
+
+
+@dataclass(frozen=True)
+class FusedCase:
+    id: str
+    cls: type
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    dtype: torch.dtype = torch.float64
+    rtol: float = 1e-12
+    skip_grads: bool = False  # one parameter has no gradient on some steps (its step count falls behind)
+
+
+CASES = [
+    FusedCase("adam-amsgrad-l2-f64", Adam, {"lr": 1e-2, "amsgrad": True, "weight_decay": 0.1}, skip_grads=True),
+    FusedCase("adamw-maximize-f64", AdamW, {"lr": 1e-2, "betas": (0.8, 0.99), "maximize": True}),
+    FusedCase("adamw-f32", AdamW, {"lr": 1e-2}, torch.float32, 1e-6),
+    FusedCase("sgd-nesterov-l2-f64", SGD, {"lr": 1e-2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
+    FusedCase("lion-decay-f64", Lion, {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1}),
+]
+
+
+def _param_groups(dtype: torch.dtype, generator: torch.Generator) -> list[dict[str, Any]]:
+    """Two groups (different lr): 2-D and 1-D contiguous tensors (compiled), a 0-dim and a transposed
+    one (the same rule, uncompiled)."""
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, dtype=dtype)
+
+    return [
+        {"params": [randn(7, 5), randn(13), randn(), randn(6, 4).t()]},
+        {"params": [randn(3, 3), randn(4)], "lr_scale": 0.5},
+    ]
+
+
+def _build(case: FusedCase, fused: bool, seed: int = 0) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
+    groups = _param_groups(case.dtype, torch.Generator().manual_seed(seed))
+    lr = case.kwargs["lr"]
+    for group in groups:
+        group["lr"] = lr * group.pop("lr_scale", 1.0)
+    options = dict(case.kwargs, fused=True) if fused else dict(case.kwargs, foreach=False)
+    optimizer = case.cls(groups, **options)
+    return optimizer, [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _set_grads(params: list[torch.Tensor], step: int, skip: bool) -> None:
+    generator = torch.Generator().manual_seed(1000 + step)
+    for index, param in enumerate(params):
+        grad = torch.randn(param.shape, generator=generator, dtype=param.dtype)
+        param.grad = None if (skip and index == 1 and step % 3 == 1) else grad
+
+
+def _max_relative_error(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    return max(((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item() for a, e in zip(actual, expected))
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [value for p in params for key, value in sorted(optimizer.state[p].items()) if torch.is_tensor(value)]
+
+
+def _run_pair(case: FusedCase, steps: int = STEPS) -> tuple[Any, list[torch.Tensor], Any, list[torch.Tensor]]:
+    fused, fused_params = _build(case, fused=True)
+    reference, reference_params = _build(case, fused=False)
+    for step in range(steps):
+        _set_grads(fused_params, step, case.skip_grads)
+        _set_grads(reference_params, step, case.skip_grads)
+        fused.step()
+        reference.step()
+    return fused, fused_params, reference, reference_params
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
+def test_fused_matches_per_tensor_reference(case: FusedCase) -> None:
+    fused, fused_params, reference, reference_params = _run_pair(case)
+    assert _max_relative_error(fused_params, reference_params) <= case.rtol
+    fused_state, reference_state = _state_tensors(fused, fused_params), _state_tensors(reference, reference_params)
+    assert len(fused_state) == len(reference_state) > 0
+    assert _max_relative_error(fused_state, reference_state) <= case.rtol
+    # the parameters really moved, and the compiled path (not only the uncompiled leftovers) ran
+    initial, _ = _build(case, fused=False)
+    assert _max_relative_error(fused_params, [p for g in initial.param_groups for p in g["params"]]) > 1e-4
+    assert sum(entry["compiles"] for entry in _fused.compile_stats().values()) > 0
+
+
+def test_lr_schedule_causes_no_recompilation() -> None:
+    case = CASES[2]  # AdamW float32: its graph is shared with the parity test
+    fused, fused_params = _build(case, fused=True)
+    reference, reference_params = _build(case, fused=False)
+    schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50) for opt in (fused, reference)]
+    step_fn = fused_step(_adam_tensor, {"weight_decay": 1e-2, "amsgrad": False, "maximize": False,
+                                        "decoupled_weight_decay": True})
+    compiles_after_first_step = None
+    lrs = set()
+    for step in range(50):
+        _set_grads(fused_params, step, False)
+        _set_grads(reference_params, step, False)
+        fused.step()
+        reference.step()
+        if compiles_after_first_step is None:
+            compiles_after_first_step = step_fn.compiles
+        for scheduler in schedulers:
+            scheduler.step()
+        lrs.add(fused.param_groups[0]["lr"])
+    assert len(lrs) == 50  # every step saw a new learning rate
+    assert compiles_after_first_step >= 1
+    assert step_fn.compiles == compiles_after_first_step
+    assert _max_relative_error(fused_params, reference_params) <= 1e-6
+
+
+def test_state_dict_moves_between_fused_and_reference() -> None:
+    case = CASES[2]
+    fused, fused_params, reference, reference_params = _run_pair(case, steps=5)
+    # fused -> per-tensor and per-tensor -> fused, then 5 more steps on each side
+    continued_reference, continued_reference_params = _build(case, fused=False)
+    continued_fused, continued_fused_params = _build(case, fused=True)
+    with torch.no_grad():
+        for target, source in zip(continued_reference_params, fused_params):
+            target.copy_(source)
+        for target, source in zip(continued_fused_params, reference_params):
+            target.copy_(source)
+    continued_reference.load_state_dict(fused.state_dict())
+    continued_fused.load_state_dict(reference.state_dict())
+    # torch.optim semantics: the loaded param-group settings (fused/foreach included) replace the current ones
+    assert continued_reference.param_groups[0]["fused"] is True
+    assert continued_fused.param_groups[0]["fused"] is None
+    for group in continued_reference.param_groups:
+        group["fused"], group["foreach"] = None, False
+    for group in continued_fused.param_groups:
+        group["fused"] = True
+    for step in range(5, 10):
+        for params in (continued_reference_params, continued_fused_params):
+            _set_grads(params, step, False)
+        continued_reference.step()
+        continued_fused.step()
+    assert _max_relative_error(continued_fused_params, continued_reference_params) <= 1e-6
+    assert continued_fused.state_dict()["param_groups"][0]["fused"] is True
+    assert _max_relative_error(_state_tensors(continued_fused, continued_fused_params),
+                               _state_tensors(continued_reference, continued_reference_params)) <= 1e-6
+
+
+def test_disabled_by_environment_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DISABLE_ENV, "1")
+    monkeypatch.setattr(_fused, "_warned", set())
+    case = FusedCase("adamw-f64", AdamW, {"lr": 1e-2})
+    with pytest.warns(RuntimeWarning, match=rf"AdamW\(fused=True\).*{DISABLE_ENV}=1.*foreach") as record:
+        fused, fused_params, reference, reference_params = _run_pair(case, steps=3)
+    assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
+    assert _max_relative_error(fused_params, reference_params) <= 1e-12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # shown once per process, not once per step or per optimizer
+        param = torch.zeros(2, requires_grad=True)
+        param.grad = torch.ones(2)
+        AdamW([param], fused=True).step()
+
+
+def test_unavailable_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(DISABLE_ENV, raising=False)
+    assert fused_unavailable_reason("cpu") is None
+    for value in ("0", "false", ""):
+        monkeypatch.setenv(DISABLE_ENV, value)
+        assert fused_unavailable_reason("cpu") is None
+    monkeypatch.delenv(DISABLE_ENV)
+    monkeypatch.setattr(_fused, "_has_cpp_compiler", lambda: False)
+    assert "C++ compiler" in fused_unavailable_reason("cpu")
+    assert fused_unavailable_reason("meta") is not None
+    monkeypatch.setattr(_fused, "_warned", set())
+    params = [torch.zeros(3)]
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        assert resolve_fused(True, params, "Adam") is False
+
+
+def test_fused_is_off_by_default_and_for_sparse_gradients() -> None:
+    param = torch.zeros(4)
+    assert resolve_fused(None, [param], "SGD") is False
+    assert resolve_fused(False, [param], "SGD") is False
+    param.grad = torch.zeros(4).to_sparse()
+    assert resolve_fused(True, [param], "SGD") is False
+
+
+def test_invalid_chunk_size() -> None:
+    with pytest.raises(ValueError, match=r"Invalid chunk_size: 0 \(accepted range: >= 1\)"):
+        FusedStep(_adam_tensor, chunk_size=0)
+
+
+def test_compile_time_is_reported() -> None:
+    case = CASES[2]
+    _run_pair(case, steps=1)
+    stats = _fused.compile_stats()
+    assert stats["_adam_tensor"]["compiles"] >= 1
+    assert stats["_adam_tensor"]["compile_seconds"] > 0
