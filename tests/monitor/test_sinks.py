@@ -48,6 +48,10 @@ def test_csv_widens_its_header_and_appends(tmp_path: Path) -> None:
     sink.write(1, {"a": 1.0})
     sink.write(2, {"a": 2.0, "b": 3.0})
     sink.close()
+    fresh = CSVSink(tmp_path / "new.csv", append=True)  # appending to a file that does not exist yet
+    fresh.write(1, {"a": 1.0})
+    fresh.close()
+    assert (tmp_path / "new.csv").read_text().splitlines() == ["step,a", "1,1.0"]
     appended = CSVSink(path, append=True)
     appended.write(3, {"b": 4.0, "a": 5.0})
     appended.close()

@@ -73,7 +73,7 @@ class CSVSink(_FileSink):
     def __init__(self, path: str | os.PathLike[str], append: bool = False) -> None:
         super().__init__(path, append)
         self.columns: list[str] = []
-        if append and self.path.stat().st_size > 0:
+        if append and self.path.exists() and self.path.stat().st_size > 0:
             with open(self.path, newline="", encoding="utf-8") as handle:
                 self.columns = next(csv.reader(handle), [])
 
