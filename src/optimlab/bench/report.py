@@ -172,6 +172,11 @@ def write_report(store: Store, run_id: int, out: str | Path) -> Path:
             f"({'lower' if info['mode'] == 'min' else 'higher'} is better), target {info['target']:g}, "
             f"{info['steps']} steps per trial.</p>{verdict}{_table(task_rows, winner)}{images}</section>"
         )
+    overview = "".join(
+        f'<tr><td class="name"><a href="#{_slug(task)}">{html.escape(task)}</a></td>'
+        f'<td class="name">{html.escape(row["optimizer"])}</td><td class="name">{html.escape(row["metric"])}</td>'
+        f"{_cell(row['metric_mean'])}</tr>"
+        for task, row in sorted(best.items()))
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>optimlab bench run {run_id}</title>
 <style>{_STYLE}</style></head><body>
@@ -181,6 +186,9 @@ Command: <code>{html.escape(run['command'] or '—')}</code></p>
 <p>Every optimizer had {config['trials']} tuning trials (Optuna TPE, seed {config['seed']}, searching
 {html.escape(', '.join(config['tune']))}); its best configuration was rerun with {config['seeds']} seeds.
 Means and standard deviations are over those seeds.</p>
+<h2>Winners</h2>
+<table class="winners"><tr><th>task</th><th>best optimizer</th><th>metric</th><th>mean over seeds</th></tr>
+{overview}</table>
 {''.join(sections)}
 </body></html>
 """
