@@ -89,10 +89,9 @@ class OptimizerMonitor:
                             for group in groups]
         self._grad_norms = []
         for buffers, group in zip(self._before, groups):
-            params = [p.detach() for p in group["params"]]
-            if params:
-                torch._foreach_copy_(buffers, params)
-            with_grad = [i for i, p in enumerate(params) if group["params"][i].grad is not None]
+            if group["params"]:
+                torch._foreach_copy_(buffers, [p.detach() for p in group["params"]])
+            with_grad = [i for i, p in enumerate(group["params"]) if p.grad is not None]
             grads = [group["params"][i].grad for i in with_grad]
             grads = [g.coalesce().values() if g.is_sparse else g for g in grads]
             self._grad_norms.append((with_grad, per_tensor_norms(grads)))
