@@ -4,19 +4,30 @@ Usage: ``torchrun --nproc-per-node 2 ddp_worker.py ROOT DATA``. Joins the proces
 every scenario the test checks, each in its own folder under ROOT:
 
 * ``ddp-a{accum}-z{zero}``: per-rank batch 4, 26 planned steps, stopped (and checkpointed) at step 20;
+  ``comm.json`` there counts DDP's gradient all-reduces of its first bucket (a communication hook);
 * ``zero-from-single``: resumes ``single-a1`` (a single-process checkpoint at step 20, copied there by the
   test) with ``--zero`` and trains to step 26.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: DDP checks the hook's annotations at registration.
+import json
 import sys
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from train_helpers import DDP_STEPS, DDP_STOP, tiny_config
 
 from optimlab.train.distributed import init_distributed, shutdown
 from optimlab.train.trainer import Trainer
+
+
+def _counting_allreduce(reduced: list, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP's default gradient averaging, noting which bucket each call reduced."""
+    reduced.append(bucket.index())
+    return allreduce_hook(None, bucket)
 
 
 def main(root: Path, data: Path) -> None:
@@ -27,8 +38,13 @@ def main(root: Path, data: Path) -> None:
                 config = tiny_config(root / f"ddp-a{accum}-z{int(zero)}", data, batch_size=4, accum=accum, zero=zero,
                                      steps=DDP_STEPS)
                 trainer = Trainer(config, context, quiet=True)
+                reduced: list[int] = []
+                trainer.ddp_model.register_comm_hook(reduced, _counting_allreduce)
                 trainer.train(stop_at=DDP_STOP)
                 trainer.close()
+                if context.is_main:
+                    counts = {"first_bucket": reduced.count(0)}
+                    (Path(config.out_dir) / "comm.json").write_text(json.dumps(counts))
         config = tiny_config(root / "zero-from-single", data, batch_size=4, zero=True, steps=DDP_STEPS)
         trainer = Trainer(config, context, resume=True, quiet=True)
         trainer.train()

@@ -69,6 +69,8 @@ def test_two_processes_equal_one_process_with_twice_the_batch(ddp_runs: Path, ac
     assert (parallel["epoch"], parallel["batch_in_epoch"]) == (single["epoch"], single["batch_in_epoch"])
     assert _max_difference(parallel["model"], single["model"]) < TOLERANCE
     assert len(parallel["rng"]) == 2  # every rank's generators are saved
+    comm = json.loads((ddp_runs / f"ddp-a{accum}-z{int(zero)}" / "comm.json").read_text())
+    assert comm["first_bucket"] == DDP_STOP  # one gradient all-reduce per optimizer step: no_sync on the others
     val_losses = [json.loads((ddp_runs / name / SUMMARY_NAME).read_text())["val_loss"]
                   for name in (f"ddp-a{accum}-z{int(zero)}", f"single-a{accum}-at{DDP_STOP}")]
     assert val_losses[0] == pytest.approx(val_losses[1], abs=TOLERANCE)  # sharded evaluation, all-reduced
