@@ -24,6 +24,7 @@ import queue
 import signal
 import statistics
 import sys
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -280,6 +281,7 @@ def run_bench(config: BenchConfig, db_path: str | Path, *, jobs: int = 1, quiet:
     with progress(f"bench run {run_id}", total=total, quiet=quiet, unit="trials") as bar:
         bar.advance(skipped)
         steps_total = 0
+        started = time.perf_counter()
 
         def on_event(event: Event) -> None:
             nonlocal steps_total
@@ -287,7 +289,8 @@ def run_bench(config: BenchConfig, db_path: str | Path, *, jobs: int = 1, quiet:
             steps_total += steps
             result.trials_run += 1
             result.diverged += status == "diverged"
-            bar.advance(1, study=label, steps=steps_total, diverged=result.diverged)
+            step_rate = steps_total / max(time.perf_counter() - started, 1e-9)
+            bar.advance(1, study=label, steps=steps_total, steps_per_s=round(step_rate), diverged=result.diverged)
 
         try:
             if jobs == 1:
