@@ -51,14 +51,16 @@ def _open_store(db: Path, must_exist: bool = True) -> Any:
 
 
 def _summary_table(rows: list[dict[str, Any]], title: str) -> Table:
+    """Best configuration per study; the schedule and clip columns appear only when they vary."""
+    varying = [key for key in ("schedule", "clip") if len({row[key] for row in rows}) > 1]
     table = Table(title=title)
-    for column in ("task", "optimizer", "schedule", "clip", "best params", "metric (mean ± std)", "reached",
-                   "steps→target", "ms/step", "state B/param", "diverged (tune/final)"):
+    for column in ("task", "optimizer", *varying, "best params", "metric mean ± std", "reached", "steps→target",
+                   "ms/step", "state B/param", "diverged tune/final"):
         table.add_column(column)
     for row in rows:
         mean, std = row["metric_mean"], row["metric_std"]
         table.add_row(
-            row["task"], row["optimizer"], row["schedule"], row["clip"], _params(row["params"]),
+            row["task"], row["optimizer"], *(row[key] for key in varying), _params(row["params"]),
             f"{row['metric']} {_fmt(mean)} ± {_fmt(std, 2)}" if mean is not None else "diverged",
             f"{row['reached']}/{row['n_seeds']}", _fmt(row["steps_to_target_mean"]), _fmt(row["ms_per_step"], 3),
             _fmt(row["state_bytes_per_param"], 3), f"{row['tune_diverged']}/{row['n_diverged']}",
