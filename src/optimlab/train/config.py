@@ -11,7 +11,7 @@ Defaults and why:
 * ``clip = "norm:1.0"``: global L2-norm clipping at 1.0, as GPT-2/3 training.
 * ``--quick`` (:meth:`TrainConfig.quick`) is a 2-layer, 64-wide model (context 64, batch 32) on 400k
   characters for 400 steps at peak LR 3e-3 (a model this small tolerates, and needs, a larger rate):
-  the validation loss falls from 4.42 to about 1.83 in under a minute on 2 CPU cores.
+  the validation loss falls from 4.43 to 1.83 in about a minute on 2 (busy) CPU cores.
 """
 
 from __future__ import annotations
