@@ -1,0 +1,1 @@
+"""Tests of optimlab.monitor (a package so that test module names cannot clash with other folders)."""
