@@ -261,3 +261,19 @@ def test_killed_run_resumes_exactly(tmp_path: Path, text_file: Path, one_thread:
     assert resumed_losses == full_losses[at:]
     _assert_same_state(full, resumed)
     assert _metric_rows(killed) == _metric_rows(tmp_path / "full")
+
+
+def test_bf16_autocast_tracks_fp32(tmp_path: Path, text_file: Path) -> None:
+    _, fp32 = _train(tiny_config(tmp_path / "fp32", text_file, steps=4))
+    bf16_trainer, bf16 = _train(tiny_config(tmp_path / "bf16", text_file, steps=4, precision="bf16"))
+    assert all(p.dtype == torch.float32 for p in bf16_trainer.model.parameters())  # autocast, fp32 master weights
+    assert bf16 != fp32  # bf16 matmuls really ran
+    np.testing.assert_allclose(bf16, fp32, rtol=0, atol=0.05)
+
+
+def test_config_json_roundtrip_and_unknown_fields(tmp_path: Path, text_file: Path) -> None:
+    config = tiny_config(tmp_path, text_file, layer_decay=0.7)
+    config.save(tmp_path / "config.json")
+    assert TrainConfig.load(tmp_path / "config.json") == config
+    with pytest.raises(ValueError, match="Unknown TrainConfig field.*n_layers"):
+        TrainConfig.from_dict({**config.to_dict(), "n_layers": 3})
