@@ -34,10 +34,10 @@ WARMUP_STEPS = 10  # per setup, before timing: allocator, Adam state, the monito
 MODES: dict[str, int | None] = {"no monitor": None, "every=10": 10, "every=1": 1}
 
 
-def build_mlp(device: torch.device) -> nn.Module:
-    """The benchmark's MLP: Linear-ReLU-Linear-ReLU-Linear with :data:`WIDTHS` (about 10M parameters)."""
+def build_mlp(device: torch.device, widths: tuple[int, ...] = WIDTHS) -> nn.Module:
+    """The benchmark's MLP: Linear layers of ``widths`` with ReLU between (:data:`WIDTHS`: about 10M parameters)."""
     layers: list[nn.Module] = []
-    for index, (fan_in, fan_out) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:])):
+    for index, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
         if index:
             layers.append(nn.ReLU())
         layers.append(nn.Linear(fan_in, fan_out))
@@ -69,18 +69,19 @@ def _overheads(medians: dict[str, float]) -> dict[str, float]:
     return {mode: 100.0 * (value / baseline - 1.0) for mode, value in medians.items() if mode != "no monitor"}
 
 
-def run(quick: bool = False, device: str | None = None) -> dict[str, Any]:
-    """Measure the monitor's overhead; ``quick`` uses fewer rounds and shorter blocks. Returns a dict with
-    the per-mode median step times (ms), overheads (%), all samples and the setup."""
+def run(quick: bool = False, device: str | None = None, widths: tuple[int, ...] = WIDTHS) -> dict[str, Any]:
+    """Measure the monitor's overhead; ``quick`` uses fewer rounds and shorter blocks (``widths`` shrinks the
+    model for tests). Returns a dict with the per-mode median step times (ms), overheads (%), all samples
+    and the setup."""
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rounds, block = (3, 10) if quick else (9, 20)
     torch.manual_seed(0)
-    inputs = torch.randn(BATCH_SIZE, WIDTHS[0], device=target)
-    targets = torch.randn(BATCH_SIZE, WIDTHS[-1], device=target)
+    inputs = torch.randn(BATCH_SIZE, widths[0], device=target)
+    targets = torch.randn(BATCH_SIZE, widths[-1], device=target)
     setups: dict[str, tuple[nn.Module, torch.optim.Optimizer, OptimizerMonitor | None]] = {}
     for mode, every in MODES.items():
         torch.manual_seed(0)
-        model = build_mlp(target)
+        model = build_mlp(target, widths)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         monitor = OptimizerMonitor(optimizer, every=every, sinks=[MemorySink()]) if every else None
         _time_block(model, optimizer, WARMUP_STEPS, inputs, targets)
