@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/optimlab demo functions --out $(OUT)
+	$(VENV)/bin/optimlab bench --quick --db $(OUT)/optimlab.db
+	$(VENV)/bin/optimlab report latest --db $(OUT)/optimlab.db -o $(OUT)/report
 
 test: $(STAMP)
 	$(PY) -m pytest -q
