@@ -155,10 +155,12 @@ def launch(worker_args: list[str], nproc_per_node: int, *, master_addr: str = "1
     elif port_in_use(master_addr, master_port):
         raise LaunchError(f"port {master_port} on {master_addr} is already in use (another job is listening "
                           "there): pass a free --master-port, or --master-port 0 to pick one")
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc_per_node, run_id=uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint=f"{master_addr}:{master_port}",
                           rdzv_configs={"is_host": True}, max_restarts=0, monitor_interval=0.1)
+    threads_set = "OMP_NUM_THREADS" in os.environ  # the workers inherit this process's environment
+    if not threads_set:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc_per_node))
     try:
         elastic_launch(config, entrypoint=sys.executable)("-u", "-m", "optimlab.train", *worker_args)
     except ChildFailedError as error:
@@ -166,4 +168,7 @@ def launch(worker_args: list[str], nproc_per_node: int, *, master_addr: str = "1
     except RendezvousError as error:
         raise LaunchError(f"could not start the workers' rendezvous at {master_addr}:{master_port} "
                           f"(is the port in use?): {error}") from None
+    finally:
+        if not threads_set:
+            del os.environ["OMP_NUM_THREADS"]
 
