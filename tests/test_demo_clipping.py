@@ -96,6 +96,9 @@ def test_sequence_data_is_deterministic_linear_in_the_sum_and_batched_once_per_e
     sums = data.inputs.sum(dim=1).double()
     solution = torch.linalg.lstsq(sums, data.targets.double()).solution
     assert float((sums @ solution - data.targets.double()).abs().max()) < 1e-5  # exactly linear in the sum
+    assert float(solution.norm()) == pytest.approx(1.0 / math.sqrt(6), rel=1e-5)  # unit read-out over sqrt(T)
+    large = make_sequence_data(num_samples=20_000, seq_len=6, input_size=4, output_size=3, noise=0.1, seed=5)
+    torch.testing.assert_close(large.targets.var(dim=0), torch.full((3,), 1.01), rtol=0.05, atol=0.0)
     batches = list(sequence_batches(data, 64, torch.Generator().manual_seed(0)))
     assert [len(b.inputs) for b in batches] == [64, 64, 64, 8]
     seen = torch.cat([b.inputs for b in batches])
