@@ -60,7 +60,7 @@ class Impl:
     source: str
     build: Builder
     compiles: bool = False
-    note: str = ""
+    sizes: tuple[str, ...] | None = None  # run only at these sizes (None: all)
 
 
 @dataclass
@@ -113,7 +113,9 @@ def _peer(label: str, module: str, attr: str, setup: Callable[[Any], None] | Non
             setup(optimizer)
         return optimizer
 
-    return Impl(label, module.split(".")[0], build, compiles=module == "heavyball")
+    # heavyball compiles its own step (about a minute per configuration here): measured at 20M only
+    heavy = module == "heavyball"
+    return Impl(label, module.split(".")[0], build, compiles=heavy, sizes=("20M",) if heavy else None)
 
 
 def _train_mode(optimizer: Any) -> None:
@@ -306,19 +308,19 @@ def run(quick: bool = False, sizes: list[str] | None = None, names: list[str] | 
     all_sizes = {**SIZES, **QUICK_SIZES}
     plan = [entry for entry in default_plan(quick)
             if (sizes is None or entry[0] in sizes) and (names is None or entry[1] in names)]
-    rounds = rounds or (2 if quick else 7)
+    rounds = rounds or (2 if quick else 5)
     bandwidth = stream_bandwidth(1 << (18 if quick else 26))
     rows: list[dict[str, Any]] = []
     with progress("step throughput", total=len(plan), quiet=quiet, unit="configs") as bar:
         for size, name, dtype, labels in plan:
             algorithm = table[name]
-            if labels is not None:
-                algorithm = Algorithm(algorithm.name, [i for i in algorithm.impls if i.label in labels],
-                                      algorithm.elementwise, algorithm.target)
+            impls = [i for i in algorithm.impls if (labels is None or i.label in labels)
+                     and (i.sizes is None or size in i.sizes)]
+            algorithm = Algorithm(algorithm.name, impls, algorithm.elementwise, algorithm.target)
             total, count = all_sizes[size]
-            steps = 1 if total >= 100_000_000 else 3
-            for row in measure(algorithm, total, count, dtype, rounds=rounds if total < 100_000_000 else 5,
-                               steps=steps, bandwidth=bandwidth):
+            large = total >= 100_000_000
+            for row in measure(algorithm, total, count, dtype, rounds=min(rounds, 5) if large else rounds,
+                               steps=1 if large else 2, bandwidth=bandwidth):
                 row["size"] = size
                 rows.append(row)
             bar.advance(1, last=f"{size}/{name}")

@@ -32,6 +32,7 @@ Python Bytecode Transformation and Graph Compilation", ASPLOS 2024.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import time
@@ -59,7 +60,7 @@ __all__ = [
 DISABLE_ENV = "OPTIMLAB_DISABLE_FUSED"
 """Environment switch: ``OPTIMLAB_DISABLE_FUSED=1`` turns every fused path into the foreach path."""
 
-DEFAULT_CHUNK_SIZE = 16
+DEFAULT_CHUNK_SIZE = 8
 
 _warned: set[str] = set()
 
@@ -80,16 +81,21 @@ def fused_unavailable_reason(device: torch.device | str = "cpu") -> str | None:
     """Why the fused path cannot run on ``device`` here, or ``None`` when it can.
 
     Checked: the ``OPTIMLAB_DISABLE_FUSED`` switch, TorchDynamo support for this Python/platform, and
-    a C++ compiler for CPU tensors (Inductor generates C++ there; Triton handles CUDA).
+    a C++ compiler for CPU tensors (Inductor generates C++ there; Triton handles CUDA). The checks
+    behind the switch are cached per device type and compiler lookup.
     """
     if os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no"):
         return f"disabled by the environment ({DISABLE_ENV}={os.environ[DISABLE_ENV]})"
+    return _platform_reason(torch.device(device).type, _has_cpp_compiler)
+
+
+@functools.lru_cache(maxsize=None)
+def _platform_reason(device_type: str, has_cpp_compiler: Callable[[], bool]) -> str | None:
     import torch._dynamo
 
     if not torch._dynamo.is_dynamo_supported():
         return "torch.compile is not supported on this platform / Python version"
-    device_type = torch.device(device).type
-    if device_type == "cpu" and not _has_cpp_compiler():
+    if device_type == "cpu" and not has_cpp_compiler():
         return "no C++ compiler found (Inductor needs one for CPU tensors; set CXX or install g++)"
     if device_type not in ("cpu", "cuda"):
         return f"no fused path for device type {device_type!r}"
@@ -103,7 +109,7 @@ def resolve_fused(fused: bool | None, params: Sequence[Tensor], optimizer_name: 
     use, which a default must not impose (torch.optim makes the same choice on CPU). ``fused=True``
     resolves to ``True`` when :func:`fused_unavailable_reason` finds nothing against it on every
     parameter's device; otherwise it warns once (per reason) and falls back to ``False``, i.e. the
-    optimizer's multi-tensor path.
+    optimizer's multi-tensor path. A group with sparse gradients keeps the per-tensor path.
     """
     if not fused or any(p.grad is not None and p.grad.is_sparse for p in params):
         return False  # sparse gradients keep the per-tensor path, which supports them

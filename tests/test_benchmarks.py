@@ -1,0 +1,134 @@
+"""The benchmark scripts in quick mode: their bookkeeping (never their timings) and the files they write."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"optimlab_benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def throughput() -> ModuleType:
+    return _load("step_throughput")
+
+
+@pytest.fixture(scope="module")
+def quick_results(throughput: ModuleType) -> dict:
+    return throughput.run(quick=True, include_compiled=False, quiet=True)
+
+
+def test_quick_run_rows_are_consistent(throughput: ModuleType, quick_results: dict) -> None:
+    rows = quick_results["rows"]
+    table = throughput.algorithms(include_compiled=False)
+    expected = {(size, name, impl.label) for size in throughput.QUICK_SIZES for name in ("adamw", "lion")
+                for impl in table[name].impls if impl.sizes is None or size in impl.sizes}
+    assert {(r["size"], r["algorithm"], r["impl"]) for r in rows} == expected
+    bandwidth = quick_results["bandwidth_gbs"] * 1e9
+    for row in rows:
+        assert "error" not in row, row
+        total, count = throughput.QUICK_SIZES[row["size"]]
+        assert (row["params"], row["tensors"]) == (total, count)
+        seconds = row["ms_per_step"] / 1e3
+        assert row["gparams_per_s"] == pytest.approx(row["params"] / seconds / 1e9, rel=1e-12)
+        assert row["bandwidth_fraction"] == pytest.approx(
+            row["bytes_per_param_moved"] * row["params"] / seconds / bandwidth, rel=1e-12)
+        # fp32: AdamW keeps two moments (8 B/param, 28 B moved), Lion one (4 B/param, 20 B moved)
+        state = {"adamw": 8.0, "lion": 4.0}[row["algorithm"]]
+        assert row["state_bytes_per_param"] == pytest.approx(state)
+        assert row["bytes_per_param_moved"] == pytest.approx(12 + 2 * state)
+        assert row["compile_s"] in (None, 0.0)  # nothing here compiles
+
+
+def test_make_params_layout(throughput: ModuleType) -> None:
+    import torch
+
+    params = throughput.make_params(20_000, 10, torch.bfloat16)
+    assert len(params) == 10 and all(p.shape == (2, 1000) and p.dtype == torch.bfloat16 for p in params)
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in params)
+    small = throughput.make_params(6_400, 100, torch.float32)
+    assert all(p.shape == (8, 8) for p in small)
+
+
+def test_markdown_and_json(throughput: ModuleType, quick_results: dict, tmp_path: Path) -> None:
+    json_path, md_path = throughput.write(quick_results, tmp_path)
+    loaded = json.loads(json_path.read_text())
+    assert len(loaded["rows"]) == len(quick_results["rows"])
+    text = md_path.read_text()
+    assert "Streaming bandwidth measured in this run" in text
+    for row in quick_results["rows"]:
+        assert f"| {row['algorithm']} | {row['impl']} | {row['gparams_per_s']:.3f} |" in text
+    assert "#### Targets" in text
+
+
+def _row(size: str, algorithm: str, impl: str, source: str, ms: float, fraction: float = 0.5,
+         dtype: str = "float32") -> dict:
+    return {"size": size, "algorithm": algorithm, "impl": impl, "source": source, "ms_per_step": ms,
+            "bandwidth_fraction": fraction, "dtype": dtype}
+
+
+def test_target_verdicts(throughput: ModuleType) -> None:
+    results = {
+        "config": {"targets": {"adamw": "torch-fused", "lion": "3x", "adamw-bf16-state": "lowp-1.3"},
+                   "elementwise": {"adamw": True, "lion": True, "adamw-bf16-state": True}},
+        "rows": [
+            _row("20M", "adamw", "optimlab fused", "optimlab", 10.0),
+            _row("20M", "adamw", "optimlab foreach", "optimlab", 40.0),
+            _row("20M", "adamw", "torch fused", "torch", 12.0),
+            _row("20M", "lion", "optimlab fused", "optimlab", 10.0, fraction=0.9),
+            _row("20M", "lion", "lion-pytorch", "lion_pytorch", 25.0),
+            _row("20M", "lion", "torch foreach", "torch", 40.0),
+            _row("20M", "adamw-bf16-state", "optimlab fused", "optimlab", 10.0),
+            _row("10k-small", "adamw", "optimlab fused", "optimlab", 3.0),
+            _row("10k-small", "adamw", "torch foreach", "torch", 2.0),
+            _row("10k-small", "adamw", "torch fused", "torch", 1.5),
+        ],
+    }
+    verdicts = {(v["size"], v["algorithm"]): v for v in throughput.evaluate_targets(results)}
+    adamw = verdicts[("20M", "adamw")]
+    assert (adamw["ours"], adamw["theirs"], adamw["ratio"], adamw["met"]) == ("optimlab fused", "torch fused", 1.2,
+                                                                               True)
+    lion = verdicts[("20M", "lion")]  # 2.5x the best peer: below 3x although the bandwidth share is 90%
+    assert (lion["theirs"], lion["ratio"], lion["met"], lion["bandwidth_fraction"]) == ("lion-pytorch", 2.5, False,
+                                                                                          0.9)
+    lowp = verdicts[("20M", "adamw-bf16-state")]  # against torch fused fp32 AdamW from the adamw rows
+    assert (lowp["theirs"], lowp["ratio"], lowp["required"], lowp["met"]) == ("torch fused", 1.2, 1.3, False)
+    small = verdicts[("10k-small", "adamw")]
+    assert (small["theirs"], small["ratio"], small["met"]) == ("torch fused", 0.5, False)
+
+
+def test_run_all_writes_perf_md_and_calls_monitor(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    run_all = _load("run_all")
+    calls: list[bool] = []
+    real_loader = run_all.load_benchmark
+
+    def fake_monitor_run(quick: bool) -> dict:
+        calls.append(quick)
+        return {"overhead_percent": {"every=1": 1.5}}
+
+    monitor = SimpleNamespace(run=fake_monitor_run, to_markdown=lambda results: "| monitor | 1.5% |",
+                              write=lambda results, out: (Path(out) / "monitor_overhead.json").write_text("{}"))
+    monkeypatch.setattr(run_all, "load_benchmark", lambda name: monitor if name == "monitor_overhead"
+                        else real_loader(name))
+    results = run_all.run_all(tmp_path, quick=True, names=["adamw"], include_compiled=False, quiet=True)
+    assert calls == [True]
+    assert set(results) == {"step_throughput", "monitor_overhead"}
+    perf = (tmp_path / "perf.md").read_text()
+    assert perf.startswith("# Performance: optimizer step throughput")
+    assert "## Step throughput" in perf and "| adamw | torch fused |" in perf
+    assert "## Optimizer-state monitor overhead" in perf and "| monitor | 1.5% |" in perf
+    assert {p.name for p in tmp_path.iterdir()} >= {"perf.md", "step_throughput.json", "step_throughput.md",
+                                                    "monitor_overhead.json"}
