@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from optimlab.optim import SGD, Adam, AdamW, Lion
+from optimlab.optim import SGD, Adagrad, Adam, AdamW, Lion
 from optimlab.optim import _fused
 from optimlab.optim._fused import DISABLE_ENV, FusedStep, fused_step, fused_unavailable_reason, resolve_fused
 from optimlab.optim.adam import _adam_tensor
@@ -38,6 +38,8 @@ CASES = [
     FusedCase("adamw-f32", AdamW, {"lr": 1e-2}, torch.float32, 1e-6),
     FusedCase("sgd-nesterov-l2-f64", SGD, {"lr": 1e-2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
     FusedCase("lion-decay-f64", Lion, {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1}),
+    FusedCase("adagrad-decay-f64", Adagrad, {"lr": 1e-1, "lr_decay": 0.01, "weight_decay": 0.01,
+                                             "initial_accumulator_value": 0.1}, skip_grads=True),
 ]
 
 

@@ -76,7 +76,7 @@ UNSUPPORTED = [
     (SGD, "differentiable"),
     (Adam, "capturable"), (Adam, "differentiable"),
     (AdamW, "capturable"), (AdamW, "differentiable"),
-    (Adagrad, "differentiable"), (Adagrad, "fused"),
+    (Adagrad, "differentiable"),
     (RMSprop, "capturable"), (RMSprop, "differentiable"),
     (Adamax, "capturable"), (Adamax, "differentiable"),
     (NAdam, "capturable"), (NAdam, "differentiable"),

@@ -139,10 +139,10 @@ def _ensure_cache_dir() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
 
 
-def _apply_chunk(update: Callable[..., None], tensor_lists: tuple[list[Tensor], ...],
+def _apply_chunk(update: Callable[..., None], tensor_lists: tuple[list[Tensor] | None, ...],
                  scalars: dict[str, Tensor], static: dict[str, Any]) -> None:
-    for tensors in zip(*tensor_lists):
-        update(*tensors, **scalars, **static)
+    for index in range(len(tensor_lists[0])):  # type: ignore[arg-type]
+        update(*[None if column is None else column[index] for column in tensor_lists], **scalars, **static)
 
 
 class FusedStep:
@@ -151,9 +151,9 @@ class FusedStep:
     Args:
         update: ``update(param, grad, *state, **scalars, **static)``: the optimizer's rule for one
             tensor, written with in-place tensor operations. Every value in ``scalars`` arrives as a
-            0-dim float64 tensor, so the rule must use tensor arithmetic for them (``p.sub_(u * lr)``
-            rather than ``p.add_(u, alpha=-lr)``) and must not branch on them; ``static`` values
-            (booleans such as ``maximize``) are compile-time constants.
+            0-dim float64 tensor (torch accepts those as ``alpha=`` / ``value=`` too), so the rule
+            must not branch on them; ``static`` values (booleans such as ``maximize``, or a weight
+            decay the rule tests against zero) are compile-time constants.
         static: the constant keyword arguments; one :class:`FusedStep` per distinct value.
         chunk_size: tensors per compiled call (see the module docstring).
 
@@ -183,30 +183,40 @@ class FusedStep:
         self.compiles += 1
         return compile_fx(graph_module, example_inputs)
 
-    def __call__(self, tensor_lists: Sequence[Sequence[Tensor]], scalars: Mapping[str, float | Tensor]) -> None:
-        """Apply the rule to ``zip(*tensor_lists)`` in place; ``scalars`` are floats or 0-dim tensors."""
+    def __call__(self, tensor_lists: Sequence[Sequence[Tensor] | None],
+                 scalars: Mapping[str, float | Tensor]) -> None:
+        """Apply the rule to ``zip(*tensor_lists)`` in place; ``scalars`` are floats or 0-dim tensors.
+
+        A ``None`` entry of ``tensor_lists`` passes ``None`` for that argument of every call (an
+        optional state buffer that this configuration does not keep).
+        """
         import torch.fx.experimental._config as fx_config
 
-        if not tensor_lists or not tensor_lists[0]:
+        present = [i for i, column in enumerate(tensor_lists) if column is not None]
+        if not present or not tensor_lists[present[0]]:
             return
         _ensure_cache_dir()
-        grouped = group_by_device_and_dtype([list(t) for t in tensor_lists])
+        grouped = group_by_device_and_dtype([list(tensor_lists[i]) for i in present])  # type: ignore[arg-type]
         compiles_before = self.compiles
         start = time.perf_counter()
         for (device, _dtype), (lists, _indices) in grouped.items():
             scalar_tensors = {name: torch.as_tensor(value, dtype=torch.float64, device=device).reshape(())
                               for name, value in scalars.items()}
+            columns: list[list[Tensor] | None] = [None] * len(tensor_lists)
             flat: list[tuple[Tensor, ...]] = []
             for tensors in zip(*lists):
                 if tensors[0].numel() > 1 and all(t.is_contiguous() for t in tensors):
                     flat.append(tuple(t.view(-1) for t in tensors))
                 else:
-                    self.update(*tensors, **scalar_tensors, **self.static)
+                    for position, tensor in zip(present, tensors):
+                        columns[position] = [tensor]
+                    _apply_chunk(self.update, tuple(columns), scalar_tensors, self.static)
             with fx_config.patch(use_duck_shape=False):
                 for begin in range(0, len(flat), self.chunk_size):
                     chunk = flat[begin:begin + self.chunk_size]
-                    self._compiled(self.update, tuple(list(column) for column in zip(*chunk)), scalar_tensors,
-                                   self.static)
+                    for position, column in zip(present, zip(*chunk)):
+                        columns[position] = list(column)
+                    self._compiled(self.update, tuple(columns), scalar_tensors, self.static)
         if self.compiles != compiles_before:
             self.compile_seconds += time.perf_counter() - start
 

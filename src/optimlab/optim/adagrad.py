@@ -34,6 +34,7 @@ from optimlab.optim._base import (
     real_views,
     reject_unsupported,
 )
+from optimlab.optim._fused import fused_step, resolve_fused, split_by_value
 
 __all__ = ["Adagrad"]
 
@@ -71,14 +72,42 @@ def _adagrad_single_tensor(
 ) -> None:
     """Per-tensor reference path of the AdaGrad rule (module docstring); handles sparse gradients."""
     for i, param in enumerate(params):
-        grad = prepare_grad(param, grads[i], maximize=maximize, weight_decay=weight_decay)
-        decayed_lr = _decayed_lr(lr, lr_decay, steps[i])
-        if grad.is_sparse:
-            _adagrad_sparse_update(param, grad, state_sums[i], lr=decayed_lr, eps=eps)
-            continue
-        state_sums[i].addcmul_(grad, grad, value=1)
-        std = state_sums[i].sqrt().add_(eps)
-        param.addcdiv_(grad, std, value=-decayed_lr)
+        _adagrad_tensor(param, grads[i], state_sums[i], decayed_lr=_decayed_lr(lr, lr_decay, steps[i]), eps=eps,
+                        weight_decay=weight_decay, maximize=maximize)
+
+
+def _adagrad_tensor(
+    param: Tensor, grad: Tensor, state_sum: Tensor, *, decayed_lr: float | Tensor, eps: float | Tensor,
+    weight_decay: float, maximize: bool,
+) -> None:
+    """The AdaGrad rule (module docstring) for one tensor, in place: what the per-tensor path loops over and
+    the fused path compiles (:mod:`optimlab.optim._fused`, ``decayed_lr`` and ``eps`` then 0-dim tensors)."""
+    grad = prepare_grad(param, grad, maximize=maximize, weight_decay=weight_decay)
+    if grad.is_sparse:
+        _adagrad_sparse_update(param, grad, state_sum, lr=decayed_lr, eps=eps)
+        return
+    state_sum.addcmul_(grad, grad, value=1)
+    std = state_sum.sqrt().add_(eps)
+    param.addcdiv_(grad, std, value=-decayed_lr)
+
+
+def _adagrad_fused(
+    params: list[Tensor],
+    grads: list[Tensor],
+    state_sums: list[Tensor],
+    steps: list[float],
+    *,
+    lr: float,
+    lr_decay: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+) -> None:
+    """Fused path of the same rule: :func:`_adagrad_tensor` compiled by :mod:`optimlab.optim._fused`, the decayed
+    learning rate computed once per distinct step count."""
+    for step, lists in split_by_value([params, grads, state_sums], steps):
+        fused_step(_adagrad_tensor, {"weight_decay": weight_decay, "maximize": maximize})(
+            lists, {"decayed_lr": _decayed_lr(lr, lr_decay, step), "eps": eps})
 
 
 def _adagrad_multi_tensor(
@@ -127,7 +156,8 @@ class Adagrad(OptimlabOptimizer):
         eps: :math:`\epsilon` (>= 0). Default 1e-10.
         foreach: multi-tensor path (default: yes on CPU/CUDA with dense gradients).
         maximize: ascend the objective. Default False.
-        differentiable, fused: not supported (``NotImplementedError`` when true).
+        fused: the compiled fused step (:mod:`optimlab.optim._fused`); ``None`` (default) means off.
+        differentiable: not supported (``NotImplementedError`` when true).
     """
 
     supports_sparse = True
@@ -146,7 +176,7 @@ class Adagrad(OptimlabOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
     ) -> None:
-        reject_unsupported(type(self).__name__, differentiable=differentiable, fused=fused)
+        reject_unsupported(type(self).__name__, differentiable=differentiable)
         check_lr(lr)
         check_non_negative("lr_decay", lr_decay)
         check_non_negative("weight_decay", weight_decay)
@@ -187,7 +217,10 @@ class Adagrad(OptimlabOptimizer):
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
-        rule = _adagrad_multi_tensor if self._use_foreach(group, params) else _adagrad_single_tensor
+        if resolve_fused(group["fused"], params, type(self).__name__):
+            rule = _adagrad_fused
+        else:
+            rule = _adagrad_multi_tensor if self._use_foreach(group, params) else _adagrad_single_tensor
         rule(
             real_views(params),
             real_views(grads),
