@@ -28,8 +28,9 @@ described below, on a shared, noisy machine: compare ratios within one table, no
 
 ## How the fused path works
 
-`fused=True` (Adam, AdamW, SGD, Lion) applies the optimizer's own per-tensor rule — the function its
-reference path loops over (`_adam_tensor`, `_sgd_tensor`, `lion_tensor`) — compiled by `torch.compile`
+`fused=True` (Adam, AdamW, SGD, Adagrad, Lion) applies the optimizer's own per-tensor rule — the function
+its reference path loops over (`_adam_tensor`, `_sgd_tensor`, `_adagrad_tensor`, `lion_tensor`) — compiled
+by `torch.compile`
 (Inductor: one vectorised C++/OpenMP loop per tensor on CPU, Triton on GPU), see
 `src/optimlab/optim/_fused.py`:
 

@@ -68,7 +68,7 @@ def test_markdown_and_json(throughput: ModuleType, quick_results: dict, tmp_path
     loaded = json.loads(json_path.read_text())
     assert len(loaded["rows"]) == len(quick_results["rows"])
     text = md_path.read_text()
-    assert "Streaming bandwidth measured in this run" in text
+    assert "Streaming bandwidth (in-place `a += b`" in text
     for row in quick_results["rows"]:
         assert f"| {row['algorithm']} | {row['impl']} | {row['gparams_per_s']:.3f} |" in text
     assert "#### Targets" in text
