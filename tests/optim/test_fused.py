@@ -7,6 +7,7 @@ distinct constant configurations; each configuration compiles one or two small g
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -211,3 +212,16 @@ def test_compile_time_is_reported() -> None:
     stats = _fused.compile_stats()
     assert stats["_adam_tensor"]["compiles"] >= 1
     assert stats["_adam_tensor"]["compile_seconds"] > 0
+
+
+def test_compile_cache_folder(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing Inductor sets
+    _fused._ensure_cache_dir()
+    chosen = tmp_path / "xdg" / "optimlab" / "inductor"
+    assert chosen.is_dir() and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(chosen)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # a folder the user chose is kept
+    _fused._ensure_cache_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")

@@ -133,8 +133,12 @@ def split_by_value(tensor_lists: Sequence[Sequence[Tensor]], values: Sequence[fl
 
 
 def _ensure_cache_dir() -> None:
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "optimlab" / "inductor"
+    # Importing Inductor sets TORCHINDUCTOR_CACHE_DIR to its default (a per-user folder in /tmp, lost on
+    # reboot): replace only that default, never a folder the user chose.
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, "", default_cache_dir()):
+        path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "optimlab" / "inductor"
         path.mkdir(parents=True, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
 
