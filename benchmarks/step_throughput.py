@@ -331,9 +331,9 @@ def run(quick: bool = False, sizes: list[str] | None = None, names: list[str] | 
             algorithm = Algorithm(algorithm.name, impls, algorithm.elementwise, algorithm.target)
             total, count = all_sizes[size]
             bandwidth = max(bandwidth, stream_bandwidth(stream_numel, repeats=3))  # the peak: load only lowers it
-            large = total >= 100_000_000
-            for row in measure(algorithm, total, count, dtype, rounds=min(rounds, 5) if large else rounds,
-                               steps=1 if large else 2, bandwidth=bandwidth):
+            slow = total >= 100_000_000 or count >= 1_000  # 200M parameters, or 10,000 tensors: fewer samples
+            for row in measure(algorithm, total, count, dtype, rounds=min(rounds, 3) if slow else rounds,
+                               steps=1 if slow else 2, bandwidth=bandwidth):
                 row["size"] = size
                 rows.append(row)
             bar.advance(1, last=f"{size}/{name}")
