@@ -132,3 +132,8 @@ def test_run_all_writes_perf_md_and_calls_monitor(monkeypatch: pytest.MonkeyPatc
     assert "## Optimizer-state monitor overhead" in perf and "| monitor | 1.5% |" in perf
     assert {p.name for p in tmp_path.iterdir()} >= {"perf.md", "step_throughput.json", "step_throughput.md",
                                                     "monitor_overhead.json"}
+    (tmp_path / "perf.md").unlink()  # --render-only: the same page again from the JSON files, without measuring
+    assert run_all.render(tmp_path) == tmp_path / "perf.md"
+    rendered = (tmp_path / "perf.md").read_text()
+    assert "| adamw | torch fused |" in rendered and "| monitor | 1.5% |" in rendered
+    assert calls == [True]
