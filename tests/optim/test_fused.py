@@ -22,6 +22,9 @@ from optimlab.optim.adam import _adam_tensor
 
 STEPS = 20
 
+needs_compiler = pytest.mark.skipif(fused_unavailable_reason("cpu") is not None,
+                                    reason=f"no fused path here: {fused_unavailable_reason('cpu')}")
+
 
 @dataclass(frozen=True)
 class FusedCase:
@@ -93,6 +96,7 @@ def _run_pair(case: FusedCase, steps: int = STEPS) -> tuple[Any, list[torch.Tens
     return fused, fused_params, reference, reference_params
 
 
+@needs_compiler
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
 def test_fused_matches_per_tensor_reference(case: FusedCase) -> None:
     fused, fused_params, reference, reference_params = _run_pair(case)
@@ -106,6 +110,7 @@ def test_fused_matches_per_tensor_reference(case: FusedCase) -> None:
     assert sum(entry["compiles"] for entry in _fused.compile_stats().values()) > 0
 
 
+@needs_compiler
 def test_lr_schedule_causes_no_recompilation() -> None:
     case = CASES[2]  # AdamW float32: its graph is shared with the parity test
     fused, fused_params = _build(case, fused=True)
@@ -131,6 +136,7 @@ def test_lr_schedule_causes_no_recompilation() -> None:
     assert _max_relative_error(fused_params, reference_params) <= 1e-6
 
 
+@needs_compiler
 def test_state_dict_moves_between_fused_and_reference() -> None:
     case = CASES[2]
     fused, fused_params, reference, reference_params = _run_pair(case, steps=5)
@@ -206,6 +212,7 @@ def test_invalid_chunk_size() -> None:
         FusedStep(_adam_tensor, chunk_size=0)
 
 
+@needs_compiler
 def test_compile_time_is_reported() -> None:
     case = CASES[2]
     _run_pair(case, steps=1)
