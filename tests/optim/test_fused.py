@@ -232,3 +232,21 @@ def test_compile_cache_folder(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # a folder the user chose is kept
     _fused._ensure_cache_dir()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+@needs_compiler
+def test_full_chunks_of_many_tensors() -> None:
+    """Nine tensors of different shapes: one compiled graph over a full chunk of 8 and one over the last."""
+    generator = torch.Generator().manual_seed(1)
+    shapes = [(17, 3), (40,), (5, 5, 2), (101,), (2, 2), (33, 7), (9,), (64,), (3, 11)]
+    fused_params = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
+    reference_params = [p.clone() for p in fused_params]
+    options = {"lr": 1e-2, "amsgrad": True, "weight_decay": 0.1}
+    fused, reference = Adam(fused_params, fused=True, **options), Adam(reference_params, foreach=False, **options)
+    for step in range(STEPS):
+        _set_grads(fused_params, step, False)
+        _set_grads(reference_params, step, False)
+        fused.step()
+        reference.step()
+    assert _max_relative_error(fused_params, reference_params) <= 1e-12
+    assert _max_relative_error(_state_tensors(fused, fused_params), _state_tensors(reference, reference_params)) <= 1e-12
