@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from optimlab.optim import Lion, state_bytes, state_bytes_per_param
+from optimlab.optim import Adam, AdamW, Lion, state_bytes, state_bytes_per_param
 from optimlab.optim.lion import lion_step
 from optimlab.optim.lowp_state import (
     BLOCK_SIZE,
@@ -222,3 +222,87 @@ def test_checkpoint_keeps_the_storage_dtype(state_dtype: str) -> None:
         for key, value in optimizer.state[param].items():
             assert resumed.state[param][key].dtype == value.dtype
             assert torch.equal(resumed.state[param][key], value)
+
+
+def _adam_group(params, state_dtype, **kwargs):
+    return [{"params": params, "state_dtype": state_dtype, **kwargs}]
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize(("state_dtype", "moment_dtype", "bytes_per_value"), [
+    (None, torch.float32, 4), ("bfloat16", torch.bfloat16, 2), ("int8", torch.int8, 1),
+])
+def test_adam_state_dtype_and_bytes_match_theory(state_dtype, moment_dtype, bytes_per_value, amsgrad: bool) -> None:
+    """float32 Adam 8 B/param, bf16 4 B, int8 2 B + one float32 scale per 256 values per moment."""
+    params = _sized_params()
+    optimizer = AdamW(_adam_group(params, state_dtype), lr=1e-3, amsgrad=amsgrad)
+    _one_step(optimizer, params)
+    moments = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
+    for param in params:
+        state = optimizer.state[param]
+        assert all(state[key].dtype == moment_dtype and state[key].shape == param.shape for key in moments)
+    count = sum(p.numel() for p in params)
+    scales = sum(math.ceil(p.numel() / BLOCK_SIZE) * 4 for p in params) if state_dtype == "int8" else 0
+    assert state_bytes(optimizer) == len(moments) * (count * bytes_per_value + scales)
+    if not amsgrad:
+        expected = {None: 8.0, "bfloat16": 4.0, "int8": 2 + 8 / BLOCK_SIZE}[state_dtype]
+        assert state_bytes_per_param(optimizer) == pytest.approx(expected, abs=0.01)
+
+
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
+@pytest.mark.parametrize("cls", [Adam, AdamW])
+def test_adam_low_precision_paths_agree_and_checkpoints_resume_bitwise(cls, state_dtype: str) -> None:
+    """foreach == per-tensor, and a checkpoint (torch.save / weights_only load) resumes bit for bit."""
+    results = []
+    for foreach in (False, True):
+        problem = MLPProblem(torch.float32)
+        optimizer = cls(_adam_group(problem.parameters(), state_dtype, amsgrad=True), lr=1e-2, foreach=foreach,
+                        weight_decay=0.05)
+        train(problem, optimizer, 8)
+        results.append((problem, optimizer))
+    (single_problem, single), (multi_problem, multi) = results
+    for single_param, multi_param in zip(single_problem.parameters(), multi_problem.parameters()):
+        assert torch.equal(single_param, multi_param)
+        for key, value in single.state[single_param].items():
+            assert torch.equal(multi.state[multi_param][key], value)
+    resumed_problem = MLPProblem(torch.float32)
+    resumed_problem.load_state_dict(single_problem.state_dict())
+    resumed = cls(_adam_group(resumed_problem.parameters(), state_dtype, amsgrad=True), lr=1e-2, weight_decay=0.05)
+    resumed.load_state_dict(save_and_load(single.state_dict()))
+    train(single_problem, single, 6, start=8)
+    train(resumed_problem, resumed, 6, start=8)
+    for param, reference in zip(resumed_problem.parameters(), single_problem.parameters()):
+        assert torch.equal(param, reference)
+        for key, value in single.state[reference].items():
+            assert resumed.state[param][key].dtype == value.dtype and torch.equal(resumed.state[param][key], value)
+
+
+def test_adam_low_precision_state_is_fp32_math_on_rounded_moments() -> None:
+    """int8 AdamW: each step is the float32 rule on the decoded moments, then stochastic re-quantisation."""
+    params = _sized_params()
+    optimizer = AdamW(_adam_group(params, "int8"), lr=1e-3, weight_decay=0.1)
+    reference_params = [p.detach().clone().requires_grad_() for p in params]
+    reference = AdamW(reference_params, lr=1e-3, weight_decay=0.1)
+    generator = torch.Generator().manual_seed(4)
+    for step in range(1, 8):
+        for param, reference_param in zip(params, reference_params):
+            param.grad = torch.randn(param.shape, generator=generator)
+            reference_param.grad = param.grad.clone()
+        optimizer.step()
+        reference.step()
+        for reference_param in reference_params:
+            state = reference.state[reference_param]
+            for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+                dither = uniform_dither(state[key].shape, dither_seed(step, key))
+                state[key] = dequantize_blockwise(*quantize_blockwise(state[key], signed, dither=dither), signed)
+    for param, reference_param in zip(params, reference_params):
+        assert torch.equal(param.detach(), reference_param.detach())
+
+
+def test_adam_state_dtype_group_key_is_validated() -> None:
+    with pytest.raises(ValueError, match="state_dtype"):
+        Adam(_adam_group([torch.nn.Parameter(torch.ones(3))], "float16"))
+    with pytest.raises(ValueError, match="complex"):
+        Adam(_adam_group([torch.nn.Parameter(torch.ones(3, dtype=torch.complex64))], "bfloat16"))
+    optimizer = AdamW(_adam_group([torch.nn.Parameter(torch.ones(3))], "bf16"))
+    assert optimizer.param_groups[0]["state_dtype"] == "bfloat16"

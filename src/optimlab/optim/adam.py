@@ -40,11 +40,14 @@ from optimlab.optim._base import (
     prepare_grads,
     real_views,
     reject_unsupported,
-    zeros_state,
 )
 from optimlab.optim._fused import fused_step, resolve_fused, split_by_value
+from optimlab.optim.lowp_state import init_moment, load_moments, resolve_state_dtype, restore_state_dtypes, store_moments
 
 __all__ = ["Adam", "AdamW"]
+
+# the moment buffers and whether each is signed (their storage may be bf16 / int8, see state_dtype)
+_MOMENTS = (("exp_avg", True), ("exp_avg_sq", False), ("max_exp_avg_sq", False))
 
 
 def _adam_single_tensor(
@@ -198,6 +201,11 @@ class Adam(OptimlabOptimizer):
         fused: the compiled fused step (:mod:`optimlab.optim._fused`); ``None`` (default) means off.
         capturable, differentiable: not supported (``NotImplementedError`` when true).
         decoupled_weight_decay: AdamW-style decay. Default False.
+
+    Memory-light state: a param group may set ``"state_dtype"`` to ``"bfloat16"`` or ``"int8"``
+    (:mod:`optimlab.optim.lowp_state`; 4 or about 2 bytes per parameter instead of 8), e.g.
+    ``AdamW([{"params": model.parameters(), "state_dtype": "int8"}], lr=1e-3)``. It is a group key
+    rather than a constructor argument so that the signature stays ``torch.optim.Adam``'s.
     """
 
     def __init__(
@@ -236,15 +244,27 @@ class Adam(OptimlabOptimizer):
         }
         super().__init__(params, defaults)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group (``torch.optim`` semantics), validating its optional ``state_dtype``."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group.get("state_dtype") is not None:
+            group["state_dtype"] = resolve_state_dtype(group["state_dtype"])
+            if any(p.is_complex() for p in group["params"]):
+                raise ValueError("Invalid state_dtype: low-precision state needs real parameters (got complex ones)")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim`` semantics; bf16 / int8 moments keep their storage dtype."""
+        super().load_state_dict(state_dict)
+        restore_state_dtypes(self, [key for key, _ in _MOMENTS])
+
     def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         for param in params:
             state = self.state[param]
             if not state:
                 state["step"] = new_step_tensor()
-                state["exp_avg"] = zeros_state(param)
-                state["exp_avg_sq"] = zeros_state(param)
-                if group["amsgrad"]:
-                    state["max_exp_avg_sq"] = zeros_state(param)
+                for key, signed in _MOMENTS if group["amsgrad"] else _MOMENTS[:2]:
+                    init_moment(state, key, param, group.get("state_dtype"), signed=signed)
 
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
@@ -254,13 +274,16 @@ class Adam(OptimlabOptimizer):
             rule = _adam_fused
         else:
             rule = _adam_multi_tensor if self._use_foreach(group, params) else _adam_single_tensor
+        moments = _MOMENTS if group["amsgrad"] else _MOMENTS[:2]
+        buffers = {key: load_moments(states, key, params, signed=signed) for key, signed in moments}
+        steps = increment_steps(states)
         rule(
             real_views(params),
             real_views(grads),
-            real_views([state["exp_avg"] for state in states]),
-            real_views([state["exp_avg_sq"] for state in states]),
-            real_views([state["max_exp_avg_sq"] for state in states]) if group["amsgrad"] else [],
-            increment_steps(states),
+            real_views(buffers["exp_avg"]),
+            real_views(buffers["exp_avg_sq"]),
+            real_views(buffers["max_exp_avg_sq"]) if group["amsgrad"] else [],
+            steps,
             lr=as_float(group["lr"]),
             beta1=as_float(beta1),
             beta2=as_float(beta2),
@@ -270,6 +293,8 @@ class Adam(OptimlabOptimizer):
             maximize=group["maximize"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
         )
+        for key, signed in moments:
+            store_moments(states, key, buffers[key], signed=signed, steps=steps)
 
 
 class AdamW(Adam):
