@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from optimlab.bench.tasks import get_task
 from optimlab.bench.tasks.digits import digits_data
-from optimlab.optim import Lion
+from optimlab.optim import AdamW, Lion
 
 STEPS = 300
 SEEDS = (0, 1, 2)
@@ -45,6 +45,8 @@ def _mean_losses(make_optimizer: Callable) -> tuple[float, float]:
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "make"), [
     ("Lion lr=3e-4", lambda state_dtype: lambda params: Lion(params, lr=3e-4, state_dtype=state_dtype)),
+    ("AdamW lr=1e-3", lambda state_dtype: lambda params: AdamW([{"params": params, "state_dtype": state_dtype}],
+                                                               lr=1e-3)),
 ])
 def test_low_precision_state_reaches_float32_loss(name: str, make: Callable) -> None:
     reference_train, reference_val = _mean_losses(make(None))
