@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from optimlab.optim import Adam, AdamW, Lion, state_bytes, state_bytes_per_param
+from optimlab.optim import Adam, AdamW, Lion, create_optimizer, state_bytes, state_bytes_per_param
 from optimlab.optim.lion import lion_step
 from optimlab.optim.lowp_state import (
     BLOCK_SIZE,
@@ -228,14 +228,20 @@ def _adam_group(params, state_dtype, **kwargs):
     return [{"params": params, "state_dtype": state_dtype, **kwargs}]
 
 
+@pytest.mark.parametrize("via", ["argument", "group-key"])
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize(("state_dtype", "moment_dtype", "bytes_per_value"), [
     (None, torch.float32, 4), ("bfloat16", torch.bfloat16, 2), ("int8", torch.int8, 1),
 ])
-def test_adam_state_dtype_and_bytes_match_theory(state_dtype, moment_dtype, bytes_per_value, amsgrad: bool) -> None:
-    """float32 Adam 8 B/param, bf16 4 B, int8 2 B + one float32 scale per 256 values per moment."""
+def test_adam_state_dtype_and_bytes_match_theory(state_dtype, moment_dtype, bytes_per_value, amsgrad: bool,
+                                                 via: str) -> None:
+    """float32 Adam 8 B/param, bf16 4 B, int8 2 B + one float32 scale per 256 values per moment,
+    whether ``state_dtype`` is the constructor argument or a param-group key."""
     params = _sized_params()
-    optimizer = AdamW(_adam_group(params, state_dtype), lr=1e-3, amsgrad=amsgrad)
+    if via == "argument":
+        optimizer = AdamW(params, lr=1e-3, amsgrad=amsgrad, state_dtype=state_dtype)
+    else:
+        optimizer = AdamW(_adam_group(params, state_dtype), lr=1e-3, amsgrad=amsgrad)
     _one_step(optimizer, params)
     moments = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
     for param in params:
@@ -297,6 +303,53 @@ def test_adam_low_precision_state_is_fp32_math_on_rounded_moments() -> None:
                 state[key] = dequantize_blockwise(*quantize_blockwise(state[key], signed, dither=dither), signed)
     for param, reference_param in zip(params, reference_params):
         assert torch.equal(param.detach(), reference_param.detach())
+
+
+@pytest.mark.parametrize(("name", "moment_dtype", "expected"), [
+    ("adam", torch.float32, 8.0), ("adam-bf16", torch.bfloat16, 4.0), ("adam-int8", torch.int8, 2 + 8 / BLOCK_SIZE),
+    ("adamw", torch.float32, 8.0), ("adamw-bf16", torch.bfloat16, 4.0), ("adamw-int8", torch.int8, 2 + 8 / BLOCK_SIZE),
+])
+def test_adam_registry_presets(name: str, moment_dtype: torch.dtype, expected: float) -> None:
+    params = _sized_params()
+    optimizer = create_optimizer(params, name)
+    _one_step(optimizer, params)
+    assert optimizer.state[params[0]]["exp_avg_sq"].dtype == moment_dtype
+    assert state_bytes_per_param(optimizer) == pytest.approx(expected, abs=0.01)
+
+
+@pytest.mark.parametrize("bad", ["float16", torch.float16, "int4", 8])
+def test_adam_state_dtype_argument_is_validated(bad) -> None:
+    with pytest.raises(ValueError, match="state_dtype.*accepted"):
+        AdamW([torch.nn.Parameter(torch.ones(3))], state_dtype=bad)
+
+
+def test_adam_state_dtype_argument_is_a_default_that_groups_override() -> None:
+    full, compact, bf16 = (torch.nn.Parameter(torch.randn(300)) for _ in range(3))
+    optimizer = Adam([{"params": [full], "state_dtype": None}, {"params": [compact]}], lr=1e-3, state_dtype="int8")
+    optimizer.add_param_group({"params": [bf16], "state_dtype": torch.bfloat16})
+    assert optimizer.defaults["state_dtype"] == "int8"
+    assert [group["state_dtype"] for group in optimizer.param_groups] == [None, "int8", "bfloat16"]
+    _one_step(optimizer, [full, compact, bf16])
+    assert [optimizer.state[p]["exp_avg"].dtype for p in (full, compact, bf16)] == [
+        torch.float32, torch.int8, torch.bfloat16]
+
+
+def test_adam_with_state_dtype_resumes_a_torch_checkpoint_in_full_precision() -> None:
+    """A ``torch.optim.AdamW`` state_dict (groups without ``state_dtype``, float32 moments) loaded into
+    ``AdamW(state_dtype="int8")`` keeps its full-precision moments and continues exactly as torch does."""
+    problem = MLPProblem(torch.float32)
+    reference = torch.optim.AdamW(problem.parameters(), lr=1e-2, weight_decay=0.05)
+    train(problem, reference, 5)
+    resumed_problem = MLPProblem(torch.float32)
+    resumed_problem.load_state_dict(problem.state_dict())
+    resumed = AdamW(resumed_problem.parameters(), lr=1e-2, weight_decay=0.05, state_dtype="int8")
+    resumed.load_state_dict(save_and_load(reference.state_dict()))
+    assert all(group["state_dtype"] is None for group in resumed.param_groups)
+    train(problem, reference, 5, start=5)
+    train(resumed_problem, resumed, 5, start=5)
+    for param, reference_param in zip(resumed_problem.parameters(), problem.parameters()):
+        torch.testing.assert_close(param, reference_param, rtol=1e-6, atol=1e-7)
+        assert resumed.state[param]["exp_avg"].dtype == torch.float32
 
 
 def test_adam_state_dtype_group_key_is_validated() -> None:

@@ -114,18 +114,28 @@ def test_state_dict_crosses_over(case: Case, direction: str, deviation_log) -> N
     assert deviation <= case.tolerance
 
 
+# the only arguments allowed beyond torch's: keyword-only, after torch's, default None (= torch's behaviour)
+OPTIMLAB_EXTENSIONS: dict[str, set[str]] = {"Adam": {"state_dtype"}, "AdamW": {"state_dtype"}}
+
+
 @pytest.mark.parametrize("name", CLASSIC_NAMES)
 def test_constructor_and_defaults_match_torch(name: str) -> None:
-    """Same argument names, kinds and defaults, and the same param-group keys and values."""
+    """Same argument names, order, kinds and defaults, and the same param-group keys and values,
+    apart from the keyword-only optimlab extensions listed in ``OPTIMLAB_EXTENSIONS``."""
     ours_cls, torch_cls = getattr(optimlab_optim, name), getattr(torch.optim, name)
-    ours_signature = inspect.signature(ours_cls.__init__).parameters
-    torch_signature = inspect.signature(torch_cls.__init__).parameters
-    assert [(p.name, p.kind, p.default) for p in ours_signature.values()] == [
-        (p.name, p.kind, p.default) for p in torch_signature.values()
+    extensions = OPTIMLAB_EXTENSIONS.get(name, set())
+    ours_signature = list(inspect.signature(ours_cls.__init__).parameters.values())
+    torch_signature = list(inspect.signature(torch_cls.__init__).parameters.values())
+    assert [(p.name, p.kind, p.default) for p in ours_signature[: len(torch_signature)]] == [
+        (p.name, p.kind, p.default) for p in torch_signature
     ]
+    extra = ours_signature[len(torch_signature):]
+    assert {p.name for p in extra} == extensions
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is None for p in extra)
     ours = ours_cls([torch.nn.Parameter(torch.zeros(2))])
     reference = torch_cls([torch.nn.Parameter(torch.zeros(2))])
-    assert ours.defaults == reference.defaults
+    assert {key: ours.defaults[key] for key in extensions} == dict.fromkeys(extensions)
+    assert {key: value for key, value in ours.defaults.items() if key not in extensions} == reference.defaults
     assert issubclass(ours_cls, torch.optim.Optimizer)
 
 

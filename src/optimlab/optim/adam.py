@@ -187,7 +187,7 @@ class Adam(OptimlabOptimizer):
     first (``decoupled_weight_decay=True``, Loshchilov & Hutter 2019).
 
     Same arguments, defaults and state (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``)
-    as ``torch.optim.Adam``.
+    as ``torch.optim.Adam``, plus the keyword-only ``state_dtype`` extension.
 
     Args:
         params: parameters, named parameters or param-group dicts.
@@ -201,11 +201,13 @@ class Adam(OptimlabOptimizer):
         fused: the compiled fused step (:mod:`optimlab.optim._fused`); ``None`` (default) means off.
         capturable, differentiable: not supported (``NotImplementedError`` when true).
         decoupled_weight_decay: AdamW-style decay. Default False.
-
-    Memory-light state: a param group may set ``"state_dtype"`` to ``"bfloat16"`` or ``"int8"``
-    (:mod:`optimlab.optim.lowp_state`; 4 or about 2 bytes per parameter instead of 8), e.g.
-    ``AdamW([{"params": model.parameters(), "state_dtype": "int8"}], lr=1e-3)``. It is a group key
-    rather than a constructor argument so that the signature stays ``torch.optim.Adam``'s.
+        state_dtype: optimlab extension (keyword-only, after torch's arguments): storage of the
+            moments, ``None``/``"float32"`` (the parameter's dtype, default), ``"bfloat16"``/``"bf16"``
+            or ``"int8"`` (block-wise quantised, :mod:`optimlab.optim.lowp_state`): 8, 4 or about
+            2.03 bytes per parameter. Updates are computed in the parameter's dtype either way. Kept
+            in ``defaults``, so a param group may override it (``{"params": ..., "state_dtype": None}``).
+            A loaded state_dict's groups bring their own ``state_dtype`` (``None`` when absent, as in
+            ``torch.optim`` checkpoints, whose moments are full precision).
     """
 
     def __init__(
@@ -223,6 +225,7 @@ class Adam(OptimlabOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
+        state_dtype: str | torch.dtype | None = None,
     ) -> None:
         reject_unsupported(type(self).__name__, capturable=capturable, differentiable=differentiable)
         check_lr(lr)
@@ -241,17 +244,25 @@ class Adam(OptimlabOptimizer):
             "differentiable": differentiable,
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
+            "state_dtype": resolve_state_dtype(state_dtype),
         }
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group (``torch.optim`` semantics), validating its optional ``state_dtype``."""
+        """Add a param group (``torch.optim`` semantics), validating its ``state_dtype``."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        if group.get("state_dtype") is not None:
-            group["state_dtype"] = resolve_state_dtype(group["state_dtype"])
+        group["state_dtype"] = resolve_state_dtype(group["state_dtype"])
+        if group["state_dtype"] is not None:
             if any(p.is_complex() for p in group["params"]):
                 raise ValueError("Invalid state_dtype: low-precision state needs real parameters (got complex ones)")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # groups without state_dtype (torch.optim checkpoints) hold full-precision moments: None, not
+        # this optimizer's default, which the base class would otherwise fill in
+        for group in state.get("param_groups", []):
+            group.setdefault("state_dtype", None)
+        super().__setstate__(state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim`` semantics; bf16 / int8 moments keep their storage dtype."""
@@ -264,7 +275,7 @@ class Adam(OptimlabOptimizer):
             if not state:
                 state["step"] = new_step_tensor()
                 for key, signed in _MOMENTS if group["amsgrad"] else _MOMENTS[:2]:
-                    init_moment(state, key, param, group.get("state_dtype"), signed=signed)
+                    init_moment(state, key, param, group["state_dtype"], signed=signed)
 
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
@@ -307,7 +318,7 @@ class AdamW(Adam):
 
     The same rule as :class:`Adam` with ``decoupled_weight_decay=True`` (so ``isinstance(opt, Adam)``
     holds, as in torch). Same arguments, defaults (``weight_decay=1e-2``) and state as
-    ``torch.optim.AdamW``; see :class:`Adam` for the arguments.
+    ``torch.optim.AdamW``, plus the keyword-only ``state_dtype`` extension; see :class:`Adam` for the arguments.
     """
 
     def __init__(
@@ -324,6 +335,7 @@ class AdamW(Adam):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        state_dtype: str | torch.dtype | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -338,6 +350,7 @@ class AdamW(Adam):
             differentiable=differentiable,
             fused=fused,
             decoupled_weight_decay=True,
+            state_dtype=state_dtype,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
