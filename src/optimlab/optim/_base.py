@@ -3,8 +3,10 @@
 Every optimizer in :mod:`optimlab.optim` subclasses :class:`OptimlabOptimizer`, which is a plain
 :class:`torch.optim.Optimizer`. A subclass supplies two things:
 
-* ``_init_group(group, params)``: create the per-parameter state lazily (the same state keys as
-  ``torch.optim``), and
+* ``_state_keys(group)``: the per-parameter state entries (the same keys, in the same order, as
+  ``torch.optim``), which the default ``_init_group`` creates lazily: ``step`` and the 0-dim entries of
+  ``scalar_state_init`` as scalar tensors, every other key as a zero buffer shaped like the parameter
+  (optimizers whose state starts otherwise override ``_init_group`` instead), and
 * ``_update_group(group, params, grads, states)``: apply the update rule to the parameters of one
   param group that have a gradient, either through its per-tensor reference path or its multi-tensor
   (``torch._foreach_*``) path, chosen by :meth:`OptimlabOptimizer._use_foreach`.
@@ -21,7 +23,8 @@ parameters as real pairs), :func:`zeros_state` (lazy moment buffers) and :func:`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -231,7 +234,8 @@ def new_step_tensor(value: float = 0.0) -> Tensor:
 class OptimlabOptimizer(torch.optim.Optimizer):
     """Base class: the ``step`` skeleton shared by every optimlab optimizer.
 
-    Subclasses implement :meth:`_init_group` and :meth:`_update_group`. The skeleton
+    Subclasses implement :meth:`_state_keys` (or, for state that does not start at zero,
+    :meth:`_init_group`) and :meth:`_update_group`. The skeleton
 
     1. evaluates the closure (with grad enabled) and keeps its loss,
     2. for each param group collects the parameters that have a gradient,
@@ -241,8 +245,9 @@ class OptimlabOptimizer(torch.optim.Optimizer):
     """
 
     supports_sparse: bool = False
-    #: 0-dim CPU state entries besides ``step`` (e.g. NAdam's ``mu_product``), kept in the scalar dtype.
-    scalar_state_keys: tuple[str, ...] = ()
+    #: 0-dim CPU state entries besides ``step`` and their initial values (e.g. NAdam's ``mu_product``
+    #: starts at 1), kept in the scalar dtype.
+    scalar_state_init: Mapping[str, float] = MappingProxyType({})
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
@@ -254,20 +259,20 @@ class OptimlabOptimizer(torch.optim.Optimizer):
                 group.setdefault(key, value)
             for p in group["params"]:
                 p_state = self.state.get(p, {})
-                for key in ("step", *self.scalar_state_keys):
+                for key in ("step", *self.scalar_state_init):
                     value = p_state.get(key)
                     if value is not None and not torch.is_tensor(value):
                         p_state[key] = new_step_tensor(float(value))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict``, then the 0-dim entries named in
-        ``scalar_state_keys`` go back to the scalar-state dtype (torch casts every state entry but
+        ``scalar_state_init`` go back to the scalar-state dtype (torch casts every state entry but
         ``step`` to the parameter's dtype, which would change e.g. NAdam's ``mu_product`` from float32
         to float64 and the trajectory with it)."""
         super().load_state_dict(state_dict)
         scalar_dtype = new_step_tensor().dtype
         for p_state in self.state.values():
-            for key in self.scalar_state_keys:
+            for key in self.scalar_state_init:
                 if torch.is_tensor(p_state.get(key)):
                     p_state[key] = p_state[key].to(device="cpu", dtype=scalar_dtype)
 
@@ -283,8 +288,22 @@ class OptimlabOptimizer(torch.optim.Optimizer):
             return all(p.device.type in ("cpu", "cuda") and not torch.jit.is_scripting() for p in params)
         return bool(foreach)
 
-    def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """The state entries of each parameter in ``group``, in creation order (torch.optim's order,
+        so state_dicts match); options such as AMSGrad or a centered RMSprop decide which appear."""
         raise NotImplementedError
+
+    def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Create the state of each parameter that has none: the keys of :meth:`_state_keys`, with
+        ``step`` (0) and the ``scalar_state_init`` entries as 0-dim scalar tensors (:func:`new_step_tensor`)
+        and every other key as a zero buffer (:func:`zeros_state`)."""
+        keys = self._state_keys(group)
+        scalar_init = {"step": 0.0, **self.scalar_state_init}
+        for param in params:
+            state = self.state[param]
+            if not state:
+                for key in keys:
+                    state[key] = new_step_tensor(scalar_init[key]) if key in scalar_init else zeros_state(param)
 
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]

@@ -29,12 +29,10 @@ from optimlab.optim._base import (
     check_non_negative,
     foreach_groups,
     increment_steps,
-    new_step_tensor,
     prepare_grad,
     prepare_grads,
     real_views,
     reject_unsupported,
-    zeros_state,
 )
 
 __all__ = ["Adadelta"]
@@ -145,13 +143,8 @@ class Adadelta(OptimlabOptimizer):
         }
         super().__init__(params, defaults)
 
-    def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        for param in params:
-            state = self.state[param]
-            if not state:
-                state["step"] = new_step_tensor()
-                state["square_avg"] = zeros_state(param)
-                state["acc_delta"] = zeros_state(param)
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("step", "square_avg", "acc_delta")
 
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]

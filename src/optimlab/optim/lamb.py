@@ -31,10 +31,8 @@ from optimlab.optim._base import (
     check_non_negative,
     foreach_groups,
     increment_steps,
-    new_step_tensor,
     prepare_grad,
     prepare_grads,
-    zeros_state,
 )
 from optimlab.optim.lars import trust_ratios
 
@@ -133,13 +131,8 @@ class LAMB(OptimlabOptimizer):
                         max_trust_ratio=max_trust_ratio, maximize=maximize, foreach=foreach)
         super().__init__(params, defaults)
 
-    def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        for param in params:
-            state = self.state[param]
-            if not state:
-                state["step"] = new_step_tensor()
-                state["exp_avg"] = zeros_state(param)
-                state["exp_avg_sq"] = zeros_state(param)
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("step", "exp_avg", "exp_avg_sq")
 
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]

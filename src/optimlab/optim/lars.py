@@ -35,7 +35,6 @@ from optimlab.optim._base import (
     foreach_groups,
     prepare_grad,
     prepare_grads,
-    zeros_state,
 )
 
 __all__ = ["LARS", "lars_step", "lars_step_foreach", "trust_ratios"]
@@ -134,11 +133,8 @@ class LARS(OptimlabOptimizer):
                         eps=eps, exclude_bias_and_norm=exclude_bias_and_norm, maximize=maximize, foreach=foreach)
         super().__init__(params, defaults)
 
-    def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        for param in params:
-            state = self.state[param]
-            if not state:
-                state["momentum_buffer"] = zeros_state(param)
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("momentum_buffer",)
 
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]

@@ -38,9 +38,7 @@ from optimlab.optim._base import (
     check_lr,
     check_non_negative,
     increment_steps,
-    new_step_tensor,
     prepare_grad,
-    zeros_state,
 )
 from optimlab.optim.adam import _adam_multi_tensor, _adam_single_tensor
 
@@ -171,11 +169,8 @@ class Muon(OptimlabOptimizer):
                     "send embeddings, heads, biases and norms to AdamW (optimlab.optim.muon.muon_param_split)"
                 )
 
-    def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        for param in params:
-            state = self.state[param]
-            if not state:
-                state["momentum_buffer"] = zeros_state(param)
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("momentum_buffer",)
 
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
@@ -296,17 +291,8 @@ class MuonWithAdamW(OptimlabOptimizer):
             group.setdefault("weight_decay", group.get("adamw_weight_decay", self.defaults["adamw_weight_decay"]))
         super().add_param_group(group)
 
-    def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        for param in params:
-            state = self.state[param]
-            if state:
-                continue
-            if group["use_muon"]:
-                state["momentum_buffer"] = zeros_state(param)
-            else:
-                state["step"] = new_step_tensor()
-                state["exp_avg"] = zeros_state(param)
-                state["exp_avg_sq"] = zeros_state(param)
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["use_muon"] else ("step", "exp_avg", "exp_avg_sq")
 
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]

@@ -19,6 +19,7 @@ Loshchilov & Hutter (2019).
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -33,12 +34,10 @@ from optimlab.optim._base import (
     check_non_negative,
     foreach_groups,
     increment_steps,
-    new_step_tensor,
     prepare_grad,
     prepare_grads,
     real_views,
     reject_unsupported,
-    zeros_state,
 )
 
 __all__ = ["NAdam"]
@@ -158,7 +157,7 @@ class NAdam(OptimlabOptimizer):
         capturable, differentiable: not supported (``NotImplementedError`` when true).
     """
 
-    scalar_state_keys = ("mu_product",)
+    scalar_state_init = MappingProxyType({"mu_product": 1.0})
 
     def __init__(
         self,
@@ -195,14 +194,8 @@ class NAdam(OptimlabOptimizer):
         }
         super().__init__(params, defaults)
 
-    def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        for param in params:
-            state = self.state[param]
-            if not state:
-                state["step"] = new_step_tensor()
-                state["mu_product"] = new_step_tensor(1.0)
-                state["exp_avg"] = zeros_state(param)
-                state["exp_avg_sq"] = zeros_state(param)
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("step", "mu_product", "exp_avg", "exp_avg_sq")
 
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]

@@ -33,12 +33,10 @@ from optimlab.optim._base import (
     check_non_negative,
     foreach_groups,
     increment_steps,
-    new_step_tensor,
     prepare_grad,
     prepare_grads,
     real_views,
     reject_unsupported,
-    zeros_state,
 )
 
 __all__ = ["RMSprop"]
@@ -176,16 +174,10 @@ class RMSprop(OptimlabOptimizer):
         }
         super().__init__(params, defaults)
 
-    def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        for param in params:
-            state = self.state[param]
-            if not state:
-                state["step"] = new_step_tensor()
-                state["square_avg"] = zeros_state(param)
-                if group["momentum"] > 0:
-                    state["momentum_buffer"] = zeros_state(param)
-                if group["centered"]:
-                    state["grad_avg"] = zeros_state(param)
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        momentum = ("momentum_buffer",) if group["momentum"] > 0 else ()
+        centered = ("grad_avg",) if group["centered"] else ()
+        return ("step", "square_avg", *momentum, *centered)
 
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
