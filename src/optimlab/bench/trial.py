@@ -2,7 +2,9 @@
 
 The loop per step is: training loss on the next batch → divergence check → ``backward`` → clipping
 → ``optimizer.step()`` (timed alone, for milliseconds per optimizer step) → scheduler step, with an
-evaluation every ``eval_every`` steps and at the end. A non-finite loss, or one above
+evaluation every ``eval_every`` steps and at the end, on the optimizer's evaluation weights for
+optimizers with ``train()``/``eval()`` modes (schedule-free: the average :math:`x_t`, see
+:mod:`optimlab.optim.modes`). A non-finite loss, or one above
 :data:`DIVERGENCE_FACTOR` times the initial loss, stops the trial and marks it ``diverged``: the
 bench records it and goes on.
 """
@@ -20,6 +22,7 @@ import torch
 from optimlab.bench.store import TrialRecord
 from optimlab.bench.tasks import get_task
 from optimlab.clip import make_clipper
+from optimlab.optim.modes import eval_weights, set_mode
 from optimlab.optim.registry import create_optimizer
 from optimlab.optim.state import state_bytes_per_param
 from optimlab.schedules import create_scheduler, step_scheduler
@@ -96,13 +99,6 @@ def _finite(value: float) -> bool:
     return not (math.isnan(value) or math.isinf(value))
 
 
-def _set_mode(optimizer: torch.optim.Optimizer, mode: str) -> None:
-    """Schedule-free optimizers evaluate at a different point than they train: switch them if they can."""
-    switch = getattr(optimizer, mode, None)
-    if callable(switch):
-        switch()
-
-
 def run_trial(config: TrialConfig) -> TrialRecord:
     """Run one trial and return its record (not yet stored)."""
     spec = get_task(config.task)
@@ -112,7 +108,7 @@ def run_trial(config: TrialConfig) -> TrialRecord:
     optimizer = create_optimizer(parameters, config.optimizer, **config.params)
     scheduler = make_scheduler(config.schedule, optimizer, config.steps)
     clipper = _make_clipper(config.clip, parameters)
-    _set_mode(optimizer, "train")
+    set_mode(optimizer, "train")  # schedule-free optimizers train and evaluate at different points
 
     curve: list[tuple[int, float | None, float | None, float | None]] = []
     trajectory = [instance.point()] if config.record_trajectory and instance.point is not None else None
@@ -125,10 +121,8 @@ def run_trial(config: TrialConfig) -> TrialRecord:
     loss_limit: float | None = None
 
     def evaluate() -> float:
-        _set_mode(optimizer, "eval")
-        value = instance.evaluate()[spec.metric]
-        _set_mode(optimizer, "train")
-        return float(value)
+        with eval_weights(optimizer):
+            return float(instance.evaluate()[spec.metric])
 
     start = time.perf_counter()
     initial_metric = evaluate()
@@ -175,7 +169,8 @@ def run_trial(config: TrialConfig) -> TrialRecord:
     if trajectory is not None:
         artifacts["trajectory"] = trajectory
     if instance.point is not None and config.phase == "final":
-        artifacts["final_point"] = instance.point()
+        with eval_weights(optimizer):  # the point the final metric was measured at
+            artifacts["final_point"] = instance.point()
     best_metric = (min(metrics) if spec.mode == "min" else max(metrics)) if metrics else None
     timed = step_seconds[1:] or step_seconds  # the first step also allocates the optimizer state
     return TrialRecord(

@@ -47,6 +47,7 @@ from optimlab.guard import NonFiniteGuard
 from optimlab.io import atomic_write_text
 from optimlab.monitor import CSVSink, OptimizerMonitor, TensorBoardSink
 from optimlab.optim.groups import param_groups
+from optimlab.optim.modes import eval_weights
 from optimlab.optim.registry import create_optimizer, get_spec
 from optimlab.progress import progress
 from optimlab.schedules import create_scheduler, list_schedules, step_scheduler
@@ -327,13 +328,14 @@ class Trainer:
         mine = list(range(self.context.rank, count, self.context.world_size))
         totals = torch.zeros(2, dtype=torch.float64, device=self.context.device)
         self.model.eval()
-        for start in range(0, len(mine), config.batch_size):
-            chunk = mine[start:start + config.batch_size]
-            inputs, targets = self.val_windows.batch(chunk)
-            with self._autocast():
-                _, loss = self.model(inputs.to(self.context.device), targets.to(self.context.device))
-            totals += torch.stack([loss.double() * len(chunk), torch.tensor(float(len(chunk)), dtype=torch.float64,
-                                                                             device=self.context.device)])
+        with eval_weights(self.optimizer):  # schedule-free optimizers: the averaged weights
+            for start in range(0, len(mine), config.batch_size):
+                chunk = mine[start:start + config.batch_size]
+                inputs, targets = self.val_windows.batch(chunk)
+                with self._autocast():
+                    _, loss = self.model(inputs.to(self.context.device), targets.to(self.context.device))
+                windows = torch.tensor(float(len(chunk)), dtype=torch.float64, device=self.context.device)
+                totals += torch.stack([loss.double() * len(chunk), windows])
         self.model.train()
         totals = all_reduce_sum(totals, self.context)
         return float(totals[0] / totals[1])
@@ -345,7 +347,8 @@ class Trainer:
         generator = torch.Generator(device=self.context.device).manual_seed(seed)
         start = self.vocab.encode(prompt).unsqueeze(0).to(self.context.device)
         self.model.eval()
-        ids = self.model.generate(start, length, temperature=temperature, top_k=top_k, generator=generator)
+        with eval_weights(self.optimizer):
+            ids = self.model.generate(start, length, temperature=temperature, top_k=top_k, generator=generator)
         self.model.train()
         return self.vocab.decode(ids[0, start.shape[1]:])
 
