@@ -31,12 +31,6 @@ def _check_children(kind: str, optimizer: Optimizer, schedulers: Sequence[Any]) 
                              "optimizer; all schedulers must share one optimizer")
 
 
-def _children_state(schedulers: Sequence[LRScheduler], own: dict[str, Any]) -> dict[str, Any]:
-    state = {k: v for k, v in own.items() if k not in ("optimizer", "_schedulers")}
-    state["_schedulers"] = [s.state_dict() for s in schedulers]
-    return state
-
-
 def _load_child(scheduler: LRScheduler, state: dict[str, Any]) -> None:
     """Load a child's state without letting it write into the optimizer (the parent decides what to restore)."""
     if isinstance(scheduler, Schedule):
@@ -45,7 +39,24 @@ def _load_child(scheduler: LRScheduler, state: dict[str, Any]) -> None:
         scheduler.load_state_dict(state)
 
 
-class SequentialLR(Schedule):
+class _ParentSchedule(Schedule):
+    """A schedule that drives child schedulers (``self._schedulers``); its state nests theirs."""
+
+    _schedulers: list[LRScheduler]
+
+    def state_dict(self) -> dict[str, Any]:
+        """This schedule's counters plus each child's ``state_dict()`` under ``"_schedulers"``."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "_schedulers")}
+        state["_schedulers"] = [s.state_dict() for s in self._schedulers]
+        return state
+
+    def _load_state(self, state_dict: dict[str, Any]) -> None:
+        self.__dict__.update({k: v for k, v in state_dict.items() if k != "_schedulers"})
+        for scheduler, state in zip(self._schedulers, state_dict["_schedulers"]):
+            _load_child(scheduler, state)
+
+
+class SequentialLR(_ParentSchedule):
     r"""Run ``schedulers[0]`` until ``milestones[0]``, then ``schedulers[1]`` restarted from its step 0, ...:
 
     ``η_t = S_k.lr_at(t − m_{k−1})`` where ``k = #\{m_j ≤ t\}`` (``m_{−1} = 0``).
@@ -109,21 +120,12 @@ class SequentialLR(Schedule):
         scheduler, local_step = self._active(step)
         return scheduler.lr_at(local_step)
 
-    def state_dict(self) -> dict[str, Any]:
-        """This schedule's counters plus each child's ``state_dict()`` under ``"_schedulers"``."""
-        return _children_state(self._schedulers, self.__dict__)
-
-    def _load_state(self, state_dict: dict[str, Any]) -> None:
-        self.__dict__.update({k: v for k, v in state_dict.items() if k != "_schedulers"})
-        for scheduler, state in zip(self._schedulers, state_dict["_schedulers"]):
-            _load_child(scheduler, state)
-
     def _restore_optimizer(self) -> None:
         self._active(max(self.last_epoch, 0))[0]._restore_optimizer()
         super()._restore_optimizer()
 
 
-class ChainedScheduler(Schedule):
+class ChainedScheduler(_ParentSchedule):
     r"""Step several schedulers on one optimizer at every step, in order; with chainable schedulers the
     multipliers compose (e.g. ``ExponentialLR`` × ``StepLR``: ``η_t = η₀ · γ₁^t · γ₂^{⌊t/s⌋}``).
 
@@ -151,15 +153,6 @@ class ChainedScheduler(Schedule):
         for scheduler in self._schedulers:
             scheduler.step()
         self._last_lr = current_values(self.optimizer, "lr")
-
-    def state_dict(self) -> dict[str, Any]:
-        """This schedule's counters plus each child's ``state_dict()`` under ``"_schedulers"``."""
-        return _children_state(self._schedulers, self.__dict__)
-
-    def _load_state(self, state_dict: dict[str, Any]) -> None:
-        self.__dict__.update({k: v for k, v in state_dict.items() if k != "_schedulers"})
-        for scheduler, state in zip(self._schedulers, state_dict["_schedulers"]):
-            _load_child(scheduler, state)
 
     def _restore_optimizer(self) -> None:
         for scheduler in self._schedulers:
