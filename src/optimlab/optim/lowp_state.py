@@ -121,24 +121,66 @@ def quantize_blockwise(
     if not signed and bool((values < 0).any()):
         raise ValueError("quantize_blockwise(signed=False) needs non-negative values (a second moment)")
     flat = values.detach().reshape(-1).to(torch.float32)
+    uniform = None
+    if dither is not None:
+        if dither.numel() != flat.numel():
+            raise ValueError(f"Invalid dither: {dither.numel()} values for {flat.numel()} to quantise")
+        uniform = dither.reshape(-1).to(torch.float32)
+    codes, absmax = _quantize_flat(flat, signed, block_size, uniform)
+    return codes.view(values.shape), absmax
+
+
+@functools.lru_cache(maxsize=None)
+def _code_buckets_cpu(signed: bool) -> tuple[Tensor, Tensor, int]:
+    # Exact replacement for searchsorted(code, x) (the count of code entries < x) on float32 x: bucket x by
+    # the 16 high bits of its float32 pattern (sign, exponent, 7 mantissa bits). Every bucket is a closed
+    # interval [low, high] of floats; base = #(code < low) and at most `width` code entries lie in
+    # [low, high), so #(code < x) = base + sum_{j < width} [code[base + j] < x] (code padded with +inf).
+    code = _dynamic_code_cpu(signed).to(torch.float32)
+    keys = torch.arange(1 << 16, dtype=torch.int64)
+    first = (keys << 16).to(torch.int32).view(torch.float32)
+    last = ((keys << 16) | 0xFFFF).to(torch.int32).view(torch.float32)
+    low, high = torch.minimum(first, last), torch.maximum(first, last)
+    base = torch.searchsorted(code, low, out_int32=True)
+    width = torch.searchsorted(code, high, out_int32=True) - base
+    finite = torch.isfinite(first) & torch.isfinite(last)
+    base, width = torch.where(finite, base, 0), torch.where(finite, width, 0)
+    max_width = int(width.max())
+    padded = torch.cat([code, torch.full((max_width,), math.inf)])
+    return base, padded, max_width
+
+
+def _searchsorted_code(normalized: Tensor, signed: bool) -> Tensor:
+    """``torch.searchsorted(dynamic_code(signed), normalized)`` (as int32, 1-D), bit-exact for finite float32 input."""
+    base_cpu, padded_cpu, width = _code_buckets_cpu(signed)
+    base, padded = base_cpu.to(normalized.device), padded_cpu.to(normalized.device)
+    flat = normalized.reshape(-1)
+    key = flat.view(torch.int32) >> 16
+    index = base.index_select(0, key.bitwise_and_(0xFFFF))
+    below = [padded.index_select(0, index + offset if offset else index) < flat for offset in range(width)]
+    for entry_below in below:
+        index += entry_below
+    return index
+
+
+def _quantize_flat(flat: Tensor, signed: bool, block_size: int, uniform: Tensor | None) -> tuple[Tensor, Tensor]:
+    # flat: 1-D float32; uniform: None (round to nearest) or 1-D float32 numbers in [0, 1), one per value
     numel = flat.numel()
     n_blocks = -(-numel // block_size)
     padding = n_blocks * block_size - numel
-    padded = torch.nn.functional.pad(flat, (0, padding)).view(n_blocks, block_size)
+    padded = (torch.nn.functional.pad(flat, (0, padding)) if padding else flat).view(n_blocks, block_size)
     absmax = padded.abs().amax(dim=1)
     normalized = padded / absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)
     code = dynamic_code(signed, flat.device)
-    if dither is None:
+    if uniform is None:
         index = torch.bucketize(normalized, (code[1:] + code[:-1]) / 2)
     else:
-        if dither.numel() != numel:
-            raise ValueError(f"Invalid dither: {dither.numel()} values for {numel} to quantise")
-        upper = torch.searchsorted(code, normalized).clamp(1, code.numel() - 1)
+        upper = _searchsorted_code(normalized.view(-1)[:numel], signed).clamp_(1, code.numel() - 1)
         lower = upper - 1
-        position = (normalized - code[lower]) / (code[upper] - code[lower])
-        uniform = torch.nn.functional.pad(dither.reshape(-1).to(torch.float32), (0, padding)).view(n_blocks, block_size)
-        index = torch.where(uniform < position, upper, lower)
-    codes = (index - _code_offset(signed)).to(torch.int8).reshape(-1)[:numel].view(values.shape)
+        lower_value = code.index_select(0, lower)
+        position = (normalized.view(-1)[:numel] - lower_value).div_(code.index_select(0, upper).sub_(lower_value))
+        index = lower.add_(uniform < position)
+    codes = index.sub_(_code_offset(signed)).to(torch.int8).reshape(-1)[:numel]
     return codes, absmax
 
 
@@ -150,21 +192,49 @@ def round_to_bfloat16(values: Tensor, dither: Tensor | None = None) -> Tensor:
         return values.to(torch.bfloat16)
     if dither.numel() != values.numel():
         raise ValueError(f"Invalid dither: {dither.numel()} values for {values.numel()} to round")
-    bits = values.detach().to(torch.float32).contiguous().view(torch.int32)
-    noise = (dither.reshape(values.shape).to(torch.float32) * 65536.0).to(torch.int32)
-    rounded = torch.bitwise_and(bits + noise, -65536)  # clear the 16 low bits (two's complement ~0xFFFF)
-    return rounded.view(torch.float32).to(torch.bfloat16)
+    return _round_to_bfloat16_bits(values, (dither.reshape(values.shape).to(torch.float32) * 65536.0).to(torch.int32))
+
+
+def _round_to_bfloat16_bits(values: Tensor, noise: Tensor) -> Tensor:
+    # noise: int32 in [0, 2**16) added to the float32 pattern before its 16 low bits are cleared
+    bits = values.detach().to(torch.float32, copy=True).contiguous().view(torch.int32)
+    bits += noise.view(bits.shape)
+    bits.bitwise_and_(-65536)  # clear the 16 low bits (two's complement ~0xFFFF)
+    return bits.view(torch.float32).to(torch.bfloat16)
 
 
 _MASK32 = 0xFFFFFFFF
+_HASH_MULTIPLIERS = (0x7FEB352D, 0x5BD1E995)
 
 
-def _mix32(x: Tensor) -> Tensor:
-    # integer hash on values < 2**32 kept in int64; multipliers < 2**31 so products stay below 2**63
-    for multiplier in (0x7FEB352D, 0x5BD1E995):
-        x = torch.bitwise_xor(x, x >> 16)
+def _mix32(x: int) -> int:
+    # the integer hash of one value < 2**32
+    for multiplier in _HASH_MULTIPLIERS:
+        x ^= x >> 16
         x = (x * multiplier) & _MASK32
-    return torch.bitwise_xor(x, x >> 15)
+    return x ^ (x >> 15)
+
+
+def _hash_bits(numel: int, seed: int, device: torch.device | str) -> Tensor:
+    """``_mix32((i + _mix32(seed)) mod 2**32)`` for ``i < numel``, as int32 holding the 32 hash bits.
+
+    int32 arithmetic wraps modulo 2**32, so products and sums equal the unsigned hash's bits; the
+    logical right shift is an arithmetic shift with the sign copies masked off. In place: two buffers.
+    """
+    start = _mix32(seed & _MASK32)
+    hashed = torch.arange(numel, dtype=torch.int32, device=device)
+    hashed += start - (1 << 32) if start >= 1 << 31 else start
+    shifted = torch.empty_like(hashed)
+    for multiplier in _HASH_MULTIPLIERS:
+        torch.bitwise_right_shift(hashed, 16, out=shifted).bitwise_and_(0xFFFF)
+        hashed.bitwise_xor_(shifted).mul_(multiplier)
+    torch.bitwise_right_shift(hashed, 15, out=shifted).bitwise_and_(0x1FFFF)
+    return hashed.bitwise_xor_(shifted)
+
+
+def _bits_to_uniform(bits: Tensor) -> Tensor:
+    # the 24 high hash bits over 2**24: exact float32 numbers in [0, 1)
+    return (bits >> 8).bitwise_and_(0xFFFFFF).to(torch.float32).mul_(1.0 / (1 << 24))
 
 
 def dither_seed(step: int, key: str) -> int:
@@ -175,10 +245,7 @@ def dither_seed(step: int, key: str) -> int:
 def uniform_dither(shape: torch.Size | tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> Tensor:
     """Deterministic uniform [0, 1) float32 numbers of ``shape``: a hash of (``seed``, element index),
     so the same seed always gives the same numbers on any path and after a checkpoint resume."""
-    numel = math.prod(shape)
-    counter = torch.arange(numel, dtype=torch.int64, device=device)
-    mixed = _mix32((counter + _mix32(torch.tensor(seed & _MASK32, dtype=torch.int64, device=device))) & _MASK32)
-    return ((mixed >> 8).to(torch.float32) / float(1 << 24)).view(shape)
+    return _bits_to_uniform(_hash_bits(math.prod(shape), seed, device)).view(shape)
 
 
 def dequantize_blockwise(
@@ -194,7 +261,7 @@ def dequantize_blockwise(
         )
     index = codes.reshape(-1).to(torch.long) + _code_offset(signed)
     index = torch.nn.functional.pad(index, (0, n_blocks * block_size - numel), value=_code_offset(signed))
-    decoded = code[index].view(n_blocks, block_size) * absmax.to(torch.float32).unsqueeze(1)
+    decoded = code.index_select(0, index).view(n_blocks, block_size) * absmax.to(torch.float32).unsqueeze(1)
     return decoded.reshape(-1)[:numel].view(codes.shape).to(dtype)
 
 
@@ -257,11 +324,12 @@ def store_moments(
         stored = state[key]
         if value is stored:
             continue
-        dither = uniform_dither(value.shape, dither_seed(int(step), key), value.device)
+        bits = _hash_bits(value.numel(), dither_seed(int(step), key), value.device)
         if key + _ABSMAX_SUFFIX in state:
-            state[key], state[key + _ABSMAX_SUFFIX] = quantize_blockwise(value, signed, dither=dither)
+            state[key], state[key + _ABSMAX_SUFFIX] = quantize_blockwise(value, signed, dither=_bits_to_uniform(bits))
         else:
-            stored.copy_(round_to_bfloat16(value, dither))
+            # floor(uniform * 2**16) of uniform_dither is the 16 high hash bits
+            stored.copy_(_round_to_bfloat16_bits(value, bits.bitwise_right_shift_(16).bitwise_and_(0xFFFF)))
 
 
 def restore_state_dtypes(optimizer: torch.optim.Optimizer, keys: Sequence[str]) -> None:
