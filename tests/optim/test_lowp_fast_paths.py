@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from optimlab.optim import lowp_state
 from optimlab.optim.lowp_state import (
     BLOCK_SIZE,
     dither_seed,
@@ -106,12 +107,17 @@ def test_bfloat16_stochastic_rounding_equals_bit_reference(shape: tuple[int, ...
                                   _bfloat16_reference(values.numpy(), dither.numpy()))
 
 
+@pytest.mark.parametrize("chunk", [2 * BLOCK_SIZE, lowp_state._STORE_CHUNK])
 @pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
 @pytest.mark.parametrize("signed", [True, False])
-def test_store_moments_rounds_with_the_public_dither(state_dtype: str, signed: bool) -> None:
-    """store_moments takes shortcuts (hash bits straight to bf16 noise); its result is the documented rule."""
+def test_store_moments_rounds_with_the_public_dither(
+    state_dtype: str, signed: bool, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """store_moments takes shortcuts (hash bits straight to bf16 noise, whole blocks at a time); its
+    result is the documented rule applied to the whole tensor at once."""
+    monkeypatch.setattr(lowp_state, "_STORE_CHUNK", chunk)
     key = "exp_avg" if signed else "exp_avg_sq"
-    for shape in _SHAPES:
+    for shape in [*_SHAPES, (2 * lowp_state._STORE_CHUNK + 1000,)]:
         value = _moments(shape, signed, seed=3)
         state: dict[str, torch.Tensor] = {}
         init_moment(state, key, value, state_dtype, signed=signed)

@@ -67,6 +67,7 @@ __all__ = [
 
 BLOCK_SIZE = 256
 _ABSMAX_SUFFIX = "_absmax"
+_STORE_CHUNK = 1 << 18  # values per pass when storing; a multiple of BLOCK_SIZE
 
 
 @functools.lru_cache(maxsize=None)
@@ -118,8 +119,7 @@ def quantize_blockwise(
     """
     if block_size < 1:
         raise ValueError(f"Invalid block_size: {block_size} (accepted range: >= 1)")
-    if not signed and bool((values < 0).any()):
-        raise ValueError("quantize_blockwise(signed=False) needs non-negative values (a second moment)")
+    _check_sign(values, signed)
     flat = values.detach().reshape(-1).to(torch.float32)
     uniform = None
     if dither is not None:
@@ -128,6 +128,11 @@ def quantize_blockwise(
         uniform = dither.reshape(-1).to(torch.float32)
     codes, absmax = _quantize_flat(flat, signed, block_size, uniform)
     return codes.view(values.shape), absmax
+
+
+def _check_sign(values: Tensor, signed: bool) -> None:
+    if not signed and bool((values < 0).any()):
+        raise ValueError("quantize_blockwise(signed=False) needs non-negative values (a second moment)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -215,14 +220,14 @@ def _mix32(x: int) -> int:
     return x ^ (x >> 15)
 
 
-def _hash_bits(numel: int, seed: int, device: torch.device | str) -> Tensor:
-    """``_mix32((i + _mix32(seed)) mod 2**32)`` for ``i < numel``, as int32 holding the 32 hash bits.
+def _hash_bits(begin: int, end: int, seed: int, device: torch.device | str) -> Tensor:
+    """``_mix32((i + _mix32(seed)) mod 2**32)`` for ``begin <= i < end``, as int32 holding the 32 hash bits.
 
     int32 arithmetic wraps modulo 2**32, so products and sums equal the unsigned hash's bits; the
     logical right shift is an arithmetic shift with the sign copies masked off. In place: two buffers.
     """
-    start = _mix32(seed & _MASK32)
-    hashed = torch.arange(numel, dtype=torch.int32, device=device)
+    start = (_mix32(seed & _MASK32) + begin) & _MASK32
+    hashed = torch.arange(end - begin, dtype=torch.int32, device=device)
     hashed += start - (1 << 32) if start >= 1 << 31 else start
     shifted = torch.empty_like(hashed)
     for multiplier in _HASH_MULTIPLIERS:
@@ -245,7 +250,7 @@ def dither_seed(step: int, key: str) -> int:
 def uniform_dither(shape: torch.Size | tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> Tensor:
     """Deterministic uniform [0, 1) float32 numbers of ``shape``: a hash of (``seed``, element index),
     so the same seed always gives the same numbers on any path and after a checkpoint resume."""
-    return _bits_to_uniform(_hash_bits(math.prod(shape), seed, device)).view(shape)
+    return _bits_to_uniform(_hash_bits(0, math.prod(shape), seed, device)).view(shape)
 
 
 def dequantize_blockwise(
@@ -324,12 +329,27 @@ def store_moments(
         stored = state[key]
         if value is stored:
             continue
-        bits = _hash_bits(value.numel(), dither_seed(int(step), key), value.device)
+        seed = dither_seed(int(step), key)
+        flat = value.detach().reshape(-1)
+        numel = flat.numel()
+        # in chunks of whole blocks: the same numbers, but temporaries that stay small
+        chunks = [(begin, min(numel, begin + _STORE_CHUNK)) for begin in range(0, numel, _STORE_CHUNK)]
         if key + _ABSMAX_SUFFIX in state:
-            state[key], state[key + _ABSMAX_SUFFIX] = quantize_blockwise(value, signed, dither=_bits_to_uniform(bits))
+            _check_sign(value, signed)
+            codes = torch.empty(numel, dtype=torch.int8, device=value.device)
+            absmax = torch.empty(-(-numel // BLOCK_SIZE), dtype=torch.float32, device=value.device)
+            for begin, end in chunks:
+                uniform = _bits_to_uniform(_hash_bits(begin, end, seed, value.device))
+                codes[begin:end], absmax[begin // BLOCK_SIZE:-(-end // BLOCK_SIZE)] = _quantize_flat(
+                    flat[begin:end].to(torch.float32), signed, BLOCK_SIZE, uniform)
+            state[key], state[key + _ABSMAX_SUFFIX] = codes.view(value.shape), absmax
         else:
-            # floor(uniform * 2**16) of uniform_dither is the 16 high hash bits
-            stored.copy_(_round_to_bfloat16_bits(value, bits.bitwise_right_shift_(16).bitwise_and_(0xFFFF)))
+            rounded = torch.empty(numel, dtype=torch.bfloat16, device=value.device)
+            for begin, end in chunks:
+                # floor(uniform * 2**16) of uniform_dither is the 16 high hash bits
+                noise = _hash_bits(begin, end, seed, value.device).bitwise_right_shift_(16).bitwise_and_(0xFFFF)
+                rounded[begin:end] = _round_to_bfloat16_bits(flat[begin:end], noise)
+            stored.copy_(rounded.view(value.shape))
 
 
 def restore_state_dtypes(optimizer: torch.optim.Optimizer, keys: Sequence[str]) -> None:
