@@ -17,6 +17,7 @@ import torch
 from optimlab.optim import lowp_state
 from optimlab.optim.lowp_state import (
     BLOCK_SIZE,
+    dequantize_blockwise,
     dither_seed,
     dynamic_code,
     init_moment,
@@ -96,6 +97,17 @@ def test_int8_stochastic_rounding_equals_searchsorted_reference(signed: bool, sh
         expected_codes, expected_absmax = _quantize_reference(values.numpy(), signed, dither.reshape(-1).numpy())
         np.testing.assert_array_equal(absmax.numpy(), expected_absmax)
         np.testing.assert_array_equal(codes.numpy(), expected_codes)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("shape", _SHAPES)
+def test_dequantize_equals_table_lookup_reference(signed: bool, shape: tuple[int, ...]) -> None:
+    codes, absmax = quantize_blockwise(_moments(shape, signed, seed=4), signed, dither=uniform_dither(shape, 4))
+    scale = np.repeat(absmax.numpy(), BLOCK_SIZE)[: math.prod(shape)].reshape(shape)
+    expected = dynamic_code(signed).numpy()[codes.numpy().astype(np.int64) + (127 if signed else 128)] * scale
+    np.testing.assert_array_equal(dequantize_blockwise(codes, absmax, signed).numpy(), expected)
+    np.testing.assert_array_equal(dequantize_blockwise(codes, absmax, signed, torch.float64).numpy(),
+                                  expected.astype(np.float64))
 
 
 @pytest.mark.parametrize("shape", _SHAPES)

@@ -264,9 +264,10 @@ def dequantize_blockwise(
         raise ValueError(
             f"Invalid absmax: {n_blocks} blocks of {block_size} do not match {numel} codes"
         )
-    index = codes.reshape(-1).to(torch.long) + _code_offset(signed)
-    index = torch.nn.functional.pad(index, (0, n_blocks * block_size - numel), value=_code_offset(signed))
-    decoded = code.index_select(0, index).view(n_blocks, block_size) * absmax.to(torch.float32).unsqueeze(1)
+    index = codes.reshape(-1).to(torch.int32).add_(_code_offset(signed))
+    if n_blocks * block_size != numel:
+        index = torch.nn.functional.pad(index, (0, n_blocks * block_size - numel), value=_code_offset(signed))
+    decoded = code.index_select(0, index).view(n_blocks, block_size).mul_(absmax.to(torch.float32).unsqueeze(1))
     return decoded.reshape(-1)[:numel].view(codes.shape).to(dtype)
 
 
