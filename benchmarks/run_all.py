@@ -54,24 +54,24 @@ for. The other optimizers keep their foreach path (rows *optimlab foreach*).
   14.54 ms on one core (0.92x): the generated loop does the same per-element work (a lerp, two
   divisions, a square root), so the kernel is at parity. With 100 tensors of 200k values the same
   comparison gives 18.1 ms against 12.4 ms (0.68x): the difference is per-tensor cost. At 200M
-  parameters, where per-tensor costs vanish, four full runs of this benchmark put the fused
+  parameters, where per-tensor costs vanish, five full runs of this benchmark put the fused
   Adam/AdamW/SGD-momentum steps at 0.8x to 1.7x torch's fused step: parity within this machine's noise.
 * **Per-tensor overhead.** 1,000 tensors of 64 values: 24.6 ms per step against 5.2 ms for torch's fused
   AdamW, i.e. about 25 us per tensor against 5 us. It is Python: the step skeleton and step counters
   (`optimlab.optim._base`), flattening, and Dynamo's guard checks and AOT wrappers on each chunk call.
   That is why 1M and 20M parameters in 100 tensors, and the 10,000-small-tensor case, fall short of
-  torch's fused step (0.64x to 1.07x at 20M over four runs), while Lion, which torch does not
+  torch's fused step (0.64x to 1.07x at 20M over five runs), while Lion, which torch does not
   fuse, runs 1.5x to 1.9x faster than its best peer at 20M (the 3x target is missed).
 * **What would close the gap**: keeping each param group's state (and, with care, parameters and
   gradients) in one contiguous flat buffer so that a step is one compiled call per group with no
   per-tensor Python, and passing reciprocals of the scalar divisors.
 * **Low-precision state is slow.** bf16/int8 moments (`state_dtype`) are stored with deterministic
-  stochastic rounding whose noise is an integer hash computed eagerly, a dozen int64 passes per moment
-  per step, and the fused rule runs on fp32 working copies: at 20M parameters bf16-state AdamW takes
-  about 450 ms per step and int8 about 1.7 s, against 9.5 ms for torch's fused fp32 AdamW. The
-  memory saving (8 -> 4 -> 2.03 B/param) is real; the speed targets for it are missed by far. Fusing
-  the load/round/store with the rule (one compiled kernel generating its noise in registers) is
-  the fix.
+  stochastic rounding whose noise is an integer hash, computed eagerly (in place, int32, in chunks), and
+  the fused rule runs on fp32 working copies: at 20M parameters bf16-state AdamW takes about 130 ms per
+  step and int8 about 350 ms (before the eager store path was restructured: 450 ms and 1.7 s), against
+  about 12 ms for torch's fused fp32 AdamW. The memory saving (8 -> 4 -> 2.03 B/param) is real; the
+  speed targets for it are missed by far. Fusing the load/round/store with the rule (one compiled
+  kernel generating its noise in registers) is the fix.
 
 ## Method
 
