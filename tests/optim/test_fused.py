@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, field
-from typing import Any
-
 import pytest
 import torch
 
@@ -20,21 +17,8 @@ from optimlab.optim import _fused
 from optimlab.optim._fused import DISABLE_ENV, FusedStep, fused_step, fused_unavailable_reason, resolve_fused
 from optimlab.optim.adam import _adam_tensor
 
-STEPS = 20
-
-needs_compiler = pytest.mark.skipif(fused_unavailable_reason("cpu") is not None,
-                                    reason=f"no fused path here: {fused_unavailable_reason('cpu')}")
-
-
-@dataclass(frozen=True)
-class FusedCase:
-    id: str
-    cls: type
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    dtype: torch.dtype = torch.float64
-    rtol: float = 1e-12
-    skip_grads: bool = False  # one parameter has no gradient on some steps (its step count falls behind)
-
+from .fused_harness import (STEPS, FusedCase, build, max_relative_error, needs_compiler, run_pair, set_grads,
+                            state_tensors)
 
 CASES = [
     FusedCase("adam-amsgrad-l2-f64", Adam, {"lr": 1e-2, "amsgrad": True, "weight_decay": 0.1}, skip_grads=True),
@@ -47,82 +31,33 @@ CASES = [
 ]
 
 
-def _param_groups(dtype: torch.dtype, generator: torch.Generator) -> list[dict[str, Any]]:
-    """Two groups (different lr): 2-D and 1-D contiguous tensors (compiled), a 0-dim and a transposed
-    one (the same rule, uncompiled)."""
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(shape, generator=generator, dtype=dtype)
-
-    return [
-        {"params": [randn(7, 5), randn(13), randn(), randn(6, 4).t()]},
-        {"params": [randn(3, 3), randn(4)], "lr_scale": 0.5},
-    ]
-
-
-def _build(case: FusedCase, fused: bool, seed: int = 0) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
-    groups = _param_groups(case.dtype, torch.Generator().manual_seed(seed))
-    lr = case.kwargs["lr"]
-    for group in groups:
-        group["lr"] = lr * group.pop("lr_scale", 1.0)
-    options = dict(case.kwargs, fused=True) if fused else dict(case.kwargs, foreach=False)
-    optimizer = case.cls(groups, **options)
-    return optimizer, [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def _set_grads(params: list[torch.Tensor], step: int, skip: bool) -> None:
-    generator = torch.Generator().manual_seed(1000 + step)
-    for index, param in enumerate(params):
-        grad = torch.randn(param.shape, generator=generator, dtype=param.dtype)
-        param.grad = None if (skip and index == 1 and step % 3 == 1) else grad
-
-
-def _max_relative_error(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
-    return max(((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item() for a, e in zip(actual, expected))
-
-
-def _state_tensors(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [value for p in params for key, value in sorted(optimizer.state[p].items()) if torch.is_tensor(value)]
-
-
-def _run_pair(case: FusedCase, steps: int = STEPS) -> tuple[Any, list[torch.Tensor], Any, list[torch.Tensor]]:
-    fused, fused_params = _build(case, fused=True)
-    reference, reference_params = _build(case, fused=False)
-    for step in range(steps):
-        _set_grads(fused_params, step, case.skip_grads)
-        _set_grads(reference_params, step, case.skip_grads)
-        fused.step()
-        reference.step()
-    return fused, fused_params, reference, reference_params
-
-
 @needs_compiler
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
 def test_fused_matches_per_tensor_reference(case: FusedCase) -> None:
-    fused, fused_params, reference, reference_params = _run_pair(case)
-    assert _max_relative_error(fused_params, reference_params) <= case.rtol
-    fused_state, reference_state = _state_tensors(fused, fused_params), _state_tensors(reference, reference_params)
+    fused, fused_params, reference, reference_params = run_pair(case)
+    assert max_relative_error(fused_params, reference_params) <= case.rtol
+    fused_state, reference_state = state_tensors(fused, fused_params), state_tensors(reference, reference_params)
     assert len(fused_state) == len(reference_state) > 0
-    assert _max_relative_error(fused_state, reference_state) <= case.rtol
+    assert max_relative_error(fused_state, reference_state) <= case.rtol
     # the parameters really moved, and the compiled path (not only the uncompiled leftovers) ran
-    initial, _ = _build(case, fused=False)
-    assert _max_relative_error(fused_params, [p for g in initial.param_groups for p in g["params"]]) > 1e-4
+    initial, _ = build(case, fused=False)
+    assert max_relative_error(fused_params, [p for g in initial.param_groups for p in g["params"]]) > 1e-4
     assert sum(entry["compiles"] for entry in _fused.compile_stats().values()) > 0
 
 
 @needs_compiler
 def test_lr_schedule_causes_no_recompilation() -> None:
     case = CASES[2]  # AdamW float32: its graph is shared with the parity test
-    fused, fused_params = _build(case, fused=True)
-    reference, reference_params = _build(case, fused=False)
+    fused, fused_params = build(case, fused=True)
+    reference, reference_params = build(case, fused=False)
     schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50) for opt in (fused, reference)]
     step_fn = fused_step(_adam_tensor, {"weight_decay": 1e-2, "amsgrad": False, "maximize": False,
                                         "decoupled_weight_decay": True})
     compiles_after_first_step = None
     lrs = set()
     for step in range(50):
-        _set_grads(fused_params, step, False)
-        _set_grads(reference_params, step, False)
+        set_grads(fused_params, step, False)
+        set_grads(reference_params, step, False)
         fused.step()
         reference.step()
         if compiles_after_first_step is None:
@@ -133,16 +68,16 @@ def test_lr_schedule_causes_no_recompilation() -> None:
     assert len(lrs) == 50  # every step saw a new learning rate
     assert compiles_after_first_step >= 1
     assert step_fn.compiles == compiles_after_first_step
-    assert _max_relative_error(fused_params, reference_params) <= 1e-6
+    assert max_relative_error(fused_params, reference_params) <= 1e-6
 
 
 @needs_compiler
 def test_state_dict_moves_between_fused_and_reference() -> None:
     case = CASES[2]
-    fused, fused_params, reference, reference_params = _run_pair(case, steps=5)
+    fused, fused_params, reference, reference_params = run_pair(case, steps=5)
     # fused -> per-tensor and per-tensor -> fused, then 5 more steps on each side
-    continued_reference, continued_reference_params = _build(case, fused=False)
-    continued_fused, continued_fused_params = _build(case, fused=True)
+    continued_reference, continued_reference_params = build(case, fused=False)
+    continued_fused, continued_fused_params = build(case, fused=True)
     with torch.no_grad():
         for target, source in zip(continued_reference_params, fused_params):
             target.copy_(source)
@@ -159,13 +94,13 @@ def test_state_dict_moves_between_fused_and_reference() -> None:
         group["fused"] = True
     for step in range(5, 10):
         for params in (continued_reference_params, continued_fused_params):
-            _set_grads(params, step, False)
+            set_grads(params, step, False)
         continued_reference.step()
         continued_fused.step()
-    assert _max_relative_error(continued_fused_params, continued_reference_params) <= 1e-6
+    assert max_relative_error(continued_fused_params, continued_reference_params) <= 1e-6
     assert continued_fused.state_dict()["param_groups"][0]["fused"] is True
-    assert _max_relative_error(_state_tensors(continued_fused, continued_fused_params),
-                               _state_tensors(continued_reference, continued_reference_params)) <= 1e-6
+    assert max_relative_error(state_tensors(continued_fused, continued_fused_params),
+                               state_tensors(continued_reference, continued_reference_params)) <= 1e-6
 
 
 def test_disabled_by_environment_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -173,9 +108,9 @@ def test_disabled_by_environment_falls_back_with_one_warning(monkeypatch: pytest
     monkeypatch.setattr(_fused, "_warned", set())
     case = FusedCase("adamw-f64", AdamW, {"lr": 1e-2})
     with pytest.warns(RuntimeWarning, match=rf"AdamW\(fused=True\).*{DISABLE_ENV}=1.*foreach") as record:
-        fused, fused_params, reference, reference_params = _run_pair(case, steps=3)
+        fused, fused_params, reference, reference_params = run_pair(case, steps=3)
     assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
-    assert _max_relative_error(fused_params, reference_params) <= 1e-12
+    assert max_relative_error(fused_params, reference_params) <= 1e-12
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # shown once per process, not once per step or per optimizer
         param = torch.zeros(2, requires_grad=True)
@@ -215,7 +150,7 @@ def test_invalid_chunk_size() -> None:
 @needs_compiler
 def test_compile_time_is_reported() -> None:
     case = CASES[2]
-    _run_pair(case, steps=1)
+    run_pair(case, steps=1)
     stats = _fused.compile_stats()
     assert stats["_adam_tensor"]["compiles"] >= 1
     assert stats["_adam_tensor"]["compile_seconds"] > 0
@@ -244,9 +179,9 @@ def test_full_chunks_of_many_tensors() -> None:
     options = {"lr": 1e-2, "amsgrad": True, "weight_decay": 0.1}
     fused, reference = Adam(fused_params, fused=True, **options), Adam(reference_params, foreach=False, **options)
     for step in range(STEPS):
-        _set_grads(fused_params, step, False)
-        _set_grads(reference_params, step, False)
+        set_grads(fused_params, step, False)
+        set_grads(reference_params, step, False)
         fused.step()
         reference.step()
-    assert _max_relative_error(fused_params, reference_params) <= 1e-12
-    assert _max_relative_error(_state_tensors(fused, fused_params), _state_tensors(reference, reference_params)) <= 1e-12
+    assert max_relative_error(fused_params, reference_params) <= 1e-12
+    assert max_relative_error(state_tensors(fused, fused_params), state_tensors(reference, reference_params)) <= 1e-12

@@ -160,6 +160,8 @@ class FusedStep:
             decay the rule tests against zero) are compile-time constants.
         static: the constant keyword arguments; one :class:`FusedStep` per distinct value.
         chunk_size: tensors per compiled call (see the module docstring).
+        elementwise: the rule treats every element on its own (no reduction over a tensor), so tensors
+            may be concatenated and updated by one call.
 
     Attributes:
         compiles: how many graphs have been compiled (a recompile would increase it).
@@ -167,12 +169,13 @@ class FusedStep:
     """
 
     def __init__(self, update: Callable[..., None], static: Mapping[str, Hashable] | None = None,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, *, elementwise: bool = False) -> None:
         if chunk_size < 1:
             raise ValueError(f"Invalid chunk_size: {chunk_size} (accepted range: >= 1)")
         self.update = update
         self.static = dict(static or {})
         self.chunk_size = int(chunk_size)
+        self.elementwise = bool(elementwise)
         self.compiles = 0
         self.compile_seconds = 0.0
         # Dynamo keeps its compiled-code cache (and its recompile limit) per code object: give each rule its own.
@@ -229,11 +232,15 @@ _STEPS: dict[tuple[Any, ...], FusedStep] = {}
 
 
 def fused_step(update: Callable[..., None], static: Mapping[str, Hashable] | None = None,
-               chunk_size: int = DEFAULT_CHUNK_SIZE) -> FusedStep:
-    """The process-wide :class:`FusedStep` for ``update`` with these constant arguments (compiled once)."""
-    key = (update, tuple(sorted((static or {}).items())), chunk_size)
+               chunk_size: int = DEFAULT_CHUNK_SIZE, *, elementwise: bool = False) -> FusedStep:
+    """The process-wide :class:`FusedStep` for ``update`` with these constant arguments (compiled once).
+
+    ``elementwise=True`` declares that the rule treats every element on its own (no reduction over a
+    tensor, such as a norm or a row mean), so that tensors may be concatenated before the call.
+    """
+    key = (update, tuple(sorted((static or {}).items())), chunk_size, elementwise)
     if key not in _STEPS:
-        _STEPS[key] = FusedStep(update, static, chunk_size)
+        _STEPS[key] = FusedStep(update, static, chunk_size, elementwise=elementwise)
     return _STEPS[key]
 
 

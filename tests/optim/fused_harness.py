@@ -1,0 +1,82 @@
+"""Shared pieces of the fused-path tests: a parity case, the parameter layout, and running the fused
+path and the per-tensor reference (``foreach=False``) side by side on identical parameters.
+
+A case may bring its own parameter layout (``groups``): rules that need matrices (Muon) or that
+reduce over a tensor (LAMB's trust ratio, Adafactor's factored moments) pick shapes that exercise them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+
+from optimlab.optim._fused import fused_unavailable_reason
+
+STEPS = 20
+
+needs_compiler = pytest.mark.skipif(fused_unavailable_reason("cpu") is not None,
+                                    reason=f"no fused path here: {fused_unavailable_reason('cpu')}")
+
+
+@dataclass(frozen=True)
+class FusedCase:
+    id: str
+    cls: type
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    dtype: torch.dtype = torch.float64
+    rtol: float = 1e-12
+    skip_grads: bool = False  # one parameter has no gradient on some steps (its step count falls behind)
+    groups: Callable[[torch.dtype, torch.Generator], list[dict[str, Any]]] | None = None  # default: param_groups
+
+
+def param_groups(dtype: torch.dtype, generator: torch.Generator) -> list[dict[str, Any]]:
+    """Two groups (different lr): 2-D and 1-D contiguous tensors (compiled), a 0-dim and a transposed
+    one (the same rule, uncompiled)."""
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, dtype=dtype)
+
+    return [
+        {"params": [randn(7, 5), randn(13), randn(), randn(6, 4).t()]},
+        {"params": [randn(3, 3), randn(4)], "lr_scale": 0.5},
+    ]
+
+
+def build(case: FusedCase, fused: bool, seed: int = 0) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
+    groups = (case.groups or param_groups)(case.dtype, torch.Generator().manual_seed(seed))
+    lr = case.kwargs["lr"]
+    for group in groups:
+        group["lr"] = lr * group.pop("lr_scale", 1.0)
+    options = dict(case.kwargs, fused=True) if fused else dict(case.kwargs, foreach=False)
+    optimizer = case.cls(groups, **options)
+    return optimizer, [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def set_grads(params: list[torch.Tensor], step: int, skip: bool) -> None:
+    generator = torch.Generator().manual_seed(1000 + step)
+    for index, param in enumerate(params):
+        grad = torch.randn(param.shape, generator=generator, dtype=param.dtype)
+        param.grad = None if (skip and index == 1 and step % 3 == 1) else grad
+
+
+def max_relative_error(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    return max(((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item() for a, e in zip(actual, expected))
+
+
+def state_tensors(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [value for p in params for key, value in sorted(optimizer.state[p].items()) if torch.is_tensor(value)]
+
+
+def run_pair(case: FusedCase, steps: int = STEPS) -> tuple[Any, list[torch.Tensor], Any, list[torch.Tensor]]:
+    fused, fused_params = build(case, fused=True)
+    reference, reference_params = build(case, fused=False)
+    for step in range(steps):
+        set_grads(fused_params, step, case.skip_grads)
+        set_grads(reference_params, step, case.skip_grads)
+        fused.step()
+        reference.step()
+    return fused, fused_params, reference, reference_params
