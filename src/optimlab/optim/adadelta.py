@@ -34,6 +34,7 @@ from optimlab.optim._base import (
     real_views,
     reject_unsupported,
 )
+from optimlab.optim._fused import fused_step, resolve_fused
 
 __all__ = ["Adadelta"]
 
@@ -52,12 +53,50 @@ def _adadelta_single_tensor(
 ) -> None:
     """Per-tensor reference path of the Adadelta rule (module docstring)."""
     for i, param in enumerate(params):
-        grad = prepare_grad(param, grads[i], maximize=maximize, weight_decay=weight_decay)
-        square_avgs[i].mul_(rho).addcmul_(grad, grad, value=1 - rho)
-        std = square_avgs[i].add(eps).sqrt_()
-        delta = acc_deltas[i].add(eps).sqrt_().div_(std).mul_(grad)
-        acc_deltas[i].mul_(rho).addcmul_(delta, delta, value=1 - rho)
-        param.add_(delta, alpha=-lr)
+        _adadelta_tensor(param, grads[i], square_avgs[i], acc_deltas[i], lr=lr, rho=rho, eps=eps,
+                         weight_decay=weight_decay, maximize=maximize)
+
+
+def _adadelta_tensor(
+    param: Tensor,
+    grad: Tensor,
+    square_avg: Tensor,
+    acc_delta: Tensor,
+    *,
+    lr: float | Tensor,
+    rho: float | Tensor,
+    eps: float | Tensor,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """The Adadelta rule (module docstring) for one tensor, in place: what the per-tensor path loops over and
+    the fused path compiles (:mod:`optimlab.optim._fused`, where ``lr``, ``rho`` and ``eps`` arrive as 0-dim
+    tensors)."""
+    grad = prepare_grad(param, grad, maximize=maximize, weight_decay=weight_decay)
+    square_avg.mul_(rho).addcmul_(grad, grad, value=1 - rho)
+    std = square_avg.add(eps).sqrt_()
+    delta = acc_delta.add(eps).sqrt_().div_(std).mul_(grad)
+    acc_delta.mul_(rho).addcmul_(delta, delta, value=1 - rho)
+    param.add_(delta, alpha=-lr)
+
+
+def _adadelta_fused(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    acc_deltas: list[Tensor],
+    *,
+    lr: float,
+    rho: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """Fused path of the same rule: :func:`_adadelta_tensor` compiled by :mod:`optimlab.optim._fused`, with
+    ``lr``, ``rho`` and ``eps`` passed as 0-dim tensors (a schedule changes data, not the graph) and
+    ``weight_decay`` and ``maximize`` as compile-time constants."""
+    fused_step(_adadelta_tensor, {"weight_decay": weight_decay, "maximize": maximize}, elementwise=True)(
+        [params, grads, square_avgs, acc_deltas], {"lr": lr, "rho": rho, "eps": eps})
 
 
 def _adadelta_multi_tensor(
@@ -111,6 +150,8 @@ class Adadelta(OptimlabOptimizer):
         foreach: multi-tensor path (default: yes on CPU/CUDA).
         capturable, differentiable: not supported (``NotImplementedError`` when true).
         maximize: ascend the objective. Default False.
+        fused: optimlab extension (keyword-only, after torch's arguments; torch has no fused Adadelta):
+            the compiled fused step (:mod:`optimlab.optim._fused`); ``None`` (default) means off.
     """
 
     def __init__(
@@ -125,6 +166,7 @@ class Adadelta(OptimlabOptimizer):
         capturable: bool = False,
         maximize: bool = False,
         differentiable: bool = False,
+        fused: bool | None = None,
     ) -> None:
         reject_unsupported(type(self).__name__, capturable=capturable, differentiable=differentiable)
         check_lr(lr)
@@ -140,6 +182,7 @@ class Adadelta(OptimlabOptimizer):
             "capturable": capturable,
             "foreach": foreach,
             "differentiable": differentiable,
+            "fused": fused,
         }
         super().__init__(params, defaults)
 
@@ -150,7 +193,10 @@ class Adadelta(OptimlabOptimizer):
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
         increment_steps(states)  # kept for torch.optim compatibility; the rule does not use t
-        rule = _adadelta_multi_tensor if self._use_foreach(group, params) else _adadelta_single_tensor
+        if resolve_fused(group["fused"], params, type(self).__name__):
+            rule = _adadelta_fused
+        else:
+            rule = _adadelta_multi_tensor if self._use_foreach(group, params) else _adadelta_single_tensor
         rule(
             real_views(params),
             real_views(grads),

@@ -38,6 +38,7 @@ from optimlab.optim._base import (
     real_views,
     reject_unsupported,
 )
+from optimlab.optim._fused import fused_step, resolve_fused
 
 __all__ = ["RMSprop"]
 
@@ -60,20 +61,72 @@ def _rmsprop_single_tensor(
     """Per-tensor reference path of the RMSprop rule (module docstring). ``grad_avgs`` is empty
     unless ``centered``; ``momentum_buffers`` is empty unless ``momentum > 0``."""
     for i, param in enumerate(params):
-        grad = prepare_grad(param, grads[i], maximize=maximize, weight_decay=weight_decay)
-        square_avg = square_avgs[i]
-        square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
-        if centered:
-            grad_avgs[i].lerp_(grad, 1 - alpha)
-            rms = square_avg.addcmul(grad_avgs[i], grad_avgs[i], value=-1).sqrt_()
-        else:
-            rms = square_avg.sqrt()
-        rms.add_(eps)
-        if momentum > 0:
-            momentum_buffers[i].mul_(momentum).addcdiv_(grad, rms)
-            param.add_(momentum_buffers[i], alpha=-lr)
-        else:
-            param.addcdiv_(grad, rms, value=-lr)
+        _rmsprop_tensor(param, grads[i], square_avgs[i], grad_avgs[i] if centered else None,
+                        momentum_buffers[i] if momentum > 0 else None, lr=lr, alpha=alpha, eps=eps,
+                        momentum=momentum, weight_decay=weight_decay, centered=centered, maximize=maximize)
+
+
+def _rmsprop_tensor(
+    param: Tensor,
+    grad: Tensor,
+    square_avg: Tensor,
+    grad_avg: Tensor | None = None,
+    momentum_buffer: Tensor | None = None,
+    *,
+    lr: float | Tensor,
+    alpha: float | Tensor,
+    eps: float | Tensor,
+    momentum: float | Tensor,
+    weight_decay: float,
+    centered: bool,
+    maximize: bool,
+) -> None:
+    r"""The RMSprop rule (module docstring) for one tensor, in place: what the per-tensor path loops over
+    and the fused path compiles (:mod:`optimlab.optim._fused`, where the float arguments arrive as 0-dim
+    tensors).
+
+    ``grad_avg`` (:math:`\bar g`) is used iff ``centered``. The momentum variant is chosen by the buffer,
+    not by the value of :math:`\mu`: ``momentum_buffer`` is given iff :math:`\mu > 0` (the optimizer
+    keeps one only then), so :math:`\mu` can be a 0-dim tensor that a schedule (e.g. ``OneCycleLR``'s
+    cycled momentum) changes without a recompile."""
+    grad = prepare_grad(param, grad, maximize=maximize, weight_decay=weight_decay)
+    square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
+    if centered:
+        grad_avg.lerp_(grad, 1 - alpha)  # type: ignore[union-attr]
+        rms = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()  # type: ignore[arg-type]
+    else:
+        rms = square_avg.sqrt()
+    rms.add_(eps)
+    if momentum_buffer is not None:
+        momentum_buffer.mul_(momentum).addcdiv_(grad, rms)
+        param.add_(momentum_buffer, alpha=-lr)
+    else:
+        param.addcdiv_(grad, rms, value=-lr)
+
+
+def _rmsprop_fused(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    lr: float,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+    maximize: bool,
+) -> None:
+    """Fused path of the same rule: :func:`_rmsprop_tensor` compiled by :mod:`optimlab.optim._fused`, with
+    ``lr``, ``alpha``, ``eps`` and ``momentum`` passed as 0-dim tensors (a schedule changes data, not the graph)
+    and ``weight_decay``, ``centered`` and ``maximize`` as compile-time constants."""
+    static = {"weight_decay": weight_decay, "centered": centered, "maximize": maximize}
+    tensor_lists = [params, grads, square_avgs, grad_avgs if centered else None,
+                    momentum_buffers if momentum > 0 else None]
+    fused_step(_rmsprop_tensor, static, elementwise=True)(
+        tensor_lists, {"lr": lr, "alpha": alpha, "eps": eps, "momentum": momentum})
 
 
 def _rmsprop_multi_tensor(
@@ -138,6 +191,8 @@ class RMSprop(OptimlabOptimizer):
         capturable, differentiable: not supported (``NotImplementedError`` when true).
         foreach: multi-tensor path (default: yes on CPU/CUDA).
         maximize: ascend the objective. Default False.
+        fused: optimlab extension (keyword-only, after torch's arguments; torch has no fused RMSprop):
+            the compiled fused step (:mod:`optimlab.optim._fused`); ``None`` (default) means off.
     """
 
     def __init__(
@@ -153,6 +208,8 @@ class RMSprop(OptimlabOptimizer):
         foreach: bool | None = None,
         maximize: bool = False,
         differentiable: bool = False,
+        *,
+        fused: bool | None = None,
     ) -> None:
         reject_unsupported(type(self).__name__, capturable=capturable, differentiable=differentiable)
         check_lr(lr)
@@ -171,6 +228,7 @@ class RMSprop(OptimlabOptimizer):
             "foreach": foreach,
             "maximize": maximize,
             "differentiable": differentiable,
+            "fused": fused,
         }
         super().__init__(params, defaults)
 
@@ -184,7 +242,10 @@ class RMSprop(OptimlabOptimizer):
     ) -> None:
         increment_steps(states)  # kept for torch.optim compatibility; the rule does not use t
         momentum, centered = group["momentum"], group["centered"]
-        rule = _rmsprop_multi_tensor if self._use_foreach(group, params) else _rmsprop_single_tensor
+        if resolve_fused(group["fused"], params, type(self).__name__):
+            rule = _rmsprop_fused
+        else:
+            rule = _rmsprop_multi_tensor if self._use_foreach(group, params) else _rmsprop_single_tensor
         rule(
             real_views(params),
             real_views(grads),
