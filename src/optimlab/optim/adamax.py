@@ -33,6 +33,7 @@ from optimlab.optim._base import (
     real_views,
     reject_unsupported,
 )
+from optimlab.optim._fused import fused_step, resolve_fused, split_by_value
 
 __all__ = ["Adamax"]
 
@@ -51,12 +52,33 @@ def _adamax_single_tensor(
     weight_decay: float,
     maximize: bool,
 ) -> None:
-    """Per-tensor reference path of the Adamax rule (module docstring)."""
+    """Per-tensor reference path of the Adamax rule (module docstring): :func:`_adamax_tensor` per tensor."""
     for i, param in enumerate(params):
-        grad = prepare_grad(param, grads[i], maximize=maximize, weight_decay=weight_decay)
-        exp_avgs[i].lerp_(grad, 1 - beta1)
-        torch.maximum(exp_infs[i].mul_(beta2), grad.abs().add_(eps), out=exp_infs[i])
-        param.addcdiv_(exp_avgs[i], exp_infs[i], value=-(lr / (1 - beta1 ** steps[i])))
+        _adamax_tensor(param, grads[i], exp_avgs[i], exp_infs[i], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                       bias_correction1=1 - beta1 ** steps[i], weight_decay=weight_decay, maximize=maximize)
+
+
+def _adamax_tensor(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_inf: Tensor,
+    *,
+    lr: float | Tensor,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    eps: float | Tensor,
+    bias_correction1: float | Tensor,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    r"""The Adamax rule (module docstring) for one tensor, in place, with
+    ``bias_correction1`` :math:`= 1 - \beta_1^t`: what the per-tensor path loops over and the fused path
+    compiles (:mod:`optimlab.optim._fused`, where the float arguments arrive as 0-dim tensors)."""
+    grad = prepare_grad(param, grad, maximize=maximize, weight_decay=weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps), out=exp_inf)
+    param.addcdiv_(exp_avg, exp_inf, value=-(lr / bias_correction1))
 
 
 def _adamax_multi_tensor(
@@ -87,6 +109,28 @@ def _adamax_multi_tensor(
         torch._foreach_addcdiv_(device_params, device_exp_avgs, device_exp_infs, step_sizes)
 
 
+def _adamax_fused(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_infs: list[Tensor],
+    steps: list[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """Fused path of the same rule: :func:`_adamax_tensor` compiled by :mod:`optimlab.optim._fused`, the
+    bias correction computed once per distinct step count and passed as a 0-dim tensor."""
+    static = {"weight_decay": weight_decay, "maximize": maximize}
+    for step, lists in split_by_value([params, grads, exp_avgs, exp_infs], steps):
+        fused_step(_adamax_tensor, static, elementwise=True)(lists, {
+            "lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "bias_correction1": 1 - beta1**step})
+
+
 class Adamax(OptimlabOptimizer):
     r"""Adamax (Kingma & Ba 2014, section 7.1): Adam with an infinity-norm second moment.
 
@@ -95,7 +139,7 @@ class Adamax(OptimlabOptimizer):
         \theta_t = \theta_{t-1} - \frac{\eta}{1-\beta_1^t}\,\frac{m_t}{u_t}
 
     with :math:`g_t = \pm\nabla f + \lambda\theta`. Same arguments, defaults and state (``step``,
-    ``exp_avg``, ``exp_inf``) as ``torch.optim.Adamax``.
+    ``exp_avg``, ``exp_inf``) as ``torch.optim.Adamax``, plus the keyword-only ``fused`` extension.
 
     Args:
         params: parameters, named parameters or param-group dicts.
@@ -106,6 +150,9 @@ class Adamax(OptimlabOptimizer):
         foreach: multi-tensor path (default: yes on CPU/CUDA).
         maximize: ascend the objective. Default False.
         differentiable, capturable: not supported (``NotImplementedError`` when true).
+        fused: optimlab extension (keyword-only, after torch's arguments; torch has no fused Adamax):
+            the compiled fused step (:mod:`optimlab.optim._fused`); ``None`` (default) means off.
+            Kept in ``defaults``, so a param group may override it.
     """
 
     def __init__(
@@ -120,6 +167,7 @@ class Adamax(OptimlabOptimizer):
         maximize: bool = False,
         differentiable: bool = False,
         capturable: bool = False,
+        fused: bool | None = None,
     ) -> None:
         reject_unsupported(type(self).__name__, differentiable=differentiable, capturable=capturable)
         check_lr(lr)
@@ -135,6 +183,7 @@ class Adamax(OptimlabOptimizer):
             "maximize": maximize,
             "differentiable": differentiable,
             "capturable": capturable,
+            "fused": fused,
         }
         super().__init__(params, defaults)
 
@@ -145,7 +194,10 @@ class Adamax(OptimlabOptimizer):
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
         beta1, beta2 = group["betas"]
-        rule = _adamax_multi_tensor if self._use_foreach(group, params) else _adamax_single_tensor
+        if resolve_fused(group["fused"], params, type(self).__name__):
+            rule = _adamax_fused
+        else:
+            rule = _adamax_multi_tensor if self._use_foreach(group, params) else _adamax_single_tensor
         rule(
             real_views(params),
             real_views(grads),

@@ -39,6 +39,7 @@ from optimlab.optim._base import (
     real_views,
     reject_unsupported,
 )
+from optimlab.optim._fused import fused_step, resolve_fused, split_by_value
 
 __all__ = ["NAdam"]
 
@@ -52,11 +53,18 @@ def _nadam_step_sizes(
     mu_product: Tensor, step: float, *, lr: float, beta1: float, momentum_decay: float
 ) -> tuple[float, float]:
     r"""Advance :math:`\Pi_t = \Pi_{t-1}\mu_t` in place (a 0-dim state tensor) and return the
-    signed coefficients of :math:`g_t/d_t` and :math:`m_t/d_t` in the update."""
+    signed coefficients of :math:`g_t/d_t` and :math:`m_t/d_t` in the update (:func:`_nadam_coefficients`)."""
+    mu_product.mul_(_momentum_coefficient(beta1, momentum_decay, step))
+    return _nadam_coefficients(float(mu_product), step, lr=lr, beta1=beta1, momentum_decay=momentum_decay)
+
+
+def _nadam_coefficients(
+    product: float, step: float, *, lr: float, beta1: float, momentum_decay: float
+) -> tuple[float, float]:
+    r"""The signed coefficients :math:`-\eta(1-\mu_t)/(1-\Pi_t)` of :math:`g_t/d_t` and
+    :math:`-\eta\mu_{t+1}/(1-\Pi_t\mu_{t+1})` of :math:`m_t/d_t`, given :math:`\Pi_t` (``product``)."""
     mu = _momentum_coefficient(beta1, momentum_decay, step)
     mu_next = _momentum_coefficient(beta1, momentum_decay, step + 1)
-    mu_product.mul_(mu)
-    product = float(mu_product)
     return -lr * (1.0 - mu) / (1.0 - product), -lr * mu_next / (1.0 - product * mu_next)
 
 
@@ -77,19 +85,46 @@ def _nadam_single_tensor(
     decoupled_weight_decay: bool,
     maximize: bool,
 ) -> None:
-    """Per-tensor reference path of the NAdam rule (module docstring); ``mu_products`` are 0-dim
-    tensors updated in place."""
+    """Per-tensor reference path of the NAdam rule (module docstring): :func:`_nadam_tensor` per tensor;
+    ``mu_products`` are 0-dim tensors updated in place."""
     for i, param in enumerate(params):
-        grad = prepare_grad(param, grads[i], maximize=maximize, weight_decay=weight_decay, lr=lr,
-                            decoupled=decoupled_weight_decay)
         grad_coefficient, exp_avg_coefficient = _nadam_step_sizes(
             mu_products[i], steps[i], lr=lr, beta1=beta1, momentum_decay=momentum_decay
         )
-        exp_avgs[i].lerp_(grad, 1 - beta1)
-        exp_avg_sqs[i].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = exp_avg_sqs[i].div(1 - beta2 ** steps[i]).sqrt_().add_(eps)
-        param.addcdiv_(grad, denom, value=grad_coefficient)
-        param.addcdiv_(exp_avgs[i], denom, value=exp_avg_coefficient)
+        _nadam_tensor(param, grads[i], exp_avgs[i], exp_avg_sqs[i], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                      bias_correction2=1 - beta2 ** steps[i], grad_coefficient=grad_coefficient,
+                      exp_avg_coefficient=exp_avg_coefficient, weight_decay=weight_decay,
+                      decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+
+
+def _nadam_tensor(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    lr: float | Tensor,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    eps: float | Tensor,
+    bias_correction2: float | Tensor,
+    grad_coefficient: float | Tensor,
+    exp_avg_coefficient: float | Tensor,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+) -> None:
+    r"""The NAdam rule (module docstring) for one tensor, in place, with ``bias_correction2``
+    :math:`= 1 - \beta_2^t` and the step-dependent coefficients of :func:`_nadam_step_sizes`: what the
+    per-tensor path loops over and the fused path compiles (:mod:`optimlab.optim._fused`, where the
+    float arguments arrive as 0-dim tensors)."""
+    grad = prepare_grad(param, grad, maximize=maximize, weight_decay=weight_decay, lr=lr,
+                        decoupled=decoupled_weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = exp_avg_sq.div(bias_correction2).sqrt_().add_(eps)
+    param.addcdiv_(grad, denom, value=grad_coefficient)
+    param.addcdiv_(exp_avg, denom, value=exp_avg_coefficient)
 
 
 def _nadam_multi_tensor(
@@ -129,6 +164,41 @@ def _nadam_multi_tensor(
         torch._foreach_addcdiv_(device_params, device_exp_avgs, denoms, [c for _, c in coefficients])
 
 
+def _nadam_fused(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    mu_products: list[Tensor],
+    steps: list[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    momentum_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+) -> None:
+    r"""Fused path of the same rule: :func:`_nadam_tensor` compiled by :mod:`optimlab.optim._fused`.
+
+    The 0-dim ``mu_products`` (CPU state, as in ``torch.optim.NAdam``) advance in Python; the tensors are
+    split by step count and then by :math:`\Pi_t` (equal for equal steps unless ``betas`` or
+    ``momentum_decay`` changed during training), and each part's coefficients are computed once and
+    passed as 0-dim tensors."""
+    static = {"weight_decay": weight_decay, "decoupled_weight_decay": decoupled_weight_decay, "maximize": maximize}
+    for step, lists in split_by_value([params, grads, exp_avgs, exp_avg_sqs, mu_products], steps):
+        *tensor_lists, step_mu_products = lists
+        torch._foreach_mul_(step_mu_products, _momentum_coefficient(beta1, momentum_decay, step))
+        for product, part in split_by_value(tensor_lists, [float(mu_product) for mu_product in step_mu_products]):
+            grad_coefficient, exp_avg_coefficient = _nadam_coefficients(
+                product, step, lr=lr, beta1=beta1, momentum_decay=momentum_decay)
+            fused_step(_nadam_tensor, static, elementwise=True)(part, {
+                "lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "bias_correction2": 1 - beta2**step,
+                "grad_coefficient": grad_coefficient, "exp_avg_coefficient": exp_avg_coefficient})
+
+
 class NAdam(OptimlabOptimizer):
     r"""NAdam (Dozat 2016): Adam with Nesterov momentum and the momentum schedule
     :math:`\mu_t = \beta_1(1 - \tfrac12 0.96^{t\psi})`.
@@ -142,7 +212,7 @@ class NAdam(OptimlabOptimizer):
     :math:`\theta \leftarrow \theta(1-\eta\lambda)` first (``decoupled_weight_decay``, Loshchilov & Hutter 2019).
 
     Same arguments, defaults and state (``step``, ``mu_product``, ``exp_avg``, ``exp_avg_sq``) as
-    ``torch.optim.NAdam``.
+    ``torch.optim.NAdam``, plus the keyword-only ``fused`` extension.
 
     Args:
         params: parameters, named parameters or param-group dicts.
@@ -155,6 +225,9 @@ class NAdam(OptimlabOptimizer):
         foreach: multi-tensor path (default: yes on CPU/CUDA).
         maximize: ascend the objective. Default False.
         capturable, differentiable: not supported (``NotImplementedError`` when true).
+        fused: optimlab extension (keyword-only, after torch's arguments; torch has no fused NAdam):
+            the compiled fused step (:mod:`optimlab.optim._fused`); ``None`` (default) means off.
+            Kept in ``defaults``, so a param group may override it.
     """
 
     scalar_state_init = MappingProxyType({"mu_product": 1.0})
@@ -173,6 +246,7 @@ class NAdam(OptimlabOptimizer):
         maximize: bool = False,
         capturable: bool = False,
         differentiable: bool = False,
+        fused: bool | None = None,
     ) -> None:
         reject_unsupported(type(self).__name__, capturable=capturable, differentiable=differentiable)
         check_lr(lr)
@@ -191,6 +265,7 @@ class NAdam(OptimlabOptimizer):
             "foreach": foreach,
             "capturable": capturable,
             "differentiable": differentiable,
+            "fused": fused,
         }
         super().__init__(params, defaults)
 
@@ -201,7 +276,10 @@ class NAdam(OptimlabOptimizer):
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
         beta1, beta2 = group["betas"]
-        rule = _nadam_multi_tensor if self._use_foreach(group, params) else _nadam_single_tensor
+        if resolve_fused(group["fused"], params, type(self).__name__):
+            rule = _nadam_fused
+        else:
+            rule = _nadam_multi_tensor if self._use_foreach(group, params) else _nadam_single_tensor
         rule(
             real_views(params),
             real_views(grads),

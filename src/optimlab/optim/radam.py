@@ -39,6 +39,7 @@ from optimlab.optim._base import (
     real_views,
     reject_unsupported,
 )
+from optimlab.optim._fused import fused_step, resolve_fused, split_by_value
 
 __all__ = ["RAdam"]
 
@@ -73,17 +74,44 @@ def _radam_single_tensor(
     decoupled_weight_decay: bool,
     maximize: bool,
 ) -> None:
-    """Per-tensor reference path of the RAdam rule (module docstring)."""
+    """Per-tensor reference path of the RAdam rule (module docstring): :func:`_radam_tensor` per tensor."""
     for i, param in enumerate(params):
-        grad = prepare_grad(param, grads[i], maximize=maximize, weight_decay=weight_decay, lr=lr,
-                            decoupled=decoupled_weight_decay)
-        exp_avgs[i].lerp_(grad, 1 - beta1)
-        exp_avg_sqs[i].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         step_size, adaptive = _radam_step_size(steps[i], lr=lr, beta1=beta1, beta2=beta2)
-        if adaptive:
-            param.addcdiv_(exp_avgs[i], exp_avg_sqs[i].sqrt().add_(eps), value=step_size)
-        else:
-            param.add_(exp_avgs[i], alpha=step_size)
+        _radam_tensor(param, grads[i], exp_avgs[i], exp_avg_sqs[i], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                      step_size=step_size, adaptive=adaptive, weight_decay=weight_decay,
+                      decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+
+
+def _radam_tensor(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    lr: float | Tensor,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    eps: float | Tensor,
+    step_size: float | Tensor,
+    adaptive: bool,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+) -> None:
+    r"""The RAdam rule (module docstring) for one tensor, in place: what the per-tensor path loops over and
+    the fused path compiles (:mod:`optimlab.optim._fused`, where the float arguments arrive as 0-dim tensors).
+
+    ``step_size`` and ``adaptive`` (:math:`\rho_t > 5`) come from :func:`_radam_step_size`; ``adaptive``
+    is a compile-time constant of the fused path, which therefore keeps two graphs (before and after
+    the switch) rather than one per step."""
+    grad = prepare_grad(param, grad, maximize=maximize, weight_decay=weight_decay, lr=lr,
+                        decoupled=decoupled_weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    if adaptive:
+        param.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=step_size)
+    else:
+        param.add_(exp_avg, alpha=step_size)
 
 
 def _radam_multi_tensor(
@@ -126,6 +154,31 @@ def _radam_multi_tensor(
             torch._foreach_add_([device_params[j] for j in plain], scaled)
 
 
+def _radam_fused(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+) -> None:
+    """Fused path of the same rule: :func:`_radam_tensor` compiled by :mod:`optimlab.optim._fused`. The step
+    size is computed once per distinct step count and passed as a 0-dim tensor; whether the rectified
+    update applies selects one of two compiled rules (``adaptive`` is constant in each)."""
+    static = {"weight_decay": weight_decay, "decoupled_weight_decay": decoupled_weight_decay, "maximize": maximize}
+    for step, lists in split_by_value([params, grads, exp_avgs, exp_avg_sqs], steps):
+        step_size, adaptive = _radam_step_size(step, lr=lr, beta1=beta1, beta2=beta2)
+        fused_step(_radam_tensor, dict(static, adaptive=adaptive), elementwise=True)(lists, {
+            "lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "step_size": step_size})
+
+
 class RAdam(OptimlabOptimizer):
     r"""RAdam (Liu et al. 2019): Adam whose adaptive step is switched on and rectified by
     :math:`r_t` once the variance of the adaptive learning rate is tractable (:math:`\rho_t > 5`).
@@ -139,7 +192,8 @@ class RAdam(OptimlabOptimizer):
     :math:`r_t = \sqrt{(\rho_t-4)(\rho_t-2)\rho_\infty / ((\rho_\infty-4)(\rho_\infty-2)\rho_t)}`.
     Coupled (:math:`g_t = \pm\nabla f + \lambda\theta`) or decoupled weight decay (Loshchilov & Hutter 2019).
 
-    Same arguments, defaults and state (``step``, ``exp_avg``, ``exp_avg_sq``) as ``torch.optim.RAdam``.
+    Same arguments, defaults and state (``step``, ``exp_avg``, ``exp_avg_sq``) as ``torch.optim.RAdam``,
+    plus the keyword-only ``fused`` extension.
 
     Args:
         params: parameters, named parameters or param-group dicts.
@@ -151,6 +205,9 @@ class RAdam(OptimlabOptimizer):
         foreach: multi-tensor path (default: yes on CPU/CUDA).
         maximize: ascend the objective. Default False.
         capturable, differentiable: not supported (``NotImplementedError`` when true).
+        fused: optimlab extension (keyword-only, after torch's arguments; torch has no fused RAdam):
+            the compiled fused step (:mod:`optimlab.optim._fused`); ``None`` (default) means off.
+            Kept in ``defaults``, so a param group may override it.
     """
 
     def __init__(
@@ -166,6 +223,7 @@ class RAdam(OptimlabOptimizer):
         maximize: bool = False,
         capturable: bool = False,
         differentiable: bool = False,
+        fused: bool | None = None,
     ) -> None:
         reject_unsupported(type(self).__name__, capturable=capturable, differentiable=differentiable)
         check_lr(lr)
@@ -182,6 +240,7 @@ class RAdam(OptimlabOptimizer):
             "capturable": capturable,
             "decoupled_weight_decay": decoupled_weight_decay,
             "differentiable": differentiable,
+            "fused": fused,
         }
         super().__init__(params, defaults)
 
@@ -192,7 +251,10 @@ class RAdam(OptimlabOptimizer):
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
         beta1, beta2 = group["betas"]
-        rule = _radam_multi_tensor if self._use_foreach(group, params) else _radam_single_tensor
+        if resolve_fused(group["fused"], params, type(self).__name__):
+            rule = _radam_fused
+        else:
+            rule = _radam_multi_tensor if self._use_foreach(group, params) else _radam_single_tensor
         rule(
             real_views(params),
             real_views(grads),
