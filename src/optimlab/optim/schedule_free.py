@@ -40,8 +40,47 @@ from optimlab.optim._base import (
     prepare_grads,
     zeros_state,
 )
+from optimlab.optim._fused import fused_step, resolve_fused
 
-__all__ = ["ScheduleFreeAdamW", "schedule_free_adamw_step", "schedule_free_adamw_step_foreach"]
+__all__ = [
+    "ScheduleFreeAdamW",
+    "schedule_free_adamw_step",
+    "schedule_free_adamw_step_foreach",
+    "schedule_free_adamw_step_fused",
+    "schedule_free_adamw_tensor",
+]
+
+
+def schedule_free_adamw_tensor(
+    y: Tensor, grad: Tensor, z: Tensor, exp_avg_sq: Tensor, *,
+    lr: float | Tensor, beta1: float | Tensor, beta2: float | Tensor, eps: float | Tensor,
+    bias_correction2: float | Tensor, ckp1: float | Tensor, weight_decay: float, maximize: bool,
+) -> None:
+    r"""The Schedule-Free AdamW rule (module docstring) for one tensor, in place: what the per-tensor path
+    loops over and the fused path compiles (:mod:`optimlab.optim._fused`, where the float arguments
+    arrive as 0-dim float64 tensors; ``weight_decay`` and ``maximize`` are compile-time constants).
+
+    .. math::
+        v \leftarrow \beta_2 v + (1-\beta_2) g^2, \quad
+        \hat g = g / \big(\sqrt{v / b_2} + \epsilon\big) + \lambda y, \quad
+        y \leftarrow y + c\,(z - y) + \gamma(\beta_1(1-c) - 1)\,\hat g, \quad
+        z \leftarrow z - \gamma \hat g
+
+    with :math:`b_2 = 1 - \beta_2^t` (``bias_correction2``) and :math:`c = c_{t+1}` (``ckp1``). Every
+    tensor is read before ``y`` and ``z`` are written, and ``y``, ``z``, ``exp_avg_sq`` must not alias.
+    """
+    grad = prepare_grad(y, grad, maximize=maximize, weight_decay=0.0)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = exp_avg_sq.div(bias_correction2).sqrt_().add_(eps)
+    normalized = grad.div(denom)
+    if weight_decay != 0:
+        normalized.add_(y, alpha=weight_decay)
+    y.lerp_(z, ckp1)
+    y.add_(normalized, alpha=lr * (beta1 * (1 - ckp1) - 1))
+    # z + (-lr) n, not z.sub_(n, alpha=lr): the same value bit for bit, but torch 2.13's Inductor compiles
+    # sub with a 0-dim tensor alpha that is a graph input to a kernel that keeps the first call's value
+    # (no guard, no recompile), which froze z's learning rate at its first value on the fused path.
+    z.add_(normalized, alpha=-lr)
 
 
 def schedule_free_adamw_step(
@@ -49,17 +88,26 @@ def schedule_free_adamw_step(
     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction2: float, ckp1: float,
     maximize: bool,
 ) -> None:
-    """Per-tensor reference path of the Schedule-Free AdamW step (module docstring); ``params`` hold :math:`y`."""
+    """Per-tensor reference path of the Schedule-Free AdamW step: :func:`schedule_free_adamw_tensor` on
+    each tensor; ``params`` hold :math:`y`."""
     for y, grad, z, exp_avg_sq in zip(params, grads, zs, exp_avg_sqs):
-        grad = prepare_grad(y, grad, maximize=maximize, weight_decay=0.0)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = exp_avg_sq.div(bias_correction2).sqrt_().add_(eps)
-        normalized = grad.div(denom)
-        if weight_decay != 0:
-            normalized.add_(y, alpha=weight_decay)
-        y.lerp_(z, ckp1)
-        y.add_(normalized, alpha=lr * (beta1 * (1 - ckp1) - 1))
-        z.sub_(normalized, alpha=lr)
+        schedule_free_adamw_tensor(y, grad, z, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                   bias_correction2=bias_correction2, ckp1=ckp1, weight_decay=weight_decay,
+                                   maximize=maximize)
+
+
+def schedule_free_adamw_step_fused(
+    params: Sequence[Tensor], grads: Sequence[Tensor], zs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], *,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction2: float, ckp1: float,
+    maximize: bool,
+) -> None:
+    """Fused path of the same rule: :func:`schedule_free_adamw_tensor` compiled by :mod:`optimlab.optim._fused`
+    (an elementwise rule). The step-dependent values (warmup learning rate, bias correction, averaging
+    weight :math:`c_{t+1}`) are computed once per group and step by the caller and passed as 0-dim
+    tensors, so they change the data, never the compiled graph."""
+    fused_step(schedule_free_adamw_tensor, {"weight_decay": weight_decay, "maximize": maximize}, elementwise=True)(
+        [list(params), list(grads), list(zs), list(exp_avg_sqs)],
+        {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "bias_correction2": bias_correction2, "ckp1": ckp1})
 
 
 def schedule_free_adamw_step_foreach(
@@ -105,6 +153,9 @@ class ScheduleFreeAdamW(OptimlabOptimizer):
         weight_lr_power: power :math:`p` of :math:`\gamma_{\max}` in the averaging weights (>= 0).
         maximize: ascend the objective instead.
         foreach: use the multi-tensor path (default: when the tensors are on CPU/CUDA).
+        fused: the compiled fused step (:mod:`optimlab.optim._fused`, :func:`schedule_free_adamw_tensor`
+            compiled by ``torch.compile``); ``None`` (default) means off. Kept in ``defaults``, so a
+            param group may override it; ``train()``/``eval()`` work the same on either path.
     """
 
     def __init__(
@@ -120,6 +171,7 @@ class ScheduleFreeAdamW(OptimlabOptimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         check_lr(lr)
         check_betas(betas)
@@ -132,7 +184,7 @@ class ScheduleFreeAdamW(OptimlabOptimizer):
         check_non_negative("r", r)
         check_non_negative("weight_lr_power", weight_lr_power)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                        r=r, weight_lr_power=weight_lr_power, maximize=maximize, foreach=foreach,
+                        r=r, weight_lr_power=weight_lr_power, maximize=maximize, foreach=foreach, fused=fused,
                         train_mode=True, step=0, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0)
         super().__init__(params, defaults)
 
@@ -184,6 +236,11 @@ class ScheduleFreeAdamW(OptimlabOptimizer):
         ckp1 = weight / weight_sum if weight_sum != 0 else 0.0
         options = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                        bias_correction2=1 - beta2 ** (step + 1), ckp1=ckp1, maximize=group["maximize"])
-        rule = schedule_free_adamw_step_foreach if self._use_foreach(group, params) else schedule_free_adamw_step
+        if resolve_fused(group["fused"], params, type(self).__name__):
+            rule = schedule_free_adamw_step_fused
+        elif self._use_foreach(group, params):
+            rule = schedule_free_adamw_step_foreach
+        else:
+            rule = schedule_free_adamw_step
         rule(params, grads, [state["z"] for state in states], [state["exp_avg_sq"] for state in states], **options)
         group["step"] = step + 1
