@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import Any
+
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ from optimlab.optim import SGD, Adagrad, Adam, AdamW, Lion
 from optimlab.optim import _fused
 from optimlab.optim._fused import DISABLE_ENV, FusedStep, fused_step, fused_unavailable_reason, resolve_fused
 from optimlab.optim.adam import _adam_tensor
+from optimlab.optim.sgd import _sgd_tensor
 
 from .fused_harness import (STEPS, FusedCase, build, max_relative_error, needs_compiler, run_pair, set_grads,
                             state_tensors)
@@ -185,3 +188,119 @@ def test_full_chunks_of_many_tensors() -> None:
         reference.step()
     assert max_relative_error(fused_params, reference_params) <= 1e-12
     assert max_relative_error(state_tensors(fused, fused_params), state_tensors(reference, reference_params)) <= 1e-12
+
+
+# --- small tensors packed into one call (elementwise rules) -----------------------------------------------------
+
+PACKED_SGD = {"lr": 1e-2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}  # graphs shared with CASES
+PACKED_ADAGRAD = dict(CASES[5].kwargs)
+
+
+def _mixed_layout(dtype: torch.dtype, generator: torch.Generator) -> list[dict[str, Any]]:
+    """Small tensors of many shapes (0-dim, one value, transposed, 3-D) around one tensor too large to pack."""
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, dtype=dtype)
+
+    small = [randn(), randn(1), randn(6, 4).t(), randn(3, 2, 5), *[randn(17 + k) for k in range(12)]]
+    return [{"params": small[:9] + [randn(_fused.PACK_NUMEL + 5)] + small[9:]}]
+
+
+@needs_compiler
+@pytest.mark.parametrize("cls, kwargs", [(SGD, PACKED_SGD), (Adagrad, PACKED_ADAGRAD)], ids=["sgd", "adagrad"])
+def test_packed_small_tensors_match_reference(cls: type, kwargs: dict[str, Any]) -> None:
+    case = FusedCase(f"packed-{cls.__name__}", cls, kwargs, skip_grads=True, groups=_mixed_layout)
+    fused, fused_params, reference, reference_params = run_pair(case)
+    assert max_relative_error(fused_params, reference_params) <= 1e-12
+    assert max_relative_error(state_tensors(fused, fused_params), state_tensors(reference, reference_params)) <= 1e-12
+    # the small tensors' state was adopted into shared flat buffers (the large one keeps its own)
+    key = "momentum_buffer" if cls is SGD else "sum"
+    storages = {fused.state[p][key].untyped_storage().data_ptr() for p in fused_params if p.numel() <= _fused.PACK_NUMEL}
+    assert len(storages) <= 2  # one buffer, or two while a parameter skips steps (a second layout)
+    assert all(fused.state[p][key].shape == p.shape for p in fused_params)
+
+
+@needs_compiler
+def test_small_tensors_take_one_compiled_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    case = FusedCase("packed-sgd", SGD, PACKED_SGD, groups=_mixed_layout)
+    fused, fused_params, _, _ = run_pair(case, steps=2)  # momentum buffers exist from here on
+    step_fn = fused_step(_sgd_tensor, {key: value for key, value in PACKED_SGD.items() if key != "lr"}
+                         | {"dampening": 0, "maximize": False}, elementwise=True)
+    calls: list[int] = []
+    compiled = step_fn._compiled
+    monkeypatch.setattr(step_fn, "_compiled", lambda update, columns, *args: (calls.append(len(columns[0])),
+                                                                              compiled(update, columns, *args)))
+    set_grads(fused_params, 2, False)
+    fused.step()
+    assert calls == [1, 1]  # 16 small tensors in one call, the large one in another
+
+
+@needs_compiler
+def test_packed_state_survives_checkpoint_and_deepcopy() -> None:
+    import copy
+    import io
+
+    case = FusedCase("packed-sgd", SGD, PACKED_SGD, groups=_mixed_layout)
+    fused, fused_params, reference, reference_params = run_pair(case, steps=4)
+    buffer = io.BytesIO()
+    torch.save(fused.state_dict(), buffer)
+    restored, restored_params = build(case, fused=True)
+    with torch.no_grad():
+        for target, source in zip(restored_params, fused_params):
+            target.copy_(source)
+    buffer.seek(0)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    twin = copy.deepcopy(fused)
+    twin_params = [p for group in twin.param_groups for p in group["params"]]
+    for step in range(4, 10):
+        for params in (fused_params, reference_params, restored_params, twin_params):
+            set_grads(params, step, False)
+        for optimizer in (fused, reference, restored, twin):
+            optimizer.step()
+    for params, optimizer in ((fused_params, fused), (restored_params, restored), (twin_params, twin)):
+        assert max_relative_error(params, reference_params) <= 1e-12
+        assert max_relative_error(state_tensors(optimizer, params), state_tensors(reference, reference_params)) <= 1e-12
+
+
+@needs_compiler
+def test_two_optimizers_with_the_same_shapes_keep_their_own_state() -> None:
+    """The compiled rule and its scratch buffers are shared per process; adopted state never is."""
+    case = FusedCase("packed-sgd", SGD, PACKED_SGD, groups=_mixed_layout)
+    first, first_params = build(case, fused=True, seed=1)
+    second, second_params = build(case, fused=True, seed=2)
+    first_reference, first_reference_params = build(case, fused=False, seed=1)
+    second_reference, second_reference_params = build(case, fused=False, seed=2)
+    for step in range(6):
+        set_grads(first_params, step, False)
+        set_grads(first_reference_params, step, False)
+        set_grads(second_params, 100 + step, False)
+        set_grads(second_reference_params, 100 + step, False)
+        for optimizer in (first, second, first_reference, second_reference):
+            optimizer.step()
+    assert max_relative_error(first_params, first_reference_params) <= 1e-12
+    assert max_relative_error(second_params, second_reference_params) <= 1e-12
+
+
+@needs_compiler
+def test_packed_complex_parameters() -> None:
+    """A complex parameter reaches the rule as a real view, whose state is copied in and out, not adopted."""
+    generator = torch.Generator().manual_seed(3)
+
+    def layout(dtype: torch.dtype, _: torch.Generator) -> list[dict[str, Any]]:
+        return [{"params": [torch.randn(5, 3, generator=generator, dtype=torch.complex128),
+                            torch.randn(7, generator=generator, dtype=dtype), torch.randn(4, 4, generator=generator,
+                                                                                          dtype=dtype)]}]
+
+    case = FusedCase("packed-complex", SGD, PACKED_SGD, groups=layout)
+    fused, fused_params = build(case, fused=True)
+    generator.manual_seed(3)
+    reference, reference_params = build(case, fused=False)
+    for step in range(8):
+        for params in (fused_params, reference_params):
+            generator_step = torch.Generator().manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator_step, dtype=p.dtype)
+        fused.step()
+        reference.step()
+    assert max_relative_error([torch.view_as_real(p) if p.is_complex() else p for p in fused_params],
+                              [torch.view_as_real(p) if p.is_complex() else p for p in reference_params]) <= 1e-12

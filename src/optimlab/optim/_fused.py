@@ -61,6 +61,8 @@ DISABLE_ENV = "OPTIMLAB_DISABLE_FUSED"
 """Environment switch: ``OPTIMLAB_DISABLE_FUSED=1`` turns every fused path into the foreach path."""
 
 DEFAULT_CHUNK_SIZE = 8
+PACK_NUMEL = 1 << 14
+"""Tensors of at most this many values are packed into one call by elementwise rules (see :class:`_PackCache`)."""
 
 _warned: set[str] = set()
 
@@ -176,6 +178,7 @@ class FusedStep:
         self.static = dict(static or {})
         self.chunk_size = int(chunk_size)
         self.elementwise = bool(elementwise)
+        self._packs = _PackCache()
         self.compiles = 0
         self.compile_seconds = 0.0
         # Dynamo keeps its compiled-code cache (and its recompile limit) per code object: give each rule its own.
@@ -195,7 +198,8 @@ class FusedStep:
         """Apply the rule to ``zip(*tensor_lists)`` in place; ``scalars`` are floats or 0-dim tensors.
 
         A ``None`` entry of ``tensor_lists`` passes ``None`` for that argument of every call (an
-        optional state buffer that this configuration does not keep).
+        optional state buffer that this configuration does not keep). The second list holds the
+        gradients, which the rule reads and never writes.
         """
         import torch.fx.experimental._config as fx_config
 
@@ -206,26 +210,137 @@ class FusedStep:
         grouped = group_by_device_and_dtype([list(tensor_lists[i]) for i in present])  # type: ignore[arg-type]
         compiles_before = self.compiles
         start = time.perf_counter()
-        for (device, _dtype), (lists, _indices) in grouped.items():
-            scalar_tensors = {name: torch.as_tensor(value, dtype=torch.float64, device=device).reshape(())
-                              for name, value in scalars.items()}
-            columns: list[list[Tensor] | None] = [None] * len(tensor_lists)
-            flat: list[tuple[Tensor, ...]] = []
-            for tensors in zip(*lists):
-                if tensors[0].numel() > 1 and all(t.is_contiguous() for t in tensors):
-                    flat.append(tuple(t.view(-1) for t in tensors))
-                else:
-                    for position, tensor in zip(present, tensors):
-                        columns[position] = [tensor]
-                    _apply_chunk(self.update, tuple(columns), scalar_tensors, self.static)
-            with fx_config.patch(use_duck_shape=False):
-                for begin in range(0, len(flat), self.chunk_size):
-                    chunk = flat[begin:begin + self.chunk_size]
-                    for position, column in zip(present, zip(*chunk)):
-                        columns[position] = list(column)
-                    self._compiled(self.update, tuple(columns), scalar_tensors, self.static)
+        with fx_config.patch(use_duck_shape=False):
+            for (device, _dtype), (lists, _indices) in grouped.items():
+                scalar_tensors = {name: torch.as_tensor(value, dtype=torch.float64, device=device).reshape(())
+                                  for name, value in scalars.items()}
+                self._apply_group(present, len(tensor_lists), lists, scalar_tensors)
         if self.compiles != compiles_before:
             self.compile_seconds += time.perf_counter() - start
+
+    def _apply_group(self, present: list[int], arity: int, lists: Sequence[Sequence[Tensor]],
+                     scalar_tensors: dict[str, Tensor]) -> None:
+        """One device and dtype: small tensors packed (elementwise rules), the rest in compiled chunks."""
+        columns: list[list[Tensor] | None] = [None] * arity
+        if self.elementwise:
+            small = [index for index, tensor in enumerate(lists[0]) if tensor.numel() <= PACK_NUMEL]
+            if len(small) > 1:
+                def call(flats: list[Tensor]) -> None:
+                    for position, flat in zip(present, flats):
+                        columns[position] = [flat]
+                    self._compiled(self.update, tuple(columns), scalar_tensors, self.static)
+
+                if len(small) == len(lists[0]):
+                    self._packs.run(lists, call)
+                    return
+                self._packs.run([[column[i] for i in small] for column in lists], call)
+                large = [index for index, tensor in enumerate(lists[0]) if tensor.numel() > PACK_NUMEL]
+                lists = [[column[i] for i in large] for column in lists]
+        flat_chunk: list[tuple[Tensor, ...]] = []
+        for tensors in zip(*lists):
+            if tensors[0].numel() > 1 and all(t.is_contiguous() for t in tensors):
+                flat_chunk.append(tuple(t.view(-1) for t in tensors))
+            else:
+                for position, tensor in zip(present, tensors):
+                    columns[position] = [tensor]
+                _apply_chunk(self.update, tuple(columns), scalar_tensors, self.static)
+        for begin in range(0, len(flat_chunk), self.chunk_size):
+            for position, column in zip(present, zip(*flat_chunk[begin:begin + self.chunk_size])):
+                columns[position] = list(column)
+            self._compiled(self.update, tuple(columns), scalar_tensors, self.static)
+
+
+class _Layout:
+    """Flat 1-D buffers for one list of tensor shapes (one buffer per argument of the rule), and the views
+    that map each buffer onto the shapes (row-major, so a copy between view and tensor is by index)."""
+
+    def __init__(self, shapes: Sequence[torch.Size], arguments: int, dtype: torch.dtype, device: torch.device
+                 ) -> None:
+        sizes = [shape.numel() for shape in shapes]
+        self.shapes = list(shapes)
+        self.flats = [torch.empty(sum(sizes), dtype=dtype, device=device) for _ in range(arguments)]
+        self.views = [[part.view(shape) for part, shape in zip(flat.split(sizes), shapes)] for flat in self.flats]
+        self.pointers = [[view.data_ptr() for view in views] for views in self.views]
+
+
+class _PackCache:
+    """Flat buffers into which many small tensors are packed, so that one compiled call updates them all.
+
+    Per-call costs (Dynamo's guards, argument checks, the Python around each call) are tens of
+    microseconds, more than the arithmetic on a tensor of a few thousand values. For an elementwise
+    rule, updating the concatenation of tensors equals updating each tensor, so the small tensors of a
+    step are packed into one 1-D buffer per argument and updated by a single call:
+
+    * the parameters and gradients are copied in (one ``torch._foreach_copy_`` each) and the
+      parameters copied back after the call;
+    * optimizer state is *adopted* on first use: each state tensor is copied into the buffer once and
+      re-pointed at its slice of it (``Tensor.set_``: the same tensor object, so ``optimizer.state``
+      and ``state_dict()`` see it, with the same shape, and row-major strides), after which it needs
+      no copy at all. A state tensor that was replaced (``load_state_dict``) or that is a view (the
+      real view of a complex tensor) is recognised by its address and copied in and out instead.
+
+    Buffers of adopted state are found by the address of their first tensor, so two optimizers over
+    the same shapes never share state buffers; scratch buffers (parameters, gradients, state that is
+    copied) are shared by shape and kept for the last few shape lists.
+    """
+
+    def __init__(self, capacity: int = 4) -> None:
+        self.capacity = capacity
+        self._scratch: dict[tuple[Any, ...], _Layout] = {}
+        self._adopted: dict[int, _Layout] = {}
+
+    def _scratch_layout(self, columns: Sequence[Sequence[Tensor]]) -> _Layout:
+        first = columns[0][0]
+        key = (len(columns), first.dtype, first.device, tuple(t.shape for t in columns[0]))
+        layout = self._scratch.get(key)
+        if layout is None:
+            if len(self._scratch) >= self.capacity:
+                self._scratch.pop(next(iter(self._scratch)))
+            layout = self._scratch[key] = _Layout(key[3], len(columns), first.dtype, first.device)
+        return layout
+
+    def _adopted_layout(self, state: Sequence[Sequence[Tensor]], shapes: list[torch.Size]) -> _Layout | None:
+        """The buffers that already hold ``state`` (every tensor at its expected address), or None."""
+        layout = self._adopted.get(state[0][0].data_ptr())
+        if layout is None or layout.shapes != shapes:
+            return None
+        for column, pointers in zip(state, layout.pointers):
+            if [t.data_ptr() for t in column] != pointers:
+                return None
+        return layout
+
+    def _adopt(self, state: Sequence[Sequence[Tensor]], shapes: list[torch.Size]) -> _Layout | None:
+        """Copy ``state`` into new buffers and re-point each tensor at its slice (None when some tensor is
+        a view, whose storage is someone else's)."""
+        if any(t._base is not None or t.requires_grad for column in state for t in column):
+            return None
+        first = state[0][0]
+        layout = _Layout(shapes, len(state), first.dtype, first.device)
+        for column, views in zip(state, layout.views):
+            torch._foreach_copy_(views, list(column))
+            for tensor, view in zip(column, views):
+                tensor.set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
+        stale = [ptr for ptr, old in self._adopted.items() if old.shapes == shapes]
+        for ptr in stale[: max(len(self._adopted) - self.capacity + 1, 0)]:
+            del self._adopted[ptr]  # the tensors that used them keep their storage alive
+        self._adopted[layout.flats[0].data_ptr()] = layout
+        return layout
+
+    def run(self, columns: Sequence[Sequence[Tensor]], call: Callable[[list[Tensor]], None]) -> None:
+        """``call`` the rule once on flat buffers holding ``columns`` (parameter, gradient, state...)."""
+        shapes = [t.shape for t in columns[0]]
+        state = columns[2:]
+        adopted = None
+        if state:
+            adopted = self._adopted_layout(state, shapes) or self._adopt(state, shapes)
+        copied = 2 if adopted is not None else len(columns)
+        scratch = self._scratch_layout(columns[:copied])
+        for views, column in zip(scratch.views, columns[:copied]):
+            torch._foreach_copy_(views, list(column))
+        call(scratch.flats + (adopted.flats if adopted is not None else []))
+        for k in range(copied):
+            if k != 1:  # the gradient is read, never written
+                torch._foreach_copy_(list(columns[k]), scratch.views[k])
 
 
 _STEPS: dict[tuple[Any, ...], FusedStep] = {}

@@ -106,7 +106,7 @@ def _adagrad_fused(
     """Fused path of the same rule: :func:`_adagrad_tensor` compiled by :mod:`optimlab.optim._fused`, the decayed
     learning rate computed once per distinct step count."""
     for step, lists in split_by_value([params, grads, state_sums], steps):
-        fused_step(_adagrad_tensor, {"weight_decay": weight_decay, "maximize": maximize})(
+        fused_step(_adagrad_tensor, {"weight_decay": weight_decay, "maximize": maximize}, elementwise=True)(
             lists, {"decayed_lr": _decayed_lr(lr, lr_decay, step), "eps": eps})
 
 

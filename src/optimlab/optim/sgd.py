@@ -106,9 +106,12 @@ def _sgd_fused(
     fresh = [i for i in range(len(params)) if momentum != 0 and momentum_buffers[i] is None]
     for i in fresh:
         momentum_buffers[i] = _sgd_tensor(params[i], grads[i], None, lr=lr, **options)
-    rest = [i for i in range(len(params)) if i not in set(fresh)]
     tensor_lists = [params, grads] + ([momentum_buffers] if momentum != 0 else [])
-    fused_step(_sgd_tensor, options)([[tensors[i] for i in rest] for tensors in tensor_lists], {"lr": lr})
+    if fresh:
+        skipped = set(fresh)
+        rest = [i for i in range(len(params)) if i not in skipped]
+        tensor_lists = [[tensors[i] for i in rest] for tensors in tensor_lists]
+    fused_step(_sgd_tensor, options, elementwise=True)(tensor_lists, {"lr": lr})
 
 
 def _sgd_multi_tensor(
