@@ -8,6 +8,11 @@ weights :math:`\phi` move part of the way towards them and the fast weights rest
     \phi_t = \phi_{t-1} + \alpha\,(\theta_{t,k} - \phi_{t-1}), \quad \theta_{t+1,0} = \phi_t.
 
 The inner optimizer's state (momenta, ...) is kept across the synchronisation, as in the paper.
+The synchronisation is one ``torch._foreach_lerp_`` and one ``torch._foreach_copy_`` per (device, dtype)
+over all parameters. The inner optimizer's own choices (``foreach``, ``fused``, ...) live in the
+param groups the wrapper shares with it, so a fused inner optimizer keeps its fused step. Optimizers
+with train/eval modes (schedule-free ones) are switched through :meth:`Lookahead.train` /
+:meth:`Lookahead.eval` and :func:`optimlab.optim.modes.eval_weights`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from typing import Any
 
 import torch
 
-from optimlab.optim._base import check_in_range
+from optimlab.optim._base import check_in_range, foreach_groups
+from optimlab.optim.modes import set_mode
 
 __all__ = ["Lookahead"]
 
@@ -68,11 +74,23 @@ class Lookahead(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _synchronize(self) -> None:
-        for group in self.param_groups:
-            for param in group["params"]:
-                slow = self.state[param]["slow_param"]
-                slow.lerp_(param, self.alpha)
-                param.copy_(slow)
+        r""":math:`\phi \leftarrow \phi + \alpha(\theta - \phi)`, then :math:`\theta \leftarrow \phi`, for every
+        parameter: one foreach lerp and one foreach copy per (device, dtype)."""
+        params = [param for group in self.param_groups for param in group["params"]]
+        slows = [self.state[param]["slow_param"] for param in params]
+        for (device_slows, device_params), _ in foreach_groups([slows, params]):
+            torch._foreach_lerp_(device_slows, device_params, self.alpha)
+            torch._foreach_copy_(device_params, device_slows)
+
+    def train(self) -> None:
+        """Put an inner optimizer that has train/eval modes (e.g. ``ScheduleFreeAdamW``) in train mode
+        (:func:`optimlab.optim.modes.set_mode`); a no-op for other inner optimizers."""
+        set_mode(self.optimizer, "train")
+
+    def eval(self) -> None:
+        """Put an inner optimizer that has train/eval modes in eval mode (its evaluation weights, e.g.
+        schedule-free averages, go into the parameters); a no-op for other inner optimizers."""
+        set_mode(self.optimizer, "eval")
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """One inner step; every ``k``-th also moves the slow weights and resets the fast ones to them."""

@@ -5,7 +5,9 @@ Schedule-free methods (Defazio et al., "The Road Less Scheduled", 2024) take gra
 optimizers (``ScheduleFreeAdamW`` here, the ``schedulefree`` package's) expose ``eval()`` to put
 :math:`x_t` in the parameters and ``train()`` to put :math:`y_t` back. Code that evaluates a model
 while an arbitrary optimizer trains it uses these helpers, which are no-ops for every other optimizer
-(duck-typed: an optimizer has modes when it has callable ``train`` and ``eval`` attributes).
+(duck-typed: an optimizer has modes when it has callable ``train`` and ``eval`` attributes). A
+wrapper that holds its inner optimizer as ``.optimizer`` (:class:`optimlab.optim.Lookahead`) has modes
+when the optimizer it wraps has them; its ``train()``/``eval()`` pass the switch on.
 """
 
 from __future__ import annotations
@@ -19,8 +21,13 @@ __all__ = ["eval_weights", "has_modes", "set_mode"]
 
 
 def has_modes(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer`` has ``train()`` and ``eval()`` methods (e.g. schedule-free optimizers)."""
-    return callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))
+    """Whether ``optimizer`` has ``train()`` and ``eval()`` methods (e.g. schedule-free optimizers); for a
+    wrapper (an ``.optimizer`` attribute holding a ``torch.optim.Optimizer``, such as Lookahead), whether
+    it has them and the wrapped optimizer has modes."""
+    if not (callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))):
+        return False
+    inner = getattr(optimizer, "optimizer", None)
+    return has_modes(inner) if isinstance(inner, torch.optim.Optimizer) else True
 
 
 def set_mode(optimizer: torch.optim.Optimizer, mode: str) -> None:
