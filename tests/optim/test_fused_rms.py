@@ -165,3 +165,19 @@ def test_state_dict_moves_between_fused_and_reference(case: FusedCase) -> None:
     assert max_relative_error(state_tensors(continued_fused, continued_fused_params),
                               state_tensors(continued_reference, continued_reference_params)) <= case.rtol
 
+
+
+@pytest.mark.parametrize("case", [RMSPROP_ALL, ADADELTA_ALL], ids=lambda case: case.id)
+def test_disabled_by_environment_falls_back_with_one_warning(case: FusedCase, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``OPTIMLAB_DISABLE_FUSED=1``: ``fused=True`` warns once (naming the class and the switch), takes the
+    foreach path (nothing is compiled) and stays within 1e-12 of the per-tensor reference in float64."""
+    monkeypatch.setenv(_fused.DISABLE_ENV, "1")
+    monkeypatch.setattr(_fused, "_warned", set())
+    compiled_before = compiles(case.cls)
+    with pytest.warns(RuntimeWarning, match=rf"{case.cls.__name__}\(fused=True\).*{_fused.DISABLE_ENV}=1.*foreach"
+                      ) as record:
+        fused, fused_params, reference, reference_params = run_pair(case, steps=5)
+    assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
+    assert compiles(case.cls) == compiled_before
+    assert max_relative_error(fused_params, reference_params) <= 1e-12
+    assert max_relative_error(state_tensors(fused, fused_params), state_tensors(reference, reference_params)) <= 1e-12
