@@ -12,10 +12,16 @@ Adam's direction plus decoupled weight decay, rescaled per tensor (layer) by a t
 
 with :math:`\phi(z) = z` (optionally capped: the ratio is clamped to ``max_trust_ratio``) and the
 ratio taken as 1 when either norm is 0.
+
+One rule, three paths: :func:`_lamb_tensor` is the rule for one tensor; the per-tensor reference
+(:func:`lamb_step`) loops over it, the fused path (:func:`lamb_step_fused`) compiles it with
+:mod:`optimlab.optim._fused` (moments, both norms and the update of a tensor in one compiled call),
+and :func:`lamb_step_foreach` is its ``torch._foreach_*`` twin.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,9 +40,10 @@ from optimlab.optim._base import (
     prepare_grad,
     prepare_grads,
 )
-from optimlab.optim.lars import trust_ratios
+from optimlab.optim._fused import fused_step, resolve_fused, split_by_value
+from optimlab.optim.lars import trust_ratio
 
-__all__ = ["LAMB", "lamb_step", "lamb_step_foreach"]
+__all__ = ["LAMB", "lamb_step", "lamb_step_foreach", "lamb_step_fused"]
 
 
 def _bias_corrections(steps: Sequence[float], beta1: float, beta2: float, enabled: bool) -> tuple[list[float], list[float]]:
@@ -45,24 +52,59 @@ def _bias_corrections(steps: Sequence[float], beta1: float, beta2: float, enable
     return [1 - beta1**t for t in steps], [1 - beta2**t for t in steps]
 
 
+def _lamb_tensor(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float | Tensor, beta1: float | Tensor,
+    beta2: float | Tensor, eps: float | Tensor, bias_correction1: float | Tensor, bias_correction2: float | Tensor,
+    max_trust_ratio: float | Tensor, weight_decay: float, maximize: bool,
+) -> None:
+    r"""The LAMB rule (module docstring) for one tensor, in place: what :func:`lamb_step` loops over and
+    :func:`lamb_step_fused` compiles (the float arguments then arrive as 0-dim tensors; ``weight_decay`` and
+    ``maximize`` are compile-time constants). ``bias_correction1/2`` are :math:`1-\beta_{1,2}^t` (1 without
+    bias correction) and ``max_trust_ratio`` is the cap (``math.inf`` for none), so neither is a branch."""
+    grad = prepare_grad(param, grad, maximize=maximize, weight_decay=0.0)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = exp_avg_sq.div(bias_correction2).sqrt_().add_(eps)
+    update = exp_avg.div(bias_correction1).div_(denom)
+    if weight_decay != 0:
+        update.add_(param, alpha=weight_decay)
+    ratio = trust_ratio(param.norm(), update.norm(), max_ratio=max_trust_ratio)
+    update.mul_(ratio)
+    param.add_(update, alpha=-lr)
+
+
 def lamb_step(
     params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
     steps: Sequence[float], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
     bias_correction: bool, max_trust_ratio: float | None, maximize: bool,
 ) -> None:
-    """Per-tensor reference path of LAMB (module docstring); ``steps`` are the already incremented counts."""
-    for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
-        grad = prepare_grad(param, grad, maximize=maximize, weight_decay=0.0)
+    """Per-tensor reference path of LAMB (module docstring): :func:`_lamb_tensor` on each tensor; ``steps``
+    are the already incremented counts."""
+    corrections1, corrections2 = _bias_corrections(steps, beta1, beta2, bias_correction)
+    cap = math.inf if max_trust_ratio is None else max_trust_ratio
+    for param, grad, exp_avg, exp_avg_sq, correction1, correction2 in zip(
+        params, grads, exp_avgs, exp_avg_sqs, corrections1, corrections2
+    ):
+        _lamb_tensor(param, grad, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                     bias_correction1=correction1, bias_correction2=correction2, max_trust_ratio=cap,
+                     weight_decay=weight_decay, maximize=maximize)
+
+
+def lamb_step_fused(
+    params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[float], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+    bias_correction: bool, max_trust_ratio: float | None, maximize: bool,
+) -> None:
+    """Fused path of LAMB: :func:`_lamb_tensor` compiled by :mod:`optimlab.optim._fused`, one call per
+    distinct step count (a parameter that skipped steps has its own bias corrections). Learning rate,
+    betas, eps, bias corrections and the trust-ratio cap are data: a schedule never recompiles."""
+    static = {"weight_decay": weight_decay, "maximize": maximize}
+    cap = math.inf if max_trust_ratio is None else max_trust_ratio
+    for step, lists in split_by_value([list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)], steps):
         (correction1,), (correction2,) = _bias_corrections([step], beta1, beta2, bias_correction)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = exp_avg_sq.div(correction2).sqrt_().add_(eps)
-        update = exp_avg.div(correction1).div_(denom)
-        if weight_decay != 0:
-            update.add_(param, alpha=weight_decay)
-        (ratio,) = trust_ratios([param.norm()], [update.norm()], max_ratio=max_trust_ratio)
-        update.mul_(ratio)
-        param.add_(update, alpha=-lr)
+        fused_step(_lamb_tensor, static)(lists, {
+            "lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "bias_correction1": correction1,
+            "bias_correction2": correction2, "max_trust_ratio": cap})
 
 
 def lamb_step_foreach(
@@ -87,14 +129,18 @@ def lamb_step_foreach(
         torch._foreach_div_(updates, denoms)
         if weight_decay != 0:
             torch._foreach_add_(updates, device_params, alpha=weight_decay)
-        ratios = trust_ratios(torch._foreach_norm(device_params), torch._foreach_norm(updates),
-                              max_ratio=max_trust_ratio)
-        torch._foreach_mul_(updates, ratios)
+        ratios = trust_ratio(torch.stack(torch._foreach_norm(device_params)), torch.stack(torch._foreach_norm(updates)),
+                             max_ratio=max_trust_ratio)
+        torch._foreach_mul_(updates, ratios.tolist())
         torch._foreach_add_(device_params, updates, alpha=-lr)
 
 
 class LAMB(OptimlabOptimizer):
     r"""LAMB (You et al. 2020): Adam direction + decoupled weight decay, scaled by a per-layer trust ratio.
+
+    .. math::
+        u_t = \frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon} + \lambda x_{t-1},\qquad
+        x_t = x_{t-1} - \eta\,\min\!\Big(\frac{\|x_{t-1}\|}{\|u_t\|}, r_{\max}\Big)\,u_t
 
     Args:
         params: parameters or param-group dicts.
@@ -106,6 +152,9 @@ class LAMB(OptimlabOptimizer):
         max_trust_ratio: upper clamp of the trust ratio (> 0), or ``None`` for none (:math:`\phi(z) = z`).
         maximize: ascend the objective instead.
         foreach: use the multi-tensor path (default: when the tensors are on CPU/CUDA).
+        fused: the compiled fused step (:mod:`optimlab.optim._fused`, one compiled call per tensor for
+            its moments, norms and update); ``None`` (default) means off. Falls back to the multi-tensor
+            path, warning once, where compilation is unavailable. Kept in ``defaults`` and param groups.
     """
 
     def __init__(
@@ -120,6 +169,7 @@ class LAMB(OptimlabOptimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         check_lr(lr)
         check_betas(betas)
@@ -128,7 +178,7 @@ class LAMB(OptimlabOptimizer):
         if max_trust_ratio is not None and not (max_trust_ratio > 0):
             raise ValueError(f"Invalid max_trust_ratio: {max_trust_ratio} (accepted range: > 0, or None)")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
-                        max_trust_ratio=max_trust_ratio, maximize=maximize, foreach=foreach)
+                        max_trust_ratio=max_trust_ratio, maximize=maximize, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -141,6 +191,9 @@ class LAMB(OptimlabOptimizer):
         options = dict(lr=as_float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                        weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
                        max_trust_ratio=group["max_trust_ratio"], maximize=group["maximize"])
-        rule = lamb_step_foreach if self._use_foreach(group, params) else lamb_step
+        if resolve_fused(group["fused"], params, type(self).__name__):
+            rule = lamb_step_fused
+        else:
+            rule = lamb_step_foreach if self._use_foreach(group, params) else lamb_step
         rule(params, grads, [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states],
              increment_steps(states), **options)

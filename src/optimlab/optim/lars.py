@@ -15,6 +15,12 @@ and momentum :math:`m` (the learning rate sits inside the momentum buffer, as in
 and normalisation gains (tensors with at most one dimension) are excluded from both the adaptation
 and the weight decay by default (``exclude_bias_and_norm``), common practice since
 Goyal et al. 2017 / SimCLR (Chen et al. 2020): for them :math:`\lambda^l = 1` and :math:`\beta = 0`.
+
+One rule, three paths: :func:`_lars_tensor` is the rule for one tensor; the per-tensor reference
+(:func:`lars_step`) loops over it, the fused path (:func:`lars_step_fused`) compiles it with
+:mod:`optimlab.optim._fused` (both norms and the update in one compiled call per tensor), and
+:func:`lars_step_foreach` is its ``torch._foreach_*`` twin. The trust ratio (:func:`trust_ratio`) is
+shared with LAMB and written without a data-dependent branch, so it compiles.
 """
 
 from __future__ import annotations
@@ -36,25 +42,48 @@ from optimlab.optim._base import (
     prepare_grad,
     prepare_grads,
 )
+from optimlab.optim._fused import fused_step, resolve_fused
 
-__all__ = ["LARS", "lars_step", "lars_step_foreach", "trust_ratios"]
+__all__ = ["LARS", "lars_step", "lars_step_foreach", "lars_step_fused", "trust_ratio"]
 
 
-def trust_ratios(param_norms: Sequence[Tensor], update_norms: Sequence[Tensor], *, coefficient: float = 1.0,
-                 extra: Sequence[Tensor] | None = None, eps: float = 0.0, max_ratio: float | None = None) -> list[float]:
-    r"""Layer-wise trust ratios :math:`\eta\,\|w\| / (\|u\| + \text{extra} + \epsilon)`, 1 where a norm is 0.
+def trust_ratio(weight_norm: Tensor, update_norm: Tensor, *, coefficient: float | Tensor = 1.0,
+                extra: float | Tensor = 0.0, eps: float | Tensor = 0.0,
+                max_ratio: float | Tensor | None = None) -> Tensor:
+    r"""Layer-wise trust ratio, elementwise over the norms (0-dim for one tensor, or stacked for many):
 
-    The shared rule of LARS (:math:`\text{extra} = \beta\|w\|`) and LAMB (:math:`\eta = 1`, extra 0,
-    optional upper clamp ``max_ratio``). Takes 0-dim norm tensors, returns Python floats.
+    .. math::
+        r = \begin{cases} \min\!\big(\eta\,\|w\| / (\|u\| + \text{extra} + \epsilon),\ r_{\max}\big)
+                & \|w\| > 0 \text{ and } \|u\| > 0 \\ 1 & \text{otherwise} \end{cases}
+
+    The shared rule of LARS (You et al. 2017: :math:`\eta` the trust coefficient,
+    :math:`\text{extra} = \beta\|w\|`) and LAMB (You et al. 2020: :math:`\eta = 1`, extra 0, optional cap
+    :math:`r_{\max}`, ``None`` for none). The zero-norm case is a ``torch.where``, not a Python branch,
+    so the rule compiles to one graph and never synchronises with the device; scalars may be floats
+    or 0-dim tensors (as the fused path passes them).
     """
-    weight = torch.stack(list(param_norms))
-    update = torch.stack(list(update_norms))
-    denominator = update + torch.stack(list(extra)) + eps if extra is not None else update + eps
-    ratio = coefficient * weight / denominator
+    ratio = coefficient * weight_norm / (update_norm + extra + eps)
     if max_ratio is not None:
         ratio = ratio.clamp(max=max_ratio)
-    ratio = torch.where((weight > 0) & (update > 0), ratio, torch.ones_like(ratio))
-    return ratio.tolist()
+    return torch.where((weight_norm > 0) & (update_norm > 0), ratio, 1.0)
+
+
+def _lars_tensor(
+    param: Tensor, grad: Tensor, momentum_buffer: Tensor, *, lr: float | Tensor, momentum: float | Tensor,
+    trust_coefficient: float | Tensor, eps: float | Tensor, weight_decay: float, adapt: bool, maximize: bool,
+) -> None:
+    r"""The LARS rule (module docstring) for one tensor, in place: what :func:`lars_step` loops over and
+    :func:`lars_step_fused` compiles (the float arguments then arrive as 0-dim tensors; ``weight_decay``,
+    ``adapt`` and ``maximize`` are compile-time constants). ``adapt=False`` means :math:`\lambda^l = 1`."""
+    grad = prepare_grad(param, grad, maximize=maximize, weight_decay=0.0)
+    direction = prepare_grad(param, grad, maximize=False, weight_decay=weight_decay)
+    if adapt:
+        param_norm = param.norm()
+        ratio = trust_ratio(param_norm, grad.norm(), coefficient=trust_coefficient, extra=param_norm * weight_decay,
+                            eps=eps)
+        direction = direction.mul(ratio)
+    momentum_buffer.mul_(momentum).add_(direction, alpha=lr)
+    param.sub_(momentum_buffer)
 
 
 def lars_step(
@@ -62,17 +91,25 @@ def lars_step(
     lr: float, momentum: float, weight_decay: float, trust_coefficient: float, eps: float, adapt: bool,
     maximize: bool,
 ) -> None:
-    """Per-tensor reference path of LARS (module docstring); ``adapt=False`` means :math:`\\lambda^l = 1`."""
+    """Per-tensor reference path of LARS (module docstring): :func:`_lars_tensor` on each tensor."""
     for param, grad, buffer in zip(params, grads, momentum_buffers):
-        grad = prepare_grad(param, grad, maximize=maximize, weight_decay=0.0)
-        direction = prepare_grad(param, grad, maximize=False, weight_decay=weight_decay)
-        if adapt:
-            param_norm = param.norm()
-            (ratio,) = trust_ratios([param_norm], [grad.norm()], coefficient=trust_coefficient,
-                                    extra=[param_norm * weight_decay], eps=eps)
-            direction = direction.mul(ratio)
-        buffer.mul_(momentum).add_(direction, alpha=lr)
-        param.sub_(buffer)
+        _lars_tensor(param, grad, buffer, lr=lr, momentum=momentum, trust_coefficient=trust_coefficient, eps=eps,
+                     weight_decay=weight_decay, adapt=adapt, maximize=maximize)
+
+
+def lars_step_fused(
+    params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor], *,
+    lr: float, momentum: float, weight_decay: float, trust_coefficient: float, eps: float, adapt: bool,
+    maximize: bool,
+) -> None:
+    """Fused path of LARS: :func:`_lars_tensor` compiled by :mod:`optimlab.optim._fused`, both norms, the
+    trust ratio and the momentum update of a tensor in one compiled call. ``lr``, ``momentum``,
+    ``trust_coefficient`` and ``eps`` are data (a schedule never recompiles); without adaptation the
+    rule is elementwise, so those tensors (biases, norm gains) may be concatenated."""
+    fused_step(_lars_tensor, {"weight_decay": weight_decay, "adapt": adapt, "maximize": maximize},
+               elementwise=not adapt)([list(params), list(grads), list(momentum_buffers)],
+                                      {"lr": lr, "momentum": momentum, "trust_coefficient": trust_coefficient,
+                                       "eps": eps})
 
 
 def lars_step_foreach(
@@ -85,10 +122,10 @@ def lars_step_foreach(
         device_grads = prepare_grads(device_params, device_grads, maximize=maximize, weight_decay=0.0)
         directions = prepare_grads(device_params, device_grads, maximize=False, weight_decay=weight_decay)
         if adapt:
-            param_norms = torch._foreach_norm(device_params)
-            ratios = trust_ratios(param_norms, torch._foreach_norm(device_grads), coefficient=trust_coefficient,
-                                  extra=torch._foreach_mul(param_norms, weight_decay), eps=eps)
-            directions = torch._foreach_mul(directions, ratios)
+            param_norms = torch.stack(torch._foreach_norm(device_params))
+            ratios = trust_ratio(param_norms, torch.stack(torch._foreach_norm(device_grads)),
+                                 coefficient=trust_coefficient, extra=param_norms * weight_decay, eps=eps)
+            directions = torch._foreach_mul(directions, ratios.tolist())
         torch._foreach_mul_(buffers, momentum)
         torch._foreach_add_(buffers, directions, alpha=lr)
         torch._foreach_sub_(device_params, buffers)
@@ -96,6 +133,10 @@ def lars_step_foreach(
 
 class LARS(OptimlabOptimizer):
     r"""LARS (You et al. 2017): SGD with momentum and a per-layer trust ratio.
+
+    .. math::
+        \lambda^l = \eta\,\frac{\|w\|}{\|\nabla L(w)\| + \beta\|w\| + \epsilon},\quad
+        v \leftarrow m\,v + \gamma\,\lambda^l\,(\nabla L(w) + \beta w),\quad w \leftarrow w - v
 
     Args:
         params: parameters or param-group dicts.
@@ -108,6 +149,9 @@ class LARS(OptimlabOptimizer):
         exclude_bias_and_norm: tensors with ``ndim <= 1`` get no adaptation and no weight decay.
         maximize: ascend the objective instead.
         foreach: use the multi-tensor path (default: when the tensors are on CPU/CUDA).
+        fused: the compiled fused step (:mod:`optimlab.optim._fused`, one compiled call per tensor for
+            its norms and update); ``None`` (default) means off. Falls back to the multi-tensor path,
+            warning once, where compilation is unavailable. Kept in ``defaults`` and param groups.
     """
 
     def __init__(
@@ -122,6 +166,7 @@ class LARS(OptimlabOptimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         check_lr(lr)
         check_in_range("momentum", momentum, 0.0, 1.0)
@@ -130,7 +175,8 @@ class LARS(OptimlabOptimizer):
             raise ValueError(f"Invalid trust_coefficient: {trust_coefficient} (accepted range: > 0)")
         check_non_negative("eps", eps)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
-                        eps=eps, exclude_bias_and_norm=exclude_bias_and_norm, maximize=maximize, foreach=foreach)
+                        eps=eps, exclude_bias_and_norm=exclude_bias_and_norm, maximize=maximize, foreach=foreach,
+                        fused=fused)
         super().__init__(params, defaults)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -143,7 +189,10 @@ class LARS(OptimlabOptimizer):
         excluded = [group["exclude_bias_and_norm"] and param.dim() <= 1 for param in params]
         options = dict(lr=as_float(group["lr"]), momentum=group["momentum"], trust_coefficient=group["trust_coefficient"],
                        eps=group["eps"], maximize=group["maximize"])
-        rule = lars_step_foreach if self._use_foreach(group, params) else lars_step
+        if resolve_fused(group["fused"], params, type(self).__name__):
+            rule = lars_step_fused
+        else:
+            rule = lars_step_foreach if self._use_foreach(group, params) else lars_step
         for adapt in (True, False):
             chosen = [i for i, is_excluded in enumerate(excluded) if is_excluded != adapt]
             if not chosen:
