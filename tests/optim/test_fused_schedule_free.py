@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -24,12 +25,23 @@ from optimlab.optim import _fused
 from optimlab.optim import schedule_free as schedule_free_module
 from optimlab.optim.modes import eval_weights, has_modes
 
-from .fused_harness import STEPS, FusedCase, build, max_relative_error, needs_compiler, run_pair, set_grads, state_tensors
+from .fused_harness import (STEPS, FusedCase, build, max_relative_error, needs_compiler, param_groups, run_pair,
+                            set_grads, state_tensors)
 from .harness import save_and_load
+
+
+
+def with_large_tensor(dtype: torch.dtype, generator: torch.Generator) -> list[dict[str, Any]]:
+    """The harness's two groups plus, in the first, a tensor above ``_fused.PACK_NUMEL`` values: the small
+    tensors are packed into one call, the large one goes through the chunked call (both compiled)."""
+    groups = param_groups(dtype, generator)
+    groups[0]["params"].append(torch.randn(_fused.PACK_NUMEL + 77, generator=generator, dtype=dtype))
+    return groups
+
 
 # warmup (3 steps) and r > 0 make the learning rate and the averaging weight c_t change on the early steps
 DECAY = {"lr": 2e-2, "betas": (0.8, 0.99), "weight_decay": 0.05, "warmup_steps": 3, "r": 0.5}
-SF_DECAY_F64 = FusedCase("sf-decay-skip-f64", ScheduleFreeAdamW, DECAY, skip_grads=True)
+SF_DECAY_F64 = FusedCase("sf-decay-skip-f64", ScheduleFreeAdamW, DECAY, skip_grads=True, groups=with_large_tensor)
 SF_DECAY_F32 = FusedCase("sf-decay-f32", ScheduleFreeAdamW, DECAY, torch.float32, 1e-6)
 SF_MAXIMIZE_F64 = FusedCase("sf-maximize-f64", ScheduleFreeAdamW,
                             {"lr": 1e-2, "maximize": True, "weight_lr_power": 0.0, "eps": 1e-6})
