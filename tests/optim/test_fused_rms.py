@@ -22,36 +22,24 @@ from optimlab.optim import _fused
 from .fused_harness import FusedCase, build, max_relative_error, needs_compiler, run_pair, set_grads, state_tensors
 
 
-def complex_groups(dtype: torch.dtype, generator: torch.Generator, **second: float) -> list[dict[str, Any]]:
-    """The harness's layout (2-D and 1-D tensors compiled, a 0-dim and a transposed one not), with a complex
-    parameter in the second group: the rules see its real view, which the fused path flattens like any other.
-    ``second``: hyperparameters of the second group (besides its halved lr), so that every scalar the compiled
-    rule receives takes two values, which a graph that kept its first call's value would get wrong."""
+def layout(dtype: torch.dtype, generator: torch.Generator, *, with_complex: bool = False,
+           **second: float) -> list[dict[str, Any]]:
+    """Two groups exercising every way the fused path applies a rule: small tensors (2-D, 1-D, 0-dim and a
+    transposed one) packed into one compiled call, a contiguous tensor above ``_fused.PACK_NUMEL`` values in a
+    compiled chunk, and a transposed one above it updated by the same rule uncompiled.
+
+    ``with_complex``: the second group's 1-D tensor is complex (the rules see its real view). ``second``:
+    hyperparameters of the second group (besides its halved lr), so that every scalar the compiled rule receives
+    takes two values, which a graph that kept its first call's value would get wrong."""
+    large = _fused.PACK_NUMEL + 77
 
     def randn(*shape: int, complex_: bool = False) -> torch.Tensor:
         return torch.randn(shape, generator=generator, dtype=dtype.to_complex() if complex_ else dtype)
 
     return [
-        {"params": [randn(7, 5), randn(13), randn(), randn(6, 4).t()]},
-        {"params": [randn(3, 3), randn(4, complex_=True)], "lr_scale": 0.5, **second},
-    ]
-
-
-def float32_groups(dtype: torch.dtype, generator: torch.Generator) -> list[dict[str, Any]]:
-    """The harness's layout with a one-element 1-D tensor instead of the 0-dim one (still updated uncompiled).
-
-    The fused path hands the uncompiled leftovers its 0-dim float64 scalars; with a 0-dim float32 tensor every
-    operand is 0-dim, so torch promotes the arithmetic to float64 and rounds it back, while the reference (Python
-    floats) computes in float32: about one ulp per operation, which 20 RMSprop steps amplify past 1e-6 relative
-    where a value passes near zero (reported to the owner of ``_fused.py``). A 1-D tensor keeps float32.
-    """
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(shape, generator=generator, dtype=dtype)
-
-    return [
-        {"params": [randn(7, 5), randn(13), randn(1), randn(6, 4).t()]},
-        {"params": [randn(3, 3), randn(4)], "lr_scale": 0.5},
+        {"params": [randn(7, 5), randn(13), randn(), randn(6, 4).t(), randn(large)]},
+        {"params": [randn(3, 3), randn(4, complex_=with_complex), randn(large // 64 + 1, 64).t()], "lr_scale": 0.5,
+         **second},
     ]
 
 
@@ -59,12 +47,14 @@ def float32_groups(dtype: torch.dtype, generator: torch.Generator) -> list[dict[
 RMSPROP_ALL = FusedCase("rmsprop-centered-momentum-l2-maximize-f64", RMSprop,
                         {"lr": 1e-2, "alpha": 0.9, "eps": 1e-6, "momentum": 0.9, "centered": True,
                          "weight_decay": 0.1, "maximize": True}, skip_grads=True,
-                        groups=functools.partial(complex_groups, alpha=0.99, eps=1e-4, momentum=0.5))
-RMSPROP_F32 = FusedCase("rmsprop-plain-f32", RMSprop, {"lr": 1e-2}, torch.float32, 1e-6, groups=float32_groups)
+                        groups=functools.partial(layout, with_complex=True, alpha=0.99, eps=1e-4, momentum=0.5))
+RMSPROP_F32 = FusedCase("rmsprop-plain-f32", RMSprop, {"lr": 1e-2}, torch.float32, 1e-6,
+                        groups=functools.partial(layout, alpha=0.95, eps=1e-6))
 ADADELTA_ALL = FusedCase("adadelta-l2-maximize-f64", Adadelta,
                          {"lr": 0.5, "rho": 0.8, "eps": 1e-5, "weight_decay": 0.1, "maximize": True},
-                         groups=functools.partial(complex_groups, rho=0.95, eps=1e-3))
-ADADELTA_F32 = FusedCase("adadelta-plain-f32", Adadelta, {"lr": 1.0}, torch.float32, 1e-6, groups=float32_groups)
+                         groups=functools.partial(layout, with_complex=True, rho=0.95, eps=1e-3))
+ADADELTA_F32 = FusedCase("adadelta-plain-f32", Adadelta, {"lr": 1.0}, torch.float32, 1e-6,
+                         groups=functools.partial(layout, rho=0.95, eps=1e-5))
 
 CASES = [RMSPROP_ALL, RMSPROP_F32, ADADELTA_ALL, ADADELTA_F32]
 RULES = {RMSprop: "_rmsprop_tensor", Adadelta: "_adadelta_tensor"}
