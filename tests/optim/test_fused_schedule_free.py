@@ -219,11 +219,11 @@ def test_lookahead_around_fused_schedule_free(monkeypatch: pytest.MonkeyPatch) -
     fused, reference = Lookahead(inner_fused, k=4, alpha=0.5), Lookahead(inner_reference, k=4, alpha=0.5)
     assert fused.param_groups[0]["fused"] is True and fused.defaults is inner_fused.defaults
     assert has_modes(fused) and not has_modes(Lookahead(Adam([torch.nn.Parameter(torch.ones(2))])))
-    lerps: list[int] = []
+    lerps: list[tuple[int, float]] = []  # (tensors, weight) of each foreach lerp
     original_lerp = torch._foreach_lerp_
 
     def counting_lerp(*args, **kwargs):
-        lerps.append(len(args[0]))
+        lerps.append((len(args[0]), args[2]))
         return original_lerp(*args, **kwargs)
 
     monkeypatch.setattr(torch, "_foreach_lerp_", counting_lerp)
@@ -240,7 +240,10 @@ def test_lookahead_around_fused_schedule_free(monkeypatch: pytest.MonkeyPatch) -
                 assert max_relative_error(fused_params, y) > 1e-4
             assert inner_fused.param_groups[0]["train_mode"]
             assert max_relative_error(fused_params, y) <= 1e-13
-    assert lerps == [len(fused_params)] * 2 * 3  # syncs at steps 4, 8, 12 on both: one lerp over every param
+    # syncs at steps 4, 8, 12 on both: one lerp (weight alpha) over every param; the mode switches of the two
+    # eval_weights blocks: one lerp per group there and back (weights 1 - 1/beta1 and 1 - beta1)
+    assert [count for count, weight in lerps if weight == 0.5] == [len(fused_params)] * 2 * 3
+    assert len([weight for _, weight in lerps if weight != 0.5]) == 2 * 2 * 2 * 2
     assert len(calls) == 2 * 12
     assert max_relative_error(fused_params, reference_params) <= case.rtol
     slow = [fused.state[p]["slow_param"] for p in fused_params]

@@ -199,15 +199,17 @@ class ScheduleFreeAdamW(OptimlabOptimizer):
         self._switch_mode(train=True)
 
     def _switch_mode(self, *, train: bool) -> None:
+        """Move each group's parameters that have state to the other point: one foreach lerp towards
+        :math:`z` per (device, dtype), with weight :math:`1-\beta_1` (to train) or :math:`1-1/\beta_1` (to eval)."""
         for group in self.param_groups:
             if group["train_mode"] == train:
                 continue
             beta1 = as_float(group["betas"][0])
             weight = 1 - beta1 if train else 1 - 1 / beta1
-            for param in group["params"]:
-                state = self.state.get(param)
-                if state and "z" in state:
-                    param.lerp_(state["z"], weight)
+            params = [param for param in group["params"] if "z" in self.state.get(param, {})]
+            if params:
+                for (device_params, device_zs), _ in foreach_groups([params, [self.state[p]["z"] for p in params]]):
+                    torch._foreach_lerp_(device_params, device_zs, weight)
             group["train_mode"] = train
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
