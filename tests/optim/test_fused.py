@@ -227,9 +227,8 @@ def test_small_tensors_take_one_compiled_call(monkeypatch: pytest.MonkeyPatch) -
     step_fn = fused_step(_sgd_tensor, {key: value for key, value in PACKED_SGD.items() if key != "lr"}
                          | {"dampening": 0, "maximize": False}, elementwise=True)
     calls: list[int] = []
-    compiled = step_fn._compiled
-    monkeypatch.setattr(step_fn, "_compiled", lambda update, columns, *args: (calls.append(len(columns[0])),
-                                                                              compiled(update, columns, *args)))
+    call = step_fn._call
+    monkeypatch.setattr(step_fn, "_call", lambda columns, *args: (calls.append(len(columns[0])), call(columns, *args)))
     set_grads(fused_params, 2, False)
     fused.step()
     assert calls == [1, 1]  # 16 small tensors in one call, the large one in another
@@ -304,3 +303,46 @@ def test_packed_complex_parameters() -> None:
         reference.step()
     assert max_relative_error([torch.view_as_real(p) if p.is_complex() else p for p in fused_params],
                               [torch.view_as_real(p) if p.is_complex() else p for p in reference_params]) <= 1e-12
+
+
+@needs_compiler
+def test_compiled_graph_is_called_directly_for_new_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the first step, calls skip Dynamo (no guard checks) and still give the reference result, also
+    for another optimizer whose tensors have other sizes (the graph's sizes are symbolic)."""
+    step_fn = fused_step(_sgd_tensor, {key: value for key, value in PACKED_SGD.items() if key != "lr"}
+                         | {"dampening": 0, "maximize": False}, elementwise=True)
+
+    def layout(sizes: list[int]) -> Any:
+        return lambda dtype, generator: [{"params": [torch.randn(size, generator=generator, dtype=dtype)
+                                                     for size in sizes]}]
+
+    first = FusedCase("direct-a", SGD, PACKED_SGD, groups=layout([_fused.PACK_NUMEL + 1, 3 * _fused.PACK_NUMEL + 5]))
+    second = FusedCase("direct-b", SGD, PACKED_SGD, groups=layout([2 * _fused.PACK_NUMEL + 7, _fused.PACK_NUMEL + 2]))
+    run_pair(first, steps=3)
+    dynamo_calls: list[int] = []
+    compiled = step_fn._compiled
+    monkeypatch.setattr(step_fn, "_compiled", lambda *args: (dynamo_calls.append(1), compiled(*args)))
+    for case in (first, second):
+        fused, fused_params, reference, reference_params = run_pair(case)
+        assert max_relative_error(fused_params, reference_params) <= 1e-12
+        assert max_relative_error(state_tensors(fused, fused_params), state_tensors(reference, reference_params)) <= 1e-12
+    assert dynamo_calls == []
+
+
+@needs_compiler
+def test_calls_go_through_dynamo_when_the_inputs_cannot_be_read_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_fused, "_argument_extractor", lambda graph_module: None)
+    step_fn = FusedStep(_sgd_tensor, {key: value for key, value in PACKED_SGD.items() if key != "lr"}
+                        | {"dampening": 0, "maximize": False}, elementwise=True)
+    params = [torch.randn(_fused.PACK_NUMEL + 3, dtype=torch.float64) for _ in range(2)]
+    grads = [torch.randn_like(p) for p in params]
+    buffers = [torch.randn_like(p) for p in params]
+    expected_params, expected_buffers = [t.clone() for t in params], [t.clone() for t in buffers]
+    for param, grad, buffer in zip(expected_params, grads, expected_buffers):
+        for _ in range(3):
+            _sgd_tensor(param, grad, buffer, lr=1e-2, **step_fn.static)
+    with torch.no_grad():
+        for _ in range(3):
+            step_fn([params, grads, buffers], {"lr": 1e-2})
+    assert step_fn._direct == {}
+    assert max_relative_error(params + buffers, expected_params + expected_buffers) <= 1e-12

@@ -179,6 +179,8 @@ class FusedStep:
         self.chunk_size = int(chunk_size)
         self.elementwise = bool(elementwise)
         self._packs = _PackCache()
+        self._direct: dict[Hashable, tuple[Callable[..., Any], Callable[[dict[str, Any]], list[Any]]]] = {}
+        self._compiling: Hashable | None = None
         self.compiles = 0
         self.compile_seconds = 0.0
         # Dynamo keeps its compiled-code cache (and its recompile limit) per code object: give each rule its own.
@@ -191,7 +193,36 @@ class FusedStep:
         from torch._inductor.compile_fx import compile_fx
 
         self.compiles += 1
-        return compile_fx(graph_module, example_inputs)
+        compiled = compile_fx(graph_module, example_inputs)
+        extract = _argument_extractor(graph_module)
+        if self._compiling is not None and extract is not None:
+            self._direct[self._compiling] = (compiled, extract)
+        return compiled
+
+    def _call(self, columns: tuple[list[Tensor] | None, ...], scalar_tensors: dict[str, Tensor]) -> None:
+        """One compiled call on lists of 1-D tensors (Dynamo's entry the first time, then directly).
+
+        Dynamo checks its guards on every call, tens of microseconds for a few tensors. The calls
+        made here differ only in what the compiled graph treats as inputs (tensor sizes and data,
+        scalar values) as long as the columns present, device, dtype and list length are the same
+        (sizes are always >= 2, every tensor is 1-D and contiguous, and grad mode is off), so the graph
+        compiled for such a key is afterwards called with its inputs read straight from the arguments.
+        """
+        first = next(column[0] for column in columns if column is not None)
+        key = None
+        if not torch.is_grad_enabled():
+            key = (tuple(column is None or len(column) for column in columns), first.device, first.dtype)
+            direct = self._direct.get(key)
+            if direct is not None:
+                compiled, extract = direct
+                compiled(*extract({"update": self.update, "tensor_lists": columns, "scalars": scalar_tensors,
+                                   "static": self.static}))
+                return
+        self._compiling = key
+        try:
+            self._compiled(self.update, columns, scalar_tensors, self.static)
+        finally:
+            self._compiling = None
 
     def __call__(self, tensor_lists: Sequence[Sequence[Tensor] | None],
                  scalars: Mapping[str, float | Tensor]) -> None:
@@ -228,7 +259,7 @@ class FusedStep:
                 def call(flats: list[Tensor]) -> None:
                     for position, flat in zip(present, flats):
                         columns[position] = [flat]
-                    self._compiled(self.update, tuple(columns), scalar_tensors, self.static)
+                    self._call(tuple(columns), scalar_tensors)
 
                 if len(small) == len(lists[0]):
                     self._packs.run(lists, call)
@@ -247,7 +278,32 @@ class FusedStep:
         for begin in range(0, len(flat_chunk), self.chunk_size):
             for position, column in zip(present, zip(*flat_chunk[begin:begin + self.chunk_size])):
                 columns[position] = list(column)
-            self._compiled(self.update, tuple(columns), scalar_tensors, self.static)
+            self._call(tuple(columns), scalar_tensors)
+
+
+def _argument_extractor(graph_module: torch.fx.GraphModule) -> Callable[[dict[str, Any]], list[Any]] | None:
+    """A function from the compiled function's arguments (its frame locals) to the graph's inputs, read off
+    the sources Dynamo records on the placeholders (``L['tensor_lists'][0][3]``, ``...size()[0]``);
+    ``None`` when a source is not such a plain expression (then every call goes through Dynamo)."""
+    expressions = []
+    for node in graph_module.graph.find_nodes(op="placeholder"):
+        argument = node.meta.get("grapharg")
+        source = getattr(argument, "source", None)
+        name = getattr(source, "name", None)
+        name = name() if callable(name) else name
+        if not isinstance(name, str) or not name.startswith("L["):
+            return None
+        if getattr(argument, "pass_arg_as_tensor", False):  # a float Dynamo turned into a 0-dim tensor
+            name = f"_as_float64({name})"
+        expressions.append(name)
+    try:
+        return eval(f"lambda L: [{', '.join(expressions)}]", {"_as_float64": _as_float64})  # noqa: S307
+    except SyntaxError:
+        return None
+
+
+def _as_float64(value: float) -> Tensor:
+    return torch.as_tensor(value, dtype=torch.float64)
 
 
 class _Layout:
