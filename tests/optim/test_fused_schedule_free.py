@@ -39,10 +39,18 @@ def with_large_tensor(dtype: torch.dtype, generator: torch.Generator) -> list[di
     return groups
 
 
+def with_float64_tensor(dtype: torch.dtype, generator: torch.Generator) -> list[dict[str, Any]]:
+    """The harness's two groups plus a float64 tensor in the second (mixed dtypes: one call per dtype)."""
+    groups = param_groups(dtype, generator)
+    groups[1]["params"].append(torch.randn(5, 3, generator=generator, dtype=torch.float64))
+    return groups
+
+
 # warmup (3 steps) and r > 0 make the learning rate and the averaging weight c_t change on the early steps
 DECAY = {"lr": 2e-2, "betas": (0.8, 0.99), "weight_decay": 0.05, "warmup_steps": 3, "r": 0.5}
 SF_DECAY_F64 = FusedCase("sf-decay-skip-f64", ScheduleFreeAdamW, DECAY, skip_grads=True, groups=with_large_tensor)
-SF_DECAY_F32 = FusedCase("sf-decay-f32", ScheduleFreeAdamW, DECAY, torch.float32, 1e-6)
+SF_DECAY_F32 = FusedCase("sf-decay-mixed-f32", ScheduleFreeAdamW, DECAY, torch.float32, 1e-6,
+                         groups=with_float64_tensor)
 SF_MAXIMIZE_F64 = FusedCase("sf-maximize-f64", ScheduleFreeAdamW,
                             {"lr": 1e-2, "maximize": True, "weight_lr_power": 0.0, "eps": 1e-6})
 COUNTERS = ("step", "weight_sum", "lr_max", "scheduled_lr", "train_mode")
