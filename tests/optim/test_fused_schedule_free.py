@@ -8,7 +8,9 @@ Lookahead: a fused inner optimizer keeps its fused step, the slow weights move b
 and ``train()``/``eval()``/``eval_weights`` reach a schedule-free inner optimizer.
 
 Compiling costs seconds per graph, so there are two constant configurations: weight decay on (float64,
-with a parameter that skips steps, and float32) and maximize on (float64); every other test reuses them.
+with a parameter that skips steps and one large enough for the chunked call besides the packed one; and
+float32 with a float64 tensor in the same group) and maximize on (float64, two groups sharing the graph
+with different learning rates); every other test reuses their graphs.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from optimlab.optim.modes import eval_weights, has_modes
 from .fused_harness import (STEPS, FusedCase, build, max_relative_error, needs_compiler, param_groups, run_pair,
                             set_grads, state_tensors)
 from .harness import save_and_load
-
 
 
 def with_large_tensor(dtype: torch.dtype, generator: torch.Generator) -> list[dict[str, Any]]:
@@ -57,6 +58,7 @@ COUNTERS = ("step", "weight_sum", "lr_max", "scheduled_lr", "train_mode")
 
 
 def compiles() -> int:
+    """Graphs compiled so far for the schedule-free rule (every configuration together)."""
     return int(_fused.compile_stats().get("schedule_free_adamw_tensor", {}).get("compiles", 0))
 
 
