@@ -268,6 +268,39 @@ def test_lookahead_around_fused_schedule_free(monkeypatch: pytest.MonkeyPatch) -
     fused.step()
 
 
+@needs_compiler
+def test_lookahead_checkpoint_in_eval_mode_resumes_bitwise() -> None:
+    """Lookahead(ScheduleFreeAdamW(fused=True)) saved in eval mode mid-cycle (6 steps, k = 4) and resumed:
+    6 more steps give bitwise the uninterrupted run's params, slow weights and inner state."""
+    case = SF_DECAY_F64
+
+    def run(optimizer: Lookahead, params: list[torch.Tensor], steps: range) -> None:
+        optimizer.train()
+        for step in steps:
+            set_grads(params, step, case.skip_grads)
+            optimizer.step()
+        optimizer.eval()
+
+    inner, params = build(case, True)
+    optimizer = Lookahead(inner, k=4, alpha=0.6)
+    run(optimizer, params, range(6))
+    checkpoint = save_and_load({"params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict()})
+    resumed_inner, resumed_params = build(case, True, seed=1)
+    resumed = Lookahead(resumed_inner, k=2, alpha=0.1)
+    with torch.no_grad():
+        for param, value in zip(resumed_params, checkpoint["params"]):
+            param.copy_(value)
+    resumed.load_state_dict(checkpoint["optimizer"])
+    assert not resumed_inner.param_groups[0]["train_mode"] and resumed.param_groups[0]["fused"] is True
+    run(optimizer, params, range(6, 12))
+    run(resumed, resumed_params, range(6, 12))
+    for ours, expected in zip(resumed_params, params):
+        assert torch.equal(ours, expected)
+        assert torch.equal(resumed.state[ours]["slow_param"], optimizer.state[expected]["slow_param"])
+    for ours, expected in zip(state_tensors(resumed_inner, resumed_params), state_tensors(inner, params)):
+        assert torch.equal(ours, expected)
+
+
 def test_lookahead_train_eval_are_no_ops_without_inner_modes() -> None:
     param = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
     optimizer = Lookahead(SGD([param], lr=0.1), k=2)
