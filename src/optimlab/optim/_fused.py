@@ -204,14 +204,14 @@ class FusedStep:
 
         Dynamo checks its guards on every call, tens of microseconds for a few tensors. The calls
         made here differ only in what the compiled graph treats as inputs (tensor sizes and data,
-        scalar values) as long as the columns present, device, dtype and list length are the same
+        scalar values) as long as the columns present, their dtypes and lengths, and the device are the same
         (sizes are always >= 2, every tensor is 1-D and contiguous, and grad mode is off), so the graph
         compiled for such a key is afterwards called with its inputs read straight from the arguments.
         """
         first = next(column[0] for column in columns if column is not None)
         key = None
         if not torch.is_grad_enabled():
-            key = (tuple(column is None or len(column) for column in columns), first.device, first.dtype)
+            key = (first.device, *((None, 0) if column is None else (column[0].dtype, len(column)) for column in columns))
             direct = self._direct.get(key)
             if direct is not None:
                 compiled, extract = direct
@@ -238,7 +238,12 @@ class FusedStep:
         if not present or not tensor_lists[present[0]]:
             return
         _ensure_cache_dir()
-        grouped = group_by_device_and_dtype([list(tensor_lists[i]) for i in present])  # type: ignore[arg-type]
+        columns = [list(tensor_lists[i]) for i in present]  # type: ignore[arg-type]
+        first = columns[0][0]
+        if len({(t.device, t.dtype) for t in columns[0]}) == 1:  # the usual case: no regrouping needed
+            grouped = {(first.device, first.dtype): (columns, None)}
+        else:
+            grouped = group_by_device_and_dtype(columns)
         compiles_before = self.compiles
         start = time.perf_counter()
         with fx_config.patch(use_duck_shape=False):
