@@ -44,12 +44,91 @@ from optimlab.optim._base import (
     prepare_grad,
     zeros_state,
 )
+from optimlab.optim._fused import fused_step, resolve_fused, split_by_value
 
-__all__ = ["Adafactor", "adafactor_step"]
+__all__ = ["Adafactor", "adafactor_step", "adafactor_step_fused", "adafactor_tensor"]
 
 
-def _rms(tensor: Tensor) -> float:
-    return tensor.norm(2).item() / math.sqrt(tensor.numel())
+def _rms(tensor: Tensor) -> Tensor:
+    r"""Root mean square :math:`\sqrt{\mathrm{mean}(x^2)}` as a 0-dim tensor (no host synchronisation)."""
+    return tensor.square().mean().sqrt()
+
+
+def _matrix_views(param: Tensor, grad: Tensor, row_var: Tensor | None, col_var: Tensor | None,
+                  exp_avg: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """A factored parameter's tensors as batches of matrices ``(L, m, n)``, ``(L, m, 1)``, ``(L, 1, n)``.
+
+    The fused path hands the rule contiguous tensors flattened to 1-D (:mod:`optimlab.optim._fused`);
+    the sizes follow from the element counts (``m = numel / numel(col_var)``, ``n = numel / numel(row_var)``),
+    which stay symbolic, so one compiled graph serves every shape of a given rank. Tensors that keep
+    their shape (the reference path) are returned as they are: the rule reduces over dimensions -1 and -2.
+    """
+    if row_var is None or col_var is None:
+        raise ValueError("Invalid state: a factored Adafactor parameter needs row_var and col_var")
+    if param.dim() > 1:
+        return param, grad, row_var, col_var, exp_avg
+    rows, cols = param.numel() // col_var.numel(), param.numel() // row_var.numel()
+    return (param.view(-1, rows, cols), grad.view(-1, rows, cols), row_var.view(-1, rows, 1),
+            col_var.view(-1, 1, cols), None if exp_avg is None else exp_avg.view(-1, rows, cols))
+
+
+def adafactor_tensor(
+    param: Tensor,
+    grad: Tensor,
+    row_var: Tensor | None,
+    col_var: Tensor | None,
+    variance: Tensor | None,
+    exp_avg: Tensor | None = None,
+    *,
+    lr: float | Tensor,
+    rho: float | Tensor,
+    beta2_weight: float | Tensor,
+    eps2: float | Tensor,
+    d: float | Tensor,
+    beta1: float | Tensor | None = None,
+    eps1: float | None,
+    weight_decay: float,
+    scale_parameter: bool,
+    maximize: bool,
+    factored: bool,
+) -> None:
+    r"""The Adafactor rule (module docstring) for one tensor, in place.
+
+    What :func:`adafactor_step` loops over and the fused path compiles (:mod:`optimlab.optim._fused`,
+    where the float arguments arrive as 0-dim tensors, so the rule computes with tensors only).
+    ``row_var``/``col_var`` are given for a factored parameter (two or more dimensions, ``factored=True``),
+    ``variance`` otherwise; ``exp_avg`` and ``beta1`` when there is a first moment. ``rho`` is :math:`\rho_t` and
+    ``beta2_weight`` is :math:`1 - \hat\beta_{2,t} = t^{c}`; ``eps1=None`` means the dtype's epsilon.
+    """
+    step_size = torch.clamp(_rms(param), min=eps2) * rho if scale_parameter else rho  # RMS before decay
+    grad = prepare_grad(param, grad, maximize=maximize, weight_decay=weight_decay, lr=lr, decoupled=True)
+    eps_floor = torch.finfo(param.dtype).eps if eps1 is None else eps1
+    if factored:
+        param, grad, row_var, col_var, exp_avg = _matrix_views(param, grad, row_var, col_var, exp_avg)
+        row_var.lerp_(grad.square().mean(dim=-1, keepdim=True), beta2_weight)
+        col_var.lerp_(grad.square().mean(dim=-2, keepdim=True), beta2_weight)
+        # R C / mean(R): the outer product of an (m, 1) and a (1, n) factor, broadcast (= R @ C)
+        var_estimate = (row_var * col_var).div_(row_var.mean(dim=-2, keepdim=True).clamp(min=eps_floor))
+    else:
+        assert variance is not None  # created by Adafactor._init_group for every tensor of fewer than 2 dimensions
+        var_estimate = variance.lerp_(grad.square(), beta2_weight)
+    update = var_estimate.clamp(min=eps_floor * eps_floor).rsqrt_().mul_(grad)
+    update.div_(torch.clamp(_rms(update) / d, min=1.0))
+    if exp_avg is not None:
+        update = exp_avg.lerp_(update, 1 - beta1)
+    param.sub_(update * step_size)
+
+
+def _static_and_scalars(step: float, *, lr: float, beta2_decay: float, eps1: float | None, eps2: float, d: float,
+                        weight_decay: float, beta1: float | None, relative_step: bool, scale_parameter: bool,
+                        maximize: bool) -> tuple[dict[str, Any], dict[str, float]]:
+    """The keyword arguments of :func:`adafactor_tensor` at step ``step``: compile-time constants and data."""
+    static = {"eps1": eps1, "weight_decay": weight_decay, "scale_parameter": scale_parameter, "maximize": maximize}
+    scalars = {"lr": lr, "rho": min(lr, 1 / math.sqrt(step)) if relative_step else lr,
+               "beta2_weight": step**beta2_decay, "eps2": eps2, "d": d}
+    if beta1 is not None:
+        scalars["beta1"] = beta1
+    return static, scalars
 
 
 def adafactor_step(
@@ -57,41 +136,49 @@ def adafactor_step(
     grads: Sequence[Tensor],
     states: Sequence[dict[str, Any]],
     steps: Sequence[float],
-    *,
-    lr: float,
-    beta2_decay: float,
-    eps1: float | None,
-    eps2: float,
-    d: float,
-    weight_decay: float,
-    beta1: float | None,
-    relative_step: bool,
-    scale_parameter: bool,
-    maximize: bool,
+    **options: Any,
 ) -> None:
-    """Apply the Adafactor rule (module docstring) to each parameter; ``states`` hold
-    ``row_var``/``col_var`` (factored) or ``variance``, and ``exp_avg`` when ``beta1`` is set;
-    ``steps`` are the already incremented step counts."""
+    """Per-tensor reference path: :func:`adafactor_tensor` on each parameter. ``states`` hold
+    ``row_var``/``col_var`` (factored) or ``variance``, and ``exp_avg`` when ``beta1`` is set; ``steps``
+    are the already incremented step counts; ``options`` are the group's settings (``lr``,
+    ``beta2_decay``, ``eps1``, ``eps2``, ``d``, ``weight_decay``, ``beta1``, ``relative_step``,
+    ``scale_parameter``, ``maximize``)."""
     for param, grad, state, step in zip(params, grads, states, steps):
-        new_weight = step**beta2_decay  # 1 - beta2_hat_t
-        rho = min(lr, 1 / math.sqrt(step)) if relative_step else lr
-        alpha = max(eps2, _rms(param)) * rho if scale_parameter else rho
-        eps_floor = torch.finfo(param.dtype).eps if eps1 is None else eps1
-        grad = prepare_grad(param, grad, maximize=maximize, weight_decay=weight_decay, lr=lr, decoupled=True)
-        if grad.dim() > 1:
-            row_var, col_var = state["row_var"], state["col_var"]
-            row_var.lerp_(grad.square().mean(dim=-1, keepdim=True), new_weight)
-            col_var.lerp_(grad.square().mean(dim=-2, keepdim=True), new_weight)
-            var_estimate = (row_var @ col_var).div_(row_var.mean(dim=-2, keepdim=True).clamp(min=eps_floor))
-        else:
-            variance = state["variance"]
-            variance.lerp_(grad.square(), new_weight)
-            var_estimate = variance.clone()
-        update = var_estimate.clamp_(min=eps_floor * eps_floor).rsqrt_().mul_(grad)
-        update.div_(max(1.0, _rms(update) / d))
-        if beta1 is not None:
-            update = state["exp_avg"].lerp_(update, 1 - beta1)
-        param.add_(update, alpha=-alpha)
+        static, scalars = _static_and_scalars(step, **options)
+        adafactor_tensor(param, grad, *(state.get(key) for key in _STATE_KEYS), **static, **scalars,
+                         factored=param.dim() > 1)
+
+
+_STATE_KEYS = ("row_var", "col_var", "variance", "exp_avg")  # the optional tensors of adafactor_tensor, in order
+
+
+def adafactor_step_fused(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    states: Sequence[dict[str, Any]],
+    steps: Sequence[float],
+    **options: Any,
+) -> None:
+    r"""Fused path of the same rule: :func:`adafactor_tensor` compiled by :mod:`optimlab.optim._fused`
+    (``elementwise=False``: the rule reduces over rows, columns and whole tensors), called once per
+    distinct step count and tensor rank (the compiled graphs are specialised on the rank), with the
+    step-dependent :math:`\rho_t` and :math:`1 - \hat\beta_{2,t}` passed as data."""
+    for step, (part_params, part_grads, part_states) in split_by_value([params, grads, states], steps):
+        static, scalars = _static_and_scalars(step, **options)
+        ranks: dict[int, list[int]] = {}
+        for index, param in enumerate(part_params):
+            if param.dim() >= 2 and 1 in param.shape[-2:]:
+                # a factored dimension of length 1: Inductor (torch 2.13) fails to generate the C++ for
+                # a reduction over that specialised size-1 dimension, so the rule runs uncompiled
+                adafactor_tensor(param, part_grads[index], *(part_states[index].get(key) for key in _STATE_KEYS),
+                                 **static, **scalars, factored=True)
+            else:
+                ranks.setdefault(param.dim(), []).append(index)
+        for rank, chosen in ranks.items():
+            columns = [[part_states[i].get(key) for i in chosen] for key in _STATE_KEYS]
+            lists = [[part_params[i] for i in chosen], [part_grads[i] for i in chosen],
+                     *(None if column[0] is None else column for column in columns)]
+            fused_step(adafactor_tensor, {**static, "factored": rank > 1}, elementwise=False)(lists, scalars)
 
 
 class Adafactor(OptimlabOptimizer):
@@ -110,9 +197,14 @@ class Adafactor(OptimlabOptimizer):
         relative_step: use :math:`\rho_t = \min(\text{lr}, 1/\sqrt t)`; otherwise :math:`\rho_t = \text{lr}`.
         scale_parameter: multiply the step by :math:`\max(\epsilon_2, \mathrm{RMS}(X))`.
         maximize: ascend the objective instead.
+        fused: the compiled step (:mod:`optimlab.optim._fused`): the per-tensor rule
+            :func:`adafactor_tensor` with its row/column reductions, update clipping and parameter
+            update in one compiled call per tensor; ``None`` (default) means off. Kept in ``defaults``,
+            so a param group may override it.
 
     Memory: :math:`4(m + n)` bytes for an :math:`m \times n` float32 matrix instead of Adam's
-    :math:`8mn`. The update needs per-tensor norms and matrix products, so there is no multi-tensor path.
+    :math:`8mn`. The update needs per-tensor reductions, so there is no multi-tensor path: the
+    per-tensor reference or the fused step.
     """
 
     def __init__(
@@ -128,6 +220,7 @@ class Adafactor(OptimlabOptimizer):
         relative_step: bool = True,
         scale_parameter: bool = True,
         maximize: bool = False,
+        fused: bool | None = None,
     ) -> None:
         check_lr(lr)
         if not (beta2_decay <= 0.0):
@@ -143,7 +236,7 @@ class Adafactor(OptimlabOptimizer):
         if beta1 is not None:
             check_in_range("beta1", beta1, 0.0, 1.0)
         defaults = dict(lr=lr, beta2_decay=beta2_decay, eps=tuple(eps), d=d, weight_decay=weight_decay, beta1=beta1,
-                        relative_step=relative_step, scale_parameter=scale_parameter, maximize=maximize)
+                        relative_step=relative_step, scale_parameter=scale_parameter, maximize=maximize, fused=fused)
         super().__init__(params, defaults)
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
@@ -164,9 +257,8 @@ class Adafactor(OptimlabOptimizer):
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
         eps1, eps2 = group["eps"]
-        adafactor_step(
-            params, grads, states, increment_steps(states), lr=as_float(group["lr"]), beta2_decay=group["beta2_decay"], eps1=eps1, eps2=eps2,
-            d=group["d"], weight_decay=group["weight_decay"], beta1=group["beta1"],
-            relative_step=group["relative_step"], scale_parameter=group["scale_parameter"],
-            maximize=group["maximize"],
-        )
+        rule = adafactor_step_fused if resolve_fused(group["fused"], params, type(self).__name__) else adafactor_step
+        rule(params, grads, states, increment_steps(states), lr=as_float(group["lr"]), beta2_decay=group["beta2_decay"],
+             eps1=eps1, eps2=eps2, d=group["d"], weight_decay=group["weight_decay"], beta1=group["beta1"],
+             relative_step=group["relative_step"], scale_parameter=group["scale_parameter"],
+             maximize=group["maximize"])
