@@ -18,6 +18,12 @@ mode; :meth:`ScheduleFreeAdamW.eval` and :meth:`ScheduleFreeAdamW.train` switch 
 :math:`x = (y - (1-\beta_1) z)/\beta_1`. The state keeps :math:`z` and :math:`v` (8 bytes per float32
 parameter); :math:`x` is never stored, :math:`y` is updated in place:
 :math:`y_{t+1} = y_t + c_{t+1}(z_t - y_t) + \gamma_t(\beta_1(1-c_{t+1}) - 1)\,\hat g_t`.
+
+One per-tensor rule, :func:`schedule_free_adamw_tensor`, is what the reference path (``foreach=False``)
+loops over and what the fused path (``fused=True``) compiles with ``torch.compile``
+(:mod:`optimlab.optim._fused`); the multi-tensor path (the default) is its ``torch._foreach_*`` twin.
+The schedule (warmup learning rate, :math:`c_{t+1}`, bias correction) is computed once per group and
+step in Python and reaches the compiled rule as data, so it never triggers a recompile.
 """
 
 from __future__ import annotations
@@ -199,7 +205,7 @@ class ScheduleFreeAdamW(OptimlabOptimizer):
         self._switch_mode(train=True)
 
     def _switch_mode(self, *, train: bool) -> None:
-        """Move each group's parameters that have state to the other point: one foreach lerp towards
+        r"""Move each group's parameters that have state to the other point: one foreach lerp towards
         :math:`z` per (device, dtype), with weight :math:`1-\beta_1` (to train) or :math:`1-1/\beta_1` (to eval)."""
         for group in self.param_groups:
             if group["train_mode"] == train:
