@@ -34,7 +34,9 @@ class Lookahead(torch.optim.Optimizer):
     The wrapper shares ``param_groups`` with the inner optimizer, so LR schedulers, ``zero_grad`` and
     ``add_param_group`` act on both. Its ``state`` holds the slow weights (``slow_param``, one copy of
     each parameter: +4 bytes per float32 parameter); ``state_dict()`` holds the inner optimizer's
-    state dict, the slow weights and the step counter.
+    state dict, the slow weights and the step counter. The inner optimizer's path (``foreach``,
+    ``fused``) is its own setting, in those shared groups: ``Lookahead(AdamW(params, fused=True))``
+    takes AdamW's fused step. ``train()``/``eval()`` reach an inner optimizer with modes (schedule-free).
 
     Args:
         optimizer: any ``torch.optim.Optimizer`` (optimlab's or torch's).
