@@ -54,22 +54,38 @@ def _rms(tensor: Tensor) -> Tensor:
     return tensor.square().mean().sqrt()
 
 
-def _matrix_views(param: Tensor, grad: Tensor, row_var: Tensor | None, col_var: Tensor | None,
-                  exp_avg: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-    """A factored parameter's tensors as batches of matrices ``(L, m, n)``, ``(L, m, 1)``, ``(L, 1, n)``.
+def _layout(param: Tensor) -> str:
+    """``"vector"`` (fewer than 2 dimensions: a full second moment), ``"matrix"`` (one factored matrix,
+    including shapes such as ``(1, m, n)``) or ``"batched"`` (a batch of ``L >= 2`` matrices in the
+    last two dimensions)."""
+    if param.dim() < 2:
+        return "vector"
+    return "matrix" if param.numel() == param.shape[-2] * param.shape[-1] else "batched"
 
-    The fused path hands the rule contiguous tensors flattened to 1-D (:mod:`optimlab.optim._fused`);
-    the sizes follow from the element counts (``m = numel / numel(col_var)``, ``n = numel / numel(row_var)``),
-    which stay symbolic, so one compiled graph serves every shape of a given rank. Tensors that keep
-    their shape (the reference path) are returned as they are: the rule reduces over dimensions -1 and -2.
+
+def _matrix_views(param: Tensor, grad: Tensor, row_var: Tensor | None, col_var: Tensor | None,
+                  exp_avg: Tensor | None, batched: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """A factored parameter's tensors as matrices ``(m, n)``, ``(m, 1)``, ``(1, n)``, or batches of them.
+
+    The fused path hands the rule contiguous tensors flattened to 1-D (:mod:`optimlab.optim._fused`).
+    Their sizes follow from the element counts, which stay symbolic, so one compiled graph serves
+    every shape of a layout: a matrix has ``m = numel(row_var)``, ``n = numel(col_var)``; a batch of
+    ``L`` matrices has ``m = numel / numel(col_var)`` and ``n = numel / numel(row_var)``. Tensors that
+    keep their shape (the reference path) are returned as they are: the rule reduces over dimensions
+    -1 and -2.
     """
     if row_var is None or col_var is None:
         raise ValueError("Invalid state: a factored Adafactor parameter needs row_var and col_var")
     if param.dim() > 1:
         return param, grad, row_var, col_var, exp_avg
-    rows, cols = param.numel() // col_var.numel(), param.numel() // row_var.numel()
-    return (param.view(-1, rows, cols), grad.view(-1, rows, cols), row_var.view(-1, rows, 1),
-            col_var.view(-1, 1, cols), None if exp_avg is None else exp_avg.view(-1, rows, cols))
+    if batched:
+        rows, cols = param.numel() // col_var.numel(), param.numel() // row_var.numel()
+        shape, row_shape, col_shape = (-1, rows, cols), (-1, rows, 1), (-1, 1, cols)
+    else:
+        rows, cols = row_var.numel(), col_var.numel()
+        shape, row_shape, col_shape = (rows, cols), (rows, 1), (1, cols)
+    return (param.view(shape), grad.view(shape), row_var.view(row_shape), col_var.view(col_shape),
+            None if exp_avg is None else exp_avg.view(shape))
 
 
 def adafactor_tensor(
@@ -90,21 +106,22 @@ def adafactor_tensor(
     weight_decay: float,
     scale_parameter: bool,
     maximize: bool,
-    factored: bool,
+    layout: str,
 ) -> None:
     r"""The Adafactor rule (module docstring) for one tensor, in place.
 
     What :func:`adafactor_step` loops over and the fused path compiles (:mod:`optimlab.optim._fused`,
     where the float arguments arrive as 0-dim tensors, so the rule computes with tensors only).
-    ``row_var``/``col_var`` are given for a factored parameter (two or more dimensions, ``factored=True``),
-    ``variance`` otherwise; ``exp_avg`` and ``beta1`` when there is a first moment. ``rho`` is :math:`\rho_t` and
+    ``row_var``/``col_var`` are given for a factored parameter (``layout`` ``"matrix"`` or ``"batched"``,
+    as :func:`_layout` tells), ``variance`` for a ``"vector"``; ``exp_avg`` and ``beta1`` when there is a first moment. ``rho`` is :math:`\rho_t` and
     ``beta2_weight`` is :math:`1 - \hat\beta_{2,t} = t^{c}`; ``eps1=None`` means the dtype's epsilon.
     """
     step_size = torch.clamp(_rms(param), min=eps2) * rho if scale_parameter else rho  # RMS before decay
     grad = prepare_grad(param, grad, maximize=maximize, weight_decay=weight_decay, lr=lr, decoupled=True)
     eps_floor = torch.finfo(param.dtype).eps if eps1 is None else eps1
-    if factored:
-        param, grad, row_var, col_var, exp_avg = _matrix_views(param, grad, row_var, col_var, exp_avg)
+    if layout != "vector":
+        param, grad, row_var, col_var, exp_avg = _matrix_views(param, grad, row_var, col_var, exp_avg,
+                                                               batched=layout == "batched")
         row_var.lerp_(grad.square().mean(dim=-1, keepdim=True), beta2_weight)
         col_var.lerp_(grad.square().mean(dim=-2, keepdim=True), beta2_weight)
         # R C / mean(R): the outer product of an (m, 1) and a (1, n) factor, broadcast (= R @ C)
@@ -146,7 +163,7 @@ def adafactor_step(
     for param, grad, state, step in zip(params, grads, states, steps):
         static, scalars = _static_and_scalars(step, **options)
         adafactor_tensor(param, grad, *(state.get(key) for key in _STATE_KEYS), **static, **scalars,
-                         factored=param.dim() > 1)
+                         layout=_layout(param))
 
 
 _STATE_KEYS = ("row_var", "col_var", "variance", "exp_avg")  # the optional tensors of adafactor_tensor, in order
@@ -161,24 +178,24 @@ def adafactor_step_fused(
 ) -> None:
     r"""Fused path of the same rule: :func:`adafactor_tensor` compiled by :mod:`optimlab.optim._fused`
     (``elementwise=False``: the rule reduces over rows, columns and whole tensors), called once per
-    distinct step count and tensor rank (the compiled graphs are specialised on the rank), with the
+    distinct step count and layout (vectors, matrices, batches of matrices: one graph each), with the
     step-dependent :math:`\rho_t` and :math:`1 - \hat\beta_{2,t}` passed as data."""
     for step, (part_params, part_grads, part_states) in split_by_value([params, grads, states], steps):
         static, scalars = _static_and_scalars(step, **options)
-        ranks: dict[int, list[int]] = {}
+        layouts: dict[str, list[int]] = {}
         for index, param in enumerate(part_params):
             if param.dim() >= 2 and 1 in param.shape[-2:]:
                 # a factored dimension of length 1: Inductor (torch 2.13) fails to generate the C++ for
                 # a reduction over that specialised size-1 dimension, so the rule runs uncompiled
                 adafactor_tensor(param, part_grads[index], *(part_states[index].get(key) for key in _STATE_KEYS),
-                                 **static, **scalars, factored=True)
+                                 **static, **scalars, layout=_layout(param))
             else:
-                ranks.setdefault(param.dim(), []).append(index)
-        for rank, chosen in ranks.items():
+                layouts.setdefault(_layout(param), []).append(index)
+        for layout, chosen in layouts.items():
             columns = [[part_states[i].get(key) for i in chosen] for key in _STATE_KEYS]
             lists = [[part_params[i] for i in chosen], [part_grads[i] for i in chosen],
                      *(None if column[0] is None else column for column in columns)]
-            fused_step(adafactor_tensor, {**static, "factored": rank > 1}, elementwise=False)(lists, scalars)
+            fused_step(adafactor_tensor, {**static, "layout": layout}, elementwise=False)(lists, scalars)
 
 
 class Adafactor(OptimlabOptimizer):

@@ -40,9 +40,11 @@ from optimlab.optim._base import (
     increment_steps,
     prepare_grad,
 )
-from optimlab.optim.adam import _adam_multi_tensor, _adam_single_tensor
+from optimlab.optim._fused import fused_step, resolve_fused
+from optimlab.optim.adam import _adam_fused, _adam_multi_tensor, _adam_single_tensor
 
-__all__ = ["Muon", "MuonWithAdamW", "muon_step", "newton_schulz_orthogonalize", "muon_param_split", "NS_COEFFICIENTS"]
+__all__ = ["Muon", "MuonWithAdamW", "muon_step", "muon_step_fused", "muon_tensor", "newton_schulz_orthogonalize",
+           "muon_param_split", "NS_COEFFICIENTS"]
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
@@ -77,18 +79,52 @@ def _lr_scale(adjust_lr_fn: str | None, shape: torch.Size) -> float:
     return math.sqrt(max(1.0, rows / cols))
 
 
+def muon_tensor(
+    param: Tensor, grad: Tensor, momentum_buffer: Tensor, *,
+    lr: float | Tensor, momentum: float | Tensor, weight_decay: float, nesterov: bool,
+    ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float, adjust_lr_fn: str | None,
+    ns_dtype: torch.dtype, maximize: bool, shape: tuple[int, int],
+) -> None:
+    """The Muon rule (module docstring) for one 2-D parameter of ``shape``, in place.
+
+    What :func:`muon_step` loops over and the fused path compiles (:mod:`optimlab.optim._fused`, where
+    ``lr`` and ``momentum`` arrive as 0-dim tensors and the tensors flattened to 1-D: they are viewed
+    as ``shape`` again, a compile-time constant like ``ns_steps``, since the Newton–Schulz products
+    depend on the matrix shape).
+    """
+    if param.dim() == 1:
+        param, grad, momentum_buffer = (tensor.view(shape) for tensor in (param, grad, momentum_buffer))
+    grad = prepare_grad(param, grad, maximize=maximize, weight_decay=weight_decay, lr=lr, decoupled=True)
+    momentum_buffer.lerp_(grad, 1 - momentum)
+    direction = grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
+    orthogonal = newton_schulz_orthogonalize(direction, ns_steps, ns_coefficients, eps, ns_dtype)
+    param.add_(orthogonal, alpha=-lr * _lr_scale(adjust_lr_fn, param.shape))
+
+
 def muon_step(
     params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor], *,
-    lr: float, weight_decay: float, momentum: float, nesterov: bool, ns_coefficients: tuple[float, float, float],
-    ns_steps: int, eps: float, adjust_lr_fn: str | None, ns_dtype: torch.dtype, maximize: bool,
+    lr: float, momentum: float, **static: Any,
 ) -> None:
-    """Apply the Muon rule (module docstring) to each 2-D parameter, updating ``momentum_buffers`` in place."""
+    """Per-tensor reference path: :func:`muon_tensor` on each 2-D parameter, updating ``momentum_buffers``
+    in place. ``static`` holds the rule's other settings (``weight_decay``, ``nesterov``,
+    ``ns_coefficients``, ``ns_steps``, ``eps``, ``adjust_lr_fn``, ``ns_dtype``, ``maximize``)."""
     for param, grad, buffer in zip(params, grads, momentum_buffers):
-        grad = prepare_grad(param, grad, maximize=maximize, weight_decay=weight_decay, lr=lr, decoupled=True)
-        buffer.lerp_(grad, 1 - momentum)
-        direction = grad.lerp(buffer, momentum) if nesterov else buffer
-        orthogonal = newton_schulz_orthogonalize(direction, ns_steps, ns_coefficients, eps, ns_dtype)
-        param.add_(orthogonal, alpha=-lr * _lr_scale(adjust_lr_fn, param.shape))
+        muon_tensor(param, grad, buffer, lr=lr, momentum=momentum, shape=tuple(param.shape), **static)
+
+
+def muon_step_fused(
+    params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor], *,
+    lr: float, momentum: float, **static: Any,
+) -> None:
+    """Fused path of the same rule: :func:`muon_tensor` compiled by :mod:`optimlab.optim._fused`
+    (``elementwise=False``: Newton–Schulz multiplies whole matrices), one compiled graph per distinct
+    matrix shape, with ``lr`` and ``momentum`` passed as data (a schedule never recompiles)."""
+    shapes: dict[tuple[int, int], list[int]] = {}
+    for index, param in enumerate(params):
+        shapes.setdefault(tuple(param.shape), []).append(index)  # type: ignore[arg-type]
+    for shape, chosen in shapes.items():
+        lists = [[tensors[i] for i in chosen] for tensors in (params, grads, momentum_buffers)]
+        fused_step(muon_tensor, {**static, "shape": shape}, elementwise=False)(lists, {"lr": lr, "momentum": momentum})
 
 
 def _check_muon_args(lr: float | Tensor, weight_decay: float, momentum: float, ns_coefficients: Sequence[float],
@@ -108,8 +144,10 @@ def _check_muon_args(lr: float | Tensor, weight_decay: float, momentum: float, n
         raise ValueError(f"Invalid ns_dtype: {ns_dtype!r} (accepted: a floating torch.dtype)")
 
 
-def _muon_update(group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]) -> None:
-    muon_step(
+def _muon_update(group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
+                 optimizer_name: str) -> None:
+    rule = muon_step_fused if resolve_fused(group["fused"], params, optimizer_name) else muon_step
+    rule(
         params, grads, [state["momentum_buffer"] for state in states], lr=as_float(group["lr"]),
         weight_decay=group["weight_decay"], momentum=group["momentum"], nesterov=group["nesterov"],
         ns_coefficients=group["ns_coefficients"], ns_steps=group["ns_steps"], eps=group["eps"],
@@ -136,6 +174,8 @@ class Muon(OptimlabOptimizer):
         adjust_lr_fn: ``None``/``"original"`` or ``"match_rms_adamw"`` (see module docstring).
         ns_dtype: floating dtype of the iteration.
         maximize: ascend the objective instead.
+        fused: the compiled step (:mod:`optimlab.optim._fused`): momentum, Newton–Schulz and the update
+            of each matrix in one compiled call (one graph per matrix shape); ``None`` (default) means off.
     """
 
     def __init__(
@@ -152,11 +192,12 @@ class Muon(OptimlabOptimizer):
         *,
         ns_dtype: torch.dtype = torch.bfloat16,
         maximize: bool = False,
+        fused: bool | None = None,
     ) -> None:
         _check_muon_args(lr, weight_decay, momentum, ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype)
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
-                        adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, maximize=maximize)
+                        adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, maximize=maximize, fused=fused)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -175,7 +216,7 @@ class Muon(OptimlabOptimizer):
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
-        _muon_update(group, params, grads, states)
+        _muon_update(group, params, grads, states, type(self).__name__)
 
 
 def muon_param_split(
@@ -236,6 +277,9 @@ class MuonWithAdamW(OptimlabOptimizer):
         adamw_eps: :math:`\epsilon` of the AdamW groups (>= 0).
         adamw_weight_decay: decoupled weight decay of the AdamW groups (>= 0).
         maximize: ascend the objective instead.
+        fused: the compiled steps (:mod:`optimlab.optim._fused`) for both kinds of group: Muon's
+            (:func:`muon_step_fused`) and AdamW's (``optimlab.optim.AdamW(fused=True)``'s); ``None``
+            (default) means off. A group may override it.
     """
 
     def __init__(
@@ -256,6 +300,7 @@ class MuonWithAdamW(OptimlabOptimizer):
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float = 0.0,
         maximize: bool = False,
+        fused: bool | None = None,
     ) -> None:
         _check_muon_args(lr, weight_decay, momentum, ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype)
         check_lr(adamw_lr)
@@ -265,7 +310,7 @@ class MuonWithAdamW(OptimlabOptimizer):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
                         ns_dtype=ns_dtype, adamw_lr=adamw_lr, adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps,
-                        adamw_weight_decay=adamw_weight_decay, maximize=maximize)
+                        adamw_weight_decay=adamw_weight_decay, maximize=maximize, fused=fused)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -298,10 +343,13 @@ class MuonWithAdamW(OptimlabOptimizer):
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
         if group["use_muon"]:
-            _muon_update(group, params, grads, states)
+            _muon_update(group, params, grads, states, type(self).__name__)
             return
         beta1, beta2 = group["adamw_betas"]
-        rule = _adam_multi_tensor if self._use_foreach(group, params) else _adam_single_tensor
+        if resolve_fused(group["fused"], params, type(self).__name__):
+            rule = _adam_fused
+        else:
+            rule = _adam_multi_tensor if self._use_foreach(group, params) else _adam_single_tensor
         rule(
             params, grads, [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states], [],
             increment_steps(states), lr=as_float(group["lr"]), beta1=as_float(beta1), beta2=as_float(beta2),
