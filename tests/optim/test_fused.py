@@ -346,3 +346,18 @@ def test_calls_go_through_dynamo_when_the_inputs_cannot_be_read_off(monkeypatch:
             step_fn([params, grads, buffers], {"lr": 1e-2})
     assert step_fn._direct == {}
     assert max_relative_error(params + buffers, expected_params + expected_buffers) <= 1e-12
+
+
+@needs_compiler
+def test_more_graphs_than_dynamos_default_limit_stay_compiled() -> None:
+    """Ten chunk lengths of one rule: ten graphs, beyond Dynamo's default limit of 8 per function."""
+    step_fn = FusedStep(_sgd_tensor, {"weight_decay": 0.0, "momentum": 0.0, "dampening": 0.0, "nesterov": False,
+                                      "maximize": False}, chunk_size=16)
+    with torch.no_grad():
+        for count in range(1, 11):
+            params = [torch.randn(_fused.PACK_NUMEL + k, dtype=torch.float64) for k in range(count)]
+            grads = [torch.randn_like(p) for p in params]
+            expected = [p - 0.5 * g for p, g in zip(params, grads)]
+            step_fn([params, grads, None], {"lr": 0.5})
+            assert max_relative_error(params, expected) <= 1e-15
+    assert len(step_fn._direct) == 10  # every length got its compiled graph (none fell back to eager)

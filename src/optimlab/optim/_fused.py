@@ -61,6 +61,8 @@ DISABLE_ENV = "OPTIMLAB_DISABLE_FUSED"
 """Environment switch: ``OPTIMLAB_DISABLE_FUSED=1`` turns every fused path into the foreach path."""
 
 DEFAULT_CHUNK_SIZE = 8
+RECOMPILE_LIMIT = 64
+"""Graphs Dynamo may keep per rule: one per dtype, columns present and chunk length (Dynamo's default is 8)."""
 PACK_NUMEL = 1 << 14
 """Tensors of at most this many values are packed into one call by elementwise rules (see :class:`_PackCache`)."""
 
@@ -220,7 +222,10 @@ class FusedStep:
                 return
         self._compiling = key
         try:
-            self._compiled(self.update, columns, scalar_tensors, self.static)
+            config = torch._dynamo.config
+            limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+            with config.patch(**{limit: RECOMPILE_LIMIT}):
+                self._compiled(self.update, columns, scalar_tensors, self.static)
         finally:
             self._compiling = None
 
@@ -250,13 +255,15 @@ class FusedStep:
             for (device, _dtype), (lists, _indices) in grouped.items():
                 scalar_tensors = {name: torch.as_tensor(value, dtype=torch.float64, device=device).reshape(())
                                   for name, value in scalars.items()}
-                self._apply_group(present, len(tensor_lists), lists, scalar_tensors)
+                self._apply_group(present, len(tensor_lists), lists, scalars, scalar_tensors)
         if self.compiles != compiles_before:
             self.compile_seconds += time.perf_counter() - start
 
     def _apply_group(self, present: list[int], arity: int, lists: Sequence[Sequence[Tensor]],
-                     scalar_tensors: dict[str, Tensor]) -> None:
-        """One device and dtype: small tensors packed (elementwise rules), the rest in compiled chunks."""
+                     scalars: Mapping[str, float | Tensor], scalar_tensors: dict[str, Tensor]) -> None:
+        """One device and dtype: small tensors packed (elementwise rules), the rest in compiled chunks;
+        a tensor left uncompiled gets the scalars as given (a 0-dim float64 tensor would make torch
+        compute a 0-dim float32 tensor's update in float64)."""
         columns: list[list[Tensor] | None] = [None] * arity
         if self.elementwise:
             small = [index for index, tensor in enumerate(lists[0]) if tensor.numel() <= PACK_NUMEL]
@@ -279,7 +286,7 @@ class FusedStep:
             else:
                 for position, tensor in zip(present, tensors):
                     columns[position] = [tensor]
-                _apply_chunk(self.update, tuple(columns), scalar_tensors, self.static)
+                _apply_chunk(self.update, tuple(columns), dict(scalars), self.static)
         for begin in range(0, len(flat_chunk), self.chunk_size):
             for position, column in zip(present, zip(*flat_chunk[begin:begin + self.chunk_size])):
                 columns[position] = list(column)
