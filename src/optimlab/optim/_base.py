@@ -146,11 +146,9 @@ def zeros_state(param: Tensor) -> Tensor:
 def increment_steps(states: Sequence[dict[str, Any]]) -> list[float]:
     """Add one to each state's ``step`` counter (a 0-dim tensor, as in torch.optim) and return the
     new counts as floats, :math:`t \\leftarrow t + 1`, which the update rules use for bias corrections."""
-    steps = []
-    for state in states:
-        state["step"] += 1
-        steps.append(float(state["step"]))
-    return steps
+    counters = [state["step"] for state in states]
+    torch._foreach_add_(counters, 1)
+    return [counter.item() for counter in counters]
 
 
 def real_views(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:

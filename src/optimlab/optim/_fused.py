@@ -329,6 +329,7 @@ class _Layout:
         self.flats = [torch.empty(sum(sizes), dtype=dtype, device=device) for _ in range(arguments)]
         self.views = [[part.view(shape) for part, shape in zip(flat.split(sizes), shapes)] for flat in self.flats]
         self.pointers = [[view.data_ptr() for view in views] for views in self.views]
+        self.inputs: _Layout | None = None  # for adopted state: the parameters' and gradients' buffers
 
 
 class _PackCache:
@@ -347,9 +348,9 @@ class _PackCache:
       no copy at all. A state tensor that was replaced (``load_state_dict``) or that is a view (the
       real view of a complex tensor) is recognised by its address and copied in and out instead.
 
-    Buffers of adopted state are found by the address of their first tensor, so two optimizers over
-    the same shapes never share state buffers; scratch buffers (parameters, gradients, state that is
-    copied) are shared by shape and kept for the last few shape lists.
+    Adopted buffers are found by the address of their first tensor, so two optimizers over the same
+    shapes never share state; they carry their own buffers for the parameters and gradients. Scratch
+    buffers for state that cannot be adopted are shared by shape and kept for the last few shape lists.
     """
 
     def __init__(self, capacity: int = 4) -> None:
@@ -357,20 +358,20 @@ class _PackCache:
         self._scratch: dict[tuple[Any, ...], _Layout] = {}
         self._adopted: dict[int, _Layout] = {}
 
-    def _scratch_layout(self, columns: Sequence[Sequence[Tensor]]) -> _Layout:
+    def _scratch_layout(self, columns: Sequence[Sequence[Tensor]], shapes: list[torch.Size]) -> _Layout:
         first = columns[0][0]
-        key = (len(columns), first.dtype, first.device, tuple(t.shape for t in columns[0]))
+        key = (len(columns), first.dtype, first.device, tuple(shapes))
         layout = self._scratch.get(key)
         if layout is None:
             if len(self._scratch) >= self.capacity:
                 self._scratch.pop(next(iter(self._scratch)))
-            layout = self._scratch[key] = _Layout(key[3], len(columns), first.dtype, first.device)
+            layout = self._scratch[key] = _Layout(shapes, len(columns), first.dtype, first.device)
         return layout
 
-    def _adopted_layout(self, state: Sequence[Sequence[Tensor]], shapes: list[torch.Size]) -> _Layout | None:
+    def _adopted_layout(self, state: Sequence[Sequence[Tensor]]) -> _Layout | None:
         """The buffers that already hold ``state`` (every tensor at its expected address), or None."""
         layout = self._adopted.get(state[0][0].data_ptr())
-        if layout is None or layout.shapes != shapes:
+        if layout is None or len(layout.pointers) != len(state) or len(layout.shapes) != len(state[0]):
             return None
         for column, pointers in zip(state, layout.pointers):
             if [t.data_ptr() for t in column] != pointers:
@@ -384,31 +385,34 @@ class _PackCache:
             return None
         first = state[0][0]
         layout = _Layout(shapes, len(state), first.dtype, first.device)
+        layout.inputs = _Layout(shapes, 2, first.dtype, first.device)
         for column, views in zip(state, layout.views):
             torch._foreach_copy_(views, list(column))
             for tensor, view in zip(column, views):
                 tensor.set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
-        stale = [ptr for ptr, old in self._adopted.items() if old.shapes == shapes]
-        for ptr in stale[: max(len(self._adopted) - self.capacity + 1, 0)]:
-            del self._adopted[ptr]  # the tensors that used them keep their storage alive
+        if len(self._adopted) >= self.capacity:
+            del self._adopted[next(iter(self._adopted))]  # the tensors that used it keep its storage alive
         self._adopted[layout.flats[0].data_ptr()] = layout
         return layout
 
     def run(self, columns: Sequence[Sequence[Tensor]], call: Callable[[list[Tensor]], None]) -> None:
         """``call`` the rule once on flat buffers holding ``columns`` (parameter, gradient, state...)."""
-        shapes = [t.shape for t in columns[0]]
         state = columns[2:]
-        adopted = None
-        if state:
-            adopted = self._adopted_layout(state, shapes) or self._adopt(state, shapes)
-        copied = 2 if adopted is not None else len(columns)
-        scratch = self._scratch_layout(columns[:copied])
-        for views, column in zip(scratch.views, columns[:copied]):
+        adopted = self._adopted_layout(state) if state else None
+        if adopted is None:
+            shapes = [t.shape for t in columns[0]]
+            adopted = self._adopt(state, shapes) if state else None
+        if adopted is not None:
+            copied, inputs = 2, adopted.inputs
+        else:
+            copied, inputs = len(columns), self._scratch_layout(columns, shapes)
+        assert inputs is not None
+        for views, column in zip(inputs.views, columns[:copied]):
             torch._foreach_copy_(views, list(column))
-        call(scratch.flats + (adopted.flats if adopted is not None else []))
+        call(inputs.flats + (adopted.flats if adopted is not None else []))
         for k in range(copied):
             if k != 1:  # the gradient is read, never written
-                torch._foreach_copy_(list(columns[k]), scratch.views[k])
+                torch._foreach_copy_(list(columns[k]), inputs.views[k])
 
 
 _STEPS: dict[tuple[Any, ...], FusedStep] = {}
