@@ -42,7 +42,14 @@ from optimlab.optim._base import (
     reject_unsupported,
 )
 from optimlab.optim._fused import fused_step, resolve_fused, split_by_value
-from optimlab.optim.lowp_state import init_moment, load_moments, resolve_state_dtype, restore_state_dtypes, store_moments
+from optimlab.optim.lowp_state import (
+    fused_lowp_step,
+    init_moment,
+    load_moments,
+    resolve_state_dtype,
+    restore_state_dtypes,
+    store_moments,
+)
 
 __all__ = ["Adam", "AdamW"]
 
@@ -147,6 +154,18 @@ def _adam_multi_tensor(
         torch._foreach_addcdiv_(device_params, device_exp_avgs, denoms, step_sizes)
 
 
+def _adam_static(weight_decay: float, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool) -> dict[str, Any]:
+    # the compile-time constants of the fused rule (the rule branches on them)
+    return {"weight_decay": weight_decay, "amsgrad": amsgrad, "maximize": maximize,
+            "decoupled_weight_decay": decoupled_weight_decay}
+
+
+def _adam_scalars(lr: float, beta1: float, beta2: float, eps: float, step: float) -> dict[str, float]:
+    # the data arguments of the fused rule at step count `step` (the bias corrections depend on it)
+    return {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps,
+            "bias_correction1": 1 - beta1**step, "bias_correction2_sqrt": (1 - beta2**step) ** 0.5}
+
+
 def _adam_fused(
     params: list[Tensor],
     grads: list[Tensor],
@@ -167,12 +186,9 @@ def _adam_fused(
     """Fused path of the same rule: :func:`_adam_tensor` compiled by :mod:`optimlab.optim._fused`, the
     step-dependent bias corrections computed once per distinct step count and passed as 0-dim tensors."""
     tensor_lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    static = {"weight_decay": weight_decay, "amsgrad": amsgrad, "maximize": maximize,
-              "decoupled_weight_decay": decoupled_weight_decay}
+    static = _adam_static(weight_decay, amsgrad, maximize, decoupled_weight_decay)
     for step, lists in split_by_value(tensor_lists, steps):
-        fused_step(_adam_tensor, static)(lists, {
-            "lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps,
-            "bias_correction1": 1 - beta1**step, "bias_correction2_sqrt": (1 - beta2**step) ** 0.5})
+        fused_step(_adam_tensor, static)(lists, _adam_scalars(lr, beta1, beta2, eps, step))
 
 
 class Adam(OptimlabOptimizer):
@@ -199,6 +215,9 @@ class Adam(OptimlabOptimizer):
         foreach: multi-tensor path (default: yes on CPU/CUDA).
         maximize: ascend the objective. Default False.
         fused: the compiled fused step (:mod:`optimlab.optim._fused`); ``None`` (default) means off.
+            With a bf16 / int8 ``state_dtype``, decoding the moments, the rule and their
+            stochastically rounded store are one compiled step
+            (:func:`optimlab.optim.lowp_state.fused_lowp_step`).
         capturable, differentiable: not supported (``NotImplementedError`` when true).
         decoupled_weight_decay: AdamW-style decay. Default False.
         state_dtype: optimlab extension (keyword-only, after torch's arguments): storage of the
@@ -281,11 +300,22 @@ class Adam(OptimlabOptimizer):
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
         beta1, beta2 = group["betas"]
-        if resolve_fused(group["fused"], params, type(self).__name__):
+        moments = _MOMENTS if group["amsgrad"] else _MOMENTS[:2]
+        fused = resolve_fused(group["fused"], params, type(self).__name__)
+        if fused and group["state_dtype"] is not None:
+            # low-precision moments: decode, rule and stochastic-rounding store in one compiled pass
+            lr, beta1, beta2, eps = as_float(group["lr"]), as_float(beta1), as_float(beta2), group["eps"]
+            fused_lowp_step(
+                _adam_tensor,
+                _adam_static(group["weight_decay"], group["amsgrad"], group["maximize"],
+                             group["decoupled_weight_decay"]),
+                moments, group["state_dtype"], params, grads, states, increment_steps(states),
+                lambda step: _adam_scalars(lr, beta1, beta2, eps, step))
+            return
+        if fused:
             rule = _adam_fused
         else:
             rule = _adam_multi_tensor if self._use_foreach(group, params) else _adam_single_tensor
-        moments = _MOMENTS if group["amsgrad"] else _MOMENTS[:2]
         buffers = {key: load_moments(states, key, params, signed=signed) for key, signed in moments}
         steps = increment_steps(states)
         rule(

@@ -34,6 +34,7 @@ from optimlab.optim._base import (
 )
 from optimlab.optim._fused import fused_step, resolve_fused
 from optimlab.optim.lowp_state import (
+    fused_lowp_step,
     init_moment,
     load_moments,
     resolve_state_dtype,
@@ -102,6 +103,8 @@ class Lion(OptimlabOptimizer):
         maximize: ascend the objective instead.
         foreach: use the multi-tensor path (default: when the tensors are on CPU/CUDA).
         fused: the compiled fused step (:mod:`optimlab.optim._fused`); ``None`` (default) means off.
+            With a bf16 / int8 ``state_dtype``, decoding the momentum, the rule and its stochastically
+            rounded store are one compiled step (:func:`optimlab.optim.lowp_state.fused_lowp_step`).
         state_dtype: storage of the momentum: ``None`` (the parameter's dtype), ``"bfloat16"`` or
             ``"int8"`` (block-wise quantised, :mod:`optimlab.optim.lowp_state`). Updates are computed
             in the parameter's dtype either way; the stored moment is rounded stochastically, which
@@ -148,10 +151,18 @@ class Lion(OptimlabOptimizer):
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
+        beta1, beta2 = group["betas"]
+        fused = resolve_fused(group["fused"], params, type(self).__name__)
+        if fused and group["state_dtype"] is not None:
+            # low-precision momentum: decode, rule and stochastic-rounding store in one compiled pass
+            arguments = {"lr": as_float(group["lr"]), "beta1": as_float(beta1), "beta2": as_float(beta2)}
+            fused_lowp_step(lion_tensor, {"weight_decay": group["weight_decay"], "maximize": group["maximize"]},
+                            [("exp_avg", True)], group["state_dtype"], params, grads, states,
+                            increment_steps(states), lambda step: arguments)
+            return
         exp_avgs = load_moments(states, "exp_avg", params, signed=True)
         steps = increment_steps(states) if group["state_dtype"] is not None else [0.0] * len(states)
-        beta1, beta2 = group["betas"]
-        if resolve_fused(group["fused"], params, type(self).__name__):
+        if fused:
             rule = lion_step_fused
         else:
             rule = lion_step_foreach if self._use_foreach(group, params) else lion_step

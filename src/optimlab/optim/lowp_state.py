@@ -37,14 +37,23 @@ about 8 % above, and int8 AdamW about 5 % below, the final loss of float32 state
 rounding both are within 1 % (``docs/modern_optimizers.md``). The random numbers are a hash of
 (step, element index, moment name), so runs are deterministic and every path (per-tensor, foreach,
 param groups, a resumed checkpoint) rounds identically.
+
+The fused path (``fused=True`` with a low-precision ``state_dtype``, :func:`fused_lowp_step`) does not
+decode into working copies and store them back as separate passes over memory: the optimizer's
+per-tensor rule is wrapped (:func:`lowp_rule`) between the decode and the stochastic-rounding store,
+and ``torch.compile`` turns the whole wrapper into one kernel per tensor, the hash computed in the
+kernel from the element index and a per-step start passed as data. It writes the same numbers as the
+eager path, except where the compiled rule rounds an fp32 intermediate differently (one stored step,
+on a small fraction of the values; ``tests/optim/test_lowp_fused.py`` bounds both).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -63,6 +72,8 @@ __all__ = [
     "load_moments",
     "store_moments",
     "restore_state_dtypes",
+    "lowp_rule",
+    "fused_lowp_step",
 ]
 
 BLOCK_SIZE = 256
@@ -155,10 +166,24 @@ def _code_buckets_cpu(signed: bool) -> tuple[Tensor, Tensor, int]:
     return base, padded, max_width
 
 
+_TABLES: dict[tuple[bool, torch.device], tuple[Tensor, Tensor, Tensor, int]] = {}
+
+
+def _code_tables(signed: bool, device: torch.device | str) -> tuple[Tensor, Tensor, Tensor, int]:
+    """``(code, base, padded, width)`` on ``device``: :func:`dynamic_code` and the tables of
+    :func:`_code_buckets_cpu`, copied to a device once. A plain dict lookup, so that a compiled step
+    (whose tables were made before tracing) reads them as inputs instead of rebuilding them."""
+    key = (bool(signed), torch.device(device))
+    tables = _TABLES.get(key)
+    if tables is None:
+        base, padded, width = _code_buckets_cpu(bool(signed))
+        tables = _TABLES[key] = (dynamic_code(signed, device), base.to(device), padded.to(device), width)
+    return tables
+
+
 def _searchsorted_code(normalized: Tensor, signed: bool) -> Tensor:
     """``torch.searchsorted(dynamic_code(signed), normalized)`` (as int32, 1-D), bit-exact for finite float32 input."""
-    base_cpu, padded_cpu, width = _code_buckets_cpu(signed)
-    base, padded = base_cpu.to(normalized.device), padded_cpu.to(normalized.device)
+    _code, base, padded, width = _code_tables(signed, normalized.device)
     flat = normalized.reshape(-1)
     key = flat.view(torch.int32) >> 16
     index = base.index_select(0, key.bitwise_and_(0xFFFF))
@@ -170,13 +195,13 @@ def _searchsorted_code(normalized: Tensor, signed: bool) -> Tensor:
 
 def _quantize_flat(flat: Tensor, signed: bool, block_size: int, uniform: Tensor | None) -> tuple[Tensor, Tensor]:
     # flat: 1-D float32; uniform: None (round to nearest) or 1-D float32 numbers in [0, 1), one per value
+    # (no branch on the sizes: a compiled step keeps one graph whether or not numel fills the last block)
     numel = flat.numel()
     n_blocks = -(-numel // block_size)
-    padding = n_blocks * block_size - numel
-    padded = (torch.nn.functional.pad(flat, (0, padding)) if padding else flat).view(n_blocks, block_size)
+    padded = torch.nn.functional.pad(flat, (0, n_blocks * block_size - numel)).view(n_blocks, block_size)
     absmax = padded.abs().amax(dim=1)
     normalized = padded / absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)
-    code = dynamic_code(signed, flat.device)
+    code = _code_tables(signed, flat.device)[0]
     if uniform is None:
         index = torch.bucketize(normalized, (code[1:] + code[:-1]) / 2)
     else:
@@ -220,21 +245,31 @@ def _mix32(x: int) -> int:
     return x ^ (x >> 15)
 
 
-def _hash_bits(begin: int, end: int, seed: int, device: torch.device | str) -> Tensor:
-    """``_mix32((i + _mix32(seed)) mod 2**32)`` for ``begin <= i < end``, as int32 holding the 32 hash bits.
-
-    int32 arithmetic wraps modulo 2**32, so products and sums equal the unsigned hash's bits; the
-    logical right shift is an arithmetic shift with the sign copies masked off. In place: two buffers.
-    """
+def _hash_start(seed: int, begin: int) -> int:
+    """``(_mix32(seed) + begin) mod 2**32`` as a signed int32 value: where element ``begin``'s hash input starts."""
     start = (_mix32(seed & _MASK32) + begin) & _MASK32
-    hashed = torch.arange(end - begin, dtype=torch.int32, device=device)
-    hashed += start - (1 << 32) if start >= 1 << 31 else start
-    shifted = torch.empty_like(hashed)
+    return start - (1 << 32) if start >= 1 << 31 else start
+
+
+def _hash_from(start: int | Tensor, count: int, device: torch.device | str) -> Tensor:
+    """``_mix32((start + i) mod 2**32)`` for ``0 <= i < count``, as int32 holding the 32 hash bits.
+
+    ``start`` is a signed int32 value (:func:`_hash_start`), a Python int or a 0-dim tensor (the
+    compiled step passes it as data, so a new step is no recompile). int32 arithmetic wraps modulo
+    2**32, so products and sums equal the unsigned hash's bits; the logical right shift is an
+    arithmetic shift with the sign copies masked off. In place, and traceable by ``torch.compile``.
+    """
+    hashed = torch.arange(count, dtype=torch.int32, device=device)
+    hashed += start.to(torch.int32) if isinstance(start, Tensor) else start
     for multiplier in _HASH_MULTIPLIERS:
-        torch.bitwise_right_shift(hashed, 16, out=shifted).bitwise_and_(0xFFFF)
-        hashed.bitwise_xor_(shifted).mul_(multiplier)
-    torch.bitwise_right_shift(hashed, 15, out=shifted).bitwise_and_(0x1FFFF)
-    return hashed.bitwise_xor_(shifted)
+        hashed.bitwise_xor_(hashed.bitwise_right_shift(16).bitwise_and_(0xFFFF))
+        hashed.mul_(multiplier)
+    return hashed.bitwise_xor_(hashed.bitwise_right_shift(15).bitwise_and_(0x1FFFF))
+
+
+def _hash_bits(begin: int, end: int, seed: int, device: torch.device | str) -> Tensor:
+    """``_mix32((i + _mix32(seed)) mod 2**32)`` for ``begin <= i < end``, as int32 holding the 32 hash bits."""
+    return _hash_from(_hash_start(seed, begin), end - begin, device)
 
 
 def _bits_to_uniform(bits: Tensor) -> Tensor:
@@ -257,7 +292,7 @@ def dequantize_blockwise(
     codes: Tensor, absmax: Tensor, signed: bool, dtype: torch.dtype = torch.float32, block_size: int = BLOCK_SIZE
 ) -> Tensor:
     r""":math:`\hat x_i = a_b\, Q_{\mathrm{code}_i}`: the inverse of :func:`quantize_blockwise`, in ``dtype``."""
-    code = dynamic_code(signed, codes.device)
+    code = _code_tables(signed, codes.device)[0]
     numel = codes.numel()
     n_blocks = absmax.numel()
     if not (n_blocks - 1) * block_size < numel <= n_blocks * block_size:
@@ -265,8 +300,8 @@ def dequantize_blockwise(
             f"Invalid absmax: {n_blocks} blocks of {block_size} do not match {numel} codes"
         )
     index = codes.reshape(-1).to(torch.int32).add_(_code_offset(signed))
-    if n_blocks * block_size != numel:
-        index = torch.nn.functional.pad(index, (0, n_blocks * block_size - numel), value=_code_offset(signed))
+    # padded up to whole blocks without a branch on the sizes (one compiled graph for any numel)
+    index = torch.nn.functional.pad(index, (0, n_blocks * block_size - numel), value=_code_offset(signed))
     decoded = code.index_select(0, index).view(n_blocks, block_size).mul_(absmax.to(torch.float32).unsqueeze(1))
     return decoded.reshape(-1)[:numel].view(codes.shape).to(dtype)
 
@@ -321,6 +356,20 @@ def load_moments(states: Sequence[dict[str, Any]], key: str, params: Sequence[Te
     return loaded
 
 
+def _rounded_bfloat16(flat: Tensor, start: int | Tensor) -> Tensor:
+    """1-D ``flat`` rounded stochastically to bf16 with the noise of hash inputs ``start + i`` (the 16
+    high hash bits are ``floor(uniform * 2**16)`` of :func:`uniform_dither`)."""
+    noise = _hash_from(start, flat.numel(), flat.device).bitwise_right_shift_(16).bitwise_and_(0xFFFF)
+    return _round_to_bfloat16_bits(flat, noise)
+
+
+def _rounded_int8(flat: Tensor, start: int | Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """1-D ``flat`` (whole blocks from its first element) quantised with stochastic rounding, the
+    dither from hash inputs ``start + i``: ``(codes, absmax)``."""
+    uniform = _bits_to_uniform(_hash_from(start, flat.numel(), flat.device))
+    return _quantize_flat(flat.to(torch.float32), signed, BLOCK_SIZE, uniform)
+
+
 def store_moments(
     states: Sequence[dict[str, Any]], key: str, values: Sequence[Tensor], *, signed: bool, steps: Sequence[float]
 ) -> None:
@@ -340,17 +389,147 @@ def store_moments(
             codes = torch.empty(numel, dtype=torch.int8, device=value.device)
             absmax = torch.empty(-(-numel // BLOCK_SIZE), dtype=torch.float32, device=value.device)
             for begin, end in chunks:
-                uniform = _bits_to_uniform(_hash_bits(begin, end, seed, value.device))
-                codes[begin:end], absmax[begin // BLOCK_SIZE:-(-end // BLOCK_SIZE)] = _quantize_flat(
-                    flat[begin:end].to(torch.float32), signed, BLOCK_SIZE, uniform)
+                codes[begin:end], absmax[begin // BLOCK_SIZE:-(-end // BLOCK_SIZE)] = _rounded_int8(
+                    flat[begin:end], _hash_start(seed, begin), signed)
             state[key], state[key + _ABSMAX_SUFFIX] = codes.view(value.shape), absmax
         else:
             rounded = torch.empty(numel, dtype=torch.bfloat16, device=value.device)
             for begin, end in chunks:
-                # floor(uniform * 2**16) of uniform_dither is the 16 high hash bits
-                noise = _hash_bits(begin, end, seed, value.device).bitwise_right_shift_(16).bitwise_and_(0xFFFF)
-                rounded[begin:end] = _round_to_bfloat16_bits(flat[begin:end], noise)
+                rounded[begin:end] = _rounded_bfloat16(flat[begin:end], _hash_start(seed, begin))
             stored.copy_(rounded.view(value.shape))
+
+
+def _start_name(key: str) -> str:
+    # the scalar argument of a compiled low-precision step that carries moment `key`'s hash start
+    return f"hash_start_{key}"
+
+
+@functools.lru_cache(maxsize=None)
+def lowp_rule(rule: Callable[..., None], moments: tuple[tuple[str, bool], ...], storage: str) -> Callable[..., None]:
+    r"""``rule`` (a per-tensor update such as ``_adam_tensor``) wrapped to act on low-precision moments.
+
+    The wrapper ``update(param, grad, *stored, hash_start_<key>=..., **arguments)`` takes each moment
+    of ``moments`` (``(key, signed)`` pairs, in ``rule``'s argument order) as it is stored: one bf16
+    tensor, or for ``storage="int8"`` the codes and the block scales. It decodes them into working
+    tensors of ``param``'s dtype (:func:`load_moments`), applies ``rule`` unchanged, and writes them
+    back with the stochastic rounding of :func:`store_moments`: the dither of element :math:`i` is
+    :math:`\mathrm{mix}_{32}(s + i)` with :math:`s = \mathrm{mix}_{32}(\mathrm{seed})` given as
+    ``hash_start_<key>`` (:func:`_hash_start`). Every operation is traceable, so
+    :func:`optimlab.optim._fused.fused_step` compiles the whole thing into one pass over memory
+    (load, rule, hash, round, store), where the eager path makes one pass per operation. Results
+    equal the eager path's bit for bit, except where the compiled rule's float rounding differs in
+    the last place (fused multiply-add) and moves a value across a rounding threshold. Cached: one
+    wrapper (one compiled step) per ``(rule, moments, storage)``.
+    """
+    if storage not in ("bfloat16", "int8"):
+        raise ValueError(f"Invalid storage: {storage!r} (accepted: 'bfloat16', 'int8')")
+    per_moment = 2 if storage == "int8" else 1
+
+    def update(param: Tensor, grad: Tensor, *stored: Tensor, **arguments: Any) -> None:
+        parts = [stored[i * per_moment:(i + 1) * per_moment] for i in range(len(moments))]
+        starts = [arguments.pop(_start_name(key)) for key, _ in moments]
+        if storage == "int8":
+            working = [dequantize_blockwise(codes, absmax, signed, param.dtype)
+                       for (codes, absmax), (_, signed) in zip(parts, moments)]
+        else:
+            working = [bf16.to(param.dtype) for (bf16,) in parts]
+        rule(param, grad, *working, **arguments)
+        for part, value, start, (_, signed) in zip(parts, working, starts, moments):
+            flat = value.reshape(-1)
+            if storage == "int8":
+                codes, absmax = _rounded_int8(flat, start, signed)
+                part[0].copy_(codes.view(part[0].shape))
+                part[1].copy_(absmax)
+            else:
+                part[0].copy_(_rounded_bfloat16(flat, start).view(part[0].shape))
+
+    update.__qualname__ = update.__name__ = f"{getattr(rule, '__qualname__', 'rule')}_{storage}_state"
+    return update
+
+
+_COMPILED_DTYPES = (torch.float32, torch.float64)
+# One tensor per compiled call: the graph of a low-precision step is large (decode, rule, block
+# reductions and table lookups per moment) and Inductor's compile time grows with the tensors per call:
+# measured on 2 loaded cores, int8 AdamW compiled in ~70 s for one tensor per call and ~690 s for 8.
+_CHUNK_SIZE = 1
+
+
+def _compiled_step(update: Callable[..., None], static: Mapping[str, Hashable]) -> Any:
+    """The process-wide compiled step of a :func:`lowp_rule` wrapper with these constants.
+
+    A :class:`optimlab.optim._fused.FusedStep` (same compilation, compile counting and cache
+    folder), applied by :func:`fused_lowp_step` rather than by ``FusedStep.__call__``, whose grouping
+    (``torch``'s foreach grouping) requires every column to share the parameter's dtype, which int8
+    codes and float32 block scales do not. Registered with the fused steps, so
+    :func:`optimlab.optim._fused.compile_stats` counts its compiles.
+    """
+    from optimlab.optim import _fused
+
+    key = ("stored_state", update, tuple(sorted(static.items())), _CHUNK_SIZE)
+    if key not in _fused._STEPS:
+        _fused._STEPS[key] = _fused.FusedStep(update, static, _CHUNK_SIZE)
+    return _fused._STEPS[key]
+
+
+def fused_lowp_step(
+    rule: Callable[..., None],
+    static: Mapping[str, Hashable],
+    moments: Sequence[tuple[str, bool]],
+    storage: str,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    states: Sequence[dict[str, Any]],
+    steps: Sequence[float],
+    scalars: Callable[[float], Mapping[str, float]],
+) -> None:
+    """One fused step of ``rule`` on moments stored as ``storage`` (``"bfloat16"`` or ``"int8"``).
+
+    Every (param, grad, stored moments) goes to :func:`lowp_rule`'s wrapper, compiled with
+    ``torch.compile`` (:mod:`optimlab.optim._fused`: symbolic sizes, tensors flattened to 1-D, chunks
+    of ``chunk_size`` tensors per call) with the constants ``static``; ``scalars(step)`` gives the
+    rule's step-dependent float arguments, passed as 0-dim float64 tensors together with each
+    moment's hash start, so neither a schedule nor a new step recompiles. Tensors are split by step
+    count (a parameter that skipped steps), then by device and dtype. Tensors that the compiled
+    kernel would not reproduce exactly take the same wrapper uncompiled: dtypes other than
+    float32/float64 (the compiler skips their eager rounding after every operation), non-contiguous
+    ones, single values and, for int8, single blocks (a one-element scale would specialise the
+    graph). ``steps`` are the already incremented step counts.
+    """
+    import torch.fx.experimental._config as fx_config
+
+    from optimlab.optim._fused import _ensure_cache_dir, split_by_value
+
+    update = lowp_rule(rule, tuple(moments), storage)
+    step_fn = _compiled_step(update, static)
+    suffixes = ("", _ABSMAX_SUFFIX) if storage == "int8" else ("",)
+    tensor_lists = [list(params), list(grads)] + [
+        [state[key + suffix] for state in states] for key, _ in moments for suffix in suffixes]
+    smallest = BLOCK_SIZE + 1 if storage == "int8" else 2
+    _ensure_cache_dir()
+    compiles_before, start = step_fn.compiles, time.perf_counter()
+    for step, lists in split_by_value(tensor_lists, steps):
+        arguments = dict(scalars(step))
+        arguments.update({_start_name(key): _hash_start(dither_seed(int(step), key), 0) for key, _ in moments})
+        chunks: dict[tuple[torch.device, torch.dtype], list[tuple[Tensor, ...]]] = {}
+        for tensors in zip(*lists):
+            param = tensors[0]
+            if (param.dtype in _COMPILED_DTYPES and param.numel() >= smallest
+                    and all(t.is_contiguous() for t in tensors)):
+                chunks.setdefault((param.device, param.dtype), []).append(tuple(t.view(-1) for t in tensors))
+            else:
+                update(*tensors, **arguments, **static)
+        for (device, _dtype), flat in chunks.items():
+            if storage == "int8":  # made before tracing: the compiled step reads them as inputs
+                for signed in (True, False):
+                    _code_tables(signed, device)
+            data = {name: torch.as_tensor(value, dtype=torch.float64, device=device).reshape(())
+                    for name, value in arguments.items()}
+            with fx_config.patch(use_duck_shape=False):
+                for begin in range(0, len(flat), step_fn.chunk_size):
+                    step_fn._compiled(update, tuple(map(list, zip(*flat[begin:begin + step_fn.chunk_size]))),
+                                      data, step_fn.static)
+    if step_fn.compiles != compiles_before:
+        step_fn.compile_seconds += time.perf_counter() - start
 
 
 def restore_state_dtypes(optimizer: torch.optim.Optimizer, keys: Sequence[str]) -> None:
