@@ -195,7 +195,7 @@ def adafactor_step_fused(
             columns = [[part_states[i].get(key) for i in chosen] for key in _STATE_KEYS]
             lists = [[part_params[i] for i in chosen], [part_grads[i] for i in chosen],
                      *(None if column[0] is None else column for column in columns)]
-            fused_step(adafactor_tensor, {**static, "layout": layout}, elementwise=False)(lists, scalars)
+            fused_step(adafactor_tensor, {**static, "layout": layout}, 1, elementwise=False)(lists, scalars)
 
 
 class Adafactor(OptimlabOptimizer):
