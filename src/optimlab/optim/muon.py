@@ -118,7 +118,9 @@ def muon_step_fused(
 ) -> None:
     """Fused path of the same rule: :func:`muon_tensor` compiled by :mod:`optimlab.optim._fused`
     (``elementwise=False``: Newton–Schulz multiplies whole matrices), one compiled graph per distinct
-    matrix shape, with ``lr`` and ``momentum`` passed as data (a schedule never recompiles)."""
+    matrix shape taking one matrix per call (the step is bound by the matrix products, so batching calls
+    saves nothing and would only multiply the graph's size), with ``lr`` and ``momentum`` passed as data
+    (a schedule never recompiles)."""
     shapes: dict[tuple[int, int], list[int]] = {}
     for index, param in enumerate(params):
         shapes.setdefault(tuple(param.shape), []).append(index)  # type: ignore[arg-type]
