@@ -71,6 +71,7 @@ class Algorithm:
     impls: list[Impl] = field(default_factory=list)
     elementwise: bool = True
     target: str = "3x"  # "torch-fused" (>= 1.0x torch's fused step) or "3x" (>= 3x the best other implementation)
+    sizes: tuple[str, ...] | None = None  # run only at these sizes (None: every size of the plan)
 
 
 def _accepts(name: str, argument: str) -> bool:
@@ -146,14 +147,24 @@ def algorithms(include_compiled: bool = True) -> dict[str, Algorithm]:
                                                   lambda ps: torch.optim.Adafactor(ps, lr=1e-2, foreach=False)),
                                              _peer("pytorch-optimizer AdaFactor", "pytorch_optimizer", "AdaFactor",
                                                    lr=1e-2)], elementwise=False),
-        "nadam": Algorithm("nadam", [*_optimlab("nadam", True), *_optimlab("nadam", False), *_torch("NAdam", lr=2e-3)]),
-        "radam": Algorithm("radam", [*_optimlab("radam", True), *_optimlab("radam", False), *_torch("RAdam", lr=1e-3)]),
+        "nadam": Algorithm("nadam", [*_optimlab("nadam", True), *_optimlab("nadam", False), *_torch("NAdam", lr=2e-3),
+                                     _peer("pytorch-optimizer NAdam", "pytorch_optimizer", "NAdam", lr=2e-3)]),
+        "radam": Algorithm("radam", [*_optimlab("radam", True), *_optimlab("radam", False), *_torch("RAdam", lr=1e-3),
+                                     _peer("pytorch-optimizer RAdam", "pytorch_optimizer", "RAdam", lr=1e-3)]),
         "adagrad": Algorithm("adagrad", [*_optimlab("adagrad", True), *_optimlab("adagrad", False),
                                          *_torch("Adagrad", lr=1e-2)]),
         "rmsprop": Algorithm("rmsprop", [*_optimlab("rmsprop", True), *_optimlab("rmsprop", False),
                                          *_torch("RMSprop", lr=1e-3)]),
         "adamax": Algorithm("adamax", [*_optimlab("adamax", True), *_optimlab("adamax", False),
-                                       *_torch("Adamax", lr=2e-3)]),
+                                       *_torch("Adamax", lr=2e-3),
+                                       _peer("pytorch-optimizer AdaMax", "pytorch_optimizer", "AdaMax", lr=2e-3)]),
+        "lars": Algorithm("lars", [*_optimlab("lars", True), *_optimlab("lars", False),
+                                   _peer("pytorch-optimizer LARS", "pytorch_optimizer", "LARS", lr=1e-2)],
+                          elementwise=False),
+        # Newton-Schulz orthogonalisation is matmul-bound (about 1 GFLOP per 200 x 1000 matrix): 1M parameters only
+        "muon": Algorithm("muon", [*_optimlab("muon", True), *_optimlab("muon", False),
+                                   Impl("torch for-loop", "torch", lambda ps: torch.optim.Muon(ps, lr=2e-2))],
+                          elementwise=False, sizes=("1M",)),
         "adadelta": Algorithm("adadelta", [*_optimlab("adadelta", True), *_optimlab("adadelta", False),
                                            *_torch("Adadelta", lr=1.0)]),
         "adamw-bf16-state": Algorithm("adamw-bf16-state", [
@@ -297,15 +308,17 @@ def default_plan(quick: bool) -> list[tuple[str, str, torch.dtype, list[str] | N
     """(size, algorithm, dtype, implementation labels or None for all) in the order they are run."""
     if quick:
         return [(size, name, torch.float32, None) for size in QUICK_SIZES for name in ("adamw", "lion")]
-    every = list(algorithms())
+    table = algorithms()
+    every = list(table)
     core = ["adamw", "adam", "sgd-momentum", "adamw-bf16-state", "adamw-int8-state"]
+    small = [name for name, algorithm in table.items() if algorithm.elementwise and "state" not in name]
     plan: list[tuple[str, str, torch.dtype, list[str] | None]] = []
     plan += [("1M", name, torch.float32, None) for name in every]
     plan += [("20M", name, torch.float32, None) for name in every]
     plan += [("20M", name, torch.bfloat16, None) for name in ("adamw", "sgd-momentum", "lion")]
-    plan += [("10k-small", name, torch.float32, None) for name in ("adamw", "sgd-momentum", "lion")]
+    plan += [("10k-small", name, torch.float32, None) for name in small]
     plan += [("200M", name, torch.float32, ["optimlab fused", "optimlab foreach", "torch fused"]) for name in core]
-    return plan
+    return [entry for entry in plan if table[entry[1]].sizes is None or entry[0] in table[entry[1]].sizes]
 
 
 def run(quick: bool = False, sizes: list[str] | None = None, names: list[str] | None = None,
@@ -328,7 +341,7 @@ def run(quick: bool = False, sizes: list[str] | None = None, names: list[str] | 
             algorithm = table[name]
             impls = [i for i in algorithm.impls if (labels is None or i.label in labels)
                      and (i.sizes is None or size in i.sizes)]
-            algorithm = Algorithm(algorithm.name, impls, algorithm.elementwise, algorithm.target)
+            algorithm = Algorithm(algorithm.name, impls, algorithm.elementwise, algorithm.target, algorithm.sizes)
             total, count = all_sizes[size]
             bandwidth = max(bandwidth, stream_bandwidth(stream_numel, repeats=3))  # the peak: load only lowers it
             slow = total >= 100_000_000 or count >= 1_000  # 200M parameters, or 10,000 tensors: fewer samples

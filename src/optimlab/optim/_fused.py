@@ -220,6 +220,7 @@ class FusedStep:
                 compiled(*extract({"update": self.update, "tensor_lists": columns, "scalars": scalar_tensors,
                                    "static": self.static}))
                 return
+        _ensure_cache_dir()
         self._compiling = key
         try:
             config = torch._dynamo.config
@@ -242,7 +243,6 @@ class FusedStep:
         present = [i for i, column in enumerate(tensor_lists) if column is not None]
         if not present or not tensor_lists[present[0]]:
             return
-        _ensure_cache_dir()
         columns = [list(tensor_lists[i]) for i in present]  # type: ignore[arg-type]
         first = columns[0][0]
         if len({(t.device, t.dtype) for t in columns[0]}) == 1:  # the usual case: no regrouping needed
