@@ -361,3 +361,15 @@ def test_more_graphs_than_dynamos_default_limit_stay_compiled() -> None:
             step_fn([params, grads, None], {"lr": 0.5})
             assert max_relative_error(params, expected) <= 1e-15
     assert len(step_fn._direct) == 10  # every length got its compiled graph (none fell back to eager)
+
+
+def _rule_with_subtraction(param: torch.Tensor, grad: torch.Tensor, *, lr: torch.Tensor) -> None:
+    param.sub_(grad, alpha=lr)
+
+
+@needs_compiler
+def test_rules_that_inductor_miscompiles_are_refused() -> None:
+    step_fn = FusedStep(_rule_with_subtraction)
+    params, grads = [torch.ones(4, dtype=torch.float64)], [torch.ones(4, dtype=torch.float64)]
+    with torch.no_grad(), pytest.raises(Exception, match=r"subtracts with a tensor alpha.*add_\(y, alpha=-s\)"):
+        step_fn([params, grads], {"lr": 0.5})

@@ -195,6 +195,7 @@ class FusedStep:
         from torch._inductor.compile_fx import compile_fx
 
         self.compiles += 1
+        _reject_known_miscompiles(graph_module, getattr(self.update, "__qualname__", "rule"))
         compiled = compile_fx(graph_module, example_inputs)
         extract = _argument_extractor(graph_module)
         if self._compiling is not None and extract is not None:
@@ -291,6 +292,23 @@ class FusedStep:
             for position, column in zip(present, zip(*flat_chunk[begin:begin + self.chunk_size])):
                 columns[position] = list(column)
             self._call(tuple(columns), scalar_tensors)
+
+
+_SUBTRACTIONS = {"sub", "sub_", "rsub", torch.sub, torch.rsub, torch.Tensor.sub, torch.Tensor.sub_,
+                 torch._foreach_sub, torch._foreach_sub_}
+
+
+def _reject_known_miscompiles(graph_module: torch.fx.GraphModule, rule: str) -> None:
+    """Refuse rules that Inductor (torch 2.13) compiles wrongly.
+
+    ``a.sub_(b, alpha=s)`` with ``s`` a graph input (a scalar passed as a 0-dim tensor) keeps the value
+    of ``s`` from the first call, with no guard and no recompile; ``add_(b, alpha=-s)`` is correct and
+    equal in eager mode, so rules are written that way.
+    """
+    for node in graph_module.graph.nodes:
+        if node.target in _SUBTRACTIONS and isinstance(node.kwargs.get("alpha"), torch.fx.Node):
+            raise ValueError(f"fused rule {rule!r} subtracts with a tensor alpha ({node.format_node()}), which "
+                             "Inductor compiles to a constant; write x.add_(y, alpha=-s) instead")
 
 
 def _argument_extractor(graph_module: torch.fx.GraphModule) -> Callable[[dict[str, Any]], list[Any]] | None:
