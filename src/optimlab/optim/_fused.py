@@ -10,14 +10,20 @@ GPU) per tensor with every operation of the rule fused into it.
 
 How a step is applied (:meth:`FusedStep.__call__`):
 
-1. the tensors are grouped by (device, dtype) and flattened to 1-D views;
+1. the tensors are grouped by (device, dtype);
 2. every step-dependent scalar (learning rate, bias corrections, ...) is passed as a 0-dim
    float64 tensor, so a new learning rate from a schedule is new *data*, never a recompile;
-3. the tensors go to the compiled function in chunks of :attr:`FusedStep.chunk_size`, compiled with
-   symbolic sizes, so any model costs at most two graphs per (rule, device, dtype): full chunks
-   and the last, shorter chunk;
-4. tensors that cannot be flattened (non-contiguous, or with fewer than two elements, whose sizes
-   the compiler would specialise on) are updated by the same rule uncompiled.
+3. for an *elementwise* rule (``fused_step(..., elementwise=True)``: no reduction over a tensor),
+   the tensors of at most :data:`PACK_NUMEL` values are packed into one flat buffer per argument and
+   updated by one call (:class:`_PackCache`; the optimizer state is moved into those buffers once, so
+   only parameters and gradients are copied per step);
+4. the other tensors are flattened to 1-D views and go to the compiled function in chunks of
+   :attr:`FusedStep.chunk_size`, compiled with symbolic sizes, so any model costs at most two graphs
+   per (rule, device, dtype, arguments present): full chunks and the last, shorter chunk;
+5. after its first call through Dynamo, a graph is called directly, its inputs read off the
+   arguments (:meth:`FusedStep._call`), which skips Dynamo's per-call guard checks;
+6. tensors that cannot be flattened (non-contiguous, or with fewer than two elements, whose sizes
+   the compiler would specialise on) and are not packed are updated by the same rule uncompiled.
 
 Compilation time is measured (:attr:`FusedStep.compile_seconds`) and Inductor's on-disk caches
 keep compiled kernels between runs: ``TORCHINDUCTOR_CACHE_DIR`` defaults to
