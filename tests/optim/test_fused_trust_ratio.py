@@ -20,10 +20,10 @@ import torch
 from optimlab.optim import LAMB, LARS
 from optimlab.optim import _fused
 from optimlab.optim._fused import DISABLE_ENV, fused_step
-from optimlab.optim.lamb import _lamb_tensor
+from optimlab.optim.lamb import LARGE_TENSOR_BYTES, _lamb_tensor
 from optimlab.optim.lars import _lars_tensor, trust_ratio
 
-from .fused_harness import (FusedCase, build, max_relative_error, needs_compiler, run_pair, set_grads,
+from .fused_harness import (STEPS, FusedCase, build, max_relative_error, needs_compiler, run_pair, set_grads,
                             state_tensors)
 
 
@@ -108,6 +108,28 @@ def test_zero_norms_give_trust_ratio_one() -> None:
     torch.testing.assert_close(fused[2], expected, rtol=1e-7, atol=0)
     assert max_relative_error(fused, reference) <= 1e-12
     assert max_relative_error(foreach, reference) <= 1e-12
+
+
+@needs_compiler
+def test_large_lamb_tensors_take_one_compiled_call_each() -> None:
+    """Parameters of ``LARGE_TENSOR_BYTES`` or more go to the rule one per compiled call, the rest in a
+    chunk (the same graph as the parity case with these constants); both give the reference's result."""
+    kwargs = {"lr": 1e-2, "betas": (0.8, 0.99), "eps": 1e-8, "bias_correction": False, "maximize": True}
+    generator = torch.Generator().manual_seed(3)
+    shapes = [(256, 256), (7, 5), (13,), (300, 256), (4, 3)]
+    start = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
+    assert start[0].numel() * start[0].element_size() == LARGE_TENSOR_BYTES  # the boundary counts as large
+    single = fused_step(_lamb_tensor, {"weight_decay": 0.0, "maximize": True}, 1)
+    fused_params, reference_params = [p.clone() for p in start], [p.clone() for p in start]
+    fused, reference = LAMB(fused_params, fused=True, **kwargs), LAMB(reference_params, foreach=False, **kwargs)
+    for step in range(STEPS):
+        set_grads(fused_params, step, False)
+        set_grads(reference_params, step, False)
+        fused.step()
+        reference.step()
+    assert single.compiles >= 1
+    assert max_relative_error(fused_params, reference_params) <= 1e-12
+    assert max_relative_error(state_tensors(fused, fused_params), state_tensors(reference, reference_params)) <= 1e-12
 
 
 def test_trust_ratio_rule() -> None:
