@@ -261,10 +261,12 @@ def _hash_from(start: int | Tensor, count: int, device: torch.device | str) -> T
     """
     hashed = torch.arange(count, dtype=torch.int32, device=device)
     hashed += start.to(torch.int32) if isinstance(start, Tensor) else start
+    shifted = torch.empty_like(hashed)  # one scratch buffer for the shifts (eager: no temporaries)
     for multiplier in _HASH_MULTIPLIERS:
-        hashed.bitwise_xor_(hashed.bitwise_right_shift(16).bitwise_and_(0xFFFF))
-        hashed.mul_(multiplier)
-    return hashed.bitwise_xor_(hashed.bitwise_right_shift(15).bitwise_and_(0x1FFFF))
+        torch.bitwise_right_shift(hashed, 16, out=shifted).bitwise_and_(0xFFFF)
+        hashed.bitwise_xor_(shifted).mul_(multiplier)
+    torch.bitwise_right_shift(hashed, 15, out=shifted).bitwise_and_(0x1FFFF)
+    return hashed.bitwise_xor_(shifted)
 
 
 def _hash_bits(begin: int, end: int, seed: int, device: torch.device | str) -> Tensor:
