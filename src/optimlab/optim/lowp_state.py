@@ -41,8 +41,9 @@ param groups, a resumed checkpoint) rounds identically.
 The fused path (``fused=True`` with a low-precision ``state_dtype``, :func:`fused_lowp_step`) does not
 decode into working copies and store them back as separate passes over memory: the optimizer's
 per-tensor rule is wrapped (:func:`lowp_rule`) between the decode and the stochastic-rounding store,
-and ``torch.compile`` turns the whole wrapper into one kernel per tensor, the hash computed in the
-kernel from the element index and a per-step start passed as data. It writes the same numbers as the
+and ``torch.compile`` turns the whole wrapper into one compiled function per tensor (for bf16 a
+single loop), the hash computed in the kernel from the element index and a per-step start passed
+as data. It writes the same numbers as the
 eager path, except where the compiled rule rounds an fp32 intermediate differently (one stored step,
 on a small fraction of the values; ``tests/optim/test_lowp_fused.py`` bounds both).
 """
@@ -417,8 +418,9 @@ def lowp_rule(rule: Callable[..., None], moments: tuple[tuple[str, bool], ...], 
     back with the stochastic rounding of :func:`store_moments`: the dither of element :math:`i` is
     :math:`\mathrm{mix}_{32}(s + i)` with :math:`s = \mathrm{mix}_{32}(\mathrm{seed})` given as
     ``hash_start_<key>`` (:func:`_hash_start`). Every operation is traceable, so
-    :func:`optimlab.optim._fused.fused_step` compiles the whole thing into one pass over memory
-    (load, rule, hash, round, store), where the eager path makes one pass per operation. Results
+    :func:`fused_lowp_step` compiles the whole wrapper: for bf16 one pass over memory (load, rule,
+    hash, round, store), for int8 a few (decode and rule, block maxima, rounding), where the eager
+    path makes one pass per operation. Results
     equal the eager path's bit for bit, except where the compiled rule's float rounding differs in
     the last place (fused multiply-add) and moves a value across a rounding threshold. Cached: one
     wrapper (one compiled step) per ``(rule, moments, storage)``.
