@@ -47,8 +47,8 @@ from optimlab.optim._fused import fused_step, resolve_fused
 __all__ = ["LARS", "lars_step", "lars_step_foreach", "lars_step_fused", "trust_ratio"]
 
 
-def trust_ratio(weight_norm: Tensor, update_norm: Tensor, *, coefficient: float | Tensor = 1.0,
-                extra: float | Tensor = 0.0, eps: float | Tensor = 0.0,
+def trust_ratio(weight_norm: Tensor, update_norm: Tensor, *, coefficient: float | Tensor | None = None,
+                extra: float | Tensor | None = None, eps: float | Tensor | None = None,
                 max_ratio: float | Tensor | None = None) -> Tensor:
     r"""Layer-wise trust ratio, elementwise over the norms (0-dim for one tensor, or stacked for many):
 
@@ -57,12 +57,18 @@ def trust_ratio(weight_norm: Tensor, update_norm: Tensor, *, coefficient: float 
                 & \|w\| > 0 \text{ and } \|u\| > 0 \\ 1 & \text{otherwise} \end{cases}
 
     The shared rule of LARS (You et al. 2017: :math:`\eta` the trust coefficient,
-    :math:`\text{extra} = \beta\|w\|`) and LAMB (You et al. 2020: :math:`\eta = 1`, extra 0, optional cap
-    :math:`r_{\max}`, ``None`` for none). The zero-norm case is a ``torch.where``, not a Python branch,
-    so the rule compiles to one graph and never synchronises with the device; scalars may be floats
-    or 0-dim tensors (as the fused path passes them).
+    :math:`\text{extra} = \beta\|w\|`) and LAMB (You et al. 2020: :math:`\eta = 1`, no extra term, optional
+    cap :math:`r_{\max}`); an argument left at ``None`` drops its term (:math:`\eta = 1`, no extra, no
+    :math:`\epsilon`, no cap). The zero-norm case is a ``torch.where``, not a Python branch, so the rule
+    compiles to one graph and never synchronises with the device; the terms may be floats or 0-dim
+    tensors (as the fused path passes them). No float defaults: under ``torch.compile`` those would
+    become inputs of the compiled graph.
     """
-    ratio = coefficient * weight_norm / (update_norm + extra + eps)
+    numerator = weight_norm if coefficient is None else coefficient * weight_norm
+    denominator = update_norm if extra is None else update_norm + extra
+    if eps is not None:
+        denominator = denominator + eps
+    ratio = numerator / denominator
     if max_ratio is not None:
         ratio = ratio.clamp(max=max_ratio)
     return torch.where((weight_norm > 0) & (update_norm > 0), ratio, 1.0)
