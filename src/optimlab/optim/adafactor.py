@@ -113,8 +113,9 @@ def adafactor_tensor(
     What :func:`adafactor_step` loops over and the fused path compiles (:mod:`optimlab.optim._fused`,
     where the float arguments arrive as 0-dim tensors, so the rule computes with tensors only).
     ``row_var``/``col_var`` are given for a factored parameter (``layout`` ``"matrix"`` or ``"batched"``,
-    as :func:`_layout` tells), ``variance`` for a ``"vector"``; ``exp_avg`` and ``beta1`` when there is a first moment. ``rho`` is :math:`\rho_t` and
-    ``beta2_weight`` is :math:`1 - \hat\beta_{2,t} = t^{c}`; ``eps1=None`` means the dtype's epsilon.
+    as :func:`_layout` tells), ``variance`` for a ``"vector"``; ``exp_avg`` and ``beta1`` when there is a
+    first moment. ``rho`` is :math:`\rho_t` and ``beta2_weight`` is :math:`1 - \hat\beta_{2,t} = t^{c}`;
+    ``eps1=None`` means the dtype's epsilon.
     """
     step_size = torch.clamp(_rms(param), min=eps2) * rho if scale_parameter else rho  # RMS before decay
     grad = prepare_grad(param, grad, maximize=maximize, weight_decay=weight_decay, lr=lr, decoupled=True)
@@ -131,7 +132,10 @@ def adafactor_tensor(
         var_estimate = variance.lerp_(grad.square(), beta2_weight)
     update = var_estimate.clamp(min=eps_floor * eps_floor).rsqrt_().mul_(grad)
     update.div_(torch.clamp(_rms(update) / d, min=1.0))
-    if exp_avg is not None:
+    if beta1 is not None:
+        if exp_avg is None:
+            raise ValueError("Invalid state: beta1 is set but the parameter has no exp_avg (beta1 was None when "
+                             "its state was created)")
         update = exp_avg.lerp_(update, 1 - beta1)
     param.sub_(update * step_size)
 

@@ -126,7 +126,8 @@ def muon_step_fused(
         shapes.setdefault(tuple(param.shape), []).append(index)  # type: ignore[arg-type]
     for shape, chosen in shapes.items():
         lists = [[tensors[i] for i in chosen] for tensors in (params, grads, momentum_buffers)]
-        fused_step(muon_tensor, {**static, "shape": shape}, 1, elementwise=False)(lists, {"lr": lr, "momentum": momentum})
+        step = fused_step(muon_tensor, {**static, "shape": shape}, 1, elementwise=False)
+        step(lists, {"lr": lr, "momentum": momentum})
 
 
 def _check_muon_args(lr: float | Tensor, weight_decay: float, momentum: float, ns_coefficients: Sequence[float],
