@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 import zlib
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
@@ -458,23 +457,6 @@ _COMPILED_DTYPES = (torch.float32, torch.float64)
 _CHUNK_SIZE = 1
 
 
-def _compiled_step(update: Callable[..., None], static: Mapping[str, Hashable]) -> Any:
-    """The process-wide compiled step of a :func:`lowp_rule` wrapper with these constants.
-
-    A :class:`optimlab.optim._fused.FusedStep` (same compilation, compile counting and cache
-    folder), applied by :func:`fused_lowp_step` rather than by ``FusedStep.__call__``, whose grouping
-    (``torch``'s foreach grouping) requires every column to share the parameter's dtype, which int8
-    codes and float32 block scales do not. Registered with the fused steps, so
-    :func:`optimlab.optim._fused.compile_stats` counts its compiles.
-    """
-    from optimlab.optim import _fused
-
-    key = ("stored_state", update, tuple(sorted(static.items())), _CHUNK_SIZE)
-    if key not in _fused._STEPS:
-        _fused._STEPS[key] = _fused.FusedStep(update, static, _CHUNK_SIZE)
-    return _fused._STEPS[key]
-
-
 def fused_lowp_step(
     rule: Callable[..., None],
     static: Mapping[str, Hashable],
@@ -488,9 +470,9 @@ def fused_lowp_step(
 ) -> None:
     """One fused step of ``rule`` on moments stored as ``storage`` (``"bfloat16"`` or ``"int8"``).
 
-    Every (param, grad, stored moments) goes to :func:`lowp_rule`'s wrapper, compiled with
-    ``torch.compile`` (:mod:`optimlab.optim._fused`: symbolic sizes, tensors flattened to 1-D, chunks
-    of ``chunk_size`` tensors per call) with the constants ``static``; ``scalars(step)`` gives the
+    Every (param, grad, stored moments) goes to :func:`lowp_rule`'s wrapper, compiled by
+    :func:`optimlab.optim._fused.fused_step` (symbolic sizes, tensors flattened to 1-D, one tensor
+    per call, see ``_CHUNK_SIZE``) with the constants ``static``; ``scalars(step)`` gives the
     rule's step-dependent float arguments, passed as 0-dim float64 tensors together with each
     moment's hash start, so neither a schedule nor a new step recompiles. Tensors are split by step
     count (a parameter that skipped steps), then by device and dtype. Tensors that the compiled
@@ -499,41 +481,30 @@ def fused_lowp_step(
     ones, single values and, for int8, single blocks (a one-element scale would specialise the
     graph). ``steps`` are the already incremented step counts.
     """
-    import torch.fx.experimental._config as fx_config
-
-    from optimlab.optim._fused import _ensure_cache_dir, split_by_value
+    from optimlab.optim._fused import fused_step, split_by_value
 
     update = lowp_rule(rule, tuple(moments), storage)
-    step_fn = _compiled_step(update, static)
+    step_fn = fused_step(update, static, _CHUNK_SIZE)
     suffixes = ("", _ABSMAX_SUFFIX) if storage == "int8" else ("",)
     tensor_lists = [list(params), list(grads)] + [
         [state[key + suffix] for state in states] for key, _ in moments for suffix in suffixes]
     smallest = BLOCK_SIZE + 1 if storage == "int8" else 2
-    _ensure_cache_dir()
-    compiles_before, start = step_fn.compiles, time.perf_counter()
     for step, lists in split_by_value(tensor_lists, steps):
         arguments = dict(scalars(step))
         arguments.update({_start_name(key): _hash_start(dither_seed(int(step), key), 0) for key, _ in moments})
-        chunks: dict[tuple[torch.device, torch.dtype], list[tuple[Tensor, ...]]] = {}
-        for tensors in zip(*lists):
-            param = tensors[0]
-            if (param.dtype in _COMPILED_DTYPES and param.numel() >= smallest
-                    and all(t.is_contiguous() for t in tensors)):
-                chunks.setdefault((param.device, param.dtype), []).append(tuple(t.view(-1) for t in tensors))
+        compiled: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for index, param in enumerate(lists[0]):
+            if param.dtype in _COMPILED_DTYPES and param.numel() >= smallest:
+                compiled.setdefault((param.device, param.dtype), []).append(index)
             else:
-                update(*tensors, **arguments, **static)
-        for (device, _dtype), flat in chunks.items():
+                update(*[column[index] for column in lists], **arguments, **static)
+        # one call per device and dtype: FusedStep then needs no regrouping (torch's foreach grouping
+        # would reject int8 codes and float32 scales next to float64 parameters)
+        for (device, _dtype), indices in compiled.items():
             if storage == "int8":  # made before tracing: the compiled step reads them as inputs
                 for signed in (True, False):
                     _code_tables(signed, device)
-            data = {name: torch.as_tensor(value, dtype=torch.float64, device=device).reshape(())
-                    for name, value in arguments.items()}
-            with fx_config.patch(use_duck_shape=False):
-                for begin in range(0, len(flat), step_fn.chunk_size):
-                    step_fn._compiled(update, tuple(map(list, zip(*flat[begin:begin + step_fn.chunk_size]))),
-                                      data, step_fn.static)
-    if step_fn.compiles != compiles_before:
-        step_fn.compile_seconds += time.perf_counter() - start
+            step_fn([[column[i] for i in indices] for column in lists], arguments)
 
 
 def restore_state_dtypes(optimizer: torch.optim.Optimizer, keys: Sequence[str]) -> None:
