@@ -7,6 +7,7 @@ reduce over a tensor (LAMB's trust ratio, Adafactor's factored moments) pick sha
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,7 +52,11 @@ def build(case: FusedCase, fused: bool, seed: int = 0) -> tuple[torch.optim.Opti
     lr = case.kwargs["lr"]
     for group in groups:
         group["lr"] = lr * group.pop("lr_scale", 1.0)
-    options = dict(case.kwargs, fused=True) if fused else dict(case.kwargs, foreach=False)
+    if fused:
+        options = dict(case.kwargs, fused=True)
+    else:  # the per-tensor reference (classes without a foreach path have only that one)
+        accepts_foreach = "foreach" in inspect.signature(case.cls.__init__).parameters
+        options = dict(case.kwargs, foreach=False) if accepts_foreach else dict(case.kwargs)
     optimizer = case.cls(groups, **options)
     return optimizer, [p for group in optimizer.param_groups for p in group["params"]]
 

@@ -306,9 +306,9 @@ def test_packed_complex_parameters() -> None:
 
 
 @needs_compiler
-def test_compiled_graph_is_called_directly_for_new_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """After the first step, calls skip Dynamo (no guard checks) and still give the reference result, also
-    for another optimizer whose tensors have other sizes (the graph's sizes are symbolic)."""
+def test_compiled_graph_is_called_directly_after_the_first_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calls skip Dynamo once a layout has passed its guards; a layout with other sizes passes them once
+    (no recompile: the graph's sizes are symbolic), then skips them too; both equal the reference."""
     step_fn = fused_step(_sgd_tensor, {key: value for key, value in PACKED_SGD.items() if key != "lr"}
                          | {"dampening": 0, "maximize": False}, elementwise=True)
 
@@ -319,14 +319,17 @@ def test_compiled_graph_is_called_directly_for_new_sizes(monkeypatch: pytest.Mon
     first = FusedCase("direct-a", SGD, PACKED_SGD, groups=layout([_fused.PACK_NUMEL + 1, 3 * _fused.PACK_NUMEL + 5]))
     second = FusedCase("direct-b", SGD, PACKED_SGD, groups=layout([2 * _fused.PACK_NUMEL + 7, _fused.PACK_NUMEL + 2]))
     run_pair(first, steps=3)
-    dynamo_calls: list[int] = []
+    compiles = step_fn.compiles
+    dynamo_calls: list[str] = []
     compiled = step_fn._compiled
-    monkeypatch.setattr(step_fn, "_compiled", lambda *args: (dynamo_calls.append(1), compiled(*args)))
     for case in (first, second):
+        monkeypatch.setattr(step_fn, "_compiled", lambda *args, case=case: (dynamo_calls.append(case.id),
+                                                                            compiled(*args)))
         fused, fused_params, reference, reference_params = run_pair(case)
         assert max_relative_error(fused_params, reference_params) <= 1e-12
         assert max_relative_error(state_tensors(fused, fused_params), state_tensors(reference, reference_params)) <= 1e-12
-    assert dynamo_calls == []
+    assert dynamo_calls == ["direct-b"]  # one entry for the new layout, 18 direct calls after it
+    assert step_fn.compiles == compiles
 
 
 @needs_compiler
@@ -341,7 +344,8 @@ def test_calls_go_through_dynamo_when_the_inputs_cannot_be_read_off(monkeypatch:
     for param, grad, buffer in zip(expected_params, grads, expected_buffers):
         for _ in range(3):
             _sgd_tensor(param, grad, buffer, lr=1e-2, **step_fn.static)
-    with torch.no_grad():
+    monkeypatch.setattr(_fused, "_warned", set())
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="every call goes through Dynamo"):
         for _ in range(3):
             step_fn([params, grads, buffers], {"lr": 1e-2})
     assert step_fn._direct == {}
@@ -360,7 +364,7 @@ def test_more_graphs_than_dynamos_default_limit_stay_compiled() -> None:
             expected = [p - 0.5 * g for p, g in zip(params, grads)]
             step_fn([params, grads, None], {"lr": 0.5})
             assert max_relative_error(params, expected) <= 1e-15
-    assert len(step_fn._direct) == 10  # every length got its compiled graph (none fell back to eager)
+    assert len(step_fn._graphs) == 10  # every length got its compiled graph (none fell back to eager)
 
 
 def _rule_with_subtraction(param: torch.Tensor, grad: torch.Tensor, *, lr: torch.Tensor) -> None:
@@ -373,3 +377,23 @@ def test_rules_that_inductor_miscompiles_are_refused() -> None:
     params, grads = [torch.ones(4, dtype=torch.float64)], [torch.ones(4, dtype=torch.float64)]
     with torch.no_grad(), pytest.raises(Exception, match=r"subtracts with a tensor alpha.*add_\(y, alpha=-s\)"):
         step_fn([params, grads], {"lr": 0.5})
+
+
+_GLOBAL_SCALE = torch.tensor(0.5, dtype=torch.float64)
+
+
+def _rule_reading_a_global(param: torch.Tensor, grad: torch.Tensor, *, lr: torch.Tensor) -> None:
+    param.add_(grad * _GLOBAL_SCALE, alpha=-lr)
+
+
+@needs_compiler
+def test_a_rule_that_reads_a_global_works_but_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_fused, "_warned", set())
+    step_fn = FusedStep(_rule_reading_a_global)
+    params = [torch.ones(_fused.PACK_NUMEL + 1, dtype=torch.float64)]
+    grads = [torch.full_like(params[0], 2.0)]
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="every call goes through Dynamo"):
+        for _ in range(3):
+            step_fn([params, grads], {"lr": 0.1})
+    assert step_fn._direct == {}
+    assert max_relative_error(params, [torch.full_like(params[0], 1.0 - 3 * 0.1)]) <= 1e-15

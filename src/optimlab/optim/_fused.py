@@ -64,7 +64,7 @@ __all__ = [
 ]
 
 DISABLE_ENV = "OPTIMLAB_DISABLE_FUSED"
-"""Environment switch: ``OPTIMLAB_DISABLE_FUSED=1`` turns every fused path into the foreach path."""
+"""Environment switch: ``OPTIMLAB_DISABLE_FUSED=1`` turns every fused path into the unfused (foreach) path."""
 
 DEFAULT_CHUNK_SIZE = 8
 RECOMPILE_LIMIT = 64
@@ -127,7 +127,7 @@ def resolve_fused(fused: bool | None, params: Sequence[Tensor], optimizer_name: 
         reason = fused_unavailable_reason(device)
         if reason is not None:
             _warn_once(f"{optimizer_name}(fused=True): the fused step is unavailable ({reason}); "
-                       "falling back to the foreach path")
+                       "falling back to the unfused path (foreach, or per-tensor where there is no foreach)")
             return False
     return True
 
@@ -187,6 +187,9 @@ class FusedStep:
         self.chunk_size = int(chunk_size)
         self.elementwise = bool(elementwise)
         self._packs = _PackCache()
+        # compiled graphs (and their input extractors) per call structure, and the graph to call directly per
+        # (structure, shapes) that has been through Dynamo's guards (see _call)
+        self._graphs: dict[Hashable, list[tuple[Callable[..., Any], Callable[[dict[str, Any]], list[Any]] | None]]] = {}
         self._direct: dict[Hashable, tuple[Callable[..., Any], Callable[[dict[str, Any]], list[Any]]]] = {}
         self._compiling: Hashable | None = None
         self.compiles = 0
@@ -204,38 +207,50 @@ class FusedStep:
         _reject_known_miscompiles(graph_module, getattr(self.update, "__qualname__", "rule"))
         compiled = compile_fx(graph_module, example_inputs)
         extract = _argument_extractor(graph_module)
-        if self._compiling is not None and extract is not None:
-            self._direct[self._compiling] = (compiled, extract)
+        if extract is None:
+            _warn_once(f"fused rule {getattr(self.update, '__qualname__', 'rule')!r}: a graph input is not an "
+                       "argument of the call (a float default or a global read by the rule?), so every call "
+                       "goes through Dynamo's guards; pass such values as scalars or constants")
+        if self._compiling is not None:
+            self._graphs.setdefault(self._compiling, []).append((compiled, extract))
         return compiled
 
     def _call(self, columns: tuple[list[Tensor] | None, ...], scalar_tensors: dict[str, Tensor]) -> None:
-        """One compiled call on lists of 1-D tensors (Dynamo's entry the first time, then directly).
+        """One compiled call on lists of 1-D tensors (through Dynamo for a new layout, then directly).
 
-        Dynamo checks its guards on every call, tens of microseconds for a few tensors. The calls
-        made here differ only in what the compiled graph treats as inputs (tensor sizes and data,
-        scalar values) as long as the columns present, their dtypes and lengths, and the device are the same
-        (sizes are always >= 2, every tensor is 1-D and contiguous, and grad mode is off), so the graph
-        compiled for such a key is afterwards called with its inputs read straight from the arguments.
+        Dynamo checks its guards on every call, tens of microseconds for a few tensors. Its guards
+        test the call's structure (device, which arguments are present, their dtypes, list lengths)
+        and properties of the sizes; data and 0-dim scalars are graph inputs. So once a call has
+        passed them, a call with the same structure and the same shapes would select the same graph,
+        and when only one graph was ever compiled for that structure, it is known which: it is then
+        called directly, its inputs read straight off the arguments. A model pays Dynamo's entry once
+        per chunk layout; a training loop never again (grad mode must be off, as in ``step``).
         """
         first = next(column[0] for column in columns if column is not None)
-        key = None
+        structure = shapes = None
         if not torch.is_grad_enabled():
-            key = (first.device, *((None, 0) if column is None else (column[0].dtype, len(column)) for column in columns))
-            direct = self._direct.get(key)
+            structure = (first.device, *(None if column is None else (column[0].dtype, len(column))
+                                         for column in columns))
+            shapes = (structure, *(t.shape for column in columns if column is not None for t in column))
+            direct = self._direct.get(shapes)
             if direct is not None:
                 compiled, extract = direct
                 compiled(*extract({"update": self.update, "tensor_lists": columns, "scalars": scalar_tensors,
                                    "static": self.static}))
                 return
         _ensure_cache_dir()
-        self._compiling = key
+        self._compiling = structure
         try:
             config = torch._dynamo.config
             limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
-            with config.patch(**{limit: RECOMPILE_LIMIT}):
+            # floats among the constant options (eps, Newton-Schulz coefficients) are constants, not inputs
+            with config.patch(**{limit: RECOMPILE_LIMIT, "specialize_float": True}):
                 self._compiled(self.update, columns, scalar_tensors, self.static)
         finally:
             self._compiling = None
+        graphs = self._graphs.get(structure, [])
+        if structure is not None and len(graphs) == 1 and graphs[0][1] is not None:
+            self._direct[shapes] = graphs[0]  # type: ignore[assignment]
 
     def __call__(self, tensor_lists: Sequence[Sequence[Tensor] | None],
                  scalars: Mapping[str, float | Tensor]) -> None:
