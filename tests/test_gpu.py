@@ -59,12 +59,23 @@ def test_clip_grad_norm_matches_torch_on_cuda(norm_type: float) -> None:
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD"])
+FUSED_KWARGS = {
+    "Adam": {"lr": 0.01}, "AdamW": {"lr": 0.01}, "SGD": {"lr": 0.01, "momentum": 0.9}, "Adagrad": {"lr": 0.05},
+    "Lion": {"lr": 1e-3}, "NAdam": {"lr": 0.01}, "RAdam": {"lr": 0.01}, "Adamax": {"lr": 0.01},
+    "RMSprop": {"lr": 0.01, "momentum": 0.5, "centered": True}, "Adadelta": {"lr": 1.0}, "LAMB": {"lr": 0.01},
+    "LARS": {"lr": 0.01}, "ScheduleFreeAdamW": {"lr": 0.01}, "Adafactor": {"lr": 0.01},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FUSED_KWARGS))
 def test_fused_triton_path_matches_reference_on_cuda(name: str) -> None:
+    import inspect
+
     import optimlab.optim as optim
 
     cls = getattr(optim, name)
-    kwargs = {"lr": 0.01, "momentum": 0.9} if name == "SGD" else {"lr": 0.01}
+    kwargs = FUSED_KWARGS[name]
     fused = _train(cls, {**kwargs, "fused": True}, "cuda", torch.float32)
-    reference = _train(cls, {**kwargs, "foreach": False}, "cuda", torch.float32)
+    reference_kwargs = {**kwargs, "foreach": False} if "foreach" in inspect.signature(cls).parameters else kwargs
+    reference = _train(cls, reference_kwargs, "cuda", torch.float32)
     assert _max_relative(fused, reference) <= 1e-6
