@@ -174,3 +174,25 @@ def test_lowp_rule_rejects_unknown_storage() -> None:
 
     with pytest.raises(ValueError, match=r"Invalid storage: 'float16' \(accepted: 'bfloat16', 'int8'\)"):
         lowp_rule(lion_tensor, (("exp_avg", True),), "float16")
+
+
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
+def test_uncompiled_dtypes_take_the_wrapper_and_equal_eager_exactly(state_dtype: str) -> None:
+    """float64 parameters (not compiled) run the same wrapper eagerly: bit-identical to the eager path."""
+    before = {name: entry["compiles"] for name, entry in _fused.compile_stats().items()}
+    generator = torch.Generator().manual_seed(5)
+    fused_params = [torch.randn(20, 30, generator=generator, dtype=torch.float64), torch.randn(7, dtype=torch.float64)]
+    reference_params = [p.clone() for p in fused_params]
+    options = {"lr": 1e-2, "state_dtype": state_dtype}
+    fused, reference = AdamW(fused_params, fused=True, **options), AdamW(reference_params, foreach=False, **options)
+    for step in range(5):
+        set_grads(fused_params, step, skip=False)
+        set_grads(reference_params, step, skip=False)
+        fused.step()
+        reference.step()
+    assert all(torch.equal(a, b) for a, b in zip(fused_params, reference_params))
+    for fused_param, reference_param in zip(fused_params, reference_params):
+        for key, value in fused.state[fused_param].items():
+            assert torch.equal(value, reference.state[reference_param][key]), key
+    after = {name: entry["compiles"] for name, entry in _fused.compile_stats().items()}
+    assert all(count == before.get(name, 0) for name, count in after.items())  # nothing compiled

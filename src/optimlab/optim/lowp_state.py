@@ -451,7 +451,9 @@ def lowp_rule(rule: Callable[..., None], moments: tuple[tuple[str, bool], ...], 
     return update
 
 
-_COMPILED_DTYPES = (torch.float32, torch.float64)
+# float32 parameters only: the compiled path is tested there (tests/optim/test_lowp_fused.py); others run the wrapper
+# uncompiled (the same numbers as the eager path)
+_COMPILED_DTYPES = (torch.float32,)
 # One tensor per compiled call: the graph of a low-precision step is large (decode, rule, block
 # reductions and table lookups per moment) and Inductor's compile time grows with the tensors per call:
 # measured on 2 loaded cores, int8 AdamW compiled in ~70 s for one tensor per call and ~690 s for 8.
@@ -477,8 +479,9 @@ def fused_lowp_step(
     rule's step-dependent float arguments, passed as 0-dim float64 tensors together with each
     moment's hash start, so neither a schedule nor a new step recompiles. Tensors are split by step
     count (a parameter that skipped steps), then by device and dtype. Tensors that the compiled
-    kernel would not reproduce exactly take the same wrapper uncompiled: dtypes other than
-    float32/float64 (the compiler skips their eager rounding after every operation), non-contiguous
+    kernel would not reproduce exactly, or that it is not tested on, take the same wrapper
+    uncompiled: dtypes other than float32 (for bf16/fp16 the compiler skips the eager rounding after
+    every operation), non-contiguous
     ones, single values and, for int8, single blocks (a one-element scale would specialise the
     graph). ``steps`` are the already incremented step counts.
     """
