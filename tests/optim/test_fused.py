@@ -55,7 +55,7 @@ def test_lr_schedule_causes_no_recompilation() -> None:
     reference, reference_params = build(case, fused=False)
     schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50) for opt in (fused, reference)]
     step_fn = fused_step(_adam_tensor, {"weight_decay": 1e-2, "amsgrad": False, "maximize": False,
-                                        "decoupled_weight_decay": True})
+                                        "decoupled_weight_decay": True}, elementwise=True)
     compiles_after_first_step = None
     lrs = set()
     for step in range(50):

@@ -188,7 +188,7 @@ def _adam_fused(
     tensor_lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     static = _adam_static(weight_decay, amsgrad, maximize, decoupled_weight_decay)
     for step, lists in split_by_value(tensor_lists, steps):
-        fused_step(_adam_tensor, static)(lists, _adam_scalars(lr, beta1, beta2, eps, step))
+        fused_step(_adam_tensor, static, elementwise=True)(lists, _adam_scalars(lr, beta1, beta2, eps, step))
 
 
 class Adam(OptimlabOptimizer):

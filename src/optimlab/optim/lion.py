@@ -72,7 +72,7 @@ def lion_step_fused(
     lr: float, beta1: float, beta2: float, weight_decay: float, maximize: bool,
 ) -> None:
     """Fused path of the same rule: :func:`lion_tensor` compiled by :mod:`optimlab.optim._fused`."""
-    fused_step(lion_tensor, {"weight_decay": weight_decay, "maximize": maximize})(
+    fused_step(lion_tensor, {"weight_decay": weight_decay, "maximize": maximize}, elementwise=True)(
         [params, grads, exp_avgs], {"lr": lr, "beta1": beta1, "beta2": beta2})
 
 
