@@ -164,9 +164,16 @@ def test_compile_cache_folder(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing Inductor sets
+    threads = torch.get_num_threads()
     _fused._ensure_cache_dir()
-    chosen = tmp_path / "xdg" / "optimlab" / "inductor"
+    chosen = tmp_path / "xdg" / "optimlab" / "inductor" / f"threads-{threads}"
     assert chosen.is_dir() and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(chosen)
+    try:  # kernels compiled for another thread count live in another folder
+        torch.set_num_threads(threads + 1)
+        _fused._ensure_cache_dir()
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(chosen.with_name(f"threads-{threads + 1}"))
+    finally:
+        torch.set_num_threads(threads)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # a folder the user chose is kept
     _fused._ensure_cache_dir()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")

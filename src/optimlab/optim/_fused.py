@@ -27,7 +27,9 @@ How a step is applied (:meth:`FusedStep.__call__`):
 
 Compilation time is measured (:attr:`FusedStep.compile_seconds`) and Inductor's on-disk caches
 keep compiled kernels between runs: ``TORCHINDUCTOR_CACHE_DIR`` defaults to
-``~/.cache/optimlab/inductor`` when the user has not set it.
+``~/.cache/optimlab/inductor/threads-N`` when the user has not set it (``N`` = ``torch.get_num_threads()``,
+which Inductor bakes into CPU kernels without keying its cache on it). A process that changes its
+thread count after its first fused step keeps the kernels it compiled.
 
 Fallback: when ``OPTIMLAB_DISABLE_FUSED=1`` is set, or ``torch.compile`` cannot work here (no
 C++ compiler for CPU tensors, unsupported platform or Python), :func:`fused_unavailable_reason`
@@ -143,12 +145,20 @@ def split_by_value(tensor_lists: Sequence[Sequence[Tensor]], values: Sequence[fl
 
 
 def _ensure_cache_dir() -> None:
-    # Importing Inductor sets TORCHINDUCTOR_CACHE_DIR to its default (a per-user folder in /tmp, lost on
-    # reboot): replace only that default, never a folder the user chose.
+    """Point Inductor's on-disk cache at ``~/.cache/optimlab/inductor/threads-N`` unless the user chose a folder.
+
+    Importing Inductor sets ``TORCHINDUCTOR_CACHE_DIR`` to its default (a per-user folder in /tmp, lost
+    on reboot); only that default, or a folder of ours, is replaced. The thread count is part of the
+    folder because Inductor decides at compile time whether a CPU loop runs on
+    ``torch.get_num_threads()`` threads, and its cache key leaves that number out: a kernel cached by
+    a one-thread process (such as the test suite) would otherwise run on one thread everywhere after.
+    """
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, "", default_cache_dir()):
-        path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "optimlab" / "inductor"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "optimlab" / "inductor"
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current in (None, "", default_cache_dir()) or Path(current).parent == base:
+        path = base / f"threads-{torch.get_num_threads()}"
         path.mkdir(parents=True, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
 
