@@ -41,6 +41,7 @@ Python Bytecode Transformation and Graph Compilation", ASPLOS 2024.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 import time
@@ -64,6 +65,8 @@ __all__ = [
     "split_by_value",
     "compile_stats",
 ]
+
+_log = logging.getLogger(__name__)
 
 DISABLE_ENV = "OPTIMLAB_DISABLE_FUSED"
 """Environment switch: ``OPTIMLAB_DISABLE_FUSED=1`` turns every fused path into the unfused (foreach) path."""
@@ -217,10 +220,10 @@ class FusedStep:
         _reject_known_miscompiles(graph_module, getattr(self.update, "__qualname__", "rule"))
         compiled = compile_fx(graph_module, example_inputs)
         extract = _argument_extractor(graph_module)
-        if extract is None:
-            _warn_once(f"fused rule {getattr(self.update, '__qualname__', 'rule')!r}: a graph input is not an "
-                       "argument of the call (a float default or a global read by the rule?), so every call "
-                       "goes through Dynamo's guards; pass such values as scalars or constants")
+        if extract is None:  # a developer's concern (the result is right, only slower): logged, not warned
+            _log.info("fused rule %r: a graph input is not an argument of the call (a float default or a global "
+                      "read by the rule?), so every call goes through Dynamo's guards; pass such values as "
+                      "scalars or constants", getattr(self.update, "__qualname__", "rule"))
         if self._compiling is not None:
             self._graphs.setdefault(self._compiling, []).append((compiled, extract))
         return compiled
