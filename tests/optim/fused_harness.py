@@ -85,3 +85,39 @@ def run_pair(case: FusedCase, steps: int = STEPS) -> tuple[Any, list[torch.Tenso
         fused.step()
         reference.step()
     return fused, fused_params, reference, reference_params
+
+
+def cross_load_and_continue(case: FusedCase, before: int = 5, after: int = 5
+                            ) -> tuple[Any, list[torch.Tensor], Any, list[torch.Tensor]]:
+    """``before`` steps on each path, then each path's ``state_dict`` (and parameter values) loaded into a
+    fresh optimizer of the other path, then ``after`` more steps; returns the continued fused optimizer
+    and parameters, then the continued reference ones.
+
+    torch.optim semantics: a loaded param group's settings (``fused`` and ``foreach`` included) replace
+    the optimizer's own, which is checked; each continued optimizer is then switched back to its path.
+    """
+    fused, fused_params, reference, reference_params = run_pair(case, steps=before)
+    continued_reference, continued_reference_params = build(case, fused=False)
+    continued_fused, continued_fused_params = build(case, fused=True)
+    with torch.no_grad():
+        for target, source in zip(continued_reference_params, fused_params):
+            target.copy_(source)
+        for target, source in zip(continued_fused_params, reference_params):
+            target.copy_(source)
+    continued_reference.load_state_dict(fused.state_dict())
+    continued_fused.load_state_dict(reference.state_dict())
+    assert all(group["fused"] is True for group in continued_reference.param_groups)
+    assert all(not group["fused"] for group in continued_fused.param_groups)
+    for group in continued_reference.param_groups:
+        group["fused"] = None
+        if "foreach" in group:
+            group["foreach"] = False
+    for group in continued_fused.param_groups:
+        group["fused"] = True
+    for step in range(before, before + after):
+        for optimizer, params in ((continued_reference, continued_reference_params),
+                                  (continued_fused, continued_fused_params)):
+            set_grads(params, step, case.skip_grads)
+            optimizer.step()
+    assert continued_fused.state_dict()["param_groups"][0]["fused"] is True
+    return continued_fused, continued_fused_params, continued_reference, continued_reference_params

@@ -20,8 +20,8 @@ from optimlab.optim._fused import DISABLE_ENV, FusedStep, fused_step, fused_unav
 from optimlab.optim.adam import _adam_tensor
 from optimlab.optim.sgd import _sgd_tensor
 
-from .fused_harness import (STEPS, FusedCase, build, max_relative_error, needs_compiler, run_pair, set_grads,
-                            state_tensors)
+from .fused_harness import (STEPS, FusedCase, build, cross_load_and_continue, max_relative_error, needs_compiler,
+                            run_pair, set_grads, state_tensors)
 
 CASES = [
     FusedCase("adam-amsgrad-l2-f64", Adam, {"lr": 1e-2, "amsgrad": True, "weight_decay": 0.1}, skip_grads=True),
@@ -77,33 +77,11 @@ def test_lr_schedule_causes_no_recompilation() -> None:
 @needs_compiler
 def test_state_dict_moves_between_fused_and_reference() -> None:
     case = CASES[2]
-    fused, fused_params, reference, reference_params = run_pair(case, steps=5)
-    # fused -> per-tensor and per-tensor -> fused, then 5 more steps on each side
-    continued_reference, continued_reference_params = build(case, fused=False)
-    continued_fused, continued_fused_params = build(case, fused=True)
-    with torch.no_grad():
-        for target, source in zip(continued_reference_params, fused_params):
-            target.copy_(source)
-        for target, source in zip(continued_fused_params, reference_params):
-            target.copy_(source)
-    continued_reference.load_state_dict(fused.state_dict())
-    continued_fused.load_state_dict(reference.state_dict())
-    # torch.optim semantics: the loaded param-group settings (fused/foreach included) replace the current ones
-    assert continued_reference.param_groups[0]["fused"] is True
-    assert continued_fused.param_groups[0]["fused"] is None
-    for group in continued_reference.param_groups:
-        group["fused"], group["foreach"] = None, False
-    for group in continued_fused.param_groups:
-        group["fused"] = True
-    for step in range(5, 10):
-        for params in (continued_reference_params, continued_fused_params):
-            set_grads(params, step, False)
-        continued_reference.step()
-        continued_fused.step()
+    continued_fused, continued_fused_params, continued_reference, continued_reference_params = (
+        cross_load_and_continue(case))
     assert max_relative_error(continued_fused_params, continued_reference_params) <= 1e-6
-    assert continued_fused.state_dict()["param_groups"][0]["fused"] is True
     assert max_relative_error(state_tensors(continued_fused, continued_fused_params),
-                               state_tensors(continued_reference, continued_reference_params)) <= 1e-6
+                              state_tensors(continued_reference, continued_reference_params)) <= 1e-6
 
 
 def test_disabled_by_environment_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:

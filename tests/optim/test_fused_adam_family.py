@@ -19,8 +19,8 @@ from optimlab.optim import _fused
 from optimlab.optim._fused import DISABLE_ENV
 from optimlab.optim.radam import _radam_step_size
 
-from .fused_harness import (FusedCase, build, max_relative_error, needs_compiler, run_pair, set_grads,
-                            state_tensors)
+from .fused_harness import (FusedCase, build, cross_load_and_continue, max_relative_error, needs_compiler, run_pair,
+                            set_grads, state_tensors)
 
 RULES = {Adamax: "_adamax_tensor", NAdam: "_nadam_tensor", RAdam: "_radam_tensor"}
 
@@ -99,24 +99,8 @@ def test_lr_schedule_and_rectification_switch_cause_no_recompilation(case: Fused
 def test_state_dict_moves_between_fused_and_reference(case: FusedCase) -> None:
     """5 steps on each path, swap the state_dicts (and parameter values), 5 more steps (RAdam's switch at
     step 6 happens after the swap): the continued runs agree."""
-    fused, fused_params, reference, reference_params = run_pair(case, steps=5)
-    continued_reference, continued_reference_params = build(case, fused=False)
-    continued_fused, continued_fused_params = build(case, fused=True)
-    with torch.no_grad():
-        for target, source in zip(continued_reference_params, fused_params):
-            target.copy_(source)
-        for target, source in zip(continued_fused_params, reference_params):
-            target.copy_(source)
-    continued_reference.load_state_dict(fused.state_dict())
-    continued_fused.load_state_dict(reference.state_dict())
-    for group in continued_reference.param_groups:
-        group["fused"], group["foreach"] = None, False
-    for group in continued_fused.param_groups:
-        group["fused"] = True
-    for step in range(5, 10):
-        _step_both([(continued_reference, continued_reference_params), (continued_fused, continued_fused_params)],
-                   step, False)
-    assert continued_fused.state_dict()["param_groups"][0]["fused"] is True
+    continued_fused, continued_fused_params, continued_reference, continued_reference_params = (
+        cross_load_and_continue(case))
     assert max_relative_error(continued_fused_params, continued_reference_params) <= case.rtol
     assert max_relative_error(state_tensors(continued_fused, continued_fused_params),
                               state_tensors(continued_reference, continued_reference_params)) <= case.rtol

@@ -20,7 +20,8 @@ import torch
 from optimlab.optim import Adadelta, RMSprop
 from optimlab.optim import _fused
 
-from .fused_harness import FusedCase, build, max_relative_error, needs_compiler, run_pair, set_grads, state_tensors
+from .fused_harness import (FusedCase, build, cross_load_and_continue, max_relative_error, needs_compiler, run_pair,
+                            set_grads, state_tensors)
 
 
 def layout(dtype: torch.dtype, generator: torch.Generator, *, with_complex: bool = False,
@@ -130,33 +131,12 @@ def test_schedule_causes_no_recompilation(case: FusedCase) -> None:
 def test_state_dict_moves_between_fused_and_reference(case: FusedCase) -> None:
     """5 steps on each path, then each path's state_dict loaded into the other, then 5 more steps: the
     continued runs agree (1e-6, float32) and keep the loaded ``fused`` setting (torch.optim semantics)."""
-    fused, fused_params, reference, reference_params = run_pair(case, steps=5)
-    continued_reference, continued_reference_params = build(case, fused=False)
-    continued_fused, continued_fused_params = build(case, fused=True)
-    with torch.no_grad():
-        for target, source in zip(continued_reference_params, fused_params):
-            target.copy_(source)
-        for target, source in zip(continued_fused_params, reference_params):
-            target.copy_(source)
-    continued_reference.load_state_dict(fused.state_dict())
-    continued_fused.load_state_dict(reference.state_dict())
-    assert continued_reference.param_groups[0]["fused"] is True
-    assert continued_fused.param_groups[0]["fused"] is None
-    for group in continued_reference.param_groups:
-        group["fused"], group["foreach"] = None, False
-    for group in continued_fused.param_groups:
-        group["fused"] = True
-    for step in range(5, 10):
-        for params in (continued_reference_params, continued_fused_params):
-            set_grads(params, step, False)
-        continued_reference.step()
-        continued_fused.step()
-    assert continued_fused.state_dict()["param_groups"][0]["fused"] is True
+    continued_fused, continued_fused_params, continued_reference, continued_reference_params = (
+        cross_load_and_continue(case))
     assert all(int(continued_fused.state[p]["step"]) == 10 for p in continued_fused_params)
     assert max_relative_error(continued_fused_params, continued_reference_params) <= case.rtol
     assert max_relative_error(state_tensors(continued_fused, continued_fused_params),
                               state_tensors(continued_reference, continued_reference_params)) <= case.rtol
-
 
 
 @pytest.mark.parametrize("case", [RMSPROP_ALL, ADADELTA_ALL], ids=lambda case: case.id)

@@ -23,8 +23,8 @@ from optimlab.optim._fused import DISABLE_ENV, fused_step
 from optimlab.optim.lamb import LARGE_TENSOR_BYTES, _lamb_tensor
 from optimlab.optim.lars import _lars_tensor, trust_ratio
 
-from .fused_harness import (STEPS, FusedCase, build, max_relative_error, needs_compiler, run_pair, set_grads,
-                            state_tensors)
+from .fused_harness import (STEPS, FusedCase, build, cross_load_and_continue, max_relative_error, needs_compiler,
+                            run_pair, set_grads, state_tensors)
 
 
 def trust_groups(dtype: torch.dtype, generator: torch.Generator) -> list[dict[str, Any]]:
@@ -179,32 +179,11 @@ def test_lr_schedule_causes_no_recompilation(case: FusedCase) -> None:
 @needs_compiler
 @pytest.mark.parametrize("case", [LAMB_F32, LARS_F32], ids=lambda case: case.id)
 def test_state_dict_moves_between_fused_and_reference(case: FusedCase) -> None:
-    fused, fused_params, reference, reference_params = run_pair(case, steps=5)
-    continued_reference, continued_reference_params = build(case, fused=False)
-    continued_fused, continued_fused_params = build(case, fused=False)
-    with torch.no_grad():
-        for target, source in zip(continued_reference_params, fused_params):
-            target.copy_(source)
-        for target, source in zip(continued_fused_params, reference_params):
-            target.copy_(source)
-    continued_reference.load_state_dict(fused.state_dict())
-    continued_fused.load_state_dict(reference.state_dict())
-    # torch.optim semantics: the loaded param-group settings (fused/foreach included) replace the current ones
-    assert all(group["fused"] is True for group in continued_reference.param_groups)
-    assert all(group["fused"] is None for group in continued_fused.param_groups)
-    for group in continued_reference.param_groups:
-        group["fused"], group["foreach"] = None, False
-    for group in continued_fused.param_groups:
-        group["fused"] = True
-    for step in range(5, 10):
-        for params in (continued_reference_params, continued_fused_params):
-            set_grads(params, step, False)
-        continued_reference.step()
-        continued_fused.step()
+    continued_fused, continued_fused_params, continued_reference, continued_reference_params = (
+        cross_load_and_continue(case))
     assert max_relative_error(continued_fused_params, continued_reference_params) <= 1e-6
     assert max_relative_error(state_tensors(continued_fused, continued_fused_params),
                               state_tensors(continued_reference, continued_reference_params)) <= 1e-6
-    assert continued_fused.state_dict()["param_groups"][0]["fused"] is True
     # a checkpoint without the key (written before fused= existed) loads with the default
     old = continued_fused.state_dict()
     for group in old["param_groups"]:
