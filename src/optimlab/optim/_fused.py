@@ -184,7 +184,8 @@ class FusedStep:
         static: the constant keyword arguments; one :class:`FusedStep` per distinct value.
         chunk_size: tensors per compiled call (see the module docstring).
         elementwise: the rule treats every element on its own (no reduction over a tensor), so tensors
-            may be concatenated and updated by one call.
+            may be concatenated and updated by one call; every argument must then have the
+            parameter's dtype (the packed buffers are allocated in it).
 
     Attributes:
         compiles: how many graphs have been compiled (a recompile would increase it).
@@ -255,9 +256,12 @@ class FusedStep:
         self._compiling = structure
         try:
             config = torch._dynamo.config
-            limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
-            # floats among the constant options (eps, Newton-Schulz coefficients) are constants, not inputs
-            with config.patch(**{limit: RECOMPILE_LIMIT, "specialize_float": True}):
+            options: dict[str, Any] = {"recompile_limit" if hasattr(config, "recompile_limit")
+                                       else "cache_size_limit": RECOMPILE_LIMIT}  # the older name: torch < 2.6
+            if hasattr(config, "specialize_float"):
+                # floats among the constant options (eps, Newton-Schulz coefficients) are constants, not inputs
+                options["specialize_float"] = True
+            with config.patch(**options):
                 self._compiled(self.update, columns, scalar_tensors, self.static)
         finally:
             self._compiling = None
