@@ -252,6 +252,8 @@ class FusedStep:
                 compiled(*extract({"update": self.update, "tensor_lists": columns, "scalars": scalar_tensors,
                                    "static": self.static}))
                 return
+        import torch.fx.experimental._config as fx_config
+
         _ensure_cache_dir()
         self._compiling = structure
         try:
@@ -261,7 +263,8 @@ class FusedStep:
             if hasattr(config, "specialize_float"):
                 # floats among the constant options (eps, Newton-Schulz coefficients) are constants, not inputs
                 options["specialize_float"] = True
-            with config.patch(**options):
+            # sizes that happen to be equal stay separate symbols (no recompile when they differ later)
+            with config.patch(**options), fx_config.patch(use_duck_shape=False):
                 self._compiled(self.update, columns, scalar_tensors, self.static)
         finally:
             self._compiling = None
@@ -277,8 +280,6 @@ class FusedStep:
         optional state buffer that this configuration does not keep). The second list holds the
         gradients, which the rule reads and never writes.
         """
-        import torch.fx.experimental._config as fx_config
-
         present = [i for i, column in enumerate(tensor_lists) if column is not None]
         if not present or not tensor_lists[present[0]]:
             return
@@ -290,11 +291,10 @@ class FusedStep:
             grouped = group_by_device_and_dtype(columns)
         compiles_before = self.compiles
         start = time.perf_counter()
-        with fx_config.patch(use_duck_shape=False):
-            for (device, _dtype), (lists, _indices) in grouped.items():
-                scalar_tensors = {name: torch.as_tensor(value, dtype=torch.float64, device=device).reshape(())
-                                  for name, value in scalars.items()}
-                self._apply_group(present, len(tensor_lists), lists, scalars, scalar_tensors)
+        for (device, _dtype), (lists, _indices) in grouped.items():
+            scalar_tensors = {name: torch.as_tensor(value, dtype=torch.float64, device=device).reshape(())
+                              for name, value in scalars.items()}
+            self._apply_group(present, len(tensor_lists), lists, scalars, scalar_tensors)
         if self.compiles != compiles_before:
             self.compile_seconds += time.perf_counter() - start
 
