@@ -129,14 +129,16 @@ def _run_worker(config: TrainConfig, *, resume: bool, overwrite: bool, quiet: bo
                 stop_at: int | None = None) -> None:
     """Train in this process (alone, or as one rank of a job described by the environment)."""
     context = init_distributed(config.device, config.dist_timeout_s)
+    finished = False
     try:
         trainer = Trainer(config, context, resume=resume, overwrite=overwrite, quiet=quiet)
         try:
             trainer.train(stop_at=stop_at)
         finally:
             trainer.close()
+        finished = True
     finally:
-        shutdown(context)
+        shutdown(context, finished=finished)
     if context.is_main and not quiet:
         _print_summary(Path(config.out_dir))
 
