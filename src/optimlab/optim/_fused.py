@@ -47,6 +47,7 @@ import shutil
 import time
 import types
 import warnings
+import weakref
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -386,6 +387,12 @@ class _Layout:
         self.views = [[part.view(shape) for part, shape in zip(flat.split(sizes), shapes)] for flat in self.flats]
         self.pointers = [[view.data_ptr() for view in views] for views in self.views]
         self.inputs: _Layout | None = None  # for adopted state: the parameters' and gradients' buffers
+        self.owner: weakref.ref[Tensor] | None = None  # for adopted state: its first tensor
+
+    def holds_its_state(self) -> bool:
+        """Whether the first adopted tensor still exists and still points into these buffers."""
+        owner = self.owner() if self.owner is not None else None
+        return owner is not None and owner.data_ptr() == self.pointers[0][0]
 
 
 class _PackCache:
@@ -406,11 +413,13 @@ class _PackCache:
 
     Adopted buffers are found by the address of their first tensor, so two optimizers over the same
     shapes never share state; they carry their own buffers for the parameters and gradients. Scratch
-    buffers for state that cannot be adopted are shared by shape and kept for the last few shape lists.
+    buffers (no state, or state that cannot be adopted) are shared by shape. Up to ``capacity`` layouts
+    of each kind are kept (one per param group is the usual need); beyond that, adopted buffers whose
+    state has moved on are forgotten first, then the oldest.
     """
 
-    def __init__(self, capacity: int = 4) -> None:
-        self.capacity = capacity
+    def __init__(self, capacity: int = 64) -> None:
+        self.capacity = capacity  # layouts kept: one per param group and dtype, plus a few stale ones
         self._scratch: dict[tuple[Any, ...], _Layout] = {}
         self._adopted: dict[int, _Layout] = {}
 
@@ -447,7 +456,12 @@ class _PackCache:
             for tensor, view in zip(column, views):
                 tensor.set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
         if len(self._adopted) >= self.capacity:
-            del self._adopted[next(iter(self._adopted))]  # the tensors that used it keep its storage alive
+            # forget buffers whose state has moved on (replaced by a load, or adopted by another layout)
+            # first, then the oldest; tensors still pointing into a forgotten buffer keep its storage alive
+            stale = [ptr for ptr, old in self._adopted.items() if not old.holds_its_state()]
+            for ptr in stale or [next(iter(self._adopted))]:
+                del self._adopted[ptr]
+        layout.owner = weakref.ref(first)
         self._adopted[layout.flats[0].data_ptr()] = layout
         return layout
 
