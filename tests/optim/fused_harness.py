@@ -76,6 +76,17 @@ def state_tensors(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) 
     return [value for p in params for key, value in sorted(optimizer.state[p].items()) if torch.is_tensor(value)]
 
 
+def assert_matches_reference(fused: Any, fused_params: list[torch.Tensor], reference: Any,
+                             reference_params: list[torch.Tensor], rtol: float, *, param_rtol: float | None = None
+                             ) -> None:
+    """Parameters within ``param_rtol`` (default ``rtol``) and every state tensor within ``rtol`` of the
+    reference, relative to each tensor's largest value; both optimizers hold the same, non-empty state."""
+    assert max_relative_error(fused_params, reference_params) <= (rtol if param_rtol is None else param_rtol)
+    fused_state, reference_state = state_tensors(fused, fused_params), state_tensors(reference, reference_params)
+    assert len(fused_state) == len(reference_state) > 0
+    assert max_relative_error(fused_state, reference_state) <= rtol
+
+
 def run_pair(case: FusedCase, steps: int = STEPS) -> tuple[Any, list[torch.Tensor], Any, list[torch.Tensor]]:
     fused, fused_params = build(case, fused=True)
     reference, reference_params = build(case, fused=False)

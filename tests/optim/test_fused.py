@@ -20,8 +20,8 @@ from optimlab.optim._fused import DISABLE_ENV, FusedStep, fused_step, fused_unav
 from optimlab.optim.adam import _adam_tensor
 from optimlab.optim.sgd import _sgd_tensor
 
-from .fused_harness import (STEPS, FusedCase, build, cross_load_and_continue, max_relative_error, needs_compiler,
-                            run_pair, set_grads, state_tensors)
+from .fused_harness import (STEPS, FusedCase, assert_matches_reference, build, cross_load_and_continue,
+                            max_relative_error, needs_compiler, run_pair, set_grads)
 
 CASES = [
     FusedCase("adam-amsgrad-l2-f64", Adam, {"lr": 1e-2, "amsgrad": True, "weight_decay": 0.1}, skip_grads=True),
@@ -38,10 +38,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
 def test_fused_matches_per_tensor_reference(case: FusedCase) -> None:
     fused, fused_params, reference, reference_params = run_pair(case)
-    assert max_relative_error(fused_params, reference_params) <= case.rtol
-    fused_state, reference_state = state_tensors(fused, fused_params), state_tensors(reference, reference_params)
-    assert len(fused_state) == len(reference_state) > 0
-    assert max_relative_error(fused_state, reference_state) <= case.rtol
+    assert_matches_reference(fused, fused_params, reference, reference_params, case.rtol)
     # the parameters really moved, and the compiled path (not only the uncompiled leftovers) ran
     initial, _ = build(case, fused=False)
     assert max_relative_error(fused_params, [p for g in initial.param_groups for p in g["params"]]) > 1e-4
@@ -79,9 +76,7 @@ def test_state_dict_moves_between_fused_and_reference() -> None:
     case = CASES[2]
     continued_fused, continued_fused_params, continued_reference, continued_reference_params = (
         cross_load_and_continue(case))
-    assert max_relative_error(continued_fused_params, continued_reference_params) <= 1e-6
-    assert max_relative_error(state_tensors(continued_fused, continued_fused_params),
-                              state_tensors(continued_reference, continued_reference_params)) <= 1e-6
+    assert_matches_reference(continued_fused, continued_fused_params, continued_reference, continued_reference_params, 1e-6)
 
 
 def test_disabled_by_environment_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -171,8 +166,7 @@ def test_full_chunks_of_many_tensors() -> None:
         set_grads(reference_params, step, False)
         fused.step()
         reference.step()
-    assert max_relative_error(fused_params, reference_params) <= 1e-12
-    assert max_relative_error(state_tensors(fused, fused_params), state_tensors(reference, reference_params)) <= 1e-12
+    assert_matches_reference(fused, fused_params, reference, reference_params, 1e-12)
 
 
 # --- small tensors packed into one call (elementwise rules) -----------------------------------------------------
@@ -196,8 +190,7 @@ def _mixed_layout(dtype: torch.dtype, generator: torch.Generator) -> list[dict[s
 def test_packed_small_tensors_match_reference(cls: type, kwargs: dict[str, Any]) -> None:
     case = FusedCase(f"packed-{cls.__name__}", cls, kwargs, skip_grads=True, groups=_mixed_layout)
     fused, fused_params, reference, reference_params = run_pair(case)
-    assert max_relative_error(fused_params, reference_params) <= 1e-12
-    assert max_relative_error(state_tensors(fused, fused_params), state_tensors(reference, reference_params)) <= 1e-12
+    assert_matches_reference(fused, fused_params, reference, reference_params, 1e-12)
     # the small tensors' state was adopted into shared flat buffers (the large one keeps its own)
     key = "momentum_buffer" if cls is SGD else "sum"
     storages = {fused.state[p][key].untyped_storage().data_ptr() for p in fused_params if p.numel() <= _fused.PACK_NUMEL}
@@ -242,8 +235,7 @@ def test_packed_state_survives_checkpoint_and_deepcopy() -> None:
         for optimizer in (fused, reference, restored, twin):
             optimizer.step()
     for params, optimizer in ((fused_params, fused), (restored_params, restored), (twin_params, twin)):
-        assert max_relative_error(params, reference_params) <= 1e-12
-        assert max_relative_error(state_tensors(optimizer, params), state_tensors(reference, reference_params)) <= 1e-12
+        assert_matches_reference(optimizer, params, reference, reference_params, 1e-12)
 
 
 @needs_compiler
@@ -311,8 +303,7 @@ def test_compiled_graph_is_called_directly_after_the_first_step(monkeypatch: pyt
         monkeypatch.setattr(step_fn, "_compiled", lambda *args, case=case: (dynamo_calls.append(case.id),
                                                                             compiled(*args)))
         fused, fused_params, reference, reference_params = run_pair(case)
-        assert max_relative_error(fused_params, reference_params) <= 1e-12
-        assert max_relative_error(state_tensors(fused, fused_params), state_tensors(reference, reference_params)) <= 1e-12
+        assert_matches_reference(fused, fused_params, reference, reference_params, 1e-12)
     assert dynamo_calls == ["direct-b"]  # one entry for the new layout, 18 direct calls after it
     assert step_fn.compiles == compiles
 
@@ -399,5 +390,4 @@ def test_many_param_groups_keep_their_packed_state() -> None:
             set_grads(params, step, False)
             optimizer.step()
     assert [fused.state[p]["momentum_buffer"].data_ptr() for p in fused_params] == addresses
-    assert max_relative_error(fused_params, reference_params) <= 1e-12
-    assert max_relative_error(state_tensors(fused, fused_params), state_tensors(reference, reference_params)) <= 1e-12
+    assert_matches_reference(fused, fused_params, reference, reference_params, 1e-12)

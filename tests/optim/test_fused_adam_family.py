@@ -19,8 +19,8 @@ from optimlab.optim import _fused
 from optimlab.optim._fused import DISABLE_ENV
 from optimlab.optim.radam import _radam_step_size
 
-from .fused_harness import (FusedCase, build, cross_load_and_continue, max_relative_error, needs_compiler, run_pair,
-                            set_grads, state_tensors)
+from .fused_harness import (FusedCase, assert_matches_reference, build, cross_load_and_continue, max_relative_error,
+                            needs_compiler, run_pair, set_grads, state_tensors)
 
 RULES = {Adamax: "_adamax_tensor", NAdam: "_nadam_tensor", RAdam: "_radam_tensor"}
 
@@ -89,9 +89,7 @@ def test_lr_schedule_and_rectification_switch_cause_no_recompilation(case: Fused
     assert len(lrs) == 50  # every step saw a new learning rate
     assert compiled_at <= allowed
     assert _compiles(case.cls) >= len(allowed)  # compiled graphs ran (here or in an earlier test)
-    assert max_relative_error(fused_params, reference_params) <= case.rtol
-    assert max_relative_error(state_tensors(fused, fused_params),
-                              state_tensors(reference, reference_params)) <= case.rtol
+    assert_matches_reference(fused, fused_params, reference, reference_params, case.rtol)
 
 
 @needs_compiler
@@ -101,9 +99,7 @@ def test_state_dict_moves_between_fused_and_reference(case: FusedCase) -> None:
     step 6 happens after the swap): the continued runs agree."""
     continued_fused, continued_fused_params, continued_reference, continued_reference_params = (
         cross_load_and_continue(case))
-    assert max_relative_error(continued_fused_params, continued_reference_params) <= case.rtol
-    assert max_relative_error(state_tensors(continued_fused, continued_fused_params),
-                              state_tensors(continued_reference, continued_reference_params)) <= case.rtol
+    assert_matches_reference(continued_fused, continued_fused_params, continued_reference, continued_reference_params, case.rtol)
 
 
 @needs_compiler
@@ -131,9 +127,7 @@ def test_fused_nadam_state_dict_loads_into_torch() -> None:
         group["fused"] = True  # torch's groups bring fused=None
     for step in range(10, 15):
         _step_both([(resumed, resumed_params), (torch_optimizer, torch_params)], step, False)
-    assert max_relative_error(resumed_params, torch_params) <= case.rtol
-    assert max_relative_error(state_tensors(resumed, resumed_params),
-                              state_tensors(torch_optimizer, torch_params)) <= case.rtol
+    assert_matches_reference(resumed, resumed_params, torch_optimizer, torch_params, case.rtol)
 
 
 @needs_compiler
@@ -150,9 +144,7 @@ def test_nadam_parameters_with_equal_steps_but_different_mu_products() -> None:
         optimizer.state[params[1]]["mu_product"].mul_(0.5)
     for step in range(3, 8):
         _step_both(pairs, step, False)
-    assert max_relative_error(fused_params, reference_params) <= case.rtol
-    assert max_relative_error(state_tensors(fused, fused_params), state_tensors(reference, reference_params)) \
-        <= case.rtol
+    assert_matches_reference(fused, fused_params, reference, reference_params, case.rtol)
     assert fused.state[fused_params[1]]["mu_product"] != fused.state[fused_params[0]]["mu_product"]
 
 

@@ -20,8 +20,8 @@ import torch
 from optimlab.optim import Adadelta, RMSprop
 from optimlab.optim import _fused
 
-from .fused_harness import (FusedCase, build, cross_load_and_continue, max_relative_error, needs_compiler, run_pair,
-                            set_grads, state_tensors)
+from .fused_harness import (FusedCase, assert_matches_reference, build, cross_load_and_continue, max_relative_error,
+                            needs_compiler, run_pair, set_grads, state_tensors)
 
 
 def layout(dtype: torch.dtype, generator: torch.Generator, *, with_complex: bool = False,
@@ -121,9 +121,7 @@ def test_schedule_causes_no_recompilation(case: FusedCase) -> None:
     assert len(momenta) == (50 if cycled_momentum else 1)
     assert compiles_after_first_step >= 1
     assert compiles(case.cls) == compiles_after_first_step
-    assert max_relative_error(fused_params, reference_params) <= case.rtol
-    assert max_relative_error(state_tensors(fused, fused_params),
-                              state_tensors(reference, reference_params)) <= case.rtol
+    assert_matches_reference(fused, fused_params, reference, reference_params, case.rtol)
 
 
 @needs_compiler
@@ -134,9 +132,7 @@ def test_state_dict_moves_between_fused_and_reference(case: FusedCase) -> None:
     continued_fused, continued_fused_params, continued_reference, continued_reference_params = (
         cross_load_and_continue(case))
     assert all(int(continued_fused.state[p]["step"]) == 10 for p in continued_fused_params)
-    assert max_relative_error(continued_fused_params, continued_reference_params) <= case.rtol
-    assert max_relative_error(state_tensors(continued_fused, continued_fused_params),
-                              state_tensors(continued_reference, continued_reference_params)) <= case.rtol
+    assert_matches_reference(continued_fused, continued_fused_params, continued_reference, continued_reference_params, case.rtol)
 
 
 @pytest.mark.parametrize("case", [RMSPROP_ALL, ADADELTA_ALL], ids=lambda case: case.id)
@@ -151,5 +147,4 @@ def test_disabled_by_environment_falls_back_with_one_warning(case: FusedCase, mo
         fused, fused_params, reference, reference_params = run_pair(case, steps=5)
     assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
     assert compiles(case.cls) == compiled_before
-    assert max_relative_error(fused_params, reference_params) <= 1e-12
-    assert max_relative_error(state_tensors(fused, fused_params), state_tensors(reference, reference_params)) <= 1e-12
+    assert_matches_reference(fused, fused_params, reference, reference_params, 1e-12)

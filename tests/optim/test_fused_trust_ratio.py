@@ -23,8 +23,8 @@ from optimlab.optim._fused import DISABLE_ENV, fused_step
 from optimlab.optim.lamb import LARGE_TENSOR_BYTES, _lamb_tensor
 from optimlab.optim.lars import _lars_tensor, trust_ratio
 
-from .fused_harness import (STEPS, FusedCase, build, cross_load_and_continue, max_relative_error, needs_compiler,
-                            run_pair, set_grads, state_tensors)
+from .fused_harness import (STEPS, FusedCase, assert_matches_reference, build, cross_load_and_continue,
+                            max_relative_error, needs_compiler, run_pair, set_grads)
 
 
 def trust_groups(dtype: torch.dtype, generator: torch.Generator) -> list[dict[str, Any]]:
@@ -69,10 +69,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
 def test_fused_matches_per_tensor_reference(case: FusedCase) -> None:
     fused, fused_params, reference, reference_params = run_pair(case)
-    assert max_relative_error(fused_params, reference_params) <= case.rtol
-    fused_state, reference_state = state_tensors(fused, fused_params), state_tensors(reference, reference_params)
-    assert len(fused_state) == len(reference_state) > 0
-    assert max_relative_error(fused_state, reference_state) <= case.rtol
+    assert_matches_reference(fused, fused_params, reference, reference_params, case.rtol)
     # every parameter moved (the zero-initialised one too), and the compiled path ran
     initial, _ = build(case, fused=False)
     for moved, start in zip(fused_params, (p for group in initial.param_groups for p in group["params"])):
@@ -128,8 +125,7 @@ def test_large_lamb_tensors_take_one_compiled_call_each() -> None:
         fused.step()
         reference.step()
     assert single.compiles >= 1
-    assert max_relative_error(fused_params, reference_params) <= 1e-12
-    assert max_relative_error(state_tensors(fused, fused_params), state_tensors(reference, reference_params)) <= 1e-12
+    assert_matches_reference(fused, fused_params, reference, reference_params, 1e-12)
 
 
 def test_trust_ratio_rule() -> None:
@@ -172,8 +168,7 @@ def test_lr_schedule_causes_no_recompilation(case: FusedCase) -> None:
     assert len(lrs) == 50  # every step saw a new learning rate
     assert min(compiles_after_first_step) >= 1
     assert [s.compiles for s in steps] == compiles_after_first_step
-    assert max_relative_error(fused_params, reference_params) <= 1e-6
-    assert max_relative_error(state_tensors(fused, fused_params), state_tensors(reference, reference_params)) <= 1e-6
+    assert_matches_reference(fused, fused_params, reference, reference_params, 1e-6)
 
 
 @needs_compiler
@@ -181,9 +176,7 @@ def test_lr_schedule_causes_no_recompilation(case: FusedCase) -> None:
 def test_state_dict_moves_between_fused_and_reference(case: FusedCase) -> None:
     continued_fused, continued_fused_params, continued_reference, continued_reference_params = (
         cross_load_and_continue(case))
-    assert max_relative_error(continued_fused_params, continued_reference_params) <= 1e-6
-    assert max_relative_error(state_tensors(continued_fused, continued_fused_params),
-                              state_tensors(continued_reference, continued_reference_params)) <= 1e-6
+    assert_matches_reference(continued_fused, continued_fused_params, continued_reference, continued_reference_params, 1e-6)
     # a checkpoint without the key (written before fused= existed) loads with the default
     old = continued_fused.state_dict()
     for group in old["param_groups"]:
