@@ -11,9 +11,11 @@ Read top to bottom, :class:`Trainer` does this:
    wrap the model in ``DistributedDataParallel`` when there are several processes. Every check that can
    fail runs before the first file is written.
 2. **Loop** (:meth:`Trainer.train`): each optimizer step takes ``accum`` micro-batches from the sharded
-   epoch stream (:class:`optimlab.train.data.EpochBatches`), back-propagates loss/accum through each
-   (gradients of non-final micro-batches are not all-reduced: ``no_sync``), clips, steps the optimizer
-   (through the guard or the GradScaler), steps the schedule, and all-reduces the loss for logging.
+   epoch stream (:class:`optimlab.train.data.EpochBatches`) and hands them to the step policy
+   (:class:`optimlab.train.step.StepPolicy`): back-propagate loss/accum through each (gradients of
+   non-final micro-batches are not all-reduced: ``no_sync``), unscale, clip, step the optimizer through
+   the guard (or the GradScaler), step the schedule unless the step was skipped, and average the loss
+   over ranks for logging.
 3. **Every N steps**: log (console progress bar, ``metrics.csv``, TensorBoard), evaluate on fixed
    validation windows sharded across ranks, and checkpoint atomically (rank 0 writes; with ZeRO the
    optimizer state is consolidated first).
@@ -50,7 +52,7 @@ from optimlab.optim.groups import param_groups
 from optimlab.optim.modes import eval_weights
 from optimlab.optim.registry import create_optimizer, get_spec
 from optimlab.progress import progress
-from optimlab.schedules import create_scheduler, list_schedules, step_scheduler
+from optimlab.schedules import create_scheduler, list_schedules
 from optimlab.train.checkpoint import (
     capture_rng_state,
     check_compatible,
@@ -70,6 +72,7 @@ from optimlab.train.data import (
 )
 from optimlab.train.distributed import DistContext, all_gather_objects, all_reduce_sum, pick_device
 from optimlab.train.model import GPT, GPTConfig
+from optimlab.train.step import StepPolicy
 
 __all__ = ["Trainer", "TrainResult", "RunPlan", "prepare_run", "CHECKPOINT_NAME", "METRICS_NAME", "SUMMARY_NAME"]
 
@@ -186,6 +189,8 @@ class Trainer:
         self.clipper = make_clipper(config.clip, self.model.parameters())
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
         self.guard = NonFiniteGuard(self.optimizer, scaler=self.scaler) if config.skip_nonfinite else None
+        self.policy = StepPolicy(self.optimizer, self.clipper, accum=config.accum, guard=self.guard,
+                                 scaler=self.scaler, scheduler=self.scheduler)
 
         # Position in the run; restored from the checkpoint when resuming.
         self.step = 0
@@ -279,36 +284,21 @@ class Trainer:
             yield inputs.to(self.context.device), targets.to(self.context.device)
 
     def _train_step(self) -> tuple[float, float, bool]:
-        """One optimizer step over ``accum`` micro-batches; returns (mean loss over ranks, grad norm, clipped)."""
-        accum = self.config.accum
+        """One optimizer step over ``accum`` micro-batches (:class:`~optimlab.train.step.StepPolicy`); returns
+        (mean loss over ranks, grad norm, clipped)."""
         self.forward_model.train()
-        loss_sum = torch.zeros((), device=self.context.device)
-        for index, (inputs, targets) in enumerate(self._micro_batches()):
-            final = index == accum - 1
-            sync = contextlib.nullcontext() if final or not self.context.is_distributed else self.ddp_model.no_sync()
-            with sync:
-                with self._autocast():
-                    _, loss = self.forward_model(inputs, targets)
-                scaled = loss / accum
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            loss_sum += loss.detach().float()
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        clip = self.clipper.step()
-        if self.guard is not None:
-            self.guard.step()  # skips the step on inf/NaN gradients (through the GradScaler under fp16)
-        elif self.scaler is not None:
-            self.scaler.step(self.optimizer)
-        else:
-            self.optimizer.step()
-        if self.scaler is not None:
-            self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        mean_loss = float(all_reduce_sum(loss_sum / accum, self.context) / self.context.world_size)
-        skipped = self.guard is not None and self.guard.last_step_skipped
-        if self.scheduler is not None and not skipped:
-            step_scheduler(self.scheduler, metric=mean_loss)  # the loss is the metric of "plateau"
-        return mean_loss, clip.norm, clip.clipped
+        no_sync = self.ddp_model.no_sync if self.context.is_distributed else None
+        outcome = self.policy.step(self._micro_batches(), self._loss, no_sync=no_sync,
+                                   reduce_mean=self._mean_over_ranks)
+        return outcome.loss, outcome.grad_norm, outcome.clipped
+
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        with self._autocast():
+            _, loss = self.forward_model(*batch)
+        return loss
+
+    def _mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(value, self.context) / self.context.world_size
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)
