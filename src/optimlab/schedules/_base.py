@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import math
 import types
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import EPOCH_DEPRECATION_WARNING, LRScheduler
 
 __all__ = [
     "Schedule",
@@ -45,6 +46,7 @@ __all__ = [
     "check_factor",
     "check_choice",
     "has_closed_form",
+    "warn_if_optimizer_not_stepped",
 ]
 
 
@@ -102,6 +104,25 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
         raise ValueError(f"Unknown {name}: {value!r} (accepted: {', '.join(repr(c) for c in choices)})")
 
 
+def warn_if_optimizer_not_stepped(optimizer: Optimizer) -> None:
+    """torch's warnings at a scheduler's first ``step()``: ``optimizer.step()`` was replaced after the scheduler
+    was built, or has not been called yet (torch's ``LRScheduler.__init__`` wraps ``optimizer.step`` to record
+    the call; these two attribute names are torch's)."""
+    if not hasattr(optimizer.step, "_wrapped_by_lr_sched"):
+        warnings.warn("Seems like `optimizer.step()` has been overridden after learning rate scheduler "
+                      "initialization. Please, make sure to call `optimizer.step()` before "
+                      "`lr_scheduler.step()`. See more details at "
+                      "https://pytorch.org/docs/stable/optim.html#how-to-adjust-learning-rate", UserWarning,
+                      stacklevel=3)
+    elif not getattr(optimizer, "_opt_called", False):
+        warnings.warn("Detected call of `lr_scheduler.step()` before `optimizer.step()`. In PyTorch 1.1.0 and "
+                      "later, you should call them in the opposite order: `optimizer.step()` before "
+                      "`lr_scheduler.step()`.  Failure to do this will result in PyTorch skipping the first value "
+                      "of the learning rate schedule. See more details at "
+                      "https://pytorch.org/docs/stable/optim.html#how-to-adjust-learning-rate", UserWarning,
+                      stacklevel=3)
+
+
 def has_closed_form(scheduler: LRScheduler) -> bool:
     """True when ``scheduler.lr_at(step)`` is available (an optimlab schedule with a closed form)."""
     return isinstance(scheduler, Schedule) and scheduler.closed_form
@@ -115,9 +136,10 @@ class Schedule(LRScheduler):
     is ``lr_at(t)[i]`` for param group ``i`` when the schedule has a closed form.
     """
 
-    #: True when :class:`SequentialLR` restarts this schedule at a milestone from ``lr_at(0)`` (torch does
-    #: so for the chainable schedules that have a closed form); otherwise from ``get_lr()`` at step 0.
-    _restart_closed_form: bool = False
+    #: True where torch's class has a closed form (``_get_closed_form_lr``): the deprecated ``step(epoch)`` and
+    #: a :class:`SequentialLR` restart at a milestone then use ``lr_at(epoch)``; otherwise ``get_lr()`` at
+    #: ``last_epoch = epoch`` (for a chainable schedule: from the optimizer's current rates).
+    _torch_closed_form: bool = False
     #: True when ``lr_at`` is implemented.
     closed_form: bool = True
     #: Attributes holding user callables: saved as their ``__dict__`` (callable objects) or not at all.
@@ -142,20 +164,33 @@ class Schedule(LRScheduler):
         finally:
             self._is_initial = False
 
-    def step(self) -> None:  # type: ignore[override]
-        """Advance one step: ``last_epoch += 1`` and write ``get_lr()`` into the optimizer (in place for tensors)."""
+    def step(self, epoch: int | None = None) -> None:  # type: ignore[override]
+        """Advance one step: ``last_epoch += 1`` and write ``get_lr()`` into the optimizer (in place for tensors).
+
+        ``epoch`` (deprecated in torch, accepted with torch's warning and semantics): jump to ``last_epoch =
+        epoch`` instead, with the closed form where torch's class has one (see ``_torch_closed_form``).
+        Like torch, the first call warns when ``optimizer.step()`` has not run yet.
+        """
+        if self._step_count == 1:
+            warn_if_optimizer_not_stepped(self.optimizer)
         self._step_count += 1
-        self.last_epoch += 1
-        self._write_lrs(self.get_lr())
+        if epoch is None:
+            self.last_epoch += 1
+            self._write_lrs(self.get_lr())
+        else:
+            warnings.warn(EPOCH_DEPRECATION_WARNING, UserWarning, stacklevel=2)
+            self._jump_to(epoch)
+
+    def _jump_to(self, epoch: int) -> None:
+        if self._torch_closed_form:
+            self._check_step(epoch)
+        self.last_epoch = epoch
+        self._write_lrs(self.lr_at(epoch) if self._torch_closed_form else self.get_lr())
 
     def _restart(self) -> None:
-        """Jump to step 0 of this schedule (used by :class:`SequentialLR` at a milestone).
-
-        As in torch, the chainable schedules that have a closed form restart from ``lr_at(0)``, the others
-        evaluate ``get_lr()`` at step 0.
-        """
-        self.last_epoch = 0
-        self._write_lrs(self.lr_at(0) if self._restart_closed_form else self.get_lr())
+        """Jump to step 0 of this schedule (used by :class:`SequentialLR` at a milestone): ``lr_at(0)`` where
+        torch's class has a closed form, else ``get_lr()`` at step 0 (as torch's ``_update_lr(0)``)."""
+        self._jump_to(0)
 
     def _write_lrs(self, values: Sequence[float | Tensor]) -> None:
         groups = self.optimizer.param_groups
@@ -229,7 +264,8 @@ class MomentumCycler:
     """Momentum (SGD) or beta1 (Adam-like) cycled inversely to the learning rate, shared by CyclicLR and OneCycleLR.
 
     At construction the optimizer's momentum (or ``betas[0]``) is set to ``max_momentum``; each step writes
-    the value the schedule computes. The last written values are kept so a resume can restore them.
+    the value the schedule computes. The last written values are kept so a resume can restore them. The bounds
+    are not range-checked (torch does not check them either: e.g. a beta1 above 1 is the user's choice).
     """
 
     def _setup_momentum(self, optimizer: Optimizer, cycle_momentum: bool, base_momentum: Any,
@@ -244,10 +280,6 @@ class MomentumCycler:
         self.use_beta1 = "betas" in optimizer.defaults
         self.base_momentums = [float(m) for m in per_group("base_momentum", optimizer, base_momentum)]
         self.max_momentums = [float(m) for m in per_group("max_momentum", optimizer, max_momentum)]
-        for low, high in zip(self.base_momentums, self.max_momentums):
-            if not (0.0 <= low <= high <= 1.0):
-                raise ValueError(f"Invalid momentum bounds: base_momentum={low}, max_momentum={high} "
-                                 "(accepted: 0 <= base_momentum <= max_momentum <= 1)")
         if fresh:
             for group, low, high in zip(optimizer.param_groups, self.base_momentums, self.max_momentums):
                 group["max_momentum"], group["base_momentum"] = high, low

@@ -99,7 +99,7 @@ class MultiplicativeLR(Schedule):
 class StepLR(_ScaledBase):
     r"""Decay by ``gamma`` every ``step_size`` steps: ``η_t = η₀ · γ^{⌊t / step_size⌋}``."""
 
-    _restart_closed_form = True
+    _torch_closed_form = True
 
     def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1, last_epoch: int = -1) -> None:
         check_positive_int("step_size", step_size)
@@ -122,7 +122,7 @@ class MultiStepLR(_ScaledBase):
     r"""Decay by ``gamma`` at each milestone: ``η_t = η₀ · γ^{#\{m ∈ milestones : m ≤ t\}}`` (a milestone
     listed twice decays twice)."""
 
-    _restart_closed_form = True
+    _torch_closed_form = True
 
     def __init__(self, optimizer: Optimizer, milestones: Iterable[int], gamma: float = 0.1,
                  last_epoch: int = -1) -> None:
@@ -149,7 +149,7 @@ class ConstantLR(_ScaledBase):
     r"""Scale by ``factor`` for the first ``total_iters`` steps: ``η_t = η₀ · factor`` for ``t < total_iters``,
     ``η₀`` afterwards."""
 
-    _restart_closed_form = True
+    _torch_closed_form = True
 
     def __init__(self, optimizer: Optimizer, factor: float = 1.0 / 3, total_iters: int = 5,
                  last_epoch: int = -1) -> None:
@@ -178,7 +178,7 @@ class LinearLR(_ScaledBase):
     Chainable form: ``η_t = η_{t-1} · (1 + (e − s) / (T·s + (t − 1)(e − s)))`` for ``1 ≤ t ≤ T``.
     """
 
-    _restart_closed_form = True
+    _torch_closed_form = True
 
     def __init__(self, optimizer: Optimizer, start_factor: float = 1.0 / 3, end_factor: float = 1.0,
                  total_iters: int = 5, last_epoch: int = -1) -> None:
@@ -209,7 +209,7 @@ class LinearLR(_ScaledBase):
 class ExponentialLR(_ScaledBase):
     r"""Decay by ``gamma`` every step: ``η_t = η₀ · γ^t``."""
 
-    _restart_closed_form = True
+    _torch_closed_form = True
 
     def __init__(self, optimizer: Optimizer, gamma: float, last_epoch: int = -1) -> None:
         _check_gamma(gamma)
@@ -232,7 +232,7 @@ class PolynomialLR(_ScaledBase):
     Chainable form: ``η_t = η_{t-1} · ((1 − t/T) / (1 − (t−1)/T))^p`` for ``1 ≤ t ≤ T``.
     """
 
-    _restart_closed_form = True
+    _torch_closed_form = True
 
     def __init__(self, optimizer: Optimizer, total_iters: int = 5, power: float = 1.0, last_epoch: int = -1) -> None:
         check_positive_int("total_iters", total_iters)

@@ -56,13 +56,21 @@ class _ParentSchedule(Schedule):
             _load_child(scheduler, state)
 
 
+def _undo_initial_step(scheduler: LRScheduler) -> None:
+    """``last_epoch -= 1`` on ``scheduler`` and, for a composite one, recursively on its children."""
+    scheduler.last_epoch -= 1
+    for child in getattr(scheduler, "_schedulers", ()):
+        _undo_initial_step(child)
+
+
 class SequentialLR(_ParentSchedule):
     r"""Run ``schedulers[0]`` until ``milestones[0]``, then ``schedulers[1]`` restarted from its step 0, ...:
 
     ``η_t = S_k.lr_at(t − m_{k−1})`` where ``k = #\{m_j ≤ t\}`` (``m_{−1} = 0``).
 
     Same construction and sequence as torch's (the later schedulers' own initial steps are undone; at a
-    milestone the next one restarts at its step 0). Children must be optimlab schedules. ``lr_at`` exists when
+    milestone the next one restarts at its step 0). Children must be optimlab schedules; a composite one
+    (ChainedScheduler, SequentialLR) only as the first stage, since it cannot restart. ``lr_at`` exists when
     every child has a closed form.
     """
 
@@ -73,9 +81,10 @@ class SequentialLR(_ParentSchedule):
             if not isinstance(scheduler, Schedule):
                 raise TypeError(f"SequentialLR: schedulers[{index}] is {type(scheduler).__name__}; use the "
                                 "optimlab.schedules class of the same name")
-            if isinstance(scheduler, (SequentialLR, ChainedScheduler)):
+            if index > 0 and isinstance(scheduler, _ParentSchedule):
                 raise ValueError(f"SequentialLR: schedulers[{index}] is a {type(scheduler).__name__}, which cannot "
-                                 "be restarted at a milestone; flatten it into this SequentialLR's stages")
+                                 "be restarted at a milestone (torch fails there with NotImplementedError): it is "
+                                 "accepted only as the first stage; flatten it into this SequentialLR's stages")
         milestones = list(milestones)
         if len(milestones) != len(schedulers) - 1:
             raise ValueError(f"SequentialLR needs one milestone fewer than schedulers: got {len(schedulers)} "
@@ -92,8 +101,8 @@ class SequentialLR(_ParentSchedule):
         for group in optimizer.param_groups:
             set_group_value(group, "lr", group["initial_lr"])
         self.base_lrs = current_values(optimizer, "initial_lr")
-        for scheduler in self._schedulers:  # undo each child's own initial step
-            scheduler.last_epoch -= 1
+        for scheduler in self._schedulers:  # undo each child's own initial step (a parent's too, and its children's)
+            _undo_initial_step(scheduler)
         first = self._schedulers[bisect_right(milestones, 0)]
         first._initial_step()
         self._last_lr = first.get_last_lr()

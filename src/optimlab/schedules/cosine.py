@@ -33,7 +33,7 @@ class CosineAnnealingLR(Schedule):
     (``t − 1 ≡ T_max  mod 2·T_max``).
     """
 
-    _restart_closed_form = True
+    _torch_closed_form = True
 
     def __init__(self, optimizer: Optimizer, T_max: int, eta_min: float = 0.0, last_epoch: int = -1) -> None:
         check_positive_int("T_max", T_max)
@@ -104,8 +104,8 @@ class CosineAnnealingWarmRestarts(Schedule):
         if epoch is None:
             epoch = self.last_epoch + 1
             self.T_cur = self.T_cur + 1
-            if self.T_cur >= self.T_i:
-                self.T_cur -= self.T_i
+            if self.T_cur >= self.T_i:  # a modulo, as torch: a user-set T_cur past the period wraps fully
+                self.T_cur %= self.T_i
                 self.T_i *= self.T_mult
         else:
             if not (epoch >= 0):

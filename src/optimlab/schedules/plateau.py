@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import SupportsFloat
 
 from torch.optim import Optimizer
+from torch.optim.lr_scheduler import EPOCH_DEPRECATION_WARNING
 
 from optimlab.schedules._base import (
     Schedule,
@@ -27,7 +29,8 @@ class ReduceLROnPlateau(Schedule):
     ``m < b − threshold`` (``abs``); for ``mode="max"``: ``m > b(1 + threshold)`` or ``m > b + threshold``.
     On a reduction ``η ← max(η · factor, min_lr)`` per group, skipped when the change is at most ``eps``;
     then ``cooldown`` steps follow during which bad steps are not counted. No closed form: the rate depends
-    on the metrics.
+    on the metrics. A scalar ``min_lr`` also applies to param groups added later (``add_param_group``); a
+    list must then be extended by the user (``scheduler.min_lrs``), as in torch.
     """
 
     closed_form = False
@@ -55,6 +58,7 @@ class ReduceLROnPlateau(Schedule):
         for name, value in (("threshold", threshold), ("eps", eps)):
             if not (value >= 0.0 and math.isfinite(value)):
                 raise ValueError(f"Invalid {name}: {value!r} (accepted range: a finite value >= 0)")
+        self.default_min_lr = None if isinstance(min_lr, (list, tuple)) else float(min_lr)
         self.min_lrs = [float(v) for v in per_group("min_lr", optimizer, min_lr)]
         if any(not (v >= 0.0) for v in self.min_lrs):
             raise ValueError(f"Invalid min_lr: {min_lr!r} (accepted: values >= 0)")
@@ -90,11 +94,18 @@ class ReduceLROnPlateau(Schedule):
             return metric < (best * (1.0 - self.threshold) if self.threshold_mode == "rel" else best - self.threshold)
         return metric > (best * (self.threshold + 1.0) if self.threshold_mode == "rel" else best + self.threshold)
 
-    def step(self, metrics: SupportsFloat) -> None:  # type: ignore[override]
-        """Record one value of the monitored metric and reduce the learning rates if it has plateaued."""
+    def step(self, metrics: SupportsFloat, epoch: int | None = None) -> None:  # type: ignore[override]
+        """Record one value of the monitored metric and reduce the learning rates if it has plateaued.
+
+        ``epoch`` (deprecated in torch, accepted with its warning) sets ``last_epoch`` instead of counting.
+        """
         current = float(metrics)
         self._step_count += 1
-        self.last_epoch += 1
+        if epoch is None:
+            self.last_epoch += 1
+        else:
+            warnings.warn(EPOCH_DEPRECATION_WARNING, UserWarning, stacklevel=2)
+            self.last_epoch = epoch
         if self.is_better(current, self.best):
             self.best = current
             self.num_bad_epochs = 0
@@ -111,6 +122,8 @@ class ReduceLROnPlateau(Schedule):
 
     def _reduce_lrs(self) -> None:
         groups = self.optimizer.param_groups
+        if len(groups) != len(self.min_lrs) and self.default_min_lr is not None:
+            self.min_lrs = [self.default_min_lr] * len(groups)
         if len(groups) != len(self.min_lrs):
             raise RuntimeError(f"ReduceLROnPlateau has {len(self.min_lrs)} min_lrs but the optimizer now has "
                                f"{len(groups)} param groups (set scheduler.min_lrs to one value per group)")
