@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "atomic_savefig"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "atomic_savefig",
+           "ensure_writable", "os_error_text"]
 
 
 def _current_umask() -> int:
@@ -64,11 +65,28 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to ``path`` atomically (a SIGKILL mid-write leaves the previous file intact)."""
+    """``torch.save`` to ``path`` atomically (a SIGKILL mid-write leaves the previous file intact).
+
+    A failed write raises the ``OSError`` behind it (``errno.ENOSPC`` for a full disk), not the
+    ``RuntimeError`` torch's zip writer wraps it in."""
     import torch
 
-    with atomic_write(path, "wb") as handle:
-        torch.save(obj, handle)
+    try:
+        with atomic_write(path, "wb") as handle:
+            torch.save(obj, handle)
+    except RuntimeError as error:  # torch's zip writer reports a failed write as "[enforce fail at ...]"
+        cause = _os_error_behind(error)
+        if cause is None:
+            raise
+        raise cause from error
+
+
+def _os_error_behind(error: BaseException) -> OSError | None:
+    """The ``OSError`` (e.g. ENOSPC) that an exception was raised while handling, if any."""
+    seen = error.__context__ or error.__cause__
+    while seen is not None and not isinstance(seen, OSError):
+        seen = seen.__context__ or seen.__cause__
+    return seen
 
 
 def atomic_savefig(fig: Any, path: str | os.PathLike[str], **kwargs: Any) -> Path:
@@ -81,3 +99,27 @@ def atomic_savefig(fig: Any, path: str | os.PathLike[str], **kwargs: Any) -> Pat
         fig.savefig(handle, format=fmt, **kwargs)
     return target
 
+
+
+def os_error_text(error: OSError) -> str:
+    """An ``OSError``'s cause in words, lower-case (``"no space left on device"``, ``"read-only file system"``)."""
+    text = error.strerror or os.strerror(error.errno) if error.errno else str(error)
+    return text[:1].lower() + text[1:]
+
+
+def ensure_writable(folder: str | os.PathLike[str], option: str) -> Path:
+    """Create ``folder`` if needed and prove that a file can be written there (a probe file, removed at once).
+
+    Run it before a long computation whose results go to ``folder``. Raises ``ValueError`` (one line:
+    ``"Invalid <option>: cannot write to <folder>: read-only file system"``) when the folder cannot be
+    created or written. Returns the folder.
+    """
+    target = Path(folder)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".optimlab-write-check.", dir=target)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise ValueError(f"Invalid {option}: cannot write to {target}: {os_error_text(error)}") from None
+    return target

@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +20,12 @@ from rich.console import Console
 from rich.table import Table
 
 from optimlab.cli.app import app, demo_app, fail
+from optimlab.guard import NonFiniteGradientError
+from optimlab.io import ensure_writable, os_error_text
 from optimlab.train.checkpoint import CheckpointError, load_checkpoint
 from optimlab.train.config import TrainConfig
-from optimlab.train.distributed import LaunchError, init_distributed, launch, shutdown
-from optimlab.train.trainer import CHECKPOINT_NAME, SUMMARY_NAME, Trainer, prepare_run
+from optimlab.train.distributed import LaunchError, check_launch_options, init_distributed, launch, shutdown
+from optimlab.train.trainer import CHECKPOINT_NAME, SUMMARY_NAME, Trainer, prepare_run, stored_config
 
 __all__ = ["train_command", "demo_ddp_command", "worker_main"]
 
@@ -41,7 +45,12 @@ def train_command(
                             "(default: runs/train)"),
     quick: bool = typer.Option(False, "--quick", help="A small model for a few hundred steps (~1 min on 2 cores)."),
     config_file: Path = typer.Option(None, "--config", help="Start from a config.json written by a previous run."),
-    resume: bool = typer.Option(False, "--resume", help="Continue exactly from OUT/checkpoint.pt."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the stored run exactly from OUT/checkpoint.pt "
+                                "(its settings; options given with it must be ones a resume may change)."),
+    resume_from: Path = typer.Option(None, "--resume-from", help="Resume from this checkpoint file instead "
+                                     "(e.g. OUT/checkpoint.step500.pt when the latest is damaged)."),
+    keep_checkpoints: int = typer.Option(None, help="Checkpoints kept: checkpoint.pt and the K-1 before it. "
+                                         "(default: 2)"),
     stop_at: int = typer.Option(None, "--stop-at", help="Stop after this step (checkpointed), to --resume later, "
                                 "e.g. in a time-limited job slot."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh even if OUT holds a checkpoint."),
@@ -92,46 +101,68 @@ def train_command(
                      compile=compile, device=device, zero=zero, seed=seed, log_every=log_every,
                      eval_every=eval_every, eval_batches=eval_batches, checkpoint_every=checkpoint_every,
                      monitor_every=monitor_every, sample_chars=sample_chars, tensorboard=tensorboard,
-                     dist_timeout_s=dist_timeout)
-    try:
+                     dist_timeout_s=dist_timeout, keep_checkpoints=keep_checkpoints)
+    resume = resume or resume_from is not None
+    with _one_line_errors():
+        if stop_at is not None and stop_at < 1:
+            raise ValueError(f"Invalid --stop-at: {stop_at} (accepted range: >= 1)")
+        check_launch_options(nproc_per_node, master_port)
         if config_file is not None:
             base = TrainConfig.load(config_file)
+        elif resume:  # continue the stored run; the options given change it where a resume may (or are refused)
+            base = stored_config(out or TrainConfig.out_dir, resume_from)
         else:
             base = TrainConfig.quick() if quick else TrainConfig()
         config = _build_config(base, overrides)
         if nproc_per_node > 1:
             _launch(config, nproc_per_node, master_addr, master_port, resume=resume, overwrite=overwrite,
-                    quiet=quiet, stop_at=stop_at)
+                    quiet=quiet, stop_at=stop_at, resume_from=resume_from)
         else:
-            _run_worker(config, resume=resume, overwrite=overwrite, quiet=quiet, stop_at=stop_at)
+            _run_worker(config, resume=resume, overwrite=overwrite, quiet=quiet, stop_at=stop_at,
+                        resume_from=resume_from)
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Turn the errors a user can act on into one ``error: ...`` line: exit code 2 for bad input, a checkpoint
+    or folder that cannot be written or read; 1 for a failed worker or a diverging run."""
+    try:
+        yield
     except LaunchError as error:
+        raise fail(str(error), code=1) from None
+    except NonFiniteGradientError as error:
         raise fail(str(error), code=1) from None
     except _USER_ERRORS as error:
         raise fail(_message(error)) from None
+    except OSError as error:  # e.g. a full disk while writing metrics.csv
+        where = f" {error.filename}" if error.filename else ""
+        raise fail(f"cannot write{where}: {os_error_text(error)}") from None
 
 
 def _launch(config: TrainConfig, nproc_per_node: int, master_addr: str, master_port: int, *, resume: bool,
-            overwrite: bool, quiet: bool, stop_at: int | None = None) -> None:
+            overwrite: bool, quiet: bool, stop_at: int | None = None, resume_from: Path | None = None) -> None:
     """Check the run, write its config for the workers, and start them."""
     if "WORLD_SIZE" in os.environ:
-        raise ValueError("Invalid nproc_per_node: already running under a launcher (torchrun); "
+        raise ValueError("Invalid --nproc-per-node: already running under a launcher (torchrun); "
                          "drop --nproc-per-node")
-    prepare_run(config, resume=resume, overwrite=overwrite, world_size=nproc_per_node)
+    plan = prepare_run(config, resume=resume, overwrite=overwrite, world_size=nproc_per_node, resume_from=resume_from)
     config_path = Path(config.out_dir) / "config.json"
-    config.save(config_path)
+    plan.config.save(config_path)
     flags = [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite), ("--quiet", quiet)) if on]
     if stop_at is not None:
         flags += ["--stop-at", str(stop_at)]
+    if resume_from is not None:
+        flags += ["--resume-from", str(resume_from)]
     launch(["--config", str(config_path), *flags], nproc_per_node, master_addr=master_addr, master_port=master_port)
 
 
 def _run_worker(config: TrainConfig, *, resume: bool, overwrite: bool, quiet: bool,
-                stop_at: int | None = None) -> None:
+                stop_at: int | None = None, resume_from: Path | None = None) -> None:
     """Train in this process (alone, or as one rank of a job described by the environment)."""
     context = init_distributed(config.device, config.dist_timeout_s)
     finished = False
     try:
-        trainer = Trainer(config, context, resume=resume, overwrite=overwrite, quiet=quiet)
+        trainer = Trainer(config, context, resume=resume, overwrite=overwrite, quiet=quiet, resume_from=resume_from)
         try:
             trainer.train(stop_at=stop_at)
         finally:
@@ -172,7 +203,9 @@ def demo_ddp_command(
     base = TrainConfig.quick(steps=steps, eval_every=steps, log_every=max(1, steps // 4), checkpoint_every=steps,
                              sample_chars=0, tensorboard=False, device="cpu", schedule="warmup-cosine")
     runs = {"1 process, batch 2B": (1, 2 * batch_size), "2 processes (DDP), batch B": (2, batch_size)}
-    try:
+    with _one_line_errors():
+        check_launch_options(2, master_port)
+        ensure_writable(out, "--out")
         for label, (nproc, batch) in runs.items():
             config = dataclasses.replace(base, out_dir=str(out / f"nproc{nproc}"), batch_size=batch)
             typer.echo(f"== {label}")
@@ -180,10 +213,6 @@ def demo_ddp_command(
                 _run_worker(config, resume=False, overwrite=True, quiet=True)
             else:
                 _launch(config, nproc, "127.0.0.1", master_port, resume=False, overwrite=True, quiet=True)
-    except LaunchError as error:
-        raise fail(str(error), code=1) from None
-    except _USER_ERRORS as error:
-        raise fail(_message(error)) from None
     models = [load_checkpoint(out / f"nproc{n}" / CHECKPOINT_NAME)["model"] for n, _ in runs.values()]
     max_diff = max(float((models[0][k].float() - models[1][k].float()).abs().max()) for k in models[0])
     table = Table(title=f"DDP demo: {steps} steps, same global batch")

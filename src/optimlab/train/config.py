@@ -24,7 +24,7 @@ from typing import Any
 
 from optimlab.io import atomic_write_text
 
-__all__ = ["TrainConfig", "PRECISIONS"]
+__all__ = ["TrainConfig", "PRECISIONS", "RESUME_SAFE", "resume_config"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -58,6 +58,7 @@ class TrainConfig:
         sample_chars: characters of generated text at the end (0: none).
         tensorboard: also log to TensorBoard under ``out_dir/tb``.
         dist_timeout_s: timeout of collective operations, so a dead peer ends the job instead of hanging it.
+        keep_checkpoints: how many checkpoints to keep (``checkpoint.pt`` and the K-1 before it).
     """
 
     out_dir: str = "runs/train"
@@ -92,10 +93,11 @@ class TrainConfig:
     sample_chars: int = 300
     tensorboard: bool = True
     dist_timeout_s: float = 60.0
+    keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
         positive = ("corpus_chars", "block_size", "n_layer", "n_head", "n_embd", "batch_size", "accum", "steps",
-                    "log_every", "eval_every", "eval_batches", "checkpoint_every", "monitor_every")
+                    "log_every", "eval_every", "eval_batches", "checkpoint_every", "monitor_every", "keep_checkpoints")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -147,3 +149,44 @@ class TrainConfig:
     def load(cls, path: str | Path) -> TrainConfig:
         """Read a JSON file written by :meth:`save`."""
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+RESUME_SAFE = frozenset({"out_dir", "log_every", "eval_every", "eval_batches", "checkpoint_every", "monitor_every",
+                         "sample_chars", "tensorboard", "dist_timeout_s", "device", "compile", "zero",
+                         "keep_checkpoints"})
+"""Fields a resume may change: they steer logging, outputs and where the run executes, not what it computes
+(``zero`` shards the same optimizer state; the checkpoint stores it consolidated)."""
+
+
+def resume_config(stored: TrainConfig, requested: TrainConfig, *, step: int, global_batch: int,
+                  world_size: int) -> tuple[TrainConfig, dict[str, tuple[Any, Any]]]:
+    """The configuration a resume runs with, and the changes it makes to the stored one.
+
+    ``requested`` must equal ``stored`` except in the :data:`RESUME_SAFE` fields, ``steps`` (a new length
+    beyond the checkpoint's ``step``: the trainer rebuilds the schedule for it) and ``batch_size`` (only with
+    an unchanged global batch ``batch_size x world_size``, e.g. the same run on more processes). Any other
+    difference raises ``ValueError`` naming every differing field with both values; a different optimizer is
+    always refused (its state would be loaded into another algorithm). Returns ``(requested, {field: (stored
+    value, requested value)})``.
+    """
+    changes = {f.name: (getattr(stored, f.name), getattr(requested, f.name)) for f in dataclasses.fields(TrainConfig)
+               if getattr(stored, f.name) != getattr(requested, f.name) and f.name != "out_dir"}
+    refused = []
+    for name, (old, new) in changes.items():
+        if name in RESUME_SAFE:
+            continue
+        if name == "steps" and new > step:
+            continue
+        if name == "batch_size" and new * world_size == global_batch:
+            continue
+        reason = {"steps": f" (the checkpoint is at step {step})",
+                  "optimizer": " (its state cannot continue in another optimizer)"}.get(name, "")
+        refused.append(f"{name}: checkpoint {old!r}, this run {new!r}{reason}")
+    if "batch_size" not in changes and requested.batch_size * world_size != global_batch:
+        refused.append(f"global batch: checkpoint {global_batch}, this run {requested.batch_size * world_size} "
+                       f"({world_size} process(es) x batch_size {requested.batch_size}; pass --batch-size "
+                       f"{global_batch // world_size if global_batch % world_size == 0 else '?'})")
+    if refused:
+        raise ValueError("Invalid resume: the run would change " + "; ".join(refused) + " (drop these options to "
+                         "continue the stored run, or start a new run with --out elsewhere or --overwrite)")
+    return requested, changes

@@ -62,11 +62,21 @@ def stdlib_corpus(max_chars: int = 2_000_000) -> str:
 
 
 def read_text_file(path: str | os.PathLike[str]) -> str:
-    """Read a UTF-8 text file; a missing file raises ``FileNotFoundError`` naming it."""
+    """Read a UTF-8 text file; a missing file raises ``FileNotFoundError`` naming it, a file that is not
+    UTF-8 text (invalid UTF-8, or NUL bytes as in binary files) raises ``ValueError`` naming it."""
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"Data file not found: {file} (pass --data with an existing text file)")
-    return file.read_text(encoding="utf-8", errors="replace")
+    raw = file.read_bytes()
+    if b"\0" in raw:
+        raise ValueError(f"Invalid --data: {file} holds NUL bytes at offset {raw.index(0)} (a binary file?); "
+                         "pass a UTF-8 text file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"Invalid --data: {file} is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset "
+                         f"{error.start}); pass a UTF-8 text file") from None
+    return text
 
 
 class CharVocab:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistContext", "LaunchError", "pick_device", "init_distributed", "shutdown", "all_reduce_sum",
-           "all_gather_objects", "port_in_use", "launch"]
+           "all_gather_objects", "port_in_use", "check_launch_options", "launch"]
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,14 @@ def _describe_failures(error: Exception) -> str:
     return f"rank {first_rank} failed; " + "; ".join(lines)
 
 
+def check_launch_options(nproc_per_node: int, master_port: int) -> None:
+    """Raise ``ValueError`` naming ``--nproc-per-node`` (< 1) or ``--master-port`` (outside 0..65535)."""
+    if nproc_per_node < 1:
+        raise ValueError(f"Invalid --nproc-per-node: {nproc_per_node} (accepted range: >= 1)")
+    if not (0 <= master_port <= 65535):
+        raise ValueError(f"Invalid --master-port: {master_port} (accepted range: 0..65535, 0 picks a free port)")
+
+
 def launch(worker_args: list[str], nproc_per_node: int, *, master_addr: str = "127.0.0.1",
            master_port: int = 29500) -> None:
     """Run ``python -m optimlab.train <worker_args>`` in ``nproc_per_node`` processes on this machine.
@@ -154,10 +162,7 @@ def launch(worker_args: list[str], nproc_per_node: int, *, master_addr: str = "1
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if nproc_per_node < 1:
-        raise ValueError(f"Invalid nproc_per_node: {nproc_per_node} (accepted range: >= 1)")
-    if not (0 <= master_port <= 65535):
-        raise ValueError(f"Invalid master_port: {master_port} (accepted range: 0..65535, 0 picks a free port)")
+    check_launch_options(nproc_per_node, master_port)
     if master_port == 0:
         master_port = _free_port(master_addr)
     elif port_in_use(master_addr, master_port):

@@ -46,21 +46,27 @@ from torch.nn.parallel import DistributedDataParallel
 
 from optimlab.clip import make_clipper
 from optimlab.guard import NonFiniteGuard
-from optimlab.io import atomic_write_text
+from optimlab.io import atomic_write_text, ensure_writable
 from optimlab.monitor import CSVSink, OptimizerMonitor, TensorBoardSink
 from optimlab.optim.groups import param_groups
 from optimlab.optim.modes import eval_weights
 from optimlab.optim.registry import create_optimizer, get_spec
 from optimlab.progress import progress
-from optimlab.schedules import create_scheduler, list_schedules
+from optimlab.schedules import create_scheduler, list_schedules, needs_metric, step_scheduler
+from optimlab.schedules._base import set_group_value
 from optimlab.train.checkpoint import (
+    LATEST_NAME,
+    CheckpointError,
+    CheckpointFiles,
     capture_rng_state,
     check_compatible,
     load_checkpoint,
+    nonfinite_tensors,
     restore_rng_state,
-    save_checkpoint,
+    short_list,
+    verify_checkpoint,
 )
-from optimlab.train.config import TrainConfig
+from optimlab.train.config import TrainConfig, resume_config
 from optimlab.train.data import (
     CharCorpus,
     CharVocab,
@@ -74,9 +80,9 @@ from optimlab.train.distributed import DistContext, all_gather_objects, all_redu
 from optimlab.train.model import GPT, GPTConfig
 from optimlab.train.step import StepPolicy
 
-__all__ = ["Trainer", "TrainResult", "RunPlan", "prepare_run", "CHECKPOINT_NAME", "METRICS_NAME", "SUMMARY_NAME"]
+__all__ = ["Trainer", "TrainResult", "RunPlan", "prepare_run", "stored_config", "CHECKPOINT_NAME", "METRICS_NAME", "SUMMARY_NAME"]
 
-CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_NAME = LATEST_NAME
 METRICS_NAME = "metrics.csv"
 SUMMARY_NAME = "summary.json"
 MONITOR_NAME = "monitor.csv"
@@ -85,29 +91,38 @@ _CSV_FIELDS = ("step", "epoch", "train_loss", "val_loss", "lr", "grad_norm", "cl
 
 @dataclass
 class RunPlan:
-    """What :func:`prepare_run` found: the corpus, the model's shape and the checkpoint to resume (or ``None``)."""
+    """What :func:`prepare_run` found: the configuration to run (the stored one, changed as allowed, when
+    resuming), the corpus, the model's shape, the checkpoint to resume (or ``None``) and where it came from."""
 
+    config: TrainConfig
     corpus: CharCorpus
     model_config: GPTConfig
     checkpoint: dict[str, Any] | None
+    checkpoint_path: Path | None
+    changes: dict[str, tuple[Any, Any]]
     train_windows: WindowDataset
     val_windows: WindowDataset
     batches: EpochBatches
 
 
 def prepare_run(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, world_size: int = 1,
-                rank: int = 0) -> RunPlan:
+                rank: int = 0, resume_from: str | Path | None = None) -> RunPlan:
     """Every check that can reject a run, done before anything is written.
 
     Refuses to start over an existing checkpoint unless ``resume`` or ``overwrite``; reads the text
     (a missing ``--data`` file or a corpus shorter than the block size raise); checks the optimizer and
-    schedule names and the clipping spec; when resuming, loads the checkpoint and checks that it was
-    written for this model and vocabulary; builds this rank's batch stream (too large a batch for the
-    corpus raises). The launcher runs it once before starting the workers.
+    schedule names and the clipping spec; when resuming, loads and verifies the checkpoint (``resume_from``,
+    default ``out_dir/checkpoint.pt``; a damaged one names the intact previous checkpoint to resume from),
+    checks that it was written for this model and vocabulary and that ``config`` differs from the stored
+    run only where a resume may change it (:func:`optimlab.train.config.resume_config`); builds this rank's
+    batch stream (too large a batch for the corpus raises); finally proves that ``out_dir`` is writable.
+    The launcher runs it once before starting the workers.
     """
-    checkpoint_path = Path(config.out_dir) / CHECKPOINT_NAME
-    if checkpoint_path.exists() and not (resume or overwrite):
-        raise FileExistsError(f"{checkpoint_path} already exists: pass --resume to continue that run, "
+    files = CheckpointFiles(config.out_dir, config.keep_checkpoints)
+    if resume_from is not None:
+        resume = True
+    if files.latest.exists() and not (resume or overwrite):
+        raise FileExistsError(f"{files.latest} already exists: pass --resume to continue that run, "
                               "--overwrite to start afresh over it, or another --out folder")
     get_spec(config.optimizer)
     if config.schedule != "none" and config.schedule.lower() not in list_schedules():
@@ -119,11 +134,45 @@ def prepare_run(config: TrainConfig, *, resume: bool = False, overwrite: bool = 
     batches = EpochBatches(train_windows, config.batch_size, world_size=world_size, rank=rank, seed=config.seed)
     model_config = GPTConfig(vocab_size=len(corpus.vocab), block_size=config.block_size, n_layer=config.n_layer,
                              n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout)
-    checkpoint = load_checkpoint(checkpoint_path) if resume else None
+    checkpoint_path = Path(resume_from) if resume_from is not None else files.latest if resume else None
+    checkpoint = _load_for_resume(checkpoint_path, files) if checkpoint_path is not None else None
+    changes: dict[str, tuple[Any, Any]] = {}
     if checkpoint is not None:
         check_compatible(checkpoint, model_config.to_dict(), corpus.vocab.chars, checkpoint_path)
-    return RunPlan(corpus=corpus, model_config=model_config, checkpoint=checkpoint, train_windows=train_windows,
+        stored = TrainConfig.from_dict({**checkpoint["train_config"], "out_dir": config.out_dir})
+        config, changes = resume_config(stored, config, step=checkpoint["step"],
+                                        global_batch=checkpoint["global_batch"], world_size=world_size)
+    ensure_writable(config.out_dir, "--out")
+    return RunPlan(config=config, corpus=corpus, model_config=model_config, checkpoint=checkpoint,
+                   checkpoint_path=checkpoint_path, changes=changes, train_windows=train_windows,
                    val_windows=WindowDataset(corpus.val, config.block_size), batches=batches)
+
+
+def stored_config(out_dir: str | Path, resume_from: str | Path | None = None) -> TrainConfig:
+    """The configuration stored in the checkpoint a resume of ``out_dir`` would load (``resume_from``, default
+    ``out_dir/checkpoint.pt``): what ``optimlab train --resume`` continues, flags given on resume aside."""
+    files = CheckpointFiles(out_dir)
+    saved = _load_for_resume(Path(resume_from) if resume_from is not None else files.latest, files)
+    return TrainConfig.from_dict({**saved["train_config"], "out_dir": str(out_dir)})
+
+
+def _load_for_resume(path: Path, files: CheckpointFiles) -> dict[str, Any]:
+    """Load the checkpoint to resume; when it is damaged, the error names the newest intact previous one."""
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as error:
+        if not path.is_file():
+            raise
+        for step, previous in files.previous():
+            if previous.resolve() == path.resolve():
+                continue
+            try:
+                verify_checkpoint(previous)
+            except CheckpointError:
+                continue
+            raise CheckpointError(f"{error}; the previous checkpoint {previous.name} (step {step}) passes its "
+                                  f"checksums: resume from it with --resume-from {previous}") from None
+        raise
 
 
 @dataclass
@@ -157,22 +206,23 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, context: DistContext | None = None, *, resume: bool = False,
-                 overwrite: bool = False, quiet: bool = False) -> None:
-        self.config = config
+                 overwrite: bool = False, quiet: bool = False, resume_from: str | Path | None = None) -> None:
         self.context = context or DistContext(device=pick_device(config.device))
         self.quiet = quiet or not self.context.is_main
-        self.out_dir = Path(config.out_dir)
-        self.checkpoint_path = self.out_dir / CHECKPOINT_NAME
         device = self.context.device
+
+        # Data and model shape; the checkpoint to resume from, checked against them; the configuration to run.
+        plan = prepare_run(config, resume=resume, overwrite=overwrite, world_size=self.context.world_size,
+                           rank=self.context.rank, resume_from=resume_from)
+        self.config = config = plan.config
+        self.out_dir = Path(config.out_dir)
+        self.files = CheckpointFiles(self.out_dir, config.keep_checkpoints)
+        self.checkpoint_path = self.files.latest
         if config.zero and not self.context.is_distributed:
             raise ValueError("Invalid zero: ZeroRedundancyOptimizer shards state across processes; "
                              "use it with --nproc-per-node >= 2 (or under torchrun)")
         if config.precision == "fp16" and device.type != "cuda":
             raise ValueError("Invalid precision: 'fp16' needs a CUDA device (use 'bf16' on CPU)")
-
-        # Data and model shape; the checkpoint to resume from, checked against them.
-        plan = prepare_run(config, resume=resume, overwrite=overwrite, world_size=self.context.world_size,
-                           rank=self.context.rank)
         self.vocab: CharVocab = plan.corpus.vocab
         self.model_config = plan.model_config
         self.train_windows, self.val_windows, self.batches = plan.train_windows, plan.val_windows, plan.batches
@@ -198,8 +248,16 @@ class Trainer:
         self.batch_in_epoch = 0
         self.tokens_seen = 0
         torch.manual_seed(config.seed + 1 + self.context.rank)  # dropout noise differs between ranks
+        self.resumes: list[dict[str, Any]] = []
+        self._latest_step: int | None = None  # the step of OUT/checkpoint.pt when it belongs to this run
         if saved is not None:
-            self._restore(saved)
+            self._restore(saved, rebuild_schedule="steps" in plan.changes)
+            self.resumes = [*saved.get("resumes", []), {
+                "step": self.step, "checkpoint": str(plan.checkpoint_path),
+                "changes": {name: list(values) for name, values in plan.changes.items()}}]
+            if plan.checkpoint_path is not None and plan.checkpoint_path.resolve() == self.files.latest.resolve():
+                self._latest_step = self.step
+            self._print(_resume_line(plan.checkpoint_path, self.step, config.steps, plan.changes))
 
         self.ddp_model: torch.nn.Module = self.model
         if self.context.is_distributed:
@@ -262,7 +320,7 @@ class Trainer:
             summary = {"step": self.step, "train_loss": result.losses[-1] if result.losses else None,
                        "val_loss": result.val_losses[-1][1] if result.val_losses else None,
                        "tokens_per_s": result.tokens_per_s, "world_size": self.context.world_size,
-                       "tokens_seen": self.tokens_seen}
+                       "tokens_seen": self.tokens_seen, "resumes": self.resumes}
             atomic_write_text(self.out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
         if self.step == config.steps and config.sample_chars > 0 and self.context.is_main:
             result.sample = self.sample(config.sample_chars)
@@ -345,8 +403,13 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self) -> None:
-        """Write ``out_dir/checkpoint.pt`` atomically (rank 0). Every rank must call it: the optimizer
-        state is consolidated from the ZeRO shards and the RNG states of all ranks are gathered."""
+        """Write ``out_dir/checkpoint.pt`` atomically (rank 0), keeping the previous ``keep_checkpoints - 1``.
+
+        Every rank must call it: the parameters and optimizer state are first checked for NaN/inf on every
+        rank (a non-finite checkpoint is never written: :class:`CheckpointError` names the tensors and the
+        step, and the last good checkpoint stays), the optimizer state is consolidated from the ZeRO shards,
+        and the RNG states of all ranks are gathered."""
+        self._check_finite()
         if self.config.zero:
             self.optimizer.consolidate_state_dict(to=0)
         rng_states = all_gather_objects(capture_rng_state(), self.context)
@@ -370,16 +433,40 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": rng_states,
             "monitor": self.monitor.state_dict() if self.monitor is not None else None,
+            "resumes": self.resumes,
         }
-        save_checkpoint(self.checkpoint_path, payload)
+        self.files.save(payload, self._latest_step)
+        self._latest_step = self.step
 
-    def _restore(self, saved: dict[str, Any]) -> None:
+    def _check_finite(self) -> None:
+        """Raise :class:`CheckpointError` on every rank when any rank's parameters or optimizer state hold NaN/inf."""
+        local = self.optimizer.optim if self.config.zero else self.optimizer  # ZeRO: this rank's shard
+        names = None
+        if not self.config.zero:
+            by_id = {id(p): name for name, p in self.model.named_parameters()}
+            names = [by_id.get(id(p), "?") for group in local.param_groups for p in group["params"]]
+        bad = nonfinite_tensors(self.model.state_dict(), local.state_dict(), names)
+        total = int(all_reduce_sum(torch.tensor([float(len(bad))], device=self.context.device), self.context).item())
+        if total == 0:
+            return
+        kept = (f"the last good checkpoint (step {self._latest_step}) is kept in {self.out_dir}"
+                if self._latest_step is not None else "no checkpoint of this run was written before")
+        found = short_list(bad) if bad else "another rank's optimizer state"
+        raise CheckpointError(f"not writing the checkpoint of step {self.step}: non-finite values in {found}; "
+                              f"{kept}")
+
+    def _restore(self, saved: dict[str, Any], rebuild_schedule: bool = False) -> None:
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
-        for name in ("scheduler", "guard", "scaler"):
+        for name in ("guard", "scaler"):
             component = getattr(self, name)
             if component is not None and saved.get(name) is not None:
                 component.load_state_dict(saved[name])
+        if self.scheduler is not None and saved.get("scheduler") is not None:
+            if rebuild_schedule and not needs_metric(self.scheduler):
+                self._rebuild_scheduler(int(saved["scheduler"]["last_epoch"]))
+            else:
+                self.scheduler.load_state_dict(saved["scheduler"])
         self.clipper.load_state_dict(saved["clipper"])
         self.step, self.epoch = saved["step"], saved["epoch"]
         self.batch_in_epoch, self.tokens_seen = saved["batch_in_epoch"], saved["tokens_seen"]
@@ -395,12 +482,28 @@ class Trainer:
         if self.context.rank < len(rng_states):
             restore_rng_state(rng_states[self.context.rank])
 
+    def _rebuild_scheduler(self, scheduled_steps: int) -> None:
+        """The schedule for the new ``config.steps``, advanced to where the stored one was (``scheduled_steps``
+        optimizer steps taken): a resume that changes the run's length continues on the new schedule."""
+        for group in self.optimizer.param_groups:
+            set_group_value(group, "lr", group["initial_lr"])
+        self.scheduler = self.policy.scheduler = _build_scheduler(self.config, self.optimizer)
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": replaying, not training
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(scheduled_steps):
+                step_scheduler(self.scheduler)
+
     # ------------------------------------------------------------------ outputs (rank 0 only)
 
     def _open_outputs(self, saved: dict[str, Any] | None) -> None:
         """Config, metrics CSV, TensorBoard writer and the optimizer-state monitor with its sinks.
         When resuming, rows logged after the checkpoint by the interrupted run are dropped."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        stale = self.files.clean_temporaries()  # left by a write that was killed
+        if stale:
+            self._print(f"removed {len(stale)} temporary file(s) of an interrupted checkpoint write")
+        if saved is None:
+            self.files.remove_all()  # --overwrite: the old run's checkpoints go
         self.config.save(self.out_dir / "config.json")
         metrics = self.out_dir / METRICS_NAME
         monitor_csv = self.out_dir / MONITOR_NAME
@@ -461,6 +564,16 @@ class Trainer:
     def _print(self, message: str) -> None:
         if not self.quiet:
             print(message, file=sys.stdout, flush=True)
+
+
+def _resume_line(path: Path | None, step: int, steps: int, changes: dict[str, tuple[Any, Any]]) -> str:
+    """``resuming from <checkpoint> (step N of M); changed: steps 40 -> 80 (schedule rebuilt), ...``."""
+    line = f"resuming from {path} (step {step} of {steps})"
+    if changes:
+        line += "; changed: " + ", ".join(
+            f"{name} {old} -> {new}" + (" (schedule rebuilt)" if name == "steps" else "")
+            for name, (old, new) in changes.items())
+    return line
 
 
 def _truncate_csv(path: Path, step: int) -> None:
