@@ -1,6 +1,11 @@
-"""Optimizers: drop-in ``torch.optim.Optimizer`` subclasses with their update rules written here."""
+"""Optimizers: drop-in ``torch.optim.Optimizer`` subclasses with their update rules written here.
 
-from optimlab.optim.registry import create_optimizer, get_spec, list_optimizers, register_optimizer
+Each optimizer module registers its classes (:func:`optimlab.optim.registry.register`); importing it
+below is what makes its names known to the registry and the class public. Adding an optimizer: see
+``docs/optimizers.md``, "Adding an optimizer".
+"""
+
+from optimlab.optim.registry import create_optimizer, get_spec, list_optimizers, register_optimizer, registrations
 from optimlab.optim.state import state_bytes, state_bytes_per_param
 from optimlab.optim.adadelta import Adadelta
 from optimlab.optim.adagrad import Adagrad
@@ -19,8 +24,9 @@ from optimlab.optim.schedule_free import ScheduleFreeAdamW
 from optimlab.optim.lookahead import Lookahead
 
 __all__ = [
-    "SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam", "Adadelta",
-    "Lion", "LAMB", "LARS", "Adafactor", "Muon", "MuonWithAdamW", "muon_param_split", "ScheduleFreeAdamW", "Lookahead",
+    *(registration.cls.__name__ for registration in registrations()),  # every registered optimizer class
+    "muon_param_split",
+    "Lookahead",
     "create_optimizer",
     "get_spec",
     "list_optimizers",

@@ -243,6 +243,9 @@ class OptimlabOptimizer(torch.optim.Optimizer):
     """
 
     supports_sparse: bool = False
+    #: whether the rule handles complex parameters (as their real views); when False, ``step`` raises before
+    #: any update (set by ``optimlab.optim.registry.register(complex="rejected")``)
+    supports_complex: bool = True
     #: 0-dim CPU state entries besides ``step`` and their initial values (e.g. NAdam's ``mu_product``
     #: starts at 1), kept in the scalar dtype.
     scalar_state_init: Mapping[str, float] = MappingProxyType({})
@@ -308,6 +311,15 @@ class OptimlabOptimizer(torch.optim.Optimizer):
     ) -> None:
         raise NotImplementedError
 
+    def _reject_complex(self) -> None:
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None and param.is_complex():
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support complex parameters (got one of shape "
+                        f"{tuple(param.shape)}); pass torch.view_as_real(param) as a real parameter instead"
+                    )
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Perform one optimization step; returns the closure's loss when a closure is given."""
@@ -315,6 +327,8 @@ class OptimlabOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self.supports_complex:
+            self._reject_complex()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:

@@ -35,6 +35,7 @@ from optimlab.optim._base import (
     reject_unsupported,
 )
 from optimlab.optim._fused import fused_step, resolve_fused
+from optimlab.optim.registry import register
 
 __all__ = ["Adadelta"]
 
@@ -129,6 +130,18 @@ def _adadelta_multi_tensor(
         torch._foreach_add_(device_params, deltas, alpha=-lr)
 
 
+@register(
+    names={"adadelta": "Adadelta (Zeiler 2012)"},
+    lr_bounds=(1e-2, 10.0), default_lr=1.0, reference=torch.optim.Adadelta, state_bytes=8, fused=True,
+    complex="supported",
+    checks={
+        "default": {"lr": 1.0},
+        "rho-eps": {"lr": 0.5, "rho": 0.95, "eps": 1e-4},
+        "wd": {"lr": 1.0, "weight_decay": 0.1},
+        "maximize": {"lr": 1.0, "maximize": True},
+    },
+    fused_check={"lr": 0.5, "rho": 0.8, "eps": 1e-5, "weight_decay": 0.1, "maximize": True},
+)
 class Adadelta(OptimlabOptimizer):
     r"""Adadelta (Zeiler 2012).
 

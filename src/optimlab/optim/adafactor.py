@@ -45,6 +45,7 @@ from optimlab.optim._base import (
     zeros_state,
 )
 from optimlab.optim._fused import fused_step, resolve_fused, split_by_value
+from optimlab.optim.registry import register
 
 __all__ = ["Adafactor", "adafactor_step", "adafactor_step_fused", "adafactor_tensor"]
 
@@ -207,6 +208,16 @@ def adafactor_step_fused(
             fused_step(adafactor_tensor, {**static, "layout": layout}, 1, elementwise=False)(lists, scalars)
 
 
+@register(
+    names={"adafactor": "Adafactor, factored second moments (Shazeer & Stern 2018)"},
+    lr_bounds=(1e-4, 1.0), default_lr=1e-2, state_bytes=0.375, fused=True, complex="rejected",  # 4(m+n)/mn
+    checks={
+        "default": {"lr": 0.05},
+        "momentum-wd": {"lr": 0.05, "beta1": 0.9, "weight_decay": 0.1, "d": 1.5},
+        "absolute-step-maximize": {"lr": 0.01, "relative_step": False, "scale_parameter": False, "maximize": True},
+    },
+    fused_check={"lr": 5e-2, "beta1": 0.9, "weight_decay": 0.1, "d": 1.5},
+)
 class Adafactor(OptimlabOptimizer):
     r"""Adafactor (Shazeer & Stern 2018): factored second moments, relative step, update clipping.
 

@@ -35,6 +35,7 @@ from optimlab.optim._base import (
     reject_unsupported,
 )
 from optimlab.optim._fused import fused_step, resolve_fused, split_by_value
+from optimlab.optim.registry import register
 
 __all__ = ["Adagrad"]
 
@@ -134,6 +135,18 @@ def _adagrad_multi_tensor(
         torch._foreach_addcdiv_(device_params, device_grads, stds, step_sizes)
 
 
+@register(
+    names={"adagrad": "AdaGrad (Duchi et al. 2011)"},
+    lr_bounds=(1e-4, 1.0), default_lr=1e-2, reference=torch.optim.Adagrad, state_bytes=4, fused=True,
+    complex="supported",
+    checks={
+        "default": {"lr": 0.1},
+        "lr-decay": {"lr": 0.1, "lr_decay": 0.05},
+        "initial-accumulator": {"lr": 0.1, "initial_accumulator_value": 0.5, "eps": 1e-6},
+        "wd-maximize": {"lr": 0.1, "weight_decay": 0.1, "maximize": True, "lr_decay": 0.01},
+    },
+    fused_check={"lr": 1e-1, "lr_decay": 0.01, "weight_decay": 0.01, "initial_accumulator_value": 0.1},
+)
 class Adagrad(OptimlabOptimizer):
     r"""AdaGrad (Duchi, Hazan & Singer 2011).
 

@@ -50,6 +50,7 @@ from optimlab.optim.lowp_state import (
     restore_state_dtypes,
     store_moments,
 )
+from optimlab.optim.registry import preset, register
 
 __all__ = ["Adam", "AdamW"]
 
@@ -191,6 +192,26 @@ def _adam_fused(
         fused_step(_adam_tensor, static, elementwise=True)(lists, _adam_scalars(lr, beta1, beta2, eps, step))
 
 
+@register(
+    names={
+        "adam": "Adam (Kingma & Ba 2014)",
+        "amsgrad": preset("Adam with AMSGrad (Reddi et al. 2018)", amsgrad=True),
+        "adam-bf16": preset("Adam with both moments stored in bfloat16 (4 B/param)", state_dtype="bfloat16"),
+        "adam-int8": preset("Adam with 8-bit block-wise quantised moments (Dettmers et al. 2022; ~2 B/param)",
+                            state_dtype="int8"),
+    },
+    lr_bounds=(1e-5, 1e-1), default_lr=1e-3, reference=torch.optim.Adam, state_bytes=8, fused=True,
+    complex="supported",
+    checks={
+        "default": {"lr": 0.01},
+        "amsgrad": {"lr": 0.01, "amsgrad": True},
+        "wd": {"lr": 0.01, "weight_decay": 0.1},
+        "decoupled": {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True},
+        "amsgrad-wd-maximize": {"lr": 0.01, "amsgrad": True, "weight_decay": 0.05, "maximize": True},
+        "betas-eps": {"lr": 0.02, "betas": (0.8, 0.9), "eps": 1e-3},
+    },
+    fused_check={"lr": 1e-2, "amsgrad": True, "weight_decay": 0.1},
+)
 class Adam(OptimlabOptimizer):
     r"""Adam (Kingma & Ba 2014), with optional AMSGrad (Reddi et al. 2018) and decoupled weight decay.
 
@@ -338,6 +359,22 @@ class Adam(OptimlabOptimizer):
             store_moments(states, key, buffers[key], signed=signed, steps=steps)
 
 
+@register(
+    names={
+        "adamw": "AdamW (Loshchilov & Hutter 2019)",
+        "adamw-bf16": preset("AdamW with both moments stored in bfloat16 (4 B/param)", state_dtype="bfloat16"),
+        "adamw-int8": preset("AdamW with 8-bit block-wise quantised moments (Dettmers et al. 2022; ~2 B/param)",
+                             state_dtype="int8"),
+    },
+    lr_bounds=(1e-5, 1e-1), default_lr=1e-3, reference=torch.optim.AdamW, state_bytes=8, fused=True,
+    complex="supported",
+    checks={
+        "default": {"lr": 0.01},
+        "amsgrad": {"lr": 0.01, "amsgrad": True, "weight_decay": 0.1},
+        "maximize": {"lr": 0.01, "weight_decay": 0.2, "maximize": True},
+    },
+    fused_check={"lr": 1e-2, "betas": (0.8, 0.99), "maximize": True},
+)
 class AdamW(Adam):
     r"""AdamW (Loshchilov & Hutter 2019): Adam (Kingma & Ba 2014) with decoupled weight decay.
 

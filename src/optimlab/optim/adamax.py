@@ -34,6 +34,7 @@ from optimlab.optim._base import (
     reject_unsupported,
 )
 from optimlab.optim._fused import fused_step, resolve_fused, split_by_value
+from optimlab.optim.registry import register
 
 __all__ = ["Adamax"]
 
@@ -131,6 +132,17 @@ def _adamax_fused(
             "lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "bias_correction1": 1 - beta1**step})
 
 
+@register(
+    names={"adamax": "Adamax (Kingma & Ba 2014)"},
+    lr_bounds=(1e-5, 1e-1), default_lr=2e-3, reference=torch.optim.Adamax, state_bytes=8, fused=True,
+    complex="supported",
+    checks={
+        "default": {"lr": 0.02},
+        "wd": {"lr": 0.02, "weight_decay": 0.1},
+        "betas-maximize": {"lr": 0.02, "betas": (0.8, 0.95), "maximize": True},
+    },
+    fused_check={"lr": 1e-2, "weight_decay": 0.1, "maximize": True},
+)
 class Adamax(OptimlabOptimizer):
     r"""Adamax (Kingma & Ba 2014, section 7.1): Adam with an infinity-norm second moment.
 

@@ -42,6 +42,7 @@ from optimlab.optim._base import (
 )
 from optimlab.optim._fused import DEFAULT_CHUNK_SIZE, fused_step, resolve_fused, split_by_value
 from optimlab.optim.lars import trust_ratio
+from optimlab.optim.registry import register
 
 __all__ = ["LAMB", "lamb_step", "lamb_step_foreach", "lamb_step_fused"]
 
@@ -147,6 +148,16 @@ def lamb_step_foreach(
         torch._foreach_add_(device_params, updates, alpha=-lr)
 
 
+@register(
+    names={"lamb": "LAMB (You et al. 2020)"},
+    lr_bounds=(1e-5, 1e-1), default_lr=1e-3, state_bytes=8, fused=True, complex="rejected",
+    checks={
+        "default": {"lr": 0.01},
+        "wd-max-trust": {"lr": 0.01, "weight_decay": 0.1, "max_trust_ratio": 2.0},
+        "no-bias-correction-maximize": {"lr": 0.01, "bias_correction": False, "maximize": True},
+    },
+    fused_check={"lr": 1e-2, "weight_decay": 0.1, "max_trust_ratio": 0.9},
+)
 class LAMB(OptimlabOptimizer):
     r"""LAMB (You et al. 2020): Adam direction + decoupled weight decay, scaled by a per-layer trust ratio.
 

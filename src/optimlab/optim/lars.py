@@ -43,6 +43,7 @@ from optimlab.optim._base import (
     prepare_grads,
 )
 from optimlab.optim._fused import fused_step, resolve_fused
+from optimlab.optim.registry import register
 
 __all__ = ["LARS", "lars_step", "lars_step_foreach", "lars_step_fused", "trust_ratio"]
 
@@ -137,6 +138,16 @@ def lars_step_foreach(
         torch._foreach_sub_(device_params, buffers)
 
 
+@register(
+    names={"lars": "LARS, momentum 0.9 (You et al. 2017)"},
+    lr_bounds=(1e-2, 1e2), default_lr=1.0, state_bytes=4, fused=True, complex="supported",
+    checks={
+        "default": {"lr": 0.5, "trust_coefficient": 0.02},
+        "wd-adapt-all": {"lr": 0.5, "trust_coefficient": 0.02, "weight_decay": 0.01, "exclude_bias_and_norm": False},
+        "maximize": {"lr": 0.2, "momentum": 0.5, "trust_coefficient": 0.05, "maximize": True},
+    },
+    fused_check={"lr": 0.5, "trust_coefficient": 0.02, "weight_decay": 0.01},
+)
 class LARS(OptimlabOptimizer):
     r"""LARS (You et al. 2017): SGD with momentum and a per-layer trust ratio.
 

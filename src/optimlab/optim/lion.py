@@ -41,6 +41,7 @@ from optimlab.optim.lowp_state import (
     restore_state_dtypes,
     store_moments,
 )
+from optimlab.optim.registry import preset, register
 
 __all__ = ["Lion", "lion_step", "lion_step_foreach", "lion_step_fused", "lion_tensor"]
 
@@ -92,6 +93,24 @@ def lion_step_foreach(
         torch._foreach_add_(device_exp_avgs, device_grads, alpha=1 - beta2)
 
 
+@register(
+    names={
+        "lion": "Lion (Chen et al. 2023)",
+        "lion-bf16": preset("Lion with its momentum stored in bfloat16 (2 B/param)", state_dtype="bfloat16"),
+        "lion-int8": preset("Lion with 8-bit block-wise quantised momentum (Dettmers et al. 2022; ~1 B/param)",
+                            state_dtype="int8"),
+    },
+    lr_bounds=(1e-6, 1e-2), default_lr=1e-4, reference="lion_pytorch:Lion", state_bytes=4, fused=True,
+    complex="rejected",
+    checks={
+        "default": {"lr": 1e-3},
+        "betas-wd": {"lr": 3e-3, "betas": (0.8, 0.95), "weight_decay": 0.1},
+        "maximize": {"lr": 1e-3, "maximize": True},
+        "bf16-state": {"lr": 1e-3, "weight_decay": 0.1, "state_dtype": "bfloat16"},
+        "int8-state": {"lr": 1e-3, "betas": (0.8, 0.9), "state_dtype": "int8"},
+    },
+    fused_check={"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1},
+)
 class Lion(OptimlabOptimizer):
     r"""Lion (Chen et al. 2023, Algorithm 2): sign of an interpolated momentum, decoupled weight decay.
 

@@ -42,6 +42,7 @@ from optimlab.optim._base import (
 )
 from optimlab.optim._fused import fused_step, resolve_fused
 from optimlab.optim.adam import _adam_fused, _adam_multi_tensor, _adam_single_tensor
+from optimlab.optim.registry import register
 
 __all__ = ["Muon", "MuonWithAdamW", "muon_step", "muon_step_fused", "muon_tensor", "newton_schulz_orthogonalize",
            "muon_param_split", "NS_COEFFICIENTS"]
@@ -158,6 +159,14 @@ def _muon_update(group: dict[str, Any], params: list[Tensor], grads: list[Tensor
     )
 
 
+@register(
+    names={},
+    lr_bounds=(1e-4, 1.0), default_lr=2e-2, reference=torch.optim.Muon, state_bytes=4, fused=True,
+    complex="rejected", matrices_only=True, checks={},
+    fused_check={"lr": 2e-2, "weight_decay": 0.1, "momentum": 0.9, "ns_dtype": torch.float64,
+                 "adjust_lr_fn": "match_rms_adamw"},
+    matrix_exempt="2-D parameters only; the matrix's properties are checked in tests/optim/test_modern_muon.py",
+)
 class Muon(OptimlabOptimizer):
     r"""Muon (Jordan et al. 2024) for 2-D weight matrices: momentum, then Newton–Schulz orthogonalisation.
 
@@ -254,6 +263,13 @@ def muon_param_split(
     return muon_params, adamw_params
 
 
+@register(
+    names={"muon": "Muon for 2-D weights + AdamW for the rest (Jordan et al. 2024)"},
+    lr_bounds=(1e-4, 1.0), default_lr=2e-2, state_bytes=4, fused=True, complex="rejected", checks={},
+    fused_check={"lr": 2e-2, "weight_decay": 0.1, "ns_dtype": torch.float64, "adamw_weight_decay": 0.1},
+    matrix_exempt="splits each param group in two (Muon part, AdamW part), which the matrix's assumptions do not "
+                  "fit; its properties are checked in tests/optim/test_modern_muon.py",
+)
 class MuonWithAdamW(OptimlabOptimizer):
     r"""Muon for hidden 2-D matrices and AdamW for every other parameter, in one optimizer.
 

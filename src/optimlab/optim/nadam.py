@@ -40,6 +40,7 @@ from optimlab.optim._base import (
     reject_unsupported,
 )
 from optimlab.optim._fused import fused_step, resolve_fused, split_by_value
+from optimlab.optim.registry import register
 
 __all__ = ["NAdam"]
 
@@ -199,6 +200,19 @@ def _nadam_fused(
                 "grad_coefficient": grad_coefficient, "exp_avg_coefficient": exp_avg_coefficient})
 
 
+@register(
+    names={"nadam": "NAdam (Dozat 2016)"},
+    lr_bounds=(1e-5, 1e-1), default_lr=2e-3, reference=torch.optim.NAdam, state_bytes=8, fused=True,
+    complex="supported",
+    checks={
+        "default": {"lr": 0.02},
+        "momentum-decay": {"lr": 0.02, "momentum_decay": 0.05},
+        "wd": {"lr": 0.02, "weight_decay": 0.1},
+        "decoupled": {"lr": 0.02, "weight_decay": 0.1, "decoupled_weight_decay": True},
+        "maximize": {"lr": 0.02, "betas": (0.8, 0.99), "maximize": True},
+    },
+    fused_check={"lr": 1e-2, "weight_decay": 0.1, "maximize": True, "decoupled_weight_decay": True},
+)
 class NAdam(OptimlabOptimizer):
     r"""NAdam (Dozat 2016): Adam with Nesterov momentum and the momentum schedule
     :math:`\mu_t = \beta_1(1 - \tfrac12 0.96^{t\psi})`.

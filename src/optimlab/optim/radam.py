@@ -40,6 +40,7 @@ from optimlab.optim._base import (
     reject_unsupported,
 )
 from optimlab.optim._fused import fused_step, resolve_fused, split_by_value
+from optimlab.optim.registry import register
 
 __all__ = ["RAdam"]
 
@@ -179,6 +180,19 @@ def _radam_fused(
             "lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "step_size": step_size})
 
 
+@register(
+    names={"radam": "RAdam (Liu et al. 2019)"},
+    lr_bounds=(1e-5, 1e-1), default_lr=1e-3, reference=torch.optim.RAdam, state_bytes=8, fused=True,
+    complex="supported",
+    checks={
+        "default": {"lr": 0.02},
+        "beta2-0.99": {"lr": 0.02, "betas": (0.9, 0.99)},
+        "wd": {"lr": 0.02, "betas": (0.9, 0.99), "weight_decay": 0.1},
+        "decoupled": {"lr": 0.02, "weight_decay": 0.1, "decoupled_weight_decay": True},
+        "maximize": {"lr": 0.02, "betas": (0.85, 0.98), "maximize": True},
+    },
+    fused_check={"lr": 1e-2, "weight_decay": 0.1, "maximize": True, "decoupled_weight_decay": True},
+)
 class RAdam(OptimlabOptimizer):
     r"""RAdam (Liu et al. 2019): Adam whose adaptive step is switched on and rectified by
     :math:`r_t` once the variance of the adaptive learning rate is tractable (:math:`\rho_t > 5`).

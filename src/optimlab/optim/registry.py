@@ -4,8 +4,12 @@ Names are lower-case. ``"adamw"`` is optimlab's AdamW, ``"torch.adamw"`` is ``to
 and presets such as ``"sgd-momentum"`` are a class with fixed keyword arguments. Each entry carries
 the learning-rate bounds the benchmark lab searches (log-uniform) and a default learning rate.
 
-Entries point at classes by import path and are resolved on first use, so registering costs nothing
-at import time and a name can be listed before its module is imported.
+optimlab's classes register themselves where they are defined, with the :func:`register` class
+decorator, which records a :class:`Registration` (names, learning-rate bounds, reference, state bytes,
+fused and complex support, the configurations the test matrix checks) and derives the registry entries
+from it: one per name, plus ``"torch.<name>"`` for a ``torch.optim`` reference. The test matrix in
+``tests/optim/`` is generated from :func:`registrations`. :func:`register_optimizer` adds a single entry
+by import path (for classes defined elsewhere).
 """
 
 from __future__ import annotations
@@ -13,13 +17,25 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import torch
 
-__all__ = ["OptimizerSpec", "register_optimizer", "get_spec", "list_optimizers", "create_optimizer"]
+__all__ = [
+    "OptimizerSpec",
+    "Preset",
+    "Registration",
+    "create_optimizer",
+    "get_registration",
+    "get_spec",
+    "list_optimizers",
+    "preset",
+    "register",
+    "register_optimizer",
+    "registrations",
+]
 
 
 @dataclass(frozen=True)
@@ -48,7 +64,152 @@ class OptimizerSpec:
         return getattr(importlib.import_module(module_name), class_name)
 
 
+@dataclass(frozen=True)
+class Preset:
+    """A registry name for a class with fixed keyword arguments (see :func:`preset`)."""
+
+    description: str
+    kwargs: dict[str, Any]
+    torch: bool = False
+
+
+def preset(description: str, *, torch: bool = False, **kwargs: Any) -> Preset:
+    """A named preset for :func:`register`'s ``names``: ``description`` for listings, ``kwargs`` fixed by
+    the name; ``torch=True`` also registers ``"torch.<name>"``, the reference class with the same kwargs."""
+    return Preset(description, dict(kwargs), torch)
+
+
+ComplexSupport = Literal["supported", "rejected"]
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What an optimizer class declares about itself with :func:`register` (see its arguments)."""
+
+    cls: type[torch.optim.Optimizer]
+    names: dict[str, Preset]
+    lr_bounds: tuple[float, float]
+    default_lr: float
+    reference: type | str | None
+    state_bytes: float | None
+    fused: bool | None
+    complex: ComplexSupport | None
+    checks: dict[str, dict[str, Any]]
+    fused_check: dict[str, Any] | None
+    matrices_only: bool
+    matrix_exempt: str | None
+
+    @property
+    def accepts_fused(self) -> bool:
+        """Whether the constructor takes a ``fused`` argument (torch's signature)."""
+        return "fused" in inspect.signature(self.cls.__init__).parameters
+
+    def resolve_reference(self) -> type | None:
+        """The reference class (a ``"module:Class"`` string is imported now), or ``None``."""
+        if isinstance(self.reference, str):
+            module_name, _, class_name = self.reference.partition(":")
+            return getattr(importlib.import_module(module_name), class_name)
+        return self.reference
+
+
 _REGISTRY: dict[str, OptimizerSpec] = {}
+_REGISTRATIONS: dict[type, Registration] = {}
+
+OptimizerT = TypeVar("OptimizerT", bound=type)
+
+
+def register(
+    *,
+    names: Mapping[str, str | Preset],
+    lr_bounds: tuple[float, float],
+    default_lr: float,
+    checks: Mapping[str, Mapping[str, Any]],
+    reference: type | str | None = None,
+    state_bytes: float | None = None,
+    fused: bool | None = None,
+    complex: ComplexSupport | None = None,
+    fused_check: Mapping[str, Any] | None = None,
+    matrices_only: bool = False,
+    matrix_exempt: str | None = None,
+) -> Callable[[OptimizerT], OptimizerT]:
+    """Class decorator: register an optimizer class and everything the registry and the tests derive from it.
+
+    Args:
+        names: registry name -> description (the class with its defaults) or :func:`preset` (fixed kwargs).
+            May be empty for a class reachable only by import (it still gets the generated tests).
+        lr_bounds: (low, high) learning-rate range the benchmark lab searches, log-uniform.
+        default_lr: the learning rate :func:`create_optimizer` uses when none is given.
+        checks: named constructor configurations (everything but ``params``) that the generated test
+            matrix runs: generic behaviour, and parity with ``reference`` when there is one.
+        reference: a class taking the same kwargs that must give the same results (``torch.optim.X``, which
+            also registers ``"torch.<first name>"``, or ``"module:Class"`` of another package), or ``None``.
+        state_bytes: bytes of per-parameter state per parameter element (``optimlab.optim.state_bytes_per_param``)
+            after one step on a float32 (32, 16) matrix with the default options and ``default_lr``.
+        fused: ``True`` when ``fused=True`` runs a compiled step (compared with the reference path on
+            ``fused_check``), ``False`` when the class refuses it; required when the constructor takes ``fused``.
+        complex: ``"supported"`` (a complex parameter moves like its real view, ``torch.view_as_real``, as a
+            real parameter: torch's convention) or ``"rejected"`` (sets ``cls.supports_complex = False``, so
+            ``step`` raises torch's ``RuntimeError("<Class> does not support complex parameters")`` before
+            any parameter or state changes).
+        fused_check: the configuration whose fused step is compared with the per-tensor path (default: the
+            first of ``checks``). Pick one that turns on every option the compiled rule branches on.
+        matrices_only: the class takes only 2-D parameters (the generated tests then use matrices).
+        matrix_exempt: why the generic matrix (``checks``) does not apply, and which test file covers the
+            class instead; required when ``checks`` is empty.
+    """
+    low, high = lr_bounds
+    if not (0 < low <= default_lr <= high):
+        raise ValueError(f"Invalid lr_bounds/default_lr: {lr_bounds}, {default_lr} (need 0 < low <= default <= high)")
+
+    def decorate(cls: OptimizerT) -> OptimizerT:
+        entries = {key.lower(): value if isinstance(value, Preset) else Preset(value, {}) for key, value in names.items()}
+        first_check = next(iter(checks.values()), None)
+        registration = Registration(
+            cls, entries, (float(low), float(high)), float(default_lr), reference, state_bytes, fused, complex,
+            {key: dict(value) for key, value in checks.items()},
+            dict(fused_check) if fused_check is not None else (dict(first_check) if first_check is not None else None),
+            matrices_only, matrix_exempt,
+        )
+        _REGISTRATIONS[cls] = registration
+        if complex == "rejected":
+            cls.supports_complex = False  # OptimlabOptimizer.step then raises before any update
+        target = f"{cls.__module__}:{cls.__qualname__}"
+        for name, entry in entries.items():
+            register_optimizer(name, target, preset=entry.kwargs, lr_bounds=lr_bounds, default_lr=default_lr,
+                               description=entry.description)
+        if isinstance(reference, type) and reference.__module__.startswith("torch.optim") and entries:
+            _register_torch_reference(reference, registration)
+        return cls
+
+    return decorate
+
+
+def _register_torch_reference(reference: type, registration: Registration) -> None:
+    # "torch.<first name>" for the reference itself, "torch.<preset>" for presets marked torch=True
+    class_name = reference.__name__
+    target = f"torch.optim:{class_name}"
+    first = next(iter(registration.names))
+    register_optimizer(f"torch.{first}", target, lr_bounds=registration.lr_bounds, default_lr=registration.default_lr,
+                       description=f"torch.optim.{class_name} (PyTorch's implementation)")
+    for name, entry in registration.names.items():
+        if entry.torch:
+            options = ", ".join(f"{key}={value}" for key, value in entry.kwargs.items())
+            register_optimizer(f"torch.{name}", target, preset=entry.kwargs, lr_bounds=registration.lr_bounds,
+                               default_lr=registration.default_lr,
+                               description=f"torch.optim.{class_name} with {options}")
+
+
+def registrations() -> list[Registration]:
+    """Every class registered with :func:`register`, in definition order."""
+    return list(_REGISTRATIONS.values())
+
+
+def get_registration(cls: type) -> Registration:
+    """The :class:`Registration` of ``cls``; ``KeyError`` when it was not registered with :func:`register`."""
+    try:
+        return _REGISTRATIONS[cls]
+    except KeyError:
+        raise KeyError(f"{cls.__qualname__} is not registered (decorate it with optimlab.optim.registry.register)") from None
 
 
 def register_optimizer(
@@ -141,79 +302,3 @@ def create_optimizer(
     if isinstance(params, torch.nn.Module):
         params = params.parameters()
     return cls(params, **options)
-
-
-def _register_torch_optimizers() -> None:
-    bounds = {
-        "sgd": ((1e-4, 1.0), 1e-2),
-        "adagrad": ((1e-4, 1.0), 1e-2),
-        "adadelta": ((1e-2, 10.0), 1.0),
-    }
-    for class_name in ("SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam", "Adadelta"):
-        key = class_name.lower()
-        lr_bounds, default_lr = bounds.get(key, ((1e-5, 1e-1), 1e-3))
-        register_optimizer(
-            f"torch.{key}",
-            f"torch.optim:{class_name}",
-            lr_bounds=lr_bounds,
-            default_lr=default_lr,
-            description=f"torch.optim.{class_name} (PyTorch's implementation)",
-        )
-    register_optimizer(
-        "torch.sgd-momentum",
-        "torch.optim:SGD",
-        preset={"momentum": 0.9},
-        lr_bounds=(1e-4, 1.0),
-        default_lr=1e-2,
-        description="torch.optim.SGD with momentum 0.9",
-    )
-
-
-_register_torch_optimizers()
-
-
-def _register_optimlab_optimizers() -> None:
-    # name, "module:Class", preset, lr_bounds, default_lr, description
-    table: list[tuple[str, str, dict[str, Any], tuple[float, float], float, str]] = [
-        ("sgd", "optimlab.optim.sgd:SGD", {}, (1e-4, 1.0), 1e-2, "SGD (Robbins & Monro 1951)"),
-        ("sgd-momentum", "optimlab.optim.sgd:SGD", {"momentum": 0.9}, (1e-4, 1.0), 1e-2,
-         "SGD with heavy-ball momentum 0.9 (Polyak 1964)"),
-        ("sgd-nesterov", "optimlab.optim.sgd:SGD", {"momentum": 0.9, "nesterov": True}, (1e-4, 1.0), 1e-2,
-         "SGD with Nesterov momentum 0.9 (Nesterov 1983; Sutskever et al. 2013)"),
-        ("adam", "optimlab.optim.adam:Adam", {}, (1e-5, 1e-1), 1e-3, "Adam (Kingma & Ba 2014)"),
-        ("amsgrad", "optimlab.optim.adam:Adam", {"amsgrad": True}, (1e-5, 1e-1), 1e-3, "Adam with AMSGrad (Reddi et al. 2018)"),
-        ("adamw", "optimlab.optim.adam:AdamW", {}, (1e-5, 1e-1), 1e-3, "AdamW (Loshchilov & Hutter 2019)"),
-        ("adam-bf16", "optimlab.optim.adam:Adam", {"state_dtype": "bfloat16"}, (1e-5, 1e-1), 1e-3,
-         "Adam with both moments stored in bfloat16 (4 B/param)"),
-        ("adam-int8", "optimlab.optim.adam:Adam", {"state_dtype": "int8"}, (1e-5, 1e-1), 1e-3,
-         "Adam with 8-bit block-wise quantised moments (Dettmers et al. 2022; ~2 B/param)"),
-        ("adamw-bf16", "optimlab.optim.adam:AdamW", {"state_dtype": "bfloat16"}, (1e-5, 1e-1), 1e-3,
-         "AdamW with both moments stored in bfloat16 (4 B/param)"),
-        ("adamw-int8", "optimlab.optim.adam:AdamW", {"state_dtype": "int8"}, (1e-5, 1e-1), 1e-3,
-         "AdamW with 8-bit block-wise quantised moments (Dettmers et al. 2022; ~2 B/param)"),
-        ("adagrad", "optimlab.optim.adagrad:Adagrad", {}, (1e-4, 1.0), 1e-2, "AdaGrad (Duchi et al. 2011)"),
-        ("rmsprop", "optimlab.optim.rmsprop:RMSprop", {}, (1e-5, 1e-1), 1e-3, "RMSprop (Tieleman & Hinton 2012)"),
-        ("adamax", "optimlab.optim.adamax:Adamax", {}, (1e-5, 1e-1), 2e-3, "Adamax (Kingma & Ba 2014)"),
-        ("nadam", "optimlab.optim.nadam:NAdam", {}, (1e-5, 1e-1), 2e-3, "NAdam (Dozat 2016)"),
-        ("radam", "optimlab.optim.radam:RAdam", {}, (1e-5, 1e-1), 1e-3, "RAdam (Liu et al. 2019)"),
-        ("adadelta", "optimlab.optim.adadelta:Adadelta", {}, (1e-2, 10.0), 1.0, "Adadelta (Zeiler 2012)"),
-        ("lion", "optimlab.optim.lion:Lion", {}, (1e-6, 1e-2), 1e-4, "Lion (Chen et al. 2023)"),
-        ("lion-bf16", "optimlab.optim.lion:Lion", {"state_dtype": "bfloat16"}, (1e-6, 1e-2), 1e-4,
-         "Lion with its momentum stored in bfloat16 (2 B/param)"),
-        ("lion-int8", "optimlab.optim.lion:Lion", {"state_dtype": "int8"}, (1e-6, 1e-2), 1e-4,
-         "Lion with 8-bit block-wise quantised momentum (Dettmers et al. 2022; ~1 B/param)"),
-        ("lamb", "optimlab.optim.lamb:LAMB", {}, (1e-5, 1e-1), 1e-3, "LAMB (You et al. 2020)"),
-        ("lars", "optimlab.optim.lars:LARS", {}, (1e-2, 1e2), 1.0, "LARS, momentum 0.9 (You et al. 2017)"),
-        ("adafactor", "optimlab.optim.adafactor:Adafactor", {}, (1e-4, 1.0), 1e-2,
-         "Adafactor, factored second moments (Shazeer & Stern 2018)"),
-        ("muon", "optimlab.optim.muon:MuonWithAdamW", {}, (1e-4, 1.0), 2e-2,
-         "Muon for 2-D weights + AdamW for the rest (Jordan et al. 2024)"),
-        ("schedule-free-adamw", "optimlab.optim.schedule_free:ScheduleFreeAdamW", {}, (1e-5, 1e-1), 2.5e-3,
-         "Schedule-Free AdamW (Defazio et al. 2024); call train()/eval()"),
-    ]
-    for name, target, preset, lr_bounds, default_lr, description in table:
-        register_optimizer(name, target, preset=preset, lr_bounds=lr_bounds, default_lr=default_lr,
-                           description=description)
-
-
-_register_optimlab_optimizers()

@@ -39,6 +39,7 @@ from optimlab.optim._base import (
     reject_unsupported,
 )
 from optimlab.optim._fused import fused_step, resolve_fused
+from optimlab.optim.registry import register
 
 __all__ = ["RMSprop"]
 
@@ -166,6 +167,20 @@ def _rmsprop_multi_tensor(
             torch._foreach_addcdiv_(device_params, device_grads, rms, -lr)
 
 
+@register(
+    names={"rmsprop": "RMSprop (Tieleman & Hinton 2012)"},
+    lr_bounds=(1e-5, 1e-1), default_lr=1e-3, reference=torch.optim.RMSprop, state_bytes=4, fused=True,
+    complex="supported",
+    checks={
+        "default": {"lr": 0.01},
+        "centered": {"lr": 0.01, "centered": True},
+        "momentum": {"lr": 0.01, "momentum": 0.9},
+        "centered-momentum-wd": {"lr": 0.01, "centered": True, "momentum": 0.5, "weight_decay": 0.1},
+        "alpha-maximize": {"lr": 0.01, "alpha": 0.9, "eps": 1e-4, "maximize": True},
+    },
+    fused_check={"lr": 1e-2, "alpha": 0.9, "eps": 1e-6, "momentum": 0.9, "centered": True, "weight_decay": 0.1,
+                 "maximize": True},
+)
 class RMSprop(OptimlabOptimizer):
     r"""RMSprop (Tieleman & Hinton 2012), optionally centered (Graves 2013) and with momentum.
 

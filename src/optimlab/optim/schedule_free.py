@@ -47,6 +47,7 @@ from optimlab.optim._base import (
     zeros_state,
 )
 from optimlab.optim._fused import fused_step, resolve_fused
+from optimlab.optim.registry import register
 
 __all__ = [
     "ScheduleFreeAdamW",
@@ -138,6 +139,16 @@ def schedule_free_adamw_step_foreach(
         torch._foreach_sub_(device_zs, normalized, alpha=lr)
 
 
+@register(
+    names={"schedule-free-adamw": "Schedule-Free AdamW (Defazio et al. 2024); call train()/eval()"},
+    lr_bounds=(1e-5, 1e-1), default_lr=2.5e-3, state_bytes=8, fused=True, complex="rejected",
+    checks={
+        "default": {"lr": 0.01},
+        "warmup-wd": {"lr": 0.01, "warmup_steps": 5, "weight_decay": 0.1, "r": 0.5},
+        "maximize": {"lr": 0.01, "betas": (0.8, 0.99), "maximize": True},
+    },
+    fused_check={"lr": 2e-2, "betas": (0.8, 0.99), "weight_decay": 0.05, "warmup_steps": 3, "r": 0.5},
+)
 class ScheduleFreeAdamW(OptimlabOptimizer):
     r"""Schedule-Free AdamW (Defazio et al. 2024): no learning-rate schedule needed; call ``train()``/``eval()``.
 

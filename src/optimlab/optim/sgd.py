@@ -35,6 +35,7 @@ from optimlab.optim._base import (
     reject_unsupported,
 )
 from optimlab.optim._fused import fused_step, resolve_fused
+from optimlab.optim.registry import preset, register
 
 __all__ = ["SGD"]
 
@@ -144,6 +145,24 @@ def _sgd_multi_tensor(
         torch._foreach_add_(device_params, device_grads, alpha=-lr)
 
 
+@register(
+    names={
+        "sgd": "SGD (Robbins & Monro 1951)",
+        "sgd-momentum": preset("SGD with heavy-ball momentum 0.9 (Polyak 1964)", momentum=0.9, torch=True),
+        "sgd-nesterov": preset("SGD with Nesterov momentum 0.9 (Nesterov 1983; Sutskever et al. 2013)",
+                               momentum=0.9, nesterov=True),
+    },
+    lr_bounds=(1e-4, 1.0), default_lr=1e-2, reference=torch.optim.SGD, state_bytes=0, fused=True, complex="supported",
+    checks={
+        "plain": {"lr": 0.1},
+        "momentum": {"lr": 0.05, "momentum": 0.9},
+        "dampening": {"lr": 0.05, "momentum": 0.9, "dampening": 0.5},
+        "nesterov": {"lr": 0.05, "momentum": 0.9, "nesterov": True},
+        "nesterov-wd": {"lr": 0.05, "momentum": 0.8, "nesterov": True, "weight_decay": 0.1},
+        "wd-maximize": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.05, "maximize": True},
+    },
+    fused_check={"lr": 1e-2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+)
 class SGD(OptimlabOptimizer):
     r"""Stochastic gradient descent, optionally with heavy-ball or Nesterov momentum.
 

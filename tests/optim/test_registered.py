@@ -1,0 +1,187 @@
+"""Tests generated from the registry for every registered optimizer class, and the meta-test that keeps the
+registrations complete.
+
+For each :class:`optimlab.optim.registry.Registration`: the declared state bytes hold; complex parameters are
+handled (a complex parameter moves exactly like its real view) or rejected (torch's ``RuntimeError`` at
+``step``, nothing changed) as declared; a class with ``fused=True`` runs its ``fused_check`` configuration
+through the compiled step within 1e-12 (float64) of its per-tensor path; and the meta-test fails when an
+optimizer class in ``optimlab.optim`` is not registered, declares nothing about ``fused`` although it takes
+the argument, has no fused coverage, says nothing about complex parameters, or is in no matrix.
+The generic behaviour and reference parity come from ``cases.py`` (``test_matrix.py``, ``test_parity_torch.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import torch
+
+import optimlab.optim
+from optimlab.optim._base import OptimlabOptimizer
+from optimlab.optim.registry import Registration, registrations
+from optimlab.optim.state import state_bytes_per_param
+
+from .fused_harness import (FusedCase, assert_matches_reference, build, max_relative_error, needs_compiler,
+                            param_groups, run_pair)
+
+REGISTRATIONS = registrations()
+
+
+def _id(registration: Registration) -> str:
+    return registration.cls.__name__
+
+
+def _matrices(dtype: torch.dtype, generator: torch.Generator) -> list[dict[str, Any]]:
+    """For classes that take only matrices: two groups (the second at half the lr), a tall, a wide and a
+    transposed matrix (the last one not contiguous)."""
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, dtype=dtype)
+
+    return [{"params": [randn(7, 5), randn(4, 6).t()]}, {"params": [randn(5, 9)], "lr_scale": 0.5}]
+
+
+def _one_param_step(registration: Registration, param: torch.Tensor, grad: torch.Tensor) -> torch.optim.Optimizer:
+    param.grad = grad
+    optimizer = registration.cls([param], lr=registration.default_lr)
+    optimizer.step()
+    return optimizer
+
+
+@pytest.mark.parametrize("registration", [r for r in REGISTRATIONS if r.state_bytes is not None], ids=_id)
+def test_declared_state_bytes(registration: Registration) -> None:
+    generator = torch.Generator().manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(32, 16, generator=generator))
+    optimizer = _one_param_step(registration, param, torch.randn(32, 16, generator=generator))
+    assert state_bytes_per_param(optimizer) == registration.state_bytes
+
+
+def _complex_pair() -> tuple[torch.Tensor, torch.Tensor]:
+    """A complex (6, 4) matrix and its real view as a separate parameter (a matrix for every class: LARS, for
+    one, leaves tensors of one dimension out of its adaptation, which the (6, 4, 2) real view is not)."""
+    value = torch.randn((6, 4), generator=torch.Generator().manual_seed(1), dtype=torch.complex128)
+    return torch.nn.Parameter(value.clone()), torch.nn.Parameter(torch.view_as_real(value).clone())
+
+
+@pytest.mark.parametrize("registration", [r for r in REGISTRATIONS if r.complex == "supported"], ids=_id)
+def test_complex_parameter_moves_like_its_real_view(registration: Registration) -> None:
+    """torch's convention: the rule treats a complex tensor as its real view (real and imaginary parts as
+    independent real entries); 10 steps of a complex parameter equal those of its real view within 1e-12
+    (float64; norms of a complex tensor and of its real view round differently, LARS's trust ratio uses them)."""
+    complex_param, real_param = _complex_pair()
+    options = next(iter(registration.checks.values()), {"lr": registration.default_lr})
+    complex_opt, real_opt = registration.cls([complex_param], **options), registration.cls([real_param], **options)
+    generator = torch.Generator().manual_seed(2)
+    start = real_param.detach().clone()
+    for _ in range(10):
+        grad = torch.randn(complex_param.shape, generator=generator, dtype=torch.complex128)
+        complex_param.grad, real_param.grad = grad, torch.view_as_real(grad).clone()
+        complex_opt.step()
+        real_opt.step()
+    assert not torch.equal(real_param, start)
+    assert max_relative_error([torch.view_as_real(complex_param)], [real_param]) <= 1e-12
+
+
+@pytest.mark.parametrize("registration", [r for r in REGISTRATIONS if r.complex == "rejected"], ids=_id)
+def test_complex_parameter_rejected_before_anything_changes(registration: Registration) -> None:
+    complex_param, _ = _complex_pair()
+    real_param = torch.nn.Parameter(torch.randn(3, 3, dtype=torch.float64))
+    optimizer = registration.cls([real_param, complex_param], lr=registration.default_lr)
+    before = [real_param.detach().clone(), complex_param.detach().clone()]
+    real_param.grad, complex_param.grad = torch.ones_like(real_param), torch.ones_like(complex_param)
+    with pytest.raises(RuntimeError, match=rf"{registration.cls.__name__} does not support complex parameters"):
+        optimizer.step()
+    assert torch.equal(real_param, before[0]) and torch.equal(complex_param, before[1])
+    assert not any(optimizer.state.values())
+
+
+def _fused_case(registration: Registration) -> FusedCase:
+    return FusedCase(f"{_id(registration)}-fused-check-f64", registration.cls, dict(registration.fused_check or {}),
+                     skip_grads=True, groups=_matrices if registration.matrices_only else param_groups)
+
+
+FUSED_CASES = [_fused_case(r) for r in REGISTRATIONS if r.fused]
+
+
+@needs_compiler
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda case: case.id)
+def test_fused_matches_per_tensor_path(case: FusedCase) -> None:
+    """20 steps of the fused (compiled) step and of the per-tensor path (``foreach=False`` where the class
+    has one) from identical parameters and gradients, one parameter skipping steps: parameters and every
+    state tensor within 1e-12 (float64), and the parameters moved."""
+    fused, fused_params, reference, reference_params = run_pair(case)
+    assert_matches_reference(fused, fused_params, reference, reference_params, 1e-12)
+    initial, _ = build(case, fused=False)
+    assert max_relative_error(fused_params, [p for g in initial.param_groups for p in g["params"]]) > 1e-4
+
+
+@pytest.mark.parametrize("registration", [r for r in REGISTRATIONS if r.fused is False], ids=_id)
+def test_fused_refused_where_declared_unsupported(registration: Registration) -> None:
+    with pytest.raises((ValueError, RuntimeError, NotImplementedError), match="fused"):
+        registration.cls([torch.nn.Parameter(torch.zeros(2, 2))], fused=True)
+
+
+def _optimizer_classes() -> list[type]:
+    """Every optimizer class defined in optimlab's own modules (subclasses of the shared base, recursively)."""
+    found, pending = [], list(OptimlabOptimizer.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls.__module__.startswith("optimlab.") and cls not in found:
+            found.append(cls)
+    return found
+
+
+def coverage_problems(classes: list[type], registered: list[Registration], fused_cases: list[FusedCase]) -> list[str]:
+    """What keeps a class out of the generated tests: no registration, ``fused`` accepted but undeclared,
+    fused support without fused coverage, complex handling undeclared, or neither matrix rows nor a reason."""
+    by_class = {registration.cls: registration for registration in registered}
+    fused_covered = {case.cls for case in fused_cases}
+    problems = [f"{cls.__qualname__}: not registered (decorate it with optimlab.optim.registry.register)"
+                for cls in classes if cls not in by_class]
+    for registration in registered:
+        name = registration.cls.__qualname__
+        if registration.accepts_fused and registration.fused is None:
+            problems.append(f"{name}: takes fused= but its registration says neither fused=True nor fused=False")
+        if registration.fused and registration.cls not in fused_covered:
+            problems.append(f"{name}: fused=True but no fused parity case covers it")
+        if registration.complex is None:
+            problems.append(f"{name}: complex parameters neither handled nor rejected (complex= undeclared)")
+        if not registration.checks and not registration.matrix_exempt:
+            problems.append(f"{name}: no checks (matrix rows) and no matrix_exempt reason")
+    return problems
+
+
+def test_every_optimizer_class_is_registered_and_covered() -> None:
+    classes = _optimizer_classes()
+    assert {"Adam", "Muon", "ScheduleFreeAdamW"} <= {cls.__name__ for cls in classes}  # the scan sees them
+    assert coverage_problems(classes, REGISTRATIONS, FUSED_CASES) == []
+    exported = set(optimlab.optim.__all__)
+    assert all(registration.cls.__name__ in exported for registration in REGISTRATIONS)
+
+
+class _Unlisted(OptimlabOptimizer):
+    """A deliberately unregistered optimizer that takes ``fused`` (the meta-test must flag it)."""
+
+    def __init__(self, params: Any, lr: float = 1e-3, *, fused: bool | None = None) -> None:
+        super().__init__(params, {"lr": lr, "fused": fused})
+
+
+def test_meta_test_flags_unlisted_and_undeclared_classes(monkeypatch: pytest.MonkeyPatch) -> None:
+    adam = next(r for r in REGISTRATIONS if r.cls is optimlab.optim.Adam)
+    # an optimlab class that forgot the decorator
+    monkeypatch.setattr(_Unlisted, "__module__", "optimlab.optim.unlisted")
+    assert coverage_problems([_Unlisted], [], []) == [
+        "_Unlisted: not registered (decorate it with optimlab.optim.registry.register)"]
+    # registered, but fused and complex undeclared, and no checks
+    bare = dataclasses.replace(adam, cls=_Unlisted, fused=None, complex=None, checks={}, matrix_exempt=None)
+    assert coverage_problems([_Unlisted], [bare], []) == [
+        "_Unlisted: takes fused= but its registration says neither fused=True nor fused=False",
+        "_Unlisted: complex parameters neither handled nor rejected (complex= undeclared)",
+        "_Unlisted: no checks (matrix rows) and no matrix_exempt reason",
+    ]
+    # fused declared but the generated fused cases left it out (e.g. a hand-kept list that forgot it)
+    assert coverage_problems([optimlab.optim.Adam], [adam], [c for c in FUSED_CASES if c.cls is not adam.cls]) == [
+        "Adam: fused=True but no fused parity case covers it"]
