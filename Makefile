@@ -10,7 +10,7 @@ OUT    ?= optimlab-out
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,bench]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,bench,postgres]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -5,8 +5,11 @@ after the other (seed 0, TPE suggestions, see :mod:`optimlab.bench.tuning`), the
 hyperparameters with seeds ``1..seeds`` (the ``final`` phase, which the report's mean ± std use).
 Every optimizer gets the same trial budget, the same tuning seed stream and the same final seeds.
 
-Studies are independent, so ``jobs > 1`` runs them in parallel worker processes; the results do not
-depend on ``jobs``. Every finished trial is committed at once (one transaction), so:
+Studies are independent, so ``jobs > 1`` runs them in parallel worker processes, and any number of
+``optimlab bench`` processes started with the same arguments on the same database (an SQLite file, or a
+PostgreSQL server shared by many machines) cooperate on one run: each unit of work (a study's tuning,
+or one of its final reruns) is claimed by one worker at a time (:mod:`optimlab.bench.worker`). The
+results depend on none of this. Every finished trial is committed at once (one transaction), so:
 
 * rerunning the same command (same :meth:`BenchConfig.key`) resumes the same run, skipping finished
   trials, even after a SIGKILL;
@@ -16,27 +19,24 @@ depend on ``jobs``. Every finished trial is committed at once (one transaction),
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import multiprocessing
 import os
-import queue
-import signal
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from optimlab.bench.store import Store
+from optimlab.bench.store import Claim, DiskFullError, Store
 from optimlab.bench.tasks import get_task
 from optimlab.bench.trial import TrialConfig, make_scheduler, parse_spec, run_trial
 from optimlab.bench.tuning import HistoryItem, best_index, score, search_space, suggest
+from optimlab.bench.worker import DEFAULT_LEASE, check_lease, run_local_workers, work
 from optimlab.clip import make_clipper
 from optimlab.progress import progress
 
@@ -157,10 +157,11 @@ class BenchResult:
     trials_skipped: int
     resumed: bool
     diverged: int = 0
+    trials_by_others: int = 0
     messages: list[str] = field(default_factory=list)
 
 
-# -- one study (runs in the main process or a worker) ------------------------------------------------
+# -- one unit of a study (runs in whichever worker claimed it) --------------------------------------------
 Event = tuple[str, str, int]  # (status, study label, steps)
 
 
@@ -171,76 +172,64 @@ def _history(store: Store, run_id: int, study: Study, mode: str) -> list[tuple[d
             for row in rows]
 
 
-def run_study(db_path: str, run_id: int, config: BenchConfig, study: Study,
-              report: Callable[[Event], None], should_stop: Callable[[], bool]) -> None:
-    """Run the missing trials of one study, committing each as it finishes."""
+def study_units(config: BenchConfig) -> list[tuple[str, str, str, str, str, int]]:
+    """The claimable units of a bench, in order: per study, its tuning, then each final rerun."""
+    return [unit for s in config.studies()
+            for unit in [(s.task, s.optimizer, s.schedule, s.clip, "tune", 0),
+                         *((s.task, s.optimizer, s.schedule, s.clip, "final", i) for i in range(config.seeds))]]
+
+
+def run_study(store: Store, run_id: int, config: BenchConfig, claim: Claim, report: Callable[[Event], None],
+              should_stop: Callable[[], bool], lease: float = DEFAULT_LEASE) -> bool:
+    """Run the missing trials of one claimed unit of a study: its tuning trials, or one final rerun.
+
+    Each trial is committed as it finishes, in a transaction that also checks the claim is still this
+    worker's (:class:`~optimlab.bench.store.ClaimLost` otherwise). Returns True when the unit is done
+    (and marks it so), False when ``should_stop()`` ended it early.
+    """
+    study = Study(claim.task, claim.optimizer, claim.schedule, claim.clip)
     spec = get_task(study.task)
     steps = config.steps_for(study.task)
     space = search_space(study.optimizer, config.tune, spec.lr_widen)
     label = f"{study.task}/{study.optimizer}"
-    probe = spec.build(0)
-    record_trajectory = probe.point is not None and len(probe.point()) == 2
-    with Store(db_path) as store:
-        history = _history(store, run_id, study, spec.mode)
+    history = _history(store, run_id, study, spec.mode)
+    if claim.unit == "tune":
         done_tune = {row["trial_index"] for row, _ in history}
         for index in range(config.trials):
             if index in done_tune:
                 continue
             if should_stop():
-                return
+                return False
             params = suggest(space, [item for _, item in history], index, config.seed)
             record = run_trial(TrialConfig(study.task, study.optimizer, params, steps, study.schedule, study.clip,
                                            seed=0, phase="tune", trial_index=index))
-            store.add_trial(run_id, record)
+            store.add_trial(run_id, record, claim=claim, lease=lease)
             history = _history(store, run_id, study, spec.mode)
             report((record.status, label, record.steps))
-        best = history[best_index([item for _, item in history])][0]["params"]
-        done_final = {row["trial_index"] for row in store.trials(
-            run_id, task=study.task, optimizer=study.optimizer, schedule=study.schedule, clip=study.clip,
-            phase="final")}
-        for index in range(config.seeds):
-            if index in done_final:
-                continue
-            if should_stop():
-                return
-            record = run_trial(TrialConfig(study.task, study.optimizer, best, steps, study.schedule, study.clip,
-                                           seed=index + 1, phase="final", trial_index=index,
-                                           record_trajectory=record_trajectory))
-            store.add_trial(run_id, record)
-            report((record.status, label, record.steps))
+        store.finish(claim)
+        return True
+    index = claim.unit_index
+    done_final = {row["trial_index"] for row in store.trials(
+        run_id, task=study.task, optimizer=study.optimizer, schedule=study.schedule, clip=study.clip, phase="final")}
+    if index in done_final:
+        store.finish(claim)
+        return True
+    if should_stop():
+        return False
+    best = history[best_index([item for _, item in history])][0]["params"]
+    probe = spec.build(0)
+    record_trajectory = probe.point is not None and len(probe.point()) == 2
+    record = run_trial(TrialConfig(study.task, study.optimizer, best, steps, study.schedule, study.clip,
+                                   seed=index + 1, phase="final", trial_index=index,
+                                   record_trajectory=record_trajectory))
+    store.add_trial(run_id, record, claim=claim, lease=lease, finish=True)
+    report((record.status, label, record.steps))
+    return True
 
 
-# -- worker processes ---------------------------------------------------------------------------------
-_worker_events: Any = None
-_worker_stop: Any = None
-_parent_pid = 0
-
-
-def _die_with_parent() -> None:
-    """Linux: have the kernel SIGKILL this worker when the bench process dies (even by SIGKILL), so an
-    orphaned worker cannot keep writing while a rerun resumes. Elsewhere workers check their parent id."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
-def _init_worker(events: Any, stop: Any, parent_pid: int) -> None:
-    global _worker_events, _worker_stop, _parent_pid
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into the stop event
-    _die_with_parent()
-    _worker_events, _worker_stop, _parent_pid = events, stop, parent_pid
-    torch.set_num_threads(1)
-
-
-def _worker_should_stop() -> bool:
-    return _worker_stop.is_set() or os.getppid() != _parent_pid
-
-
-def _worker_run_study(db_path: str, run_id: int, config: BenchConfig, study: Study) -> None:
-    run_study(db_path, run_id, config, study, _worker_events.put, _worker_should_stop)
+def _unit_runner(run_id: int, config: BenchConfig, lease: float, store: Store, report: Callable[[Event], None],
+                 should_stop: Callable[[], bool]) -> Callable[[Claim], bool]:
+    return functools.partial(run_study, store, run_id, config, report=report, should_stop=should_stop, lease=lease)
 
 
 # -- the bench -----------------------------------------------------------------------------------------
@@ -251,37 +240,40 @@ def _count_done(store: Store, run_id: int, config: BenchConfig) -> int:
 
 
 def run_bench(config: BenchConfig, db_path: str | Path, *, jobs: int = 1, quiet: bool = False,
-              new_run: bool = False, command: str = "") -> BenchResult:
-    """Run (or resume) the bench described by ``config`` into the database at ``db_path``.
+              new_run: bool = False, command: str = "", lease: float = DEFAULT_LEASE) -> BenchResult:
+    """Run (or resume, or join) the bench described by ``config`` in the database ``db_path`` (a path or a URL).
 
-    Resumes the latest run with the same configuration key unless ``new_run``. Returns when every trial
-    is stored, or after a Ctrl-C (the run is then marked ``interrupted`` and ``complete`` is False).
+    Resumes the latest run with the same configuration key unless ``new_run``; other processes running the
+    same bench on the same database cooperate with this one (:mod:`optimlab.bench.worker`), each unit of
+    work claimed by one of them with a lease of ``lease`` seconds. Returns when every trial of the run is
+    stored, or after a Ctrl-C (this process's unfinished unit is released, the run is marked
+    ``interrupted`` and ``complete`` is False). A full disk raises
+    :class:`~optimlab.bench.store.DiskFullError` after marking the run ``interrupted``.
     """
     config.validate()
     if jobs < 1:
         raise ValueError(f"Invalid jobs: {jobs} (accepted range: >= 1)")
+    check_lease(lease)
     db_path = str(db_path)
-    studies = config.studies()
-    total = len(studies) * (config.trials + config.seeds)
+    total = len(config.studies()) * (config.trials + config.seeds)
     with Store(db_path) as store:
-        existing = None if new_run else store.latest_run_with_key(config.key())
-        if existing is not None:
-            run_id, resumed = int(existing["id"]), True
-            store.set_run_status(run_id, "running")
-        else:
-            run_id, resumed = store.create_run(config.key(), config.to_json(), command), False
+        run_id, resumed = store.open_run(config.key(), config.to_json(), command, study_units(config), new=new_run)
         skipped = _count_done(store, run_id, config)
     result = BenchResult(run_id=run_id, complete=False, trials_run=0, trials_skipped=skipped, resumed=resumed)
     if skipped >= total:
-        with Store(db_path) as store:
+        with Store(db_path, check=False) as store:
             store.set_run_status(run_id, "complete")
         result.complete = True
         return result
 
-    with progress(f"bench run {run_id}", total=total, quiet=quiet, unit="trials") as bar:
+    with progress(f"bench run {run_id}", total=total, quiet=quiet, unit="trials") as bar, \
+            Store(db_path, check=False) as store:
         bar.advance(skipped)
         steps_total = 0
         started = time.perf_counter()
+
+        def show_run_progress() -> None:
+            bar.advance(max(0, _count_done(store, run_id, config) - bar.completed), mine=result.trials_run)
 
         def on_event(event: Event) -> None:
             nonlocal steps_total
@@ -290,58 +282,45 @@ def run_bench(config: BenchConfig, db_path: str | Path, *, jobs: int = 1, quiet:
             result.trials_run += 1
             result.diverged += status == "diverged"
             step_rate = steps_total / max(time.perf_counter() - started, 1e-9)
-            bar.advance(1, study=label, steps=steps_total, steps_per_s=round(step_rate), diverged=result.diverged)
+            bar.advance(0, study=label, steps=steps_total, steps_per_s=round(step_rate), diverged=result.diverged)
+            show_run_progress()
 
         try:
             if jobs == 1:
-                for study in studies:
-                    run_study(db_path, run_id, config, study, on_event, lambda: False)
+                work(store, run_id, _unit_runner(run_id, config, lease, store, on_event, lambda: False), lease=lease,
+                     on_wait=show_run_progress)
             else:
-                _run_parallel(db_path, run_id, config, studies, jobs, on_event)
+                store.close()  # no connection crosses the fork; the parent reconnects for progress
+                run_local_workers(db_path, run_id, functools.partial(_unit_runner, run_id, config, lease), jobs,
+                                  lease, on_event, show_run_progress)
         except KeyboardInterrupt:
-            with Store(db_path) as store:
-                store.set_run_status(run_id, "interrupted")
+            _mark_interrupted(store, run_id)
             result.messages.append(f"interrupted: {result.trials_run} new trials kept; rerun the same command "
                                    "to resume")
             return result
-    with Store(db_path) as store:
-        complete = _count_done(store, run_id, config) >= total
+        except DiskFullError as err:
+            marked = _mark_interrupted(store, run_id)
+            raise DiskFullError(f"{err}; run {run_id} {'is marked interrupted' if marked else 'stays running'}, "
+                                f"its {_count_done(store, run_id, config)} stored trials are intact: free space and "
+                                "rerun the same command to resume") from err
+        show_run_progress()
+        done = _count_done(store, run_id, config)
+        complete = done >= total
         store.set_run_status(run_id, "complete" if complete else "interrupted")
     result.complete = complete
+    result.trials_by_others = max(0, done - skipped - result.trials_run)
     return result
 
 
-def _run_parallel(db_path: str, run_id: int, config: BenchConfig, studies: Sequence[Study], jobs: int,
-                  on_event: Callable[[Event], None]) -> None:
-    method = "fork" if sys.platform.startswith("linux") else "spawn"
-    context = multiprocessing.get_context(method)
-    events = context.Queue()
-    stop = context.Event()
-
-    def drain() -> None:
-        while True:
-            try:
-                on_event(events.get_nowait())
-            except queue.Empty:
-                return
-
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker,
-                             initargs=(events, stop, os.getpid())) as pool:
-        pending: set[Future[None]] = {pool.submit(_worker_run_study, db_path, run_id, config, s) for s in studies}
-        try:
-            while pending:
-                finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                drain()
-                for future in finished:
-                    future.result()
-        except KeyboardInterrupt:
-            stop.set()
-            for future in pending:
-                future.cancel()
-            wait(pending)
-            drain()
-            raise
-    drain()
+def _mark_interrupted(store: Store, run_id: int) -> bool:
+    """Mark the run interrupted unless other workers still hold live claims on it; False if that failed."""
+    try:
+        _, held = store.units_left(run_id)
+        if held == 0:
+            store.set_run_status(run_id, "interrupted")
+        return True
+    except Exception:  # noqa: BLE001  e.g. the disk is still full: the run stays 'running', still resumable
+        return False
 
 
 def summarize(store: Store, run_id: int) -> list[dict[str, Any]]:

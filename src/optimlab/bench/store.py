@@ -1,6 +1,16 @@
-"""The bench lab's SQLite store: runs, trials, per-step metrics and artifacts in one file.
+"""The bench lab's results database: runs, trials, per-step metrics, artifacts and work claims.
 
-Schema (version :data:`SCHEMA_VERSION`, kept in ``PRAGMA user_version``):
+One schema and one code path (SQLAlchemy Core) for two backends:
+
+* **SQLite** (the default): ``--db PATH``, one file on one machine, in WAL mode;
+* **PostgreSQL**: ``--db postgresql+psycopg://user@host/dbname``, a server that worker processes on many
+  machines share. Credentials come from the URL or libpq's ``PG*`` environment variables and ``~/.pgpass``.
+
+A ``db`` string containing ``://`` is a SQLAlchemy URL and is handed to SQLAlchemy as is (e.g. a
+Unix-socket URL ``postgresql+psycopg://user@/db?host=/run/postgresql``); anything else is an SQLite file
+path. Messages name the database with :func:`describe`, which never shows a password.
+
+Schema (version :data:`SCHEMA_VERSION`):
 
 * ``runs``: one bench invocation: a ``key`` (hash of its configuration, so rerunning the same command
   finds it and resumes), its JSON ``config`` (which also carries each task's metric, mode and target, so
@@ -11,97 +21,219 @@ Schema (version :data:`SCHEMA_VERSION`, kept in ``PRAGMA user_version``):
   clip, phase, trial_index)`` makes a duplicate impossible.
 * ``metrics``: per step: training loss, the task metric where evaluated, the learning rate.
 * ``artifacts``: JSON blobs attached to a trial (2-D trajectories, final parameters).
+* ``optimlab_meta``: ``application = optimlab`` and ``schema_version``: the marker that tells an optimlab
+  database from any other (a database without it is never written to).
+* ``claims``: the run's units of work, each held by at most one worker at a time: a study's tuning
+  (``unit = 'tune'``) or one of its final reruns (``unit = 'final'``, ``unit_index`` = the seed's index).
+  ``owner`` (``host:pid``) holds it until ``lease_until`` (seconds since the epoch on the database's
+  clock), which the owner's heartbeat keeps pushing forward; ``status`` is ``open`` or ``done``.
 
-A trial and all its rows are written in one ``BEGIN IMMEDIATE`` transaction, so a process killed at any
-moment (even by SIGKILL) leaves either the whole trial or nothing. The database runs in WAL mode with a
-busy timeout, so several bench worker processes can write to it at once.
+Real numbers are double precision on both backends (SQLite ``REAL``, PostgreSQL ``DOUBLE PRECISION``), so a
+result read back equals the float that was written, bit for bit; NaN and ±inf are stored as NULL.
 
-Migrations are a list of SQL scripts; opening a store applies the missing ones in order, each in a
-transaction that also bumps ``user_version``.
+Versions: 1 the four result tables; 2 the ``trials_by_task`` index (``optimlab recommend``); 3 the
+``optimlab_meta`` marker and ``claims``. Versions 1 and 2 were SQLite-only and kept their version in
+``PRAGMA user_version`` (no marker): such a file opens and is migrated. SQLite files keep
+``user_version`` equal to the schema version, so an older optimlab refuses a newer file.
+
+Every write is one transaction (SQLite: ``BEGIN IMMEDIATE``, the file's single writer lock; PostgreSQL:
+row locks, plus an advisory lock for migrations and run creation), so a process killed at any moment,
+even by SIGKILL, leaves either a whole trial or nothing. Opening checks the database first (SQLite's
+``quick_check``, the marker, the version) and raises :class:`StoreError` with a one-line message.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import json
-import sqlite3
-from collections.abc import Iterator, Sequence
+import os
+import socket
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SCHEMA_VERSION", "MIGRATIONS", "TrialRecord", "Store"]
+import sqlalchemy as sa
+from sqlalchemy import event
 
-MIGRATIONS: list[str] = [
-    # 1: the initial schema
-    """
-    CREATE TABLE runs (
-        id INTEGER PRIMARY KEY,
-        key TEXT NOT NULL,
-        status TEXT NOT NULL,
-        config TEXT NOT NULL,
-        command TEXT NOT NULL DEFAULT '',
-        created_at TEXT NOT NULL,
-        finished_at TEXT
-    );
-    CREATE TABLE trials (
-        id INTEGER PRIMARY KEY,
-        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
-        task TEXT NOT NULL,
-        optimizer TEXT NOT NULL,
-        schedule TEXT NOT NULL,
-        clip TEXT NOT NULL,
-        phase TEXT NOT NULL CHECK (phase IN ('tune', 'final')),
-        trial_index INTEGER NOT NULL,
-        seed INTEGER NOT NULL,
-        params TEXT NOT NULL,
-        status TEXT NOT NULL CHECK (status IN ('complete', 'diverged')),
-        steps INTEGER NOT NULL,
-        final_loss REAL,
-        best_loss REAL,
-        final_metric REAL,
-        best_metric REAL,
-        steps_to_target INTEGER,
-        time_to_target REAL,
-        ms_per_step REAL,
-        state_bytes_per_param REAL,
-        wall_time REAL NOT NULL,
-        created_at TEXT NOT NULL,
-        UNIQUE (run_id, task, optimizer, schedule, clip, phase, trial_index)
-    );
-    CREATE TABLE metrics (
-        trial_id INTEGER NOT NULL REFERENCES trials(id) ON DELETE CASCADE,
-        step INTEGER NOT NULL,
-        loss REAL,
-        metric REAL,
-        lr REAL,
-        PRIMARY KEY (trial_id, step)
-    ) WITHOUT ROWID;
-    CREATE TABLE artifacts (
-        id INTEGER PRIMARY KEY,
-        trial_id INTEGER NOT NULL REFERENCES trials(id) ON DELETE CASCADE,
-        kind TEXT NOT NULL,
-        data TEXT NOT NULL,
-        UNIQUE (trial_id, kind)
-    );
-    CREATE INDEX runs_by_key ON runs(key);
-    """,
-    # 2: `optimlab recommend` looks trials up by task across runs
-    """
-    CREATE INDEX trials_by_task ON trials(task, phase, status);
-    """,
-]
-SCHEMA_VERSION = len(MIGRATIONS)
+__all__ = ["SCHEMA_VERSION", "MIGRATIONS", "TrialRecord", "Store", "StoreError", "DiskFullError", "ClaimLost",
+           "Claim", "database_url", "describe"]
+
+_schema = sa.MetaData()
+
+runs_table = sa.Table(
+    "runs", _schema,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("key", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("config", sa.Text, nullable=False),
+    sa.Column("command", sa.Text, nullable=False, server_default=""),
+    sa.Column("created_at", sa.Text, nullable=False),
+    sa.Column("finished_at", sa.Text),
+    sa.Index("runs_by_key", "key"),
+)
 
 TRIAL_SUMMARY_FIELDS = (
     "steps", "final_loss", "best_loss", "final_metric", "best_metric", "steps_to_target", "time_to_target",
     "ms_per_step", "state_bytes_per_param", "wall_time",
 )
+_INTEGER_FIELDS = ("steps", "steps_to_target")
+
+trials_table = sa.Table(
+    "trials", _schema,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("task", sa.Text, nullable=False),
+    sa.Column("optimizer", sa.Text, nullable=False),
+    sa.Column("schedule", sa.Text, nullable=False),
+    sa.Column("clip", sa.Text, nullable=False),
+    sa.Column("phase", sa.Text, sa.CheckConstraint("phase IN ('tune', 'final')"), nullable=False),
+    sa.Column("trial_index", sa.Integer, nullable=False),
+    sa.Column("seed", sa.Integer, nullable=False),
+    sa.Column("params", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, sa.CheckConstraint("status IN ('complete', 'diverged')"), nullable=False),
+    sa.Column("steps", sa.Integer, nullable=False),
+    *(sa.Column(name, sa.Integer if name in _INTEGER_FIELDS else sa.Double)
+      for name in TRIAL_SUMMARY_FIELDS if name not in ("steps", "wall_time")),
+    sa.Column("wall_time", sa.Double, nullable=False),
+    sa.Column("created_at", sa.Text, nullable=False),
+    sa.UniqueConstraint("run_id", "task", "optimizer", "schedule", "clip", "phase", "trial_index"),
+    sa.Index("trials_by_task", "task", "phase", "status"),
+)
+
+metrics_table = sa.Table(
+    "metrics", _schema,
+    sa.Column("trial_id", sa.Integer, sa.ForeignKey("trials.id", ondelete="CASCADE"), primary_key=True,
+              autoincrement=False),
+    sa.Column("step", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("loss", sa.Double),
+    sa.Column("metric", sa.Double),
+    sa.Column("lr", sa.Double),
+    sqlite_with_rowid=False,
+)
+
+artifacts_table = sa.Table(
+    "artifacts", _schema,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("trial_id", sa.Integer, sa.ForeignKey("trials.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("data", sa.Text, nullable=False),
+    sa.UniqueConstraint("trial_id", "kind"),
+)
+
+meta_table = sa.Table(
+    "optimlab_meta", _schema,
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+claims_table = sa.Table(
+    "claims", _schema,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("task", sa.Text, nullable=False),
+    sa.Column("optimizer", sa.Text, nullable=False),
+    sa.Column("schedule", sa.Text, nullable=False),
+    sa.Column("clip", sa.Text, nullable=False),
+    sa.Column("unit", sa.Text, sa.CheckConstraint("unit IN ('tune', 'final')"), nullable=False),
+    sa.Column("unit_index", sa.Integer, nullable=False),
+    sa.Column("status", sa.Text, sa.CheckConstraint("status IN ('open', 'done')"), nullable=False,
+              server_default="open"),
+    sa.Column("owner", sa.Text),
+    sa.Column("lease_until", sa.Double),
+    sa.Column("takeovers", sa.Integer, nullable=False, server_default="0"),
+    sa.UniqueConstraint("run_id", "task", "optimizer", "schedule", "clip", "unit", "unit_index"),
+)
+
+_RESULT_TABLES = (runs_table, trials_table, metrics_table, artifacts_table)
+_LEGACY_TABLES = {"runs", "trials", "metrics", "artifacts"}
+
+
+def _create_result_tables(conn: sa.Connection) -> None:
+    for table in _RESULT_TABLES:  # with their indexes (runs_by_key, and trials_by_task of version 2)
+        table.create(conn)
+
+
+def _add_trials_by_task(conn: sa.Connection) -> None:
+    next(index for index in trials_table.indexes if index.name == "trials_by_task").create(conn, checkfirst=True)
+
+
+def _add_marker_and_claims(conn: sa.Connection) -> None:
+    meta_table.create(conn)
+    conn.execute(sa.insert(meta_table), [{"key": "application", "value": "optimlab"},
+                                         {"key": "schema_version", "value": "0"}])
+    claims_table.create(conn)
+
+
+MIGRATIONS = [_create_result_tables, _add_trials_by_task, _add_marker_and_claims]
+"""Migration ``i`` takes a database from schema version ``i`` to ``i + 1`` (inside one transaction)."""
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_ADVISORY_LOCK = 0x6F70746C  # PostgreSQL advisory lock key for migrations and run creation ("optl")
+
+
+class StoreError(Exception):
+    """A database that cannot be used: unreachable, unreadable, not optimlab's, too new, full. One line."""
+
+
+class DiskFullError(StoreError):
+    """A write failed because the disk (or the database server's disk) is full."""
+
+
+class ClaimLost(Exception):
+    """This worker's lease on a unit of work expired and another worker took the unit over."""
+
+
+def database_url(db: str | Path) -> sa.URL:
+    """``db`` as a SQLAlchemy URL: a string containing ``://`` as is, anything else an SQLite file path."""
+    text = str(db)
+    if "://" in text:
+        try:
+            return sa.make_url(text)
+        except sa.exc.ArgumentError:
+            raise StoreError(f"Invalid --db URL {_hide_password(text)!r} (accepted: an SQLite file path or a "
+                             "SQLAlchemy URL such as postgresql+psycopg://user@host/dbname)") from None
+    return sa.URL.create("sqlite", database=str(Path(text)))
+
+
+def _hide_password(text: str) -> str:
+    """``scheme://user:secret@host`` → ``scheme://user:***@host`` for a string that did not even parse."""
+    head, sep, tail = text.partition("://")
+    credentials, at, rest = tail.rpartition("@")
+    if at and ":" in credentials:
+        credentials = credentials.split(":", 1)[0] + ":***"
+    return f"{head}{sep}{credentials}{at}{rest}" if at else text
+
+
+def describe(db: str | Path) -> str:
+    """How messages name a database: the file path, or the URL with its password hidden."""
+    text = str(db)
+    if "://" not in text:
+        return text
+    try:
+        return sa.make_url(text).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return _hide_password(text)
 
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    original = getattr(error, "orig", error)
+    if isinstance(original, OSError) and original.errno == errno.ENOSPC:
+        return True
+    return getattr(original, "sqlstate", None) == "53100" or "database or disk is full" in str(original)
+
+
+def _first_line(error: BaseException) -> str:
+    original = getattr(error, "orig", None) or error
+    lines = [line.strip() for line in str(original).splitlines() if line.strip()]
+    return lines[0] if lines else type(original).__name__
 
 
 @dataclass
@@ -142,69 +274,278 @@ class TrialRecord:
         return row
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A unit of work this worker holds: a study's tuning (``unit='tune'``) or one final rerun."""
+
+    id: int
+    run_id: int
+    task: str
+    optimizer: str
+    schedule: str
+    clip: str
+    unit: str
+    unit_index: int
+    owner: str
+    takeover: bool
+
+
 def _finite_or_none(value: float | None) -> float | None:
-    """SQLite stores NaN as NULL anyway; make that explicit, and keep +-inf out of REAL columns."""
+    """NaN and ±inf are stored as NULL (SQLite turns NaN into NULL anyway; the same on both backends)."""
     if value is None or value != value or value in (float("inf"), float("-inf")):
         return None
     return float(value)
 
 
+class Row(tuple):
+    """A result row readable by position or by column name (like ``sqlite3.Row``)."""
+
+    _index: dict[str, int]
+
+    def __new__(cls, values: Sequence[Any], keys: Sequence[str]) -> Row:
+        row = super().__new__(cls, values)
+        row._index = {key: i for i, key in enumerate(keys)}
+        return row
+
+    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+        return super().__getitem__(self._index[key] if isinstance(key, str) else key)
+
+    def keys(self) -> list[str]:
+        """The column names."""
+        return list(self._index)
+
+
+def worker_name() -> str:
+    """This process as a claim owner: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _dead_on_this_host(owner: str) -> bool:
+    """True when ``owner`` (``host:pid``) names a process of this machine that no longer exists."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 class Store:
-    """A connection to a bench database; creates and migrates it on open.
+    """A connection to a bench database; checks it, and creates and migrates it unless ``readonly``.
 
     Args:
-        path: the SQLite file (created with its parent folder if missing).
-        timeout: seconds to wait for another process's write lock.
+        db: an SQLite file path (created with its parent folder if missing) or a SQLAlchemy URL.
+        readonly: open without writing anything (for ``runs``, ``report``, ``recommend``): the database must
+            exist; an older schema is read as it is.
+        timeout: seconds to wait for another process's write lock (SQLite) or for the server (PostgreSQL).
+        check: run SQLite's ``quick_check`` on open (reads the whole file once).
+
+    Raises:
+        StoreError: with a one-line message naming the database (never its password).
     """
 
-    def __init__(self, path: str | Path, timeout: float = 60.0) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA foreign_keys = ON")
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        self._conn.execute("PRAGMA synchronous = NORMAL")
-        self.migrate()
+    def __init__(self, db: str | Path, *, readonly: bool = False, timeout: float = 60.0, check: bool = True) -> None:
+        self.url = database_url(db)
+        self.name = describe(db)
+        self.readonly = readonly
+        self.dialect = self.url.get_backend_name()
+        self.path = Path(self.url.database) if self.dialect == "sqlite" and self.url.database else None
+        self._engine = self._create_engine(timeout)
+        try:
+            self._open(check)
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    # -- opening -----------------------------------------------------------------------------------------
+    def _create_engine(self, timeout: float) -> sa.Engine:
+        url, connect_args = self.url, {}
+        if self.dialect == "sqlite" and self.path is not None:
+            self._check_sqlite_path()
+            if self.readonly:
+                url = url.set(database=f"file:{self.path}?mode=ro", query={"uri": "true"})
+            connect_args = {"timeout": timeout, "check_same_thread": False}
+        elif self.dialect == "postgresql":
+            connect_args = {"connect_timeout": max(1, int(min(timeout, 30)))}
+        try:
+            engine = sa.create_engine(url, connect_args=connect_args)
+        except (ImportError, sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as err:
+            raise StoreError(f"cannot open {self.name}: {_first_line(err)} (accepted: an SQLite file path or a "
+                             "SQLAlchemy URL such as postgresql+psycopg://user@host/dbname)") from None
+        if self.dialect == "sqlite":
+            event.listen(engine, "connect", self._sqlite_connect)
+            event.listen(engine, "begin", self._sqlite_begin)
+        elif self.dialect == "postgresql" and self.readonly:
+            event.listen(engine, "connect", self._postgresql_readonly)
+        return engine
+
+    def _check_sqlite_path(self) -> None:
+        path = self.path
+        assert path is not None
+        if path.is_dir():
+            raise StoreError(f"cannot open {self.name}: it is a directory (pass a database file path)")
+        if self.readonly:
+            if not path.exists():
+                raise StoreError(f"no database at {self.name} (run `optimlab bench` first, or pass --db PATH)")
+            return
+        folder = path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StoreError(f"cannot create the folder of {self.name}: {err.strerror}") from None
+        if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise StoreError(f"cannot write to {self.name}: read-only "
+                             f"{'file' if path.exists() and not os.access(path, os.W_OK) else 'folder'}")
+
+    @staticmethod
+    def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # transactions are begun by _sqlite_begin
+        dbapi_connection.execute("PRAGMA foreign_keys = ON")
+        dbapi_connection.execute("PRAGMA synchronous = NORMAL")
+
+    @staticmethod
+    def _sqlite_begin(conn: sa.Connection) -> None:
+        writing = conn.get_execution_options().get("optimlab_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if writing else "BEGIN")
+
+    @staticmethod
+    def _postgresql_readonly(dbapi_connection: Any, _record: Any) -> None:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        dbapi_connection.commit()
+
+    def _open(self, check: bool) -> None:
+        try:
+            with self._engine.connect() as conn:
+                if self.dialect == "sqlite" and check:
+                    verdict = [row[0] for row in conn.exec_driver_sql("PRAGMA quick_check").fetchall()]
+                    if verdict != ["ok"]:
+                        raise StoreError(f"{self.name} is damaged (SQLite quick_check: {verdict[0]}); restore it "
+                                         "from a copy or start a new database")
+                version = self._version_or_fail(conn)
+        except sa.exc.DBAPIError as err:
+            raise self._error("cannot open", err) from None
+        if self.readonly:
+            if version == 0:
+                raise StoreError(f"{self.name} holds no optimlab database yet (run `optimlab bench --db ...` "
+                                 "first)")
+            return
+        if self.dialect == "sqlite":
+            self._set_wal()
+        if version < SCHEMA_VERSION:
+            self.migrate()
+
+    def _error(self, doing: str, err: BaseException) -> StoreError:
+        reason = _first_line(err)
+        if "file is not a database" in reason:
+            return StoreError(f"{self.name} is not an optimlab database (not an SQLite file: {reason})")
+        if "malformed" in reason:
+            return StoreError(f"{self.name} is damaged ({reason}); restore it from a copy or start a new database")
+        if _is_disk_full(err):
+            return DiskFullError(f"cannot write to {self.name}: no space left on device")
+        if self.url.password:
+            reason = reason.replace(self.url.password, "***")
+        return StoreError(f"{doing} {self.name}: {reason}")
+
+    def _set_wal(self) -> None:
+        with self._engine.connect() as conn:
+            raw = conn.connection.dbapi_connection
+            assert raw is not None
+            mode = raw.execute("PRAGMA journal_mode").fetchone()[0]
+            if mode != "wal":
+                raw.execute("PRAGMA journal_mode = WAL")
+
+    def _table_names(self, conn: sa.Connection) -> set[str]:
+        return set(sa.inspect(conn).get_table_names())
+
+    def _read_version(self, conn: sa.Connection) -> int | None:
+        """The schema version: 0 for an empty database, ``None`` for one that is not optimlab's."""
+        names = self._table_names(conn)
+        if meta_table.name in names:
+            meta = dict(conn.execute(sa.select(meta_table.c.key, meta_table.c.value)).all())
+            if meta.get("application") != "optimlab" or not str(meta.get("schema_version", "")).isdigit():
+                return None
+            return int(meta["schema_version"])
+        if not names:
+            return 0
+        if self.dialect == "sqlite" and _LEGACY_TABLES <= names:  # versions 1-2 carried no marker
+            version = int(conn.exec_driver_sql("PRAGMA user_version").scalar() or 0)
+            if version in (1, 2):
+                return version
+        return None
+
+    def _version_or_fail(self, conn: sa.Connection) -> int:
+        version = self._read_version(conn)
+        if version is None:
+            names = sorted(self._table_names(conn))
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            raise StoreError(f"{self.name} is not an optimlab database (it has tables {shown} but no optimlab "
+                             "marker); pass a new file or an optimlab database")
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.name} has optimlab schema version {version}, newer than this optimlab's "
+                             f"{SCHEMA_VERSION}: upgrade optimlab to use it")
+        return version
 
     # -- plumbing --------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` ... ``COMMIT``; any exception rolls everything back."""
-        self._conn.execute("BEGIN IMMEDIATE")
+    def transaction(self, *, lock: bool = False) -> Iterator[sa.Connection]:
+        """A write transaction (SQLite ``BEGIN IMMEDIATE``); ``lock`` also takes PostgreSQL's advisory lock,
+        which serialises migrations and run creation. Any exception rolls everything back; a full disk
+        raises :class:`DiskFullError`."""
+        if self.readonly:
+            raise StoreError(f"{self.name} was opened read-only")
         try:
-            yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
+            with self._engine.connect() as conn:
+                conn.execution_options(optimlab_write=True)
+                with conn.begin():
+                    if lock and self.dialect == "postgresql":
+                        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK})
+                    yield conn
+        except sa.exc.DBAPIError as err:
+            if _is_disk_full(err):
+                raise DiskFullError(f"cannot write to {self.name}: no space left on device") from err
             raise
-        self._conn.execute("COMMIT")
+        except OSError as err:
+            if _is_disk_full(err):
+                raise DiskFullError(f"cannot write to {self.name}: no space left on device") from err
+            raise
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sa.Connection]:
+        with self._engine.connect() as conn:
+            yield conn
 
     @property
     def schema_version(self) -> int:
         """The schema version of the open database."""
-        return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+        with self._reading() as conn:
+            return self._version_or_fail(conn)
 
     def migrate(self, target: int = SCHEMA_VERSION) -> None:
-        """Apply migrations up to ``target`` (each in its own transaction; safe against concurrent openers)."""
+        """Apply migrations up to ``target`` in one locked transaction (safe against concurrent openers)."""
         if not (0 <= target <= SCHEMA_VERSION):
             raise ValueError(f"Invalid target schema version: {target} (accepted range: 0..{SCHEMA_VERSION})")
-        while self.schema_version < target:
-            with self.transaction() as conn:
-                version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-                if version >= target:
-                    break
-                for statement in MIGRATIONS[version].split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {version + 1}")
-        if self.schema_version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"{self.path} has schema version {self.schema_version}, newer than this optimlab's {SCHEMA_VERSION}"
-            )
+        try:
+            with self.transaction(lock=True) as conn:
+                version = self._version_or_fail(conn)  # again, under the lock
+                for step in range(version, target):
+                    MIGRATIONS[step](conn)
+                if target > version:
+                    if target >= 3:
+                        conn.execute(sa.update(meta_table).where(meta_table.c.key == "schema_version")
+                                     .values(value=str(target)))
+                    if self.dialect == "sqlite":
+                        conn.exec_driver_sql(f"PRAGMA user_version = {target}")
+        except sa.exc.DBAPIError as err:
+            raise self._error("cannot create the tables in", err) from None
 
     def close(self) -> None:
-        """Close the connection."""
-        self._conn.close()
+        """Close every connection."""
+        self._engine.dispose()
 
     def __enter__(self) -> Store:
         return self
@@ -212,142 +553,264 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _clock(self, conn: sa.Connection) -> float:
+        """Seconds since the epoch on the database's clock (the server's, for PostgreSQL: one clock for
+        every machine's leases; SQLite's machine is this one)."""
+        if self.dialect == "postgresql":
+            return float(conn.execute(sa.text(
+                "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)")).scalar_one())
+        return time.time()
+
     # -- runs ------------------------------------------------------------------------------------------
     def create_run(self, key: str, config: dict[str, Any], command: str = "") -> int:
         """Insert a new run with status ``running``; returns its id."""
-        with self.transaction() as conn:
-            cursor = conn.execute(
-                "INSERT INTO runs (key, status, config, command, created_at) VALUES (?, 'running', ?, ?, ?)",
-                (key, json.dumps(config, sort_keys=True), command, _now()),
-            )
-            return int(cursor.lastrowid)
+        with self.transaction(lock=True) as conn:
+            return self._insert_run(conn, key, config, command)
+
+    @staticmethod
+    def _insert_run(conn: sa.Connection, key: str, config: dict[str, Any], command: str) -> int:
+        result = conn.execute(sa.insert(runs_table).values(
+            key=key, status="running", config=json.dumps(config, sort_keys=True), command=command, created_at=_now()))
+        return int(result.inserted_primary_key[0])
+
+    def open_run(self, key: str, config: dict[str, Any], command: str, units: Sequence[tuple[str, ...]],
+                 new: bool = False) -> tuple[int, bool]:
+        """Find the latest run with ``key`` (or create one when there is none or ``new``), mark it running
+        and make sure it has a claim row for every unit ``(task, optimizer, schedule, clip, unit,
+        unit_index)``. One locked transaction, so workers started together agree on one run.
+        Returns ``(run_id, resumed)``."""
+        with self.transaction(lock=True) as conn:
+            row = None if new else conn.execute(
+                sa.select(runs_table.c.id).where(runs_table.c.key == key).order_by(runs_table.c.id.desc()).limit(1)
+            ).first()
+            if row is None:
+                run_id, resumed = self._insert_run(conn, key, config, command), False
+            else:
+                run_id, resumed = int(row[0]), True
+                conn.execute(sa.update(runs_table).where(runs_table.c.id == run_id, runs_table.c.status != "running")
+                             .values(status="running", finished_at=None))
+            c = claims_table.c
+            existing = {tuple(r) for r in conn.execute(
+                sa.select(c.task, c.optimizer, c.schedule, c.clip, c.unit, c.unit_index).where(c.run_id == run_id))}
+            missing = [dict(zip(("task", "optimizer", "schedule", "clip", "unit", "unit_index"), unit), run_id=run_id)
+                       for unit in units if tuple(unit) not in existing]
+            if missing:
+                conn.execute(sa.insert(claims_table), missing)
+        return run_id, resumed
 
     def latest_run_with_key(self, key: str) -> dict[str, Any] | None:
         """The most recent run created with configuration ``key``, or ``None``."""
-        row = self._conn.execute("SELECT * FROM runs WHERE key = ? ORDER BY id DESC LIMIT 1", (key,)).fetchone()
-        return self._run_dict(row) if row else None
+        with self._reading() as conn:
+            row = conn.execute(sa.select(runs_table).where(runs_table.c.key == key)
+                               .order_by(runs_table.c.id.desc()).limit(1)).first()
+        return self._run_dict(row._mapping) if row else None
 
     def set_run_status(self, run_id: int, status: str) -> None:
         """Set a run's status (``running``, ``interrupted``, ``complete``); ``complete`` stamps ``finished_at``."""
         if status not in ("running", "interrupted", "complete"):
             raise ValueError(f"Invalid status: {status!r} (accepted: 'running', 'interrupted', 'complete')")
         with self.transaction() as conn:
-            conn.execute(
-                "UPDATE runs SET status = ?, finished_at = ? WHERE id = ?",
-                (status, _now() if status == "complete" else None, run_id),
-            )
+            conn.execute(sa.update(runs_table).where(runs_table.c.id == run_id).values(
+                status=status, finished_at=_now() if status == "complete" else None))
 
     @staticmethod
-    def _run_dict(row: sqlite3.Row) -> dict[str, Any]:
+    def _run_dict(row: Mapping[str, Any]) -> dict[str, Any]:
         run = dict(row)
         run["config"] = json.loads(run["config"])
         return run
 
     def runs(self) -> list[dict[str, Any]]:
         """All runs, newest first, each with its trial counts (``n_trials``, ``n_diverged``)."""
-        rows = self._conn.execute(
-            """SELECT runs.*, COUNT(trials.id) AS n_trials,
-                      COALESCE(SUM(trials.status = 'diverged'), 0) AS n_diverged
-               FROM runs LEFT JOIN trials ON trials.run_id = runs.id
-               GROUP BY runs.id ORDER BY runs.id DESC"""
-        ).fetchall()
-        return [self._run_dict(row) for row in rows]
+        t = trials_table.c
+        counts = (sa.select(t.run_id, sa.func.count().label("n_trials"),
+                            sa.func.sum(sa.case((t.status == "diverged", 1), else_=0)).label("n_diverged"))
+                  .group_by(t.run_id).subquery())
+        query = (sa.select(runs_table, sa.func.coalesce(counts.c.n_trials, 0).label("n_trials"),
+                           sa.func.coalesce(counts.c.n_diverged, 0).label("n_diverged"))
+                 .outerjoin(counts, counts.c.run_id == runs_table.c.id).order_by(runs_table.c.id.desc()))
+        with self._reading() as conn:
+            rows = conn.execute(query).all()
+        return [self._run_dict(row._mapping) for row in rows]
 
     def get_run(self, run_id: int | str) -> dict[str, Any]:
         """The run with id ``run_id``; ``"latest"`` is the newest run. Unknown ids raise ``KeyError``."""
-        if isinstance(run_id, str) and run_id.lower() == "latest":
-            row = self._conn.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        with self._reading() as conn:
+            if isinstance(run_id, str) and run_id.lower() == "latest":
+                row = conn.execute(sa.select(runs_table).order_by(runs_table.c.id.desc()).limit(1)).first()
+                if row is None:
+                    raise KeyError(f"No runs in {self.name}")
+                return self._run_dict(row._mapping)
+            try:
+                number = int(run_id)
+            except ValueError:
+                raise ValueError(f"Invalid run id: {run_id!r} (accepted: an integer id or 'latest')") from None
+            row = conn.execute(sa.select(runs_table).where(runs_table.c.id == number)).first()
             if row is None:
-                raise KeyError(f"No runs in {self.path}")
-            return self._run_dict(row)
-        try:
-            number = int(run_id)
-        except ValueError:
-            raise ValueError(f"Invalid run id: {run_id!r} (accepted: an integer id or 'latest')") from None
-        row = self._conn.execute("SELECT * FROM runs WHERE id = ?", (number,)).fetchone()
-        if row is None:
-            known = [str(r[0]) for r in self._conn.execute("SELECT id FROM runs ORDER BY id")]
-            raise KeyError(f"Unknown run {number} in {self.path}. Known runs: {', '.join(known) or 'none'}")
-        return self._run_dict(row)
+                known = [str(r[0]) for r in conn.execute(sa.select(runs_table.c.id).order_by(runs_table.c.id))]
+                raise KeyError(f"Unknown run {number} in {self.name}. Known runs: {', '.join(known) or 'none'}")
+        return self._run_dict(row._mapping)
 
     # -- trials ----------------------------------------------------------------------------------------
-    def add_trial(self, run_id: int, record: TrialRecord) -> int:
-        """Write a trial, its curve and its artifacts atomically; returns the trial id."""
+    def add_trial(self, run_id: int, record: TrialRecord, *, claim: Claim | None = None, lease: float = 0.0,
+                  finish: bool = False) -> int:
+        """Write a trial, its curve and its artifacts atomically; returns the trial id.
+
+        With ``claim``, the same transaction first checks that this worker still holds it (renewing its
+        lease by ``lease`` seconds; :class:`ClaimLost` otherwise, and nothing is written) and, with
+        ``finish``, marks the unit done.
+        """
         row = record.summary()
+        values = {name: row[name] if name in _INTEGER_FIELDS else _finite_or_none(row[name])
+                  for name in TRIAL_SUMMARY_FIELDS}
         with self.transaction() as conn:
-            cursor = conn.execute(
-                f"""INSERT INTO trials (run_id, task, optimizer, schedule, clip, phase, trial_index, seed, params,
-                        status, {', '.join(TRIAL_SUMMARY_FIELDS)}, created_at)
-                    VALUES ({', '.join('?' * (11 + len(TRIAL_SUMMARY_FIELDS)))})""",
-                (
-                    run_id, row["task"], row["optimizer"], row["schedule"], row["clip"], row["phase"],
-                    row["trial_index"], row["seed"], json.dumps(row["params"], sort_keys=True), row["status"],
-                    *(row[name] if name in ("steps", "steps_to_target") else _finite_or_none(row[name])
-                      for name in TRIAL_SUMMARY_FIELDS),
-                    _now(),
-                ),
-            )
-            trial_id = int(cursor.lastrowid)
-            conn.executemany(
-                "INSERT INTO metrics (trial_id, step, loss, metric, lr) VALUES (?, ?, ?, ?, ?)",
-                [(trial_id, step, _finite_or_none(loss), _finite_or_none(metric), _finite_or_none(lr))
-                 for step, loss, metric, lr in record.curve],
-            )
-            conn.executemany(
-                "INSERT INTO artifacts (trial_id, kind, data) VALUES (?, ?, ?)",
-                [(trial_id, kind, json.dumps(value)) for kind, value in record.artifacts.items()],
-            )
+            if claim is not None:
+                self._renew(conn, claim, lease, finish)
+            result = conn.execute(sa.insert(trials_table).values(
+                run_id=run_id, task=row["task"], optimizer=row["optimizer"], schedule=row["schedule"],
+                clip=row["clip"], phase=row["phase"], trial_index=row["trial_index"], seed=row["seed"],
+                params=json.dumps(row["params"], sort_keys=True), status=row["status"], created_at=_now(), **values))
+            trial_id = int(result.inserted_primary_key[0])
+            if record.curve:
+                conn.execute(sa.insert(metrics_table), [
+                    {"trial_id": trial_id, "step": step, "loss": _finite_or_none(loss),
+                     "metric": _finite_or_none(metric), "lr": _finite_or_none(lr)}
+                    for step, loss, metric, lr in record.curve])
+            if record.artifacts:
+                conn.execute(sa.insert(artifacts_table), [
+                    {"trial_id": trial_id, "kind": kind, "data": json.dumps(value)}
+                    for kind, value in record.artifacts.items()])
         return trial_id
 
     def trials(self, run_id: int, *, task: str | None = None, optimizer: str | None = None,
                schedule: str | None = None, clip: str | None = None, phase: str | None = None) -> list[dict[str, Any]]:
         """A run's trials (optionally filtered), ordered by task, optimizer, schedule, clip, phase, index."""
-        clauses, values = ["run_id = ?"], [run_id]
-        for column, value in (("task", task), ("optimizer", optimizer), ("schedule", schedule), ("clip", clip),
-                              ("phase", phase)):
+        t = trials_table.c
+        query = sa.select(trials_table).where(t.run_id == run_id)
+        for column, value in ((t.task, task), (t.optimizer, optimizer), (t.schedule, schedule), (t.clip, clip),
+                              (t.phase, phase)):
             if value is not None:
-                clauses.append(f"{column} = ?")
-                values.append(value)
-        rows = self._conn.execute(
-            f"SELECT * FROM trials WHERE {' AND '.join(clauses)} "
-            "ORDER BY task, optimizer, schedule, clip, phase DESC, trial_index",
-            values,
-        ).fetchall()
-        return [self._trial_dict(row) for row in rows]
+                query = query.where(column == value)
+        query = query.order_by(t.task, t.optimizer, t.schedule, t.clip, t.phase.desc(), t.trial_index)
+        with self._reading() as conn:
+            return [self._trial_dict(row._mapping) for row in conn.execute(query)]
 
     @staticmethod
-    def _trial_dict(row: sqlite3.Row) -> dict[str, Any]:
+    def _trial_dict(row: Mapping[str, Any]) -> dict[str, Any]:
         trial = dict(row)
         trial["params"] = json.loads(trial["params"])
         return trial
 
     def final_trials_for_task(self, task: str) -> list[dict[str, Any]]:
         """Final-phase trials of ``task`` across every run (for recommendations)."""
-        rows = self._conn.execute(
-            "SELECT * FROM trials WHERE task = ? AND phase = 'final' ORDER BY run_id, optimizer, trial_index", (task,)
-        ).fetchall()
-        return [self._trial_dict(row) for row in rows]
+        t = trials_table.c
+        query = (sa.select(trials_table).where(t.task == task, t.phase == "final")
+                 .order_by(t.run_id, t.optimizer, t.trial_index))
+        with self._reading() as conn:
+            return [self._trial_dict(row._mapping) for row in conn.execute(query)]
 
     def curve(self, trial_id: int) -> list[tuple[int, float | None, float | None, float | None]]:
         """``(step, loss, metric, lr)`` rows of a trial, by step."""
-        rows = self._conn.execute(
-            "SELECT step, loss, metric, lr FROM metrics WHERE trial_id = ? ORDER BY step", (trial_id,)
-        ).fetchall()
+        m = metrics_table.c
+        with self._reading() as conn:
+            rows = conn.execute(sa.select(m.step, m.loss, m.metric, m.lr).where(m.trial_id == trial_id)
+                                .order_by(m.step)).all()
         return [tuple(row) for row in rows]
 
     def artifact(self, trial_id: int, kind: str) -> Any:
         """The artifact of ``kind`` attached to a trial, or ``None``."""
-        row = self._conn.execute(
-            "SELECT data FROM artifacts WHERE trial_id = ? AND kind = ?", (trial_id, kind)
-        ).fetchone()
-        return json.loads(row[0]) if row else None
+        a = artifacts_table.c
+        with self._reading() as conn:
+            data = conn.execute(sa.select(a.data).where(a.trial_id == trial_id, a.kind == kind)).scalar()
+        return json.loads(data) if data is not None else None
 
     def count(self, table: str) -> int:
-        """Number of rows in one of the schema's tables."""
-        if table not in ("runs", "trials", "metrics", "artifacts"):
+        """Number of rows in one of the schema's result tables."""
+        tables = {t.name: t for t in _RESULT_TABLES}
+        if table not in tables:
             raise ValueError(f"Invalid table: {table!r} (accepted: runs, trials, metrics, artifacts)")
-        return int(self._conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+        with self._reading() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(tables[table])).scalar_one())
 
-    def execute(self, sql: str, parameters: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        """Run a read-only query and return its rows (for ad-hoc inspection and tests)."""
-        return self._conn.execute(sql, parameters).fetchall()
+    def execute(self, sql: str, parameters: Sequence[Any] = ()) -> list[Row]:
+        """Run a query in the driver's own SQL (``?`` parameters on SQLite, ``%s`` on PostgreSQL) and
+        return its rows, readable by position and by name (for ad-hoc inspection and tests)."""
+        with self._reading() as conn:
+            result = conn.exec_driver_sql(sql, tuple(parameters))
+            keys = list(result.keys())
+            return [Row(row, keys) for row in result.all()]
+
+    # -- claims ------------------------------------------------------------------------------------------
+    def claim(self, run_id: int, owner: str, lease: float) -> Claim | None:
+        """Take the first open unit of ``run_id`` that nobody holds (or whose lease expired, or whose owner
+        died on this machine) and whose prerequisites are done (a final rerun needs its study's tuning);
+        ``None`` when there is none right now. PostgreSQL: ``SELECT ... FOR UPDATE SKIP LOCKED``;
+        SQLite: inside ``BEGIN IMMEDIATE``."""
+        c = claims_table.c
+        with self.transaction() as conn:
+            now = self._clock(conn)
+            held = conn.execute(sa.select(c.owner).distinct().where(
+                c.run_id == run_id, c.status == "open", c.owner.is_not(None), c.lease_until >= now)).scalars()
+            dead = [name for name in held if _dead_on_this_host(name)]
+            tune = claims_table.alias("tune")
+            tuned = sa.exists().where(tune.c.run_id == c.run_id, tune.c.task == c.task,
+                                      tune.c.optimizer == c.optimizer, tune.c.schedule == c.schedule,
+                                      tune.c.clip == c.clip, tune.c.unit == "tune", tune.c.status == "done")
+            free = sa.or_(c.owner.is_(None), c.lease_until < now, c.owner.in_(dead)) if dead else \
+                sa.or_(c.owner.is_(None), c.lease_until < now)
+            row = conn.execute(
+                sa.select(claims_table).where(c.run_id == run_id, c.status == "open", free,
+                                              sa.or_(c.unit == "tune", tuned))
+                .order_by(c.id).limit(1).with_for_update(skip_locked=True, of=claims_table)
+            ).first()
+            if row is None:
+                return None
+            takeover = row.owner is not None
+            conn.execute(sa.update(claims_table).where(c.id == row.id).values(
+                owner=owner, lease_until=now + lease, takeovers=c.takeovers + int(takeover)))
+            conn.execute(sa.update(runs_table).where(runs_table.c.id == run_id, runs_table.c.status != "running")
+                         .values(status="running", finished_at=None))
+        return Claim(id=row.id, run_id=run_id, task=row.task, optimizer=row.optimizer, schedule=row.schedule,
+                     clip=row.clip, unit=row.unit, unit_index=row.unit_index, owner=owner, takeover=takeover)
+
+    def _renew(self, conn: sa.Connection, claim: Claim, lease: float, finish: bool = False) -> None:
+        c = claims_table.c
+        values: dict[str, Any] = {"lease_until": self._clock(conn) + lease}
+        if finish:
+            values = {"status": "done", "lease_until": None}
+        result = conn.execute(sa.update(claims_table).where(c.id == claim.id, c.owner == claim.owner,
+                                                            c.status == "open").values(**values))
+        if result.rowcount != 1:
+            raise ClaimLost(f"{claim.owner} lost its claim on {claim.task}/{claim.optimizer} {claim.unit} "
+                            f"{claim.unit_index} to another worker")
+
+    def heartbeat(self, claim: Claim, lease: float) -> None:
+        """Push the claim's lease ``lease`` seconds past now; :class:`ClaimLost` if another worker has it."""
+        with self.transaction() as conn:
+            self._renew(conn, claim, lease)
+
+    def finish(self, claim: Claim) -> None:
+        """Mark the claimed unit done; :class:`ClaimLost` if another worker has it."""
+        with self.transaction() as conn:
+            self._renew(conn, claim, 0.0, finish=True)
+
+    def release(self, claim: Claim) -> None:
+        """Give the claim back (when stopping early), so another worker can take it at once."""
+        c = claims_table.c
+        with self.transaction() as conn:
+            conn.execute(sa.update(claims_table).where(c.id == claim.id, c.owner == claim.owner, c.status == "open")
+                         .values(owner=None, lease_until=None))
+
+    def units_left(self, run_id: int) -> tuple[int, int]:
+        """``(open units, of which held by a live lease)`` of a run."""
+        c = claims_table.c
+        with self._reading() as conn:
+            now = self._clock(conn)
+            row = conn.execute(sa.select(sa.func.count(), sa.func.sum(sa.case((c.lease_until >= now, 1), else_=0)))
+                               .where(c.run_id == run_id, c.status == "open")).one()
+        return int(row[0]), int(row[1] or 0)
+
+    def claims(self, run_id: int) -> list[dict[str, Any]]:
+        """Every claim row of a run (for inspection and tests)."""
+        with self._reading() as conn:
+            return [dict(row._mapping) for row in conn.execute(
+                sa.select(claims_table).where(claims_table.c.run_id == run_id).order_by(claims_table.c.id))]

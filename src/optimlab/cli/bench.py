@@ -16,8 +16,9 @@ from optimlab.cli.app import app, fail
 runs_app = typer.Typer(help="List, show and compare stored bench runs.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 
-DEFAULT_DB = Path("optimlab.db")
-_DB_OPTION = typer.Option(DEFAULT_DB, "--db", help="SQLite database file.")
+DEFAULT_DB = "optimlab.db"
+_DB_OPTION = typer.Option(DEFAULT_DB, "--db", help="SQLite file path, or a SQLAlchemy URL (anything with '://', "
+                          "e.g. postgresql+psycopg://user@host/dbname).")
 
 
 def _console() -> Console:
@@ -42,12 +43,14 @@ def _params(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
-def _open_store(db: Path, must_exist: bool = True) -> Any:
-    from optimlab.bench.store import Store
+def _open_store(db: str, readonly: bool = True) -> Any:
+    """The store at ``db`` (read-only unless asked), or a one-line error (exit code 2) when it is unusable."""
+    from optimlab.bench.store import Store, StoreError
 
-    if must_exist and not db.exists():
-        raise fail(f"no database at {db} (run `optimlab bench` first, or pass --db PATH)")
-    return Store(db)
+    try:
+        return Store(db, readonly=readonly)
+    except StoreError as err:
+        raise fail(str(err)) from None
 
 
 def _summary_table(rows: list[dict[str, Any]], title: str) -> Table:
@@ -81,8 +84,10 @@ def bench_command(
     quick: bool = typer.Option(False, "--quick", help="Test functions + digits, 4 optimizers, short budgets."),
     jobs: int = typer.Option(None, "--jobs", "-j", help="Parallel worker processes (default: cores, max 4)."),
     seed: int = typer.Option(0, help="Seed of the tuning sampler."),
-    db: Path = _DB_OPTION,
+    db: str = _DB_OPTION,
     new: bool = typer.Option(False, "--new", help="Start a fresh run even if an identical one exists."),
+    lease: float = typer.Option(60.0, "--lease", help="Seconds before a silent worker's study goes to another "
+                                "worker (workers renew every lease/4)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Tune each optimizer on each task with the same budget, rerun the best over seeds, store everything.
@@ -91,6 +96,8 @@ def bench_command(
     """
     from optimlab.bench.runner import QUICK_OPTIMIZERS, QUICK_TASKS, BenchConfig, default_jobs, run_bench, summarize, \
         winners
+    from optimlab.bench.store import StoreError, describe
+    from optimlab.bench.worker import check_lease
     from optimlab.bench.tasks import list_tasks
 
     tasks = _split(task) or (QUICK_TASKS if quick else tuple(list_tasks()))
@@ -108,17 +115,23 @@ def bench_command(
     )
     try:
         config.validate()
+        check_lease(lease)
     except (KeyError, ValueError, ImportError) as err:
         raise fail(str(err).strip("'\"")) from None
+    _open_store(db, readonly=False).close()  # an unusable --db fails here, before any trial
     command = shlex.join(["optimlab", *sys.argv[1:]])
     try:
-        result = run_bench(config, db, jobs=jobs or default_jobs(), quiet=quiet, new_run=new, command=command)
+        result = run_bench(config, db, jobs=jobs or default_jobs(), quiet=quiet, new_run=new, command=command,
+                           lease=lease)
+    except StoreError as err:
+        raise fail(str(err)) from None
     except (KeyError, ValueError) as err:
         raise fail(str(err).strip("'\"")) from None
     console = _console()
     verb = "resumed" if result.resumed else "started"
-    console.print(f"run {result.run_id} ({verb}): {result.trials_run} trials run, {result.trials_skipped} already "
-                  f"done, {result.diverged} diverged; database {db}")
+    others = f", {result.trials_by_others} by other workers" if result.trials_by_others else ""
+    console.print(f"run {result.run_id} ({verb}): {result.trials_run} trials run{others}, {result.trials_skipped} "
+                  f"already done, {result.diverged} diverged; database {describe(db)}")
     for message in result.messages:
         console.print(message)
     with _open_store(db) as store:
@@ -129,15 +142,15 @@ def bench_command(
             console.print(f"winner {name}: {row['optimizer']} ({row['metric']} {_fmt(row['metric_mean'])})")
     if not result.complete:
         raise typer.Exit(130)
-    console.print(f"next: optimlab report {result.run_id} --db {db} -o report/")
+    console.print(f"next: optimlab report {result.run_id} --db {shlex.quote(describe(db))} -o report/")
 
 
 @runs_app.command("list")
-def runs_list(db: Path = _DB_OPTION) -> None:
+def runs_list(db: str = _DB_OPTION) -> None:
     """List the stored runs, newest first."""
     with _open_store(db) as store:
         runs = store.runs()
-    table = Table(title=f"runs in {db}")
+    table = Table(title=f"runs in {store.name}")
     for column in ("id", "status", "created", "tasks", "optimizers", "trials", "diverged", "command"):
         table.add_column(column)
     for run in runs:
@@ -155,7 +168,7 @@ def _resolve_run(store: Any, run_id: str) -> dict[str, Any]:
 
 
 @runs_app.command("show")
-def runs_show(run_id: str = typer.Argument(..., help="Run id or 'latest'."), db: Path = _DB_OPTION) -> None:
+def runs_show(run_id: str = typer.Argument(..., help="Run id or 'latest'."), db: str = _DB_OPTION) -> None:
     """Show one run: its configuration and the best configuration per task and optimizer."""
     from optimlab.bench.runner import summarize
 
@@ -175,7 +188,7 @@ def runs_show(run_id: str = typer.Argument(..., help="Run id or 'latest'."), db:
 @runs_app.command("compare")
 def runs_compare(run_a: str = typer.Argument(..., help="First run id (or 'latest')."),
                  run_b: str = typer.Argument(..., help="Second run id (or 'latest')."),
-                 db: Path = _DB_OPTION) -> None:
+                 db: str = _DB_OPTION) -> None:
     """Compare two runs side by side on the task/optimizer pairs they share."""
     from optimlab.bench.runner import summarize
 
@@ -209,7 +222,7 @@ def runs_compare(run_a: str = typer.Argument(..., help="First run id (or 'latest
 def report_command(
     run_id: str = typer.Argument("latest", help="Run id or 'latest'."),
     out: Path = typer.Option(Path("report"), "--out", "-o", help="Folder for index.html and the PNGs."),
-    db: Path = _DB_OPTION,
+    db: str = _DB_OPTION,
 ) -> None:
     """Write an HTML report (index.html + PNG figures) for one run."""
     from optimlab.bench.report import write_report
@@ -223,7 +236,7 @@ def report_command(
 @app.command("recommend")
 def recommend_command(
     task: str = typer.Option(..., "--task", "-t", help="Task name."),
-    db: Path = _DB_OPTION,
+    db: str = _DB_OPTION,
 ) -> None:
     """Recommend the best optimizer, learning rate, schedule and clipping for a task from stored results."""
     from optimlab.bench.recommend import recommend
@@ -236,7 +249,7 @@ def recommend_command(
     with _open_store(db) as store:
         ranking = recommend(store, task)
     if not ranking:
-        raise fail(f"no finished results for task {task!r} in {db}; run `optimlab bench --task {task}` first")
+        raise fail(f"no finished results for task {task!r} in {store.name}; run `optimlab bench --task {task}` first")
     best = ranking[0]
     console = _console()
     console.print(f"recommended for {task}: {best.optimizer} with {_params(best.params)}, schedule {best.schedule}, "
