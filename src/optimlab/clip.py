@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from optimlab import _compat
 from optimlab.optim._base import group_by_device_and_dtype
 
 __all__ = [
@@ -100,7 +101,7 @@ def _use_foreach(foreach: bool | None, device: torch.device, tensors: list[Tenso
     ``None`` picks them when the device has them (CPU, CUDA, the private-use backend) and every
     tensor is a plain ``Tensor``; ``True`` demands them and raises ``RuntimeError`` where they are missing.
     """
-    device_ok = device.type in ("cpu", "cuda", torch._C._get_privateuse1_backend_name()) and not (
+    device_ok = device.type in ("cpu", "cuda", _compat.privateuse1_backend_name()) and not (
         torch.jit.is_scripting()
     )
     if foreach is None:

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from optimlab import _compat
+
 __all__ = [
     "OptimlabOptimizer",
     "ParamsT",
@@ -116,13 +118,11 @@ def reject_unsupported(class_name: str, **flags: bool | None) -> None:
 def group_by_device_and_dtype(tensor_lists: list[list[Tensor | None]]) -> dict:
     """Group parallel tensor lists by (device, dtype) so each multi-tensor kernel sees one kind.
 
-    Returns ``{(device, dtype): (lists, indices)}`` like torch's internal helper, which it wraps;
-    ``indices`` are the positions of the group's tensors in the input lists. An empty input list
-    (e.g. no ``max_exp_avg_sq`` without AMSGrad) stays empty in every group.
+    Returns ``{(device, dtype): (lists, indices)}`` like torch's internal helper, which it wraps
+    (through :mod:`optimlab._compat`); ``indices`` are the positions of the group's tensors in the input
+    lists. An empty input list (e.g. no ``max_exp_avg_sq`` without AMSGrad) stays empty in every group.
     """
-    return torch.optim.Optimizer._group_tensors_by_device_and_dtype(  # type: ignore[arg-type]
-        tensor_lists, with_indices=True
-    )
+    return _compat.group_tensors_by_device_and_dtype(tensor_lists)
 
 
 def foreach_groups(

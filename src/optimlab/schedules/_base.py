@@ -34,6 +34,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import EPOCH_DEPRECATION_WARNING, LRScheduler
 
+from optimlab import _compat
+
 __all__ = [
     "Schedule",
     "MomentumCycler",
@@ -106,15 +108,16 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
 
 def warn_if_optimizer_not_stepped(optimizer: Optimizer) -> None:
     """torch's warnings at a scheduler's first ``step()``: ``optimizer.step()`` was replaced after the scheduler
-    was built, or has not been called yet (torch's ``LRScheduler.__init__`` wraps ``optimizer.step`` to record
-    the call; these two attribute names are torch's)."""
-    if not hasattr(optimizer.step, "_wrapped_by_lr_sched"):
+    was built, or has not been called yet (torch's ``LRScheduler.__init__`` records the calls; read through
+    :func:`optimlab._compat.optimizer_step_called`)."""
+    called = _compat.optimizer_step_called(optimizer)
+    if called is None:
         warnings.warn("Seems like `optimizer.step()` has been overridden after learning rate scheduler "
                       "initialization. Please, make sure to call `optimizer.step()` before "
                       "`lr_scheduler.step()`. See more details at "
                       "https://pytorch.org/docs/stable/optim.html#how-to-adjust-learning-rate", UserWarning,
                       stacklevel=3)
-    elif not getattr(optimizer, "_opt_called", False):
+    elif not called:
         warnings.warn("Detected call of `lr_scheduler.step()` before `optimizer.step()`. In PyTorch 1.1.0 and "
                       "later, you should call them in the opposite order: `optimizer.step()` before "
                       "`lr_scheduler.step()`.  Failure to do this will result in PyTorch skipping the first value "
@@ -152,6 +155,8 @@ class Schedule(LRScheduler):
         if isinstance(last_epoch, bool) or not isinstance(last_epoch, int) or last_epoch < -1:
             raise ValueError(f"Invalid last_epoch: {last_epoch!r} (accepted: -1 for a fresh start, or a step >= 0)")
         super().__init__(optimizer, last_epoch)
+        if not _compat.scheduler_calls_initial_step():  # torch's constructor did not call our _initial_step
+            self._initial_step()
 
     # ----------------------------------------------------------------------------------------------
     # stepping
