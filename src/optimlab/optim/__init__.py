@@ -22,12 +22,15 @@ from optimlab.optim.adafactor import Adafactor
 from optimlab.optim.muon import Muon, MuonWithAdamW, muon_param_split
 from optimlab.optim.schedule_free import ScheduleFreeAdamW
 from optimlab.optim.lookahead import Lookahead
+from optimlab.optim.flat import flatten_parameters, is_flat
 
 __all__ = [
     *(registration.cls.__name__ for registration in registrations()),  # every registered optimizer class
     "muon_param_split",
     "Lookahead",
     "create_optimizer",
+    "flatten_parameters",
+    "is_flat",
     "get_spec",
     "list_optimizers",
     "register_optimizer",

@@ -160,7 +160,7 @@ class Adadelta(OptimlabOptimizer):
         rho: decay :math:`\rho` in [0, 1]. Default 0.9.
         eps: :math:`\epsilon` (>= 0). Default 1e-6.
         weight_decay: :math:`\lambda` (>= 0). Default 0.
-        foreach: multi-tensor path (default: yes on CPU/CUDA).
+        foreach: multi-tensor path (default: see :func:`optimlab.optim._base.default_foreach`).
         capturable, differentiable: not supported (``NotImplementedError`` when true).
         maximize: ascend the objective. Default False.
         fused: optimlab extension (keyword-only, after torch's arguments; torch has no fused Adadelta):

@@ -167,7 +167,7 @@ class Adagrad(OptimlabOptimizer):
         weight_decay: :math:`\lambda` (>= 0). Default 0.
         initial_accumulator_value: :math:`s_0` (>= 0). Default 0.
         eps: :math:`\epsilon` (>= 0). Default 1e-10.
-        foreach: multi-tensor path (default: yes on CPU/CUDA with dense gradients).
+        foreach: multi-tensor path (default: see :func:`optimlab.optim._base.default_foreach`; dense gradients only).
         maximize: ascend the objective. Default False.
         fused: the compiled fused step (:mod:`optimlab.optim._fused`); ``None`` (default) means off.
         differentiable: not supported (``NotImplementedError`` when true).

@@ -233,7 +233,7 @@ class Adam(OptimlabOptimizer):
         eps: :math:`\epsilon` (>= 0). Default 1e-8.
         weight_decay: :math:`\lambda` (>= 0). Default 0.
         amsgrad: use the running maximum of :math:`v_t`. Default False.
-        foreach: multi-tensor path (default: yes on CPU/CUDA).
+        foreach: multi-tensor path (default: see :func:`optimlab.optim._base.default_foreach`).
         maximize: ascend the objective. Default False.
         fused: the compiled fused step (:mod:`optimlab.optim._fused`); ``None`` (default) means off.
             With a bf16 / int8 ``state_dtype``, decoding the moments, the rule and their

@@ -159,7 +159,7 @@ class Adamax(OptimlabOptimizer):
         betas: :math:`(\beta_1, \beta_2)`, each in [0, 1). Default (0.9, 0.999).
         eps: :math:`\epsilon` (>= 0). Default 1e-8.
         weight_decay: :math:`\lambda` (>= 0). Default 0.
-        foreach: multi-tensor path (default: yes on CPU/CUDA).
+        foreach: multi-tensor path (default: see :func:`optimlab.optim._base.default_foreach`).
         maximize: ascend the objective. Default False.
         differentiable, capturable: not supported (``NotImplementedError`` when true).
         fused: optimlab extension (keyword-only, after torch's arguments; torch has no fused Adamax):

@@ -174,7 +174,7 @@ class LAMB(OptimlabOptimizer):
         bias_correction: divide the moments by :math:`1-\beta^t` (the paper's Algorithm 2 does).
         max_trust_ratio: upper clamp of the trust ratio (> 0), or ``None`` for none (:math:`\phi(z) = z`).
         maximize: ascend the objective instead.
-        foreach: use the multi-tensor path (default: when the tensors are on CPU/CUDA).
+        foreach: use the multi-tensor path (default: see :func:`optimlab.optim._base.default_foreach`).
         fused: the compiled fused step (:mod:`optimlab.optim._fused`, one compiled call per tensor for
             its moments, norms and update); ``None`` (default) means off. Falls back to the multi-tensor
             path, warning once, where compilation is unavailable. Kept in ``defaults`` and param groups.

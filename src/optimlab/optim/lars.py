@@ -165,7 +165,7 @@ class LARS(OptimlabOptimizer):
         eps: added to the trust-ratio denominator (>= 0).
         exclude_bias_and_norm: tensors with ``ndim <= 1`` get no adaptation and no weight decay.
         maximize: ascend the objective instead.
-        foreach: use the multi-tensor path (default: when the tensors are on CPU/CUDA).
+        foreach: use the multi-tensor path (default: see :func:`optimlab.optim._base.default_foreach`).
         fused: the compiled fused step (:mod:`optimlab.optim._fused`, one compiled call per tensor for
             its norms and update); ``None`` (default) means off. Falls back to the multi-tensor path,
             warning once, where compilation is unavailable. Kept in ``defaults`` and param groups.

@@ -120,7 +120,7 @@ class Lion(OptimlabOptimizer):
         betas: :math:`(\beta_1, \beta_2)`, each in [0, 1): interpolation for the update, decay of the momentum.
         weight_decay: decoupled weight decay :math:`\lambda` (>= 0), applied as :math:`\theta \leftarrow \theta(1 - \eta\lambda)`.
         maximize: ascend the objective instead.
-        foreach: use the multi-tensor path (default: when the tensors are on CPU/CUDA).
+        foreach: use the multi-tensor path (default: see :func:`optimlab.optim._base.default_foreach`).
         fused: the compiled fused step (:mod:`optimlab.optim._fused`); ``None`` (default) means off.
             With a bf16 / int8 ``state_dtype``, decoding the momentum, the rule and its stochastically
             rounded store are one compiled step (:func:`optimlab.optim.lowp_state.fused_lowp_step`).

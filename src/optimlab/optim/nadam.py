@@ -236,7 +236,7 @@ class NAdam(OptimlabOptimizer):
         weight_decay: :math:`\lambda` (>= 0). Default 0.
         momentum_decay: :math:`\psi` (>= 0). Default 4e-3.
         decoupled_weight_decay: AdamW-style decay. Default False.
-        foreach: multi-tensor path (default: yes on CPU/CUDA).
+        foreach: multi-tensor path (default: see :func:`optimlab.optim._base.default_foreach`).
         maximize: ascend the objective. Default False.
         capturable, differentiable: not supported (``NotImplementedError`` when true).
         fused: optimlab extension (keyword-only, after torch's arguments; torch has no fused NAdam):

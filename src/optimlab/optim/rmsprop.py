@@ -204,7 +204,7 @@ class RMSprop(OptimlabOptimizer):
         momentum: :math:`\mu` (>= 0). Default 0.
         centered: normalise by the estimated variance instead of the second moment. Default False.
         capturable, differentiable: not supported (``NotImplementedError`` when true).
-        foreach: multi-tensor path (default: yes on CPU/CUDA).
+        foreach: multi-tensor path (default: see :func:`optimlab.optim._base.default_foreach`).
         maximize: ascend the objective. Default False.
         fused: optimlab extension (keyword-only, after torch's arguments; torch has no fused RMSprop):
             the compiled fused step (:mod:`optimlab.optim._fused`); ``None`` (default) means off.

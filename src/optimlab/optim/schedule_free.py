@@ -169,7 +169,7 @@ class ScheduleFreeAdamW(OptimlabOptimizer):
         r: power of :math:`t` in the averaging weights (>= 0; 0 = uniform).
         weight_lr_power: power :math:`p` of :math:`\gamma_{\max}` in the averaging weights (>= 0).
         maximize: ascend the objective instead.
-        foreach: use the multi-tensor path (default: when the tensors are on CPU/CUDA).
+        foreach: use the multi-tensor path (default: see :func:`optimlab.optim._base.default_foreach`).
         fused: the compiled fused step (:mod:`optimlab.optim._fused`, :func:`schedule_free_adamw_tensor`
             compiled by ``torch.compile``); ``None`` (default) means off. Kept in ``defaults``, so a
             param group may override it; ``train()``/``eval()`` work the same on either path.

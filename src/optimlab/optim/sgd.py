@@ -184,7 +184,7 @@ class SGD(OptimlabOptimizer):
         weight_decay: L2 penalty :math:`\lambda` (>= 0). Default 0.
         nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``). Default False.
         maximize: ascend the objective. Default False.
-        foreach: multi-tensor path (default: yes on CPU/CUDA).
+        foreach: multi-tensor path (default: see :func:`optimlab.optim._base.default_foreach`).
         fused: the compiled fused step (:mod:`optimlab.optim._fused`); ``None`` (default) means off.
         differentiable: not supported (``NotImplementedError`` when true).
     """
