@@ -127,7 +127,8 @@ def compose(results: dict[str, Any], wall_seconds: dict[str, float] | None = Non
     """The text of ``perf.md`` from the benchmarks' results (and their wall times, when known)."""
     wall_seconds = wall_seconds or {}
     sections = [INTRO]
-    titles = {"step_throughput": "Step throughput", "monitor_overhead": "Optimizer-state monitor overhead"}
+    titles = {"step_throughput": "Step throughput", "compile_time": "Compile time of a first fused step",
+              "monitor_overhead": "Optimizer-state monitor overhead"}
     for name, title in titles.items():
         module = load_benchmark(name) if name in results else None
         if module is None:
@@ -139,8 +140,13 @@ def compose(results: dict[str, Any], wall_seconds: dict[str, float] | None = Non
     return "\n".join(sections)
 
 
-def run_all(out: str | Path, quick: bool = False, **throughput_options: Any) -> dict[str, Any]:
-    """Run every benchmark, write their files and ``perf.md`` into ``out``; return ``{name: results}``."""
+def run_all(out: str | Path, quick: bool = False, *, merge: bool = False, **throughput_options: Any) -> dict[str, Any]:
+    """Run every benchmark, write their files and ``perf.md`` into ``out``; return ``{name: results}``.
+
+    ``throughput_options`` go to the step-throughput benchmark (e.g. ``sizes``, ``names`` for a subset); with
+    ``merge``, its rows replace those of the same configurations in the ``step_throughput.json`` already in
+    ``out`` and the other rows are kept, each with the date it was measured.
+    """
     out = Path(out)
     results: dict[str, Any] = {}
     wall_seconds: dict[str, float] = {}
@@ -148,14 +154,18 @@ def run_all(out: str | Path, quick: bool = False, **throughput_options: Any) -> 
     assert throughput is not None
     start = time.perf_counter()
     results["step_throughput"] = throughput.run(quick, **throughput_options)
+    previous = out / "step_throughput.json"
+    if merge and previous.exists():
+        results["step_throughput"] = throughput.merge(json.loads(previous.read_text()), results["step_throughput"])
     throughput.write(results["step_throughput"], out)
     wall_seconds["step_throughput"] = time.perf_counter() - start
-    monitor = load_benchmark("monitor_overhead")
-    if monitor is not None:
-        start = time.perf_counter()
-        results["monitor_overhead"] = monitor.run(quick)
-        monitor.write(results["monitor_overhead"], out)
-        wall_seconds["monitor_overhead"] = time.perf_counter() - start
+    for name in ("compile_time", "monitor_overhead"):
+        module = load_benchmark(name)
+        if module is not None:
+            start = time.perf_counter()
+            results[name] = module.run(quick)
+            module.write(results[name], out)
+            wall_seconds[name] = time.perf_counter() - start
     atomic_write_text(out / "perf.md", compose(results, wall_seconds))
     return results
 
@@ -164,7 +174,7 @@ def render(out: str | Path) -> Path:
     """Rewrite ``perf.md`` in ``out`` from the JSON files a previous run left there (no measuring)."""
     out = Path(out)
     results = {name: json.loads((out / f"{name}.json").read_text())
-               for name in ("step_throughput", "monitor_overhead") if (out / f"{name}.json").exists()}
+               for name in ("step_throughput", "compile_time", "monitor_overhead") if (out / f"{name}.json").exists()}
     atomic_write_text(out / "perf.md", compose(results))
     return out / "perf.md"
 
@@ -176,11 +186,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite perf.md from the JSON files already in --out, without measuring")
+    parser.add_argument("--sizes", default=None, help="step throughput: comma-separated subset of the sizes")
+    parser.add_argument("--algorithms", default=None, help="step throughput: comma-separated subset of the algorithms")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the step-throughput rows of --out's JSON for configurations not measured now")
     args = parser.parse_args(argv)
     if args.render_only:
         print(render(args.out))
         return
-    run_all(args.out, args.quick)
+    run_all(args.out, args.quick, merge=args.merge, sizes=args.sizes.split(",") if args.sizes else None,
+            names=args.algorithms.split(",") if args.algorithms else None)
     print(Path(args.out) / "perf.md")
 
 

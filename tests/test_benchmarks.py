@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -121,11 +122,15 @@ def test_run_all_writes_perf_md_and_calls_monitor(monkeypatch: pytest.MonkeyPatc
 
     monitor = SimpleNamespace(run=fake_monitor_run, to_markdown=lambda results: "| monitor | 1.5% |",
                               write=lambda results, out: (Path(out) / "monitor_overhead.json").write_text("{}"))
-    monkeypatch.setattr(run_all, "load_benchmark", lambda name: monitor if name == "monitor_overhead"
-                        else real_loader(name))
+    # the compile-time benchmark compiles in child processes (tens of seconds): its own test covers it
+    compile_time = SimpleNamespace(run=lambda quick: {"rows": []}, to_markdown=lambda results: "| compile | 0 |",
+                                   write=lambda results, out: (Path(out) / "compile_time.json").write_text("{}"))
+    monkeypatch.setattr(run_all, "load_benchmark", lambda name: {"monitor_overhead": monitor,
+                                                                 "compile_time": compile_time}.get(name)
+                        or real_loader(name))
     results = run_all.run_all(tmp_path, quick=True, names=["adamw"], include_compiled=False, quiet=True)
     assert calls == [True]
-    assert set(results) == {"step_throughput", "monitor_overhead"}
+    assert set(results) == {"step_throughput", "compile_time", "monitor_overhead"}
     perf = (tmp_path / "perf.md").read_text()
     assert perf.startswith("# Performance: optimizer step throughput")
     assert "## Step throughput" in perf and "| adamw | torch fused |" in perf
@@ -137,3 +142,52 @@ def test_run_all_writes_perf_md_and_calls_monitor(monkeypatch: pytest.MonkeyPatc
     rendered = (tmp_path / "perf.md").read_text()
     assert "| adamw | torch fused |" in rendered and "| monitor | 1.5% |" in rendered
     assert calls == [True]
+
+
+def test_gpt2_small_shapes(throughput: ModuleType) -> None:
+    shapes = throughput.gpt2_small_shapes()
+    assert len(shapes) == 148 and sum(math.prod(shape) for shape in shapes) == 124_439_808
+    assert throughput.SIZES["gpt2-small"] == (124_439_808, 148)
+
+
+def test_merge_keeps_configurations_not_measured_again(throughput: ModuleType) -> None:
+    previous = {"config": {"targets": {"lion": "3x"}}, "rows": [
+        _row("20M", "adamw", "torch fused", "torch", 12.0), _row("20M", "lion", "lion-pytorch", "lion_pytorch", 25.0),
+        _row("20M", "adamw", "optimlab fused", "optimlab", 14.0)]}
+    current = {"config": {"targets": {"adamw": "torch-fused"}}, "measured": "today", "rows": [
+        dict(_row("20M", "adamw", "optimlab flat", "optimlab", 10.0), measured="today"),
+        dict(_row("20M", "adamw", "torch fused", "torch", 11.0), measured="today"),
+        dict(_row("1M", "adamw", "torch fused", "torch", 1.0), measured="today")]}
+    merged = throughput.merge(previous, current)
+    assert [(r["size"], r["algorithm"], r["impl"], r["measured"]) for r in merged["rows"]] == [
+        ("20M", "adamw", "optimlab flat", "today"), ("20M", "adamw", "torch fused", "today"),
+        ("20M", "lion", "lion-pytorch", "an earlier run"), ("1M", "adamw", "torch fused", "today")]
+    assert merged["config"]["targets"] == {"lion": "3x", "adamw": "torch-fused"}
+
+
+def test_issue_table_and_default_verdict(throughput: ModuleType) -> None:
+    rows = [_row("20M", "adamw", "optimlab flat", "optimlab", 10.0), _row("20M", "adamw", "torch fused", "torch", 11.0),
+            _row("20M", "adamw", "optimlab default", "optimlab", 20.0),
+            _row("20M", "adamw", "torch for-loop", "torch", 19.0),
+            _row("20M", "sgd-momentum", "optimlab flat", "optimlab", 5.0),
+            _row("20M", "sgd-momentum", "torch fused", "torch", 4.0)]
+    results = {"rows": rows, "config": {"targets": {"adamw": "torch-fused", "sgd-momentum": "torch-fused"},
+                                        "elementwise": {}}}
+    table = "\n".join(throughput.issue_table(results))
+    assert "| 20M (100 tensors, 20M params) | 1.10 yes | – | 0.80 **no** | 0.55 | 0.95 |" in table
+    default = [v for v in throughput.evaluate_targets(results) if v["ours"] == "optimlab default"]
+    assert [(v["algorithm"], round(v["ratio"], 2), v["met"]) for v in default] == [("adamw", 0.95, False)]
+
+
+
+def test_compile_time_markdown_and_files(tmp_path: Path) -> None:
+    """The table and files of the compile-time benchmark (its child processes compile for tens of seconds, so
+    the measurement itself runs in ``make bench`` only)."""
+    compile_time = _load("compile_time")
+    assert ("adamw", True) in compile_time.CONFIGS and compile_time.QUICK_CONFIGS
+    run = {"first_steps_s": 20.5, "next_step_s": 0.0012, "compile_s": 19.25}
+    results = {"threads": "2", "rows": [{"algorithm": "adamw", "path": "flat fused", "cold": run,
+                                         "warm": dict(run, first_steps_s=3.0, compile_s=2.5)}]}
+    json_path, md_path = compile_time.write(results, tmp_path)
+    assert json.loads(json_path.read_text()) == results
+    assert "| adamw | flat fused | 20.5 | 19.2 | 3.0 | 2.5 | 1.20 |" in md_path.read_text()
