@@ -321,7 +321,7 @@ def worker_name() -> str:
 
 
 def _dead_on_this_host(owner: str) -> bool:
-    """True when ``owner`` (``host:pid``) names a process of this machine that no longer exists."""
+    """True when ``owner`` (``host:pid``) names a process of this machine that has died."""
     host, _, pid = owner.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return False
@@ -331,7 +331,11 @@ def _dead_on_this_host(owner: str) -> bool:
         return True
     except PermissionError:  # alive, another user's
         return False
-    return False
+    try:  # Linux: a killed process its parent has not reaped yet is a zombie, dead all the same
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 class Store:
