@@ -23,7 +23,8 @@ def db(tmp_path_factory):
     first = invoke("bench", *TINY, "--db", path)
     assert first.exit_code == 0, first.output
     assert "run 1 (started): 6 trials run, 0 already done" in first.output
-    assert re.search(r"winner quadratic: (adam|sgd-momentum) \(gap ", first.output)
+    assert re.search(r"quadratic: (winner (adam|sgd-momentum) \(lr=|tie: |no configuration reached the target)",
+                     first.output)
     again = invoke("bench", *TINY, "--db", path)
     assert again.exit_code == 0 and "run 1 (resumed): 0 trials run, 6 already done" in again.output
     fresh = invoke("bench", *TINY, "--db", path, "--new")
@@ -37,7 +38,8 @@ def test_runs_list_show_and_compare(db):
     show = invoke("runs", "show", "latest", "--db", db)
     assert show.exit_code == 0 and show.output.startswith("run 2 [complete]") and "sgd-momentum" in show.output
     compare = invoke("runs", "compare", "1", "2", "--db", db)
-    assert compare.exit_code == 0 and "run 1 vs run 2" in compare.output and "tie" in compare.output
+    assert compare.exit_code == 0 and "run 1 vs run 2" in compare.output
+    assert compare.output.count("within noise") == 2  # identical deterministic runs: never "better"
 
 
 def test_report_latest_prints_where_the_report_is(db, tmp_path):

@@ -4,8 +4,9 @@ import pytest
 import torch
 from bench_helpers import tiny_config, trial_keys
 
-from optimlab.bench.runner import BenchConfig, run_bench, summarize, winners
+from optimlab.bench.runner import BenchConfig, run_bench, summarize
 from optimlab.bench.store import Store
+from optimlab.bench.verdict import verdicts
 from optimlab.optim.registry import register_optimizer
 from optimlab.schedules import create_scheduler
 
@@ -29,7 +30,8 @@ def test_diverging_configurations_are_recorded_and_the_bench_goes_on(tmp_path, h
         assert store.get_run(result.run_id)["status"] == "complete"
     assert rows[huge_lr_sgd]["metric_mean"] is None and rows[huge_lr_sgd]["n_diverged"] == 2
     assert rows[huge_lr_sgd]["tune_diverged"] == 2 and rows["adam"]["metric_mean"] is not None
-    assert winners(list(rows.values()))["quadratic"]["optimizer"] == "adam"
+    result = verdicts(list(rows.values()))["quadratic"]
+    assert result.best["optimizer"] == "adam" and result.kind in ("winner", "unreached")
 
 
 def test_rerunning_the_same_bench_resumes_and_skips_finished_trials(tmp_path):

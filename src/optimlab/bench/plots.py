@@ -1,5 +1,6 @@
-"""The bench report's figures. Each function takes plain data (no store access), writes one PNG
-atomically and returns its path. Every figure has a title, labelled axes and a legend."""
+"""The bench report's figures. Each function takes plain data (no store access), writes one figure
+atomically (PNG or SVG, from the path's suffix) and returns its path. Every figure has a title, labelled
+axes and a legend."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from matplotlib.colors import LogNorm  # noqa: E402
 from optimlab.bench.problems import Problem  # noqa: E402
 from optimlab.io import atomic_savefig  # noqa: E402
 
-__all__ = ["trajectories_plot", "curves_plot", "bars_plot", "final_point_plot", "lr_plot"]
+__all__ = ["trajectories_plot", "curves_plot", "bars_plot", "final_point_plot", "lr_plot", "sensitivity_plot",
+           "profile_plot", "ema"]
 
 Curve = tuple[Sequence[int], Sequence[float]]
 
@@ -85,9 +87,24 @@ def trajectories_plot(problem: Problem, trajectories: Mapping[str, Sequence[Sequ
     return _save(fig, path)
 
 
+def ema(values: Sequence[float], beta: float) -> np.ndarray:
+    """Bias-corrected exponential moving average: :math:`m_t = \beta m_{t-1} + (1-\beta) x_t`, reported as
+    :math:`m_t / (1 - \beta^t)` (so the first value is :math:`x_1`, not shrunk towards 0)."""
+    out = np.empty(len(values))
+    mean = 0.0
+    for t, value in enumerate(values, 1):
+        mean = beta * mean + (1.0 - beta) * value
+        out[t - 1] = mean / (1.0 - beta**t)
+    return out
+
+
 def curves_plot(curves: Mapping[str, Sequence[Curve]], path: Path, title: str, ylabel: str,
-                log_y: bool = True) -> Path:
-    """Per optimizer, the mean over seeds as a line and the min–max band over seeds (log y by default)."""
+                log_y: bool = True, smooth: float | None = None) -> Path:
+    """Per optimizer, the mean over seeds as a line and the min–max band over seeds (log y by default).
+
+    ``smooth`` (an EMA factor, e.g. 0.9) draws the raw mean faint and its :func:`ema` on top, for noisy
+    minibatch losses; the band is then the smoothed per-seed curves' min–max.
+    """
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for index, (name, runs) in enumerate(curves.items()):
         if not runs:
@@ -99,9 +116,12 @@ def curves_plot(curves: Mapping[str, Sequence[Curve]], path: Path, title: str, y
         stacked = np.asarray([np.asarray(values[:length], dtype=float) for _, values in runs])
         if log_y:
             stacked = np.clip(stacked, 1e-12, None)
+        label = f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+        if smooth:
+            ax.plot(steps, stacked.mean(0), lw=0.6, alpha=0.25, **_style(index))
+            stacked = np.asarray([ema(row, smooth) for row in stacked])
         mean = stacked.mean(0)
-        line, = ax.plot(steps, mean, lw=1.5, label=f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})",
-                        **_style(index))
+        line, = ax.plot(steps, mean, lw=1.5, label=label, **_style(index))
         if len(runs) > 1:
             ax.fill_between(steps, stacked.min(0), stacked.max(0), color=line.get_color(), alpha=0.2)
     if log_y:
@@ -116,7 +136,10 @@ def curves_plot(curves: Mapping[str, Sequence[Curve]], path: Path, title: str, y
 
 def bars_plot(values: Mapping[str, tuple[float | None, float | None, str]], path: Path, title: str,
               ylabel: str) -> Path:
-    """One bar per optimizer: ``(mean, std, annotation)``; a ``None`` mean is drawn as "not reached"."""
+    """One bar per optimizer: ``(mean, std, annotation)``; a ``None`` mean is drawn as "not reached".
+
+    The y range holds every error bar and its annotation (placed above the bar's error bar).
+    """
     names = list(values)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(names) + 2), 4.2))
     positions = np.arange(len(names))
@@ -125,13 +148,13 @@ def bars_plot(values: Mapping[str, tuple[float | None, float | None, str]], path
     errors = [values[n][1] or 0.0 for n in names]
     colors = [f"C{i}" for i in range(len(names))]
     ax.bar(positions, heights, yerr=errors, color=colors, capsize=4, label="mean ± std over seeds")
-    top = max(heights) if any(m is not None for m in means) else 1.0
-    top = top if top > 0 else 1.0
-    for x, name, mean in zip(positions, names, means):
+    tops = [h + e for h, e in zip(heights, errors)]
+    top = max(tops) if tops and max(tops) > 0 else 1.0
+    for x, name, mean, bar_top in zip(positions, names, means, tops):
         text = values[name][2] if mean is not None else "not reached"
-        ax.text(x, (mean or 0.0) + 0.02 * top, text, ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(positions, names, rotation=20, ha="right")
-    ax.set_ylim(0, top * 1.2)
+        ax.text(x, bar_top + 0.02 * top, text, ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(positions, names, rotation=20 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center")
+    ax.set_ylim(0, top * 1.25)
     ax.set_xlabel("optimizer")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -167,6 +190,68 @@ def lr_plot(curves: Mapping[str, Curve], path: Path, title: str) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("learning rate")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    _legend(ax)
+    return _save(fig, path)
+
+
+def sensitivity_plot(trials: Mapping[str, Sequence[tuple[float, float | None]]],
+                     chosen: Mapping[str, float], path: Path, title: str, ylabel: str, mode: str,
+                     log_y: bool = False) -> Path:
+    """The tuned metric against the learning rate for every tuning trial of every optimizer (log x).
+
+    ``trials`` maps a label to ``(lr, metric or None)`` pairs (``None``: diverged, drawn as × on the
+    worst edge); ``chosen`` marks each label's selected learning rate with a ring. How wide each
+    optimizer's good region is, and whether the trial budget found it, reads off the picture.
+    """
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    finite = [m for pairs in trials.values() for _, m in pairs if m is not None and math.isfinite(m)]
+    if log_y:
+        finite = [m for m in finite if m > 0]
+    if finite:
+        low, high = min(finite), max(finite)
+    else:
+        low, high = (1e-3, 1.0) if log_y else (0.0, 1.0)
+    if log_y:
+        edge = high * 3.0 if mode == "min" else low / 3.0
+    else:
+        pad = (high - low) * 0.08 or max(abs(high), 1.0) * 0.05
+        edge = high + pad if mode == "min" else low - pad
+    for index, (name, pairs) in enumerate(trials.items()):
+        style = _style(index)
+        ok = sorted((lr, m) for lr, m in pairs if m is not None and math.isfinite(m) and (m > 0 or not log_y))
+        bad = [lr for lr, m in pairs if m is None or not math.isfinite(m) or (log_y and m <= 0)]
+        if ok:
+            ax.plot(*zip(*ok), "o-", color=style["color"], lw=0.8, ms=5, alpha=0.85, label=name)
+        if bad:
+            ax.plot(bad, [edge] * len(bad), "x", color=style["color"], ms=8, mew=2,
+                    label=None if ok else name)
+        if name in chosen:
+            value = dict(ok).get(chosen[name])
+            if value is not None:
+                ax.plot([chosen[name]], [value], "o", ms=13, mfc="none", mec=style["color"], mew=2)
+    ax.set_xscale("log")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("learning rate (tuning trials; ring: chosen; ×: diverged)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    _legend(ax)
+    return _save(fig, path)
+
+
+def profile_plot(fractions: Mapping[str, Sequence[float]], taus: Sequence[float], path: Path, title: str) -> Path:
+    """A performance profile (Dolan & Moré 2002): per configuration, the fraction of tasks solved within
+    τ × the fastest time, as a step function of τ (log x)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for index, (name, values) in enumerate(fractions.items()):
+        ax.step(taus, values, where="post", lw=1.8, label=name, **_style(index))
+    ax.set_xscale("log")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("τ (time to target / fastest time to target on that task)")
+    ax.set_ylabel("fraction of tasks solved within τ")
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     _legend(ax)

@@ -32,15 +32,18 @@ from typing import Any
 
 import torch
 
+from optimlab.bench import stats
 from optimlab.bench.store import Claim, DiskFullError, Store
-from optimlab.bench.tasks import get_task
+from optimlab.bench.tasks import TaskLoadError, fingerprint, get_task, load_tasks
+from optimlab.bench.tasks.loader import check_task
 from optimlab.bench.trial import TrialConfig, make_scheduler, parse_spec, run_trial
-from optimlab.bench.tuning import HistoryItem, best_index, score, search_space, suggest
+from optimlab.bench.tuning import HistoryItem, best_index, lr_search_range, score, search_space, suggest
 from optimlab.bench.worker import DEFAULT_LEASE, check_lease, run_local_workers, work
 from optimlab.clip import make_clipper
 from optimlab.progress import progress
 
-__all__ = ["BenchConfig", "BenchResult", "Study", "QUICK_TASKS", "QUICK_OPTIMIZERS", "default_jobs", "run_bench", "summarize", "winners"]
+__all__ = ["BenchConfig", "BenchResult", "Study", "QUICK_TASKS", "QUICK_OPTIMIZERS", "default_device", "default_jobs",
+           "run_bench", "summarize"]
 
 QUICK_TASKS = ("rosenbrock", "rastrigin", "beale", "quadratic", "nonconvex-10d", "digits-logreg", "digits-mlp")
 QUICK_OPTIMIZERS = ("sgd-momentum", "adam", "adamw", "rmsprop")
@@ -68,6 +71,11 @@ class BenchConfig:
         quick: use the tasks' short budgets.
         tune: hyperparameters searched (``"lr"`` plus :data:`optimlab.bench.tuning.EXTRA_SEARCH_SPACE` keys).
         seed: seed of the tuning sampler.
+        task_sources: task references (``PATH.py:NAME``, ``module:NAME``) to import before the tasks are
+            looked up, here and in every worker (the user's own tasks).
+        lr_range: ``(low, high)`` learning-rate search range for every optimizer alike, instead of the
+            registry's per-optimizer bounds.
+        device: where the tasks' models run (``"cpu"``, ``"cuda"``).
     """
 
     tasks: tuple[str, ...]
@@ -80,6 +88,14 @@ class BenchConfig:
     quick: bool = False
     tune: tuple[str, ...] = ("lr",)
     seed: int = 0
+    task_sources: tuple[str, ...] = ()
+    lr_range: tuple[float, float] | None = None
+    device: str = "cpu"
+
+    def load_sources(self) -> None:
+        """Import :attr:`task_sources` (once per process), so their tasks are found by name."""
+        for reference in self.task_sources:
+            load_tasks(reference)
 
     def validate(self) -> None:
         """Raise ``ValueError``/``KeyError`` (listing valid choices) for anything unusable, before running."""
@@ -93,10 +109,17 @@ class BenchConfig:
             raise ValueError(f"Invalid seeds: {self.seeds} (accepted range: >= 1)")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"Invalid steps: {self.steps} (accepted range: >= 1)")
+        _check_device(self.device)
+        self.load_sources()
         for task in self.tasks:
-            get_task(task)
+            spec = get_task(task)
+            if spec.source != "built-in":
+                _check_user_task(spec, self.device)
+            elif self.device != "cpu" and not spec.accepts_device:
+                raise ValueError(f"Invalid device for task {spec.name!r}: {self.device!r} (this built-in task runs "
+                                 "on the CPU only; accepted: 'cpu')")
         for optimizer in self.optimizers:
-            search_space(optimizer, self.tune)
+            search_space(optimizer, self.tune, lr_range=self.lr_range)
         for schedule in self.schedules:
             _check_schedule(schedule)
         for clip in self.clips:
@@ -115,18 +138,67 @@ class BenchConfig:
                 for c in self.clips]
 
     def key(self) -> str:
-        """A hash of everything that determines the results (a rerun with the same key resumes)."""
-        payload = json.dumps(asdict(self), sort_keys=True)
+        """A hash of everything that determines the results (a rerun with the same key resumes).
+
+        Fields added after the first release enter the hash only when set, so older runs keep their keys.
+        """
+        values = asdict(self)
+        for name, default in (("task_sources", ()), ("lr_range", None), ("device", "cpu")):
+            if values[name] == default or values[name] == list(default or []):
+                del values[name]
+        payload = json.dumps(values, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:
-        """The configuration plus each task's metric metadata (what a report needs from the store)."""
+        """The configuration plus each task's metadata (what a report needs from the store): metric, mode,
+        target, steps, whether it is deterministic, where it comes from and its :func:`fingerprint`, and the
+        learning-rate range each optimizer searched."""
         tasks = {}
         for name in self.tasks:
             spec = get_task(name)
             tasks[name] = {"metric": spec.metric, "mode": spec.mode, "target": spec.target,
-                           "steps": self.steps_for(name), "family": spec.family, "description": spec.description}
+                           "steps": self.steps_for(name), "family": spec.family, "description": spec.description,
+                           "deterministic": spec.is_deterministic, "source": spec.source,
+                           "fingerprint": fingerprint(spec),
+                           "lr_ranges": {o: list(lr_search_range(o, spec.lr_widen, self.lr_range))
+                                         for o in self.optimizers}}
         return {**asdict(self), "task_info": tasks}
+
+
+_CHECKED: set[tuple[str, str, str]] = set()
+
+
+def _check_user_task(spec: Any, device: str) -> None:
+    """Build a user task once per process and check its contract (see :func:`check_task`)."""
+    key = (spec.name, fingerprint(spec), device)
+    if key not in _CHECKED:
+        check_task(spec, device)
+        _CHECKED.add(key)
+
+
+def default_device() -> str:
+    """``"cuda"`` when a CUDA device is available, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_device(device: str) -> None:
+    if device == "cpu":
+        return
+    if not device.startswith("cuda"):
+        raise ValueError(f"Invalid device: {device!r} (accepted: cpu, cuda, cuda:N)")
+    if not torch.cuda.is_available():
+        raise ValueError(f"Invalid device: {device!r}: no CUDA device is available (accepted here: cpu)")
+
+
+def _check_fingerprints(stored: dict[str, Any], config: BenchConfig, run_id: int) -> None:
+    """Refuse to resume run ``run_id`` when a task changed since it started (its results would mix)."""
+    for name in config.tasks:
+        before = stored.get(name, {}).get("fingerprint")
+        spec = get_task(name)
+        if before is not None and before != fingerprint(spec):
+            raise TaskLoadError(f"{spec.source}: task {name!r} changed since run {run_id} started (its code or "
+                                "settings differ), so its results would not mix; restore it, or start a fresh run "
+                                "(--new)")
 
 
 def _check_schedule(schedule: str) -> None:
@@ -188,9 +260,10 @@ def run_study(store: Store, run_id: int, config: BenchConfig, claim: Claim, repo
     (and marks it so), False when ``should_stop()`` ended it early.
     """
     study = Study(claim.task, claim.optimizer, claim.schedule, claim.clip)
+    config.load_sources()
     spec = get_task(study.task)
     steps = config.steps_for(study.task)
-    space = search_space(study.optimizer, config.tune, spec.lr_widen)
+    space = search_space(study.optimizer, config.tune, spec.lr_widen, config.lr_range)
     label = f"{study.task}/{study.optimizer}"
     history = _history(store, run_id, study, spec.mode)
     if claim.unit == "tune":
@@ -202,7 +275,7 @@ def run_study(store: Store, run_id: int, config: BenchConfig, claim: Claim, repo
                 return False
             params = suggest(space, [item for _, item in history], index, config.seed)
             record = run_trial(TrialConfig(study.task, study.optimizer, params, steps, study.schedule, study.clip,
-                                           seed=0, phase="tune", trial_index=index))
+                                           seed=0, phase="tune", trial_index=index, device=config.device))
             store.add_trial(run_id, record, claim=claim, lease=lease)
             history = _history(store, run_id, study, spec.mode)
             report((record.status, label, record.steps))
@@ -217,11 +290,11 @@ def run_study(store: Store, run_id: int, config: BenchConfig, claim: Claim, repo
     if should_stop():
         return False
     best = history[best_index([item for _, item in history])][0]["params"]
-    probe = spec.build(0)
+    probe = spec.instantiate(0, config.device)
     record_trajectory = probe.point is not None and len(probe.point()) == 2
     record = run_trial(TrialConfig(study.task, study.optimizer, best, steps, study.schedule, study.clip,
                                    seed=index + 1, phase="final", trial_index=index,
-                                   record_trajectory=record_trajectory))
+                                   record_trajectory=record_trajectory, device=config.device))
     store.add_trial(run_id, record, claim=claim, lease=lease, finish=True)
     report((record.status, label, record.steps))
     return True
@@ -257,6 +330,9 @@ def run_bench(config: BenchConfig, db_path: str | Path, *, jobs: int = 1, quiet:
     db_path = str(db_path)
     total = len(config.studies()) * (config.trials + config.seeds)
     with Store(db_path) as store:
+        existing = None if new_run else store.latest_run_with_key(config.key())
+        if existing is not None:
+            _check_fingerprints(existing["config"].get("task_info", {}), config, int(existing["id"]))
         run_id, resumed = store.open_run(config.key(), config.to_json(), command, study_units(config), new=new_run)
         skipped = _count_done(store, run_id, config)
     result = BenchResult(run_id=run_id, complete=False, trials_run=0, trials_skipped=skipped, resumed=resumed)
@@ -324,22 +400,23 @@ def _mark_interrupted(store: Store, run_id: int) -> bool:
 
 
 def summarize(store: Store, run_id: int) -> list[dict[str, Any]]:
-    """One row per study of a run: the best hyperparameters and the final-phase mean ± std over seeds.
+    """One row per study of a run: the best hyperparameters and the final-phase statistics over seeds.
 
-    Keys: task, optimizer, schedule, clip, params, metric, mode, n_seeds, n_diverged, metric_mean, metric_std,
-    loss_mean, steps_to_target_mean (over seeds that reached it), reached (count), time_to_target_mean,
-    ms_per_step, state_bytes_per_param, tune_diverged (tuning trials that diverged).
+    Keys: task, optimizer, schedule, clip, params, metric, mode, target, deterministic, n_seeds, n_diverged,
+    metric_values (the seeds' final metrics, diverged seeds excluded), metric_mean, metric_std (sample std,
+    ``None`` below two values), metric_ci (95 % Student-t interval of the mean, or ``None``), loss_mean,
+    reached (seeds that met the target), steps_to_target_mean and time_to_target_mean (whole-step seconds;
+    both over the seeds that reached it), ms_per_step, state_bytes_per_param, tune_diverged (tuning trials
+    that diverged), lr_range (the range searched, when stored), tune_trials (every tuning trial's
+    ``(params, final_metric, status)``, for sensitivity plots).
     """
     run = store.get_run(run_id)
     task_info = run["config"]["task_info"]
     groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
-    tune_diverged: dict[tuple[str, str, str, str], int] = {}
+    tuning: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     for row in store.trials(run_id):
         key = (row["task"], row["optimizer"], row["schedule"], row["clip"])
-        if row["phase"] == "final":
-            groups.setdefault(key, []).append(row)
-        else:
-            tune_diverged[key] = tune_diverged.get(key, 0) + (row["status"] == "diverged")
+        (groups if row["phase"] == "final" else tuning).setdefault(key, []).append(row)
     rows = []
     for key, trials in groups.items():
         info = task_info[key[0]]
@@ -347,36 +424,28 @@ def summarize(store: Store, run_id: int) -> list[dict[str, Any]]:
         losses = [t["final_loss"] for t in trials if t["final_loss"] is not None]
         reached = [t for t in trials if t["steps_to_target"] is not None]
         ms = [t["ms_per_step"] for t in trials if t["ms_per_step"] is not None]
+        summary = stats.describe(values) if values else None
+        tune_rows = tuning.get(key, [])
         rows.append({
             "task": key[0], "optimizer": key[1], "schedule": key[2], "clip": key[3],
             "params": trials[0]["params"], "metric": info["metric"], "mode": info["mode"],
-            "target": info["target"], "n_seeds": len(trials),
-            "n_diverged": sum(t["status"] == "diverged" for t in trials),
-            "metric_mean": statistics.fmean(values) if values else None,
-            "metric_std": statistics.pstdev(values) if values else None,
+            "target": info["target"], "deterministic": info.get("deterministic", info["family"] == "function"),
+            "n_seeds": len(trials), "n_diverged": sum(t["status"] == "diverged" for t in trials),
+            "metric_values": values,
+            "metric_mean": summary.mean if summary else None,
+            "metric_std": summary.std if summary else None,
+            "metric_ci": (summary.ci_low, summary.ci_high) if summary and summary.std is not None else None,
             "loss_mean": statistics.fmean(losses) if losses else None,
             "reached": len(reached),
             "steps_to_target_mean": statistics.fmean(t["steps_to_target"] for t in reached) if reached else None,
             "time_to_target_mean": statistics.fmean(t["time_to_target"] for t in reached) if reached else None,
             "ms_per_step": statistics.median(ms) if ms else None,
             "state_bytes_per_param": trials[0]["state_bytes_per_param"],
-            "tune_diverged": tune_diverged.get(key, 0),
+            "tune_diverged": sum(t["status"] == "diverged" for t in tune_rows),
+            "lr_range": info.get("lr_ranges", {}).get(key[1]),
+            "tune_trials": [(t["params"], t["final_metric"], t["status"]) for t in tune_rows],
         })
     return rows
-
-
-def winners(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per task, the summary row with the best mean metric (ties: fewer steps to target, then name)."""
-    best: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        if row["metric_mean"] is None:
-            continue
-        sign = 1.0 if row["mode"] == "min" else -1.0
-        rank = (sign * row["metric_mean"], row["steps_to_target_mean"] or float("inf"), row["optimizer"])
-        current = best.get(row["task"])
-        if current is None or rank < current["_rank"]:
-            best[row["task"]] = {**row, "_rank": rank}
-    return {task: {k: v for k, v in row.items() if k != "_rank"} for task, row in best.items()}
 
 
 def default_jobs() -> int:

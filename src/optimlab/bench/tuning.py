@@ -27,7 +27,7 @@ from optuna.distributions import BaseDistribution, FloatDistribution
 
 from optimlab.optim.registry import get_spec
 
-__all__ = ["DIVERGED_SCORE", "EXTRA_SEARCH_SPACE", "HistoryItem", "search_space", "score", "suggest", "best_index"]
+__all__ = ["DIVERGED_SCORE", "EXTRA_SEARCH_SPACE", "HistoryItem", "lr_search_range", "search_space", "score", "suggest", "best_index"]
 
 DIVERGED_SCORE = 1e300
 
@@ -56,10 +56,27 @@ def _accepted_kwargs(optimizer: str) -> set[str] | None:
     return {p.name for p in parameters}
 
 
-def search_space(optimizer: str, tune: Sequence[str] = ("lr",), lr_widen: float = 1.0) -> dict[str, BaseDistribution]:
+def lr_search_range(optimizer: str, lr_widen: float = 1.0,
+                    lr_range: tuple[float, float] | None = None) -> tuple[float, float]:
+    """The learning-rate range searched: ``lr_range`` when given (the same for every optimizer), else the
+    registry bounds ``(low, high * lr_widen)``."""
+    if lr_range is not None:
+        low, high = lr_range
+        if not 0 < low < high:
+            raise ValueError(f"Invalid lr range: {low:g},{high:g} (accepted: 0 < LOW < HIGH)")
+        return float(low), float(high)
+    if not lr_widen >= 1.0:
+        raise ValueError(f"Invalid lr_widen: {lr_widen} (accepted range: >= 1)")
+    low, high = get_spec(optimizer).lr_bounds
+    return low, high * lr_widen
+
+
+def search_space(optimizer: str, tune: Sequence[str] = ("lr",), lr_widen: float = 1.0,
+                 lr_range: tuple[float, float] | None = None) -> dict[str, BaseDistribution]:
     """The Optuna distributions searched for ``optimizer``.
 
-    The learning rate is log-uniform on ``[low, high * lr_widen]`` with ``(low, high)`` the registry bounds.
+    The learning rate is log-uniform on :func:`lr_search_range`: ``[low, high * lr_widen]`` with
+    ``(low, high)`` the registry bounds, or ``lr_range`` for every optimizer alike.
 
     ``tune`` names what to search: ``"lr"`` plus any of :data:`EXTRA_SEARCH_SPACE`. An extra the optimizer's
     constructor does not accept, or that its registry preset fixes (e.g. SGD-momentum's ``momentum``),
@@ -70,9 +87,7 @@ def search_space(optimizer: str, tune: Sequence[str] = ("lr",), lr_widen: float 
     for name in tune:
         if name not in valid:
             raise ValueError(f"Invalid hyperparameter to tune: {name!r} (accepted: {', '.join(valid)})")
-    if not lr_widen >= 1.0:
-        raise ValueError(f"Invalid lr_widen: {lr_widen} (accepted range: >= 1)")
-    low, high = spec.lr_bounds[0], spec.lr_bounds[1] * lr_widen
+    low, high = lr_search_range(optimizer, lr_widen, lr_range)
     space: dict[str, BaseDistribution] = {"lr": FloatDistribution(low, high, log=True)}
     accepted = _accepted_kwargs(optimizer)
     for name in tune:

@@ -13,7 +13,8 @@ from rich.table import Table
 
 from optimlab.cli.app import app, fail
 
-_TASK = typer.Option("digits-mlp", "--task", "-t", help="Bench task name (see `optimlab bench --help`).")
+_TASK = typer.Option("digits-mlp", "--task", "-t", help="Bench task name (see `optimlab tasks`) or your own: "
+                     "PATH.py:NAME / package.module:NAME.")
 _OPTIMIZER = typer.Option("adamw", "--optimizer", help="Optimizer registry name (see `optimlab optimizers`).")
 _SEED = typer.Option(0, help="Seed of the task (initial weights, batch order) and of the random directions/probes.")
 _QUIET = typer.Option(False, "--quiet", "-q", help="No progress output.")
@@ -24,11 +25,11 @@ _BATCHES = typer.Option(4, "--batches", help="How many fixed training batches th
 
 
 def _task_instance(task: str, seed: int) -> tuple[Any, Any]:
-    from optimlab.bench.tasks import get_task
+    from optimlab.bench.tasks import TaskLoadError, get_task
 
     try:
         spec = get_task(task)
-    except KeyError as err:
+    except (KeyError, TaskLoadError) as err:
         raise fail(str(err.args[0])) from None
     return spec, spec.build(seed)
 

@@ -54,26 +54,66 @@ def _open_store(db: str, readonly: bool = True) -> Any:
 
 
 def _summary_table(rows: list[dict[str, Any]], title: str) -> Table:
-    """Best configuration per study; the schedule and clip columns appear only when they vary."""
+    """Best configuration per study; the schedule and clip columns appear only when they vary.
+    The metric is mean ± sample std with the number of seeds (deterministic tasks: no spread)."""
+    from optimlab.bench.verdict import spread
+
     varying = [key for key in ("schedule", "clip") if len({row[key] for row in rows}) > 1]
     table = Table(title=title)
-    for column in ("task", "optimizer", *varying, "best params", "metric mean ± std", "reached", "steps→target",
-                   "ms/step", "state B/param", "diverged tune/final"):
+    for column in ("task", "optimizer", *varying, "best params", "metric (mean ± std, seeds)", "reached",
+                   "steps→target", "s→target", "ms/opt step", "state B/param", "diverged tune/final"):
         table.add_column(column)
     for row in rows:
-        mean, std = row["metric_mean"], row["metric_std"]
         table.add_row(
             row["task"], row["optimizer"], *(row[key] for key in varying), _params(row["params"]),
-            f"{row['metric']} {_fmt(mean)} ± {_fmt(std, 2)}" if mean is not None else "diverged",
-            f"{row['reached']}/{row['n_seeds']}", _fmt(row["steps_to_target_mean"]), _fmt(row["ms_per_step"], 3),
+            f"{row['metric']} {spread(row)}" if row["metric_values"] else "diverged",
+            f"{row['reached']}/{row['n_seeds']}", _fmt(row["steps_to_target_mean"]),
+            _fmt(row["time_to_target_mean"], 3), _fmt(row["ms_per_step"], 3),
             _fmt(row["state_bytes_per_param"], 3), f"{row['tune_diverged']}/{row['n_diverged']}",
         )
     return table
 
 
+def _task_values(values: list[str] | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``--task`` values (names or PATH.py:NAME / module:NAME references) → (names, references); a bad value
+    is a one-line error (exit 2)."""
+    from optimlab.bench.tasks import TaskLoadError, resolve_task_names
+
+    try:
+        return resolve_task_names(_split(values))
+    except (KeyError, TaskLoadError) as err:
+        raise fail(str(err.args[0] if err.args else err)) from None
+
+
+def _lr_range(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise fail(f"Invalid --lr-range: {text!r} (accepted: LOW,HIGH, e.g. 1e-5,1e-1)") from None
+    if not 0 < low < high:
+        raise fail(f"Invalid --lr-range: {text!r} (accepted: 0 < LOW < HIGH)")
+    return low, high
+
+
+def print_verdicts(console: Console, rows: list[dict[str, Any]]) -> None:
+    """The verdict line per task, then learning-rate bound warnings."""
+    from optimlab.bench.verdict import lr_warnings, verdicts
+
+    for item in verdicts(rows).values():
+        console.print(item.text)
+    for line in lr_warnings(rows):
+        console.print(line)
+
+
+_TASK_HELP = "Task name(s), or your own: PATH.py:NAME / package.module:NAME (comma-separated or repeated)."
+_DEVICE_HELP = "Where the tasks' models run: cpu or cuda (default: cuda when available and the task supports it)."
+
+
 @app.command("bench")
 def bench_command(
-    task: list[str] = typer.Option(None, "--task", "-t", help="Task name(s), comma-separated or repeated."),
+    task: list[str] = typer.Option(None, "--task", "-t", help=_TASK_HELP),
     optimizers: list[str] = typer.Option(None, "--optimizers", "-o", help="Optimizer names, comma-separated."),
     schedules: list[str] = typer.Option(None, "--schedules", help="LR schedules: 'constant' or NAME[:k=v,...]."),
     clips: list[str] = typer.Option(None, "--clips", help="Clipping specs: none, norm:1.0, value:0.5, ..."),
@@ -84,6 +124,9 @@ def bench_command(
     quick: bool = typer.Option(False, "--quick", help="Test functions + digits, 4 optimizers, short budgets."),
     jobs: int = typer.Option(None, "--jobs", "-j", help="Parallel worker processes (default: cores, max 4)."),
     seed: int = typer.Option(0, help="Seed of the tuning sampler."),
+    lr_range: str = typer.Option(None, "--lr-range", help="LOW,HIGH: search the learning rate in this range for "
+                                 "every optimizer alike (default: each optimizer's registry bounds)."),
+    device: str = typer.Option(None, "--device", help=_DEVICE_HELP),
     db: str = _DB_OPTION,
     new: bool = typer.Option(False, "--new", help="Start a fresh run even if an identical one exists."),
     lease: float = typer.Option(60.0, "--lease", help="Seconds before a silent worker's study goes to another "
@@ -94,13 +137,13 @@ def bench_command(
 
     Rerunning the same command resumes an interrupted run, skipping finished trials.
     """
-    from optimlab.bench.runner import QUICK_OPTIMIZERS, QUICK_TASKS, BenchConfig, default_jobs, run_bench, summarize, \
-        winners
+    from optimlab.bench.runner import QUICK_OPTIMIZERS, QUICK_TASKS, BenchConfig, default_jobs, run_bench, summarize
     from optimlab.bench.store import StoreError, describe
+    from optimlab.bench.tasks import TaskLoadError, list_tasks
     from optimlab.bench.worker import check_lease
-    from optimlab.bench.tasks import list_tasks
 
-    tasks = _split(task) or (QUICK_TASKS if quick else tuple(list_tasks()))
+    tasks, sources = _task_values(task)
+    tasks = tasks or (QUICK_TASKS if quick else tuple(list_tasks()))
     config = BenchConfig(
         tasks=tasks,
         optimizers=_split(optimizers) or QUICK_OPTIMIZERS,
@@ -112,12 +155,15 @@ def bench_command(
         quick=quick,
         tune=_split([tune]),
         seed=seed,
+        task_sources=sources,
+        lr_range=_lr_range(lr_range),
+        device=device or _auto_device(tasks),
     )
     try:
         config.validate()
         check_lease(lease)
     except (KeyError, ValueError, ImportError) as err:
-        raise fail(str(err).strip("'\"")) from None
+        raise fail(str(err.args[0] if err.args else err)) from None
     _open_store(db, readonly=False).close()  # an unusable --db fails here, before any trial
     command = shlex.join(["optimlab", *sys.argv[1:]])
     try:
@@ -125,8 +171,8 @@ def bench_command(
                            lease=lease)
     except StoreError as err:
         raise fail(str(err)) from None
-    except (KeyError, ValueError) as err:
-        raise fail(str(err).strip("'\"")) from None
+    except (KeyError, ValueError, TaskLoadError) as err:
+        raise fail(str(err.args[0] if err.args else err)) from None
     console = _console()
     verb = "resumed" if result.resumed else "started"
     others = f", {result.trials_by_others} by other workers" if result.trials_by_others else ""
@@ -138,8 +184,7 @@ def bench_command(
         rows = summarize(store, result.run_id)
     if rows:
         console.print(_summary_table(rows, f"run {result.run_id}: best configuration per optimizer"))
-        for name, row in sorted(winners(rows).items()):
-            console.print(f"winner {name}: {row['optimizer']} ({row['metric']} {_fmt(row['metric_mean'])})")
+        print_verdicts(console, rows)
     if not result.complete:
         raise typer.Exit(130)
     console.print(f"next: optimlab report {result.run_id} --db {shlex.quote(describe(db))} -o report/")
@@ -158,6 +203,17 @@ def runs_list(db: str = _DB_OPTION) -> None:
         table.add_row(str(run["id"]), run["status"], run["created_at"], ",".join(config["tasks"]),
                       ",".join(config["optimizers"]), str(run["n_trials"]), str(run["n_diverged"]), run["command"])
     _console().print(table)
+
+
+def _auto_device(tasks: tuple[str, ...]) -> str:
+    """CUDA when available and every task can run there, else the CPU."""
+    from optimlab.bench.runner import default_device
+    from optimlab.bench.tasks import get_task
+
+    device = default_device()
+    if device != "cpu" and not all(get_task(name).accepts_device for name in tasks):
+        return "cpu"
+    return device
 
 
 def _resolve_run(store: Any, run_id: str) -> dict[str, Any]:
@@ -189,8 +245,10 @@ def runs_show(run_id: str = typer.Argument(..., help="Run id or 'latest'."), db:
 def runs_compare(run_a: str = typer.Argument(..., help="First run id (or 'latest')."),
                  run_b: str = typer.Argument(..., help="Second run id (or 'latest')."),
                  db: str = _DB_OPTION) -> None:
-    """Compare two runs side by side on the task/optimizer pairs they share."""
+    """Compare two runs side by side on the configurations they share: "better" only beyond the noise
+    (Welch's t-test at 5 % over seeds; deterministic tasks: beyond rounding)."""
     from optimlab.bench.runner import summarize
+    from optimlab.bench.verdict import compare_groups, spread
 
     with _open_store(db) as store:
         first, second = _resolve_run(store, run_a), _resolve_run(store, run_b)
@@ -201,64 +259,98 @@ def runs_compare(run_a: str = typer.Argument(..., help="First run id (or 'latest
         raise fail(f"runs {first['id']} and {second['id']} share no task/optimizer/schedule/clip configuration")
     table = Table(title=f"run {first['id']} vs run {second['id']}")
     for column in ("task", "optimizer", "schedule", "clip", "metric", f"run {first['id']}", f"run {second['id']}",
-                   "difference", "better"):
+                   "difference", "better", "Welch p"):
         table.add_column(column)
     for key in shared:
         a, b = rows_a[key], rows_b[key]
         mean_a, mean_b = a["metric_mean"], b["metric_mean"]
-        if mean_a is None or mean_b is None:
-            diff, better = "—", "—"
-        else:
-            diff = _fmt(mean_b - mean_a)
-            sign = 1.0 if a["mode"] == "min" else -1.0
-            better = "tie" if mean_a == mean_b else (
-                f"run {first['id']}" if sign * mean_a < sign * mean_b else f"run {second['id']}")
-        table.add_row(*key, a["metric"], f"{_fmt(mean_a)} ± {_fmt(a['metric_std'], 2)}",
-                      f"{_fmt(mean_b)} ± {_fmt(b['metric_std'], 2)}", diff, better)
+        outcome, p_value = compare_groups(a, b)
+        better = {"a": f"run {first['id']}", "b": f"run {second['id']}"}.get(outcome, outcome)
+        diff = _fmt(mean_b - mean_a) if mean_a is not None and mean_b is not None else "—"
+        table.add_row(*key, a["metric"], spread(a) if a["metric_values"] else "diverged",
+                      spread(b) if b["metric_values"] else "diverged", diff, better, _fmt(p_value, 2))
     _console().print(table)
 
 
 @app.command("report")
 def report_command(
     run_id: str = typer.Argument("latest", help="Run id or 'latest'."),
-    out: Path = typer.Option(Path("report"), "--out", "-o", help="Folder for index.html and the PNGs."),
+    out: Path = typer.Option(Path("report"), "--out", "-o", help="Folder for index.html and the figures."),
+    task: list[str] = typer.Option(None, "--task", "-t", help="Only these tasks (names or PATH.py:NAME references; "
+                                   "default: every task of the run)."),
+    fmt: str = typer.Option("png", "--format", help="Figure format: png or svg."),
     db: str = _DB_OPTION,
 ) -> None:
-    """Write an HTML report (index.html + PNG figures) for one run."""
-    from optimlab.bench.report import write_report
+    """Write an HTML report (index.html + figures) for one run."""
+    from optimlab.bench.report import FORMATS, write_report
 
+    if fmt not in FORMATS:
+        raise fail(f"Invalid --format: {fmt!r} (accepted: {', '.join(FORMATS)})")
+    tasks = _task_names_in_run(task) if task else None
     with _open_store(db) as store:
         run = _resolve_run(store, run_id)
-        page = write_report(store, run["id"], out)
+        if tasks is not None:
+            missing = [name for name in tasks if name not in run["config"]["tasks"]]
+            if missing:
+                raise fail(f"run {run['id']} has no task {', '.join(map(repr, missing))} (its tasks: "
+                           f"{', '.join(run['config']['tasks'])})")
+        page = write_report(store, run["id"], out, tasks=tasks, fmt=fmt)
     typer.echo(f"report for run {run['id']}: {page.resolve()}")
+
+
+def _task_names_in_run(values: list[str]) -> tuple[str, ...]:
+    """``--task`` values of commands that read stored results: names, or references resolved to their names."""
+    return _task_values(values)[0]
 
 
 @app.command("recommend")
 def recommend_command(
-    task: str = typer.Option(..., "--task", "-t", help="Task name."),
+    task: str = typer.Option(..., "--task", "-t", help="Task name or your own: PATH.py:NAME / package.module:NAME."),
     db: str = _DB_OPTION,
 ) -> None:
-    """Recommend the best optimizer, learning rate, schedule and clipping for a task from stored results."""
-    from optimlab.bench.recommend import recommend
-    from optimlab.bench.tasks import get_task
+    """Recommend the best optimizer, learning rate, schedule and clipping for a task from stored results,
+    with a ready-to-paste snippet that builds them."""
+    from optimlab.bench.recommend import recommend, snippet
 
-    try:
-        get_task(task)
-    except KeyError as err:
-        raise fail(str(err).strip("'\"")) from None
-    with _open_store(db) as store:
-        ranking = recommend(store, task)
-    if not ranking:
-        raise fail(f"no finished results for task {task!r} in {store.name}; run `optimlab bench --task {task}` first")
-    best = ranking[0]
+    names = _task_names_in_run([task])
     console = _console()
-    console.print(f"recommended for {task}: {best.optimizer} with {_params(best.params)}, schedule {best.schedule}, "
-                  f"clip {best.clip} → {best.metric} {_fmt(best.mean)} ± {_fmt(best.std, 2)} over {best.n_seeds} "
-                  f"seeds (run {best.run_id})")
-    table = Table(title=f"{task}: every stored configuration, best first")
-    for column in ("rank", "optimizer", "params", "schedule", "clip", "metric (mean ± std)", "seeds", "run"):
+    with _open_store(db) as store:
+        rankings = {name: recommend(store, name) for name in names}
+    for name, ranking in rankings.items():
+        if not ranking:
+            raise fail(f"no finished results for task {name!r} in {store.name}; run `optimlab bench --task {task}` "
+                       "first")
+        best = ranking[0]
+        console.print(f"recommended for {name}: {best.optimizer} with {_params(best.params)}, schedule "
+                      f"{best.schedule}, clip {best.clip} → {best.metric} {best.spread()} (run {best.run_id})")
+        console.print(snippet(best))
+        table = Table(title=f"{name}: every stored configuration, best first")
+        for column in ("rank", "optimizer", "params", "schedule", "clip", "metric (mean ± std, seeds)", "run"):
+            table.add_column(column)
+        for rank, row in enumerate(ranking, 1):
+            table.add_row(str(rank), row.optimizer, _params(row.params), row.schedule, row.clip, row.spread(),
+                          str(row.run_id))
+        console.print(table)
+
+
+@app.command("tasks")
+def tasks_command(
+    task: list[str] = typer.Option(None, "--task", "-t", help="Also load these task references "
+                                   "(PATH.py:NAME / package.module:NAME) and list their tasks."),
+) -> None:
+    """List every task: built-in, from installed packages (entry-point group optimlab.tasks) and from --task."""
+    from optimlab.bench.tasks import all_tasks
+
+    _task_values(task)
+    specs, errors = all_tasks()
+    table = Table(title="tasks")
+    for column in ("task", "source", "metric", "target", "steps (quick)", "description"):
         table.add_column(column)
-    for rank, row in enumerate(ranking, 1):
-        table.add_row(str(rank), row.optimizer, _params(row.params), row.schedule, row.clip,
-                      f"{_fmt(row.mean)} ± {_fmt(row.std, 2)}", str(row.n_seeds), str(row.run_id))
+    for spec in specs:
+        table.add_row(spec.name, spec.source, f"{spec.metric} ({spec.mode})",
+                      f"{'<=' if spec.mode == 'min' else '>='} {spec.target:g}", f"{spec.steps} ({spec.quick_steps})",
+                      spec.description)
+    console = _console()
     console.print(table)
+    for line in errors:
+        console.print(f"warning: {line}")

@@ -6,6 +6,7 @@ The runner, the learning-rate finder and anything else that trains "a task" use 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,13 @@ class TaskSpec:
         build: ``seed -> TaskInstance``: same seed, same initial weights and batch order.
         lr_widen: the tuning range's upper learning-rate bound is the optimizer's registry bound times
             this (the same for every optimizer; test functions need larger steps than networks).
+        deterministic: whether the result ignores the seed (``None``: true for the ``"function"`` family).
+            Deterministic tasks are reported without a spread; any difference beyond rounding is real.
+        source: where the task comes from: ``"built-in"``, a task file or module reference
+            (``PATH.py:NAME``, ``package.module:NAME``) or ``"entry point NAME"``; set by the loader.
+
+    ``build`` may take a ``device`` keyword (``build(seed, device="cuda")``): such a task runs where
+    ``--device`` says; a task whose ``build`` takes only the seed runs on the CPU.
     """
 
     name: str
@@ -66,6 +74,8 @@ class TaskSpec:
     family: str
     build: Callable[[int], TaskInstance]
     lr_widen: float = 1.0
+    deterministic: bool | None = None
+    source: str = "built-in"
 
     def __post_init__(self) -> None:
         if self.mode not in ("min", "max"):
@@ -75,6 +85,28 @@ class TaskSpec:
                 raise ValueError(f"Invalid {label} for task {self.name!r}: {getattr(self, label)} (accepted range: >= 1)")
         if not self.lr_widen >= 1.0:
             raise ValueError(f"Invalid lr_widen for task {self.name!r}: {self.lr_widen} (accepted range: >= 1)")
+
+    @property
+    def is_deterministic(self) -> bool:
+        """:attr:`deterministic`, defaulting to ``family == "function"``."""
+        return self.family == "function" if self.deterministic is None else self.deterministic
+
+    @property
+    def accepts_device(self) -> bool:
+        """Whether :attr:`build` takes a ``device`` keyword."""
+        try:
+            return "device" in inspect.signature(self.build).parameters
+        except (TypeError, ValueError):  # some builtins have no signature
+            return False
+
+    def instantiate(self, seed: int, device: str = "cpu") -> TaskInstance:
+        """``build(seed)`` on ``device``; ``ValueError`` when the task cannot run there."""
+        if self.accepts_device:
+            return self.build(seed, device=device)  # type: ignore[call-arg]
+        if device != "cpu":
+            raise ValueError(f"Invalid device for task {self.name!r}: {device!r} (its build(seed) takes no device; "
+                             "accepted: 'cpu')")
+        return self.build(seed)
 
     def reached(self, value: float) -> bool:
         """Whether a metric ``value`` meets the target (``<=`` for min tasks, ``>=`` for max tasks)."""
