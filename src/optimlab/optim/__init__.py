@@ -22,6 +22,10 @@ from optimlab.optim.adafactor import Adafactor
 from optimlab.optim.muon import Muon, MuonWithAdamW, muon_param_split
 from optimlab.optim.schedule_free import ScheduleFreeAdamW
 from optimlab.optim.lookahead import Lookahead
+from optimlab.optim.asgd import ASGD
+from optimlab.optim.lbfgs import LBFGS
+from optimlab.optim.rprop import Rprop
+from optimlab.optim.sparse_adam import SparseAdam
 from optimlab.optim.flat import flatten_parameters, is_flat
 
 __all__ = [

@@ -46,6 +46,7 @@ __all__ = [
     "default_foreach",
     "FOREACH_CPU_MAX_MEAN_NUMEL",
     "as_float",
+    "scalar_hyperparameter",
     "new_step_tensor",
     "increment_steps",
     "prepare_grad",
@@ -60,6 +61,12 @@ ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 def as_float(value: float | Tensor) -> float:
     """Return ``value`` as a Python float (0-dim tensors allowed)."""
     return float(value.item()) if isinstance(value, Tensor) else float(value)
+
+
+def scalar_hyperparameter(value: float | Tensor) -> float | Tensor:
+    """A hyperparameter as torch's rules use it: a Python number unchanged, a 1-element tensor as a 0-dim
+    tensor (so its arithmetic, e.g. float32 rounding of a float32 ``lr``, is torch's)."""
+    return value.squeeze() if isinstance(value, Tensor) and value.dim() != 0 else value
 
 
 def check_lr(lr: float | Tensor) -> None:
