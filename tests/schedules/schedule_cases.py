@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.optim.lr_scheduler as torch_sched
+import torch.optim.swa_utils as torch_swa
 
 import optimlab.schedules as ours
 
@@ -163,6 +164,11 @@ CASES: list[Case] = [
          lambda r: _base(r, start=r.uniform(0.001, 0.5), warmup=r.randint(4, 50), T_max=r.randint(20, 300),
                          eta_min=r.uniform(0, 1e-4)),
          _with_warmup),
+    Case("SWALR",
+         lambda r: _base(r, swa_lr=[r.uniform(1e-4, 1e-2), r.uniform(1e-4, 1e-2)], anneal=r.choice([0, 1, 5, 40]),
+                         strategy=r.choice(["cos", "linear"])),
+         lambda lib, opt, kw: (torch_swa if lib is torch_sched else lib).SWALR(
+             opt, swa_lr=kw["swa_lr"], anneal_epochs=kw["anneal"], anneal_strategy=kw["strategy"])),
     Case("WarmupCosineLR",
          lambda r: _base(r, warmup=r.randint(4, 50), total=r.randint(60, 400), start=r.uniform(0.0, 0.5),
                          eta_min=[r.uniform(0, 1e-4), 0.0]),

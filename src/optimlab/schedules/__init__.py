@@ -22,6 +22,7 @@ from optimlab.schedules.cosine import CosineAnnealingLR, CosineAnnealingWarmRest
 from optimlab.schedules.cyclic import CyclicLR
 from optimlab.schedules.onecycle import OneCycleLR
 from optimlab.schedules.plateau import ReduceLROnPlateau
+from optimlab.schedules.swa import SWALR
 from optimlab.schedules.registry import create_scheduler, list_schedules, needs_metric, step_scheduler
 from optimlab.schedules.warmup import WarmupCosineLR, WarmupStableDecayLR
 
@@ -42,6 +43,7 @@ __all__ = [
     "ReduceLROnPlateau",
     "SequentialLR",
     "ChainedScheduler",
+    "SWALR",
     "with_warmup",
     "WarmupCosineLR",
     "WarmupStableDecayLR",
