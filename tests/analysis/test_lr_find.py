@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ from torch import nn
 
 from optimlab.analysis._params import supervised_loss
 from optimlab.analysis.lr_find import lr_find, lr_schedule, plot_lr_find, smooth_losses, steepest_descent_index
-from optimlab.optim.registry import create_optimizer, list_optimizers
+from optimlab.optim.registry import create_optimizer, get_spec, list_optimizers
 
 
 def _noisy_quadratic(seed: int):
@@ -44,9 +45,14 @@ def test_suggestion_lies_in_stable_range_of_quadratic(name):
         assert result.smoothed_losses[-1] > 4.0 * min(result.smoothed_losses[:-1])
 
 
+def _weight_decay(name: str) -> float | None:
+    """0.01 where the optimizer takes weight decay (Rprop, as torch's, does not)."""
+    return 0.01 if "weight_decay" in inspect.signature(get_spec(name).resolve().__init__).parameters else None
+
+
 def _adam_setup(name: str):
     model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
-    optimizer = create_optimizer(model, name, lr=1e-3, weight_decay=0.01)
+    optimizer = create_optimizer(model, name, lr=1e-3, weight_decay=_weight_decay(name))
     data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(5)]
     loss_fn = supervised_loss(nn.functional.cross_entropy)
     for batch in data[:3]:  # non-empty optimizer state and BatchNorm statistics
@@ -76,7 +82,7 @@ def _assert_nested_equal(a, b):
 def test_model_optimizer_and_rng_restored_bitwise(name):
     model, optimizer, loss_fn, data = _adam_setup(name)
     twin_model = copy.deepcopy(model)
-    twin_optimizer = create_optimizer(twin_model, name, lr=1e-3, weight_decay=0.01)
+    twin_optimizer = create_optimizer(twin_model, name, lr=1e-3, weight_decay=_weight_decay(name))
     twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
     model_before = copy.deepcopy(model.state_dict())
     optimizer_before = copy.deepcopy(optimizer.state_dict())

@@ -7,6 +7,7 @@ averaging start :math:`t_0` and the gradient :math:`g_t` after ``maximize`` and 
 .. math::
     \theta_t &= \theta_{t-1}\,(1 - \lambda\eta_t) - \eta_t\, g_t \\
     \bar\theta_t &= \bar\theta_{t-1} + \mu_t\,(\theta_t - \bar\theta_{t-1})
+from optimlab.optim.registry import register
         \quad (\bar\theta_t = \theta_t \text{ while } \mu_t = 1) \\
     \eta_{t+1} &= \eta_0 / (1 + \lambda\eta_0 t)^{\alpha}, \qquad \mu_{t+1} = 1 / \max(1, t - t_0)
 
@@ -18,6 +19,7 @@ schedule torch follows.
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -36,6 +38,7 @@ from optimlab.optim._base import (
     scalar_hyperparameter,
     zeros_state,
 )
+from optimlab.optim.registry import register
 
 __all__ = ["ASGD"]
 
@@ -59,6 +62,16 @@ def _asgd_tensor(param: Tensor, grad: Tensor, ax: Tensor, step: Tensor, eta: Ten
     mu.copy_(torch.as_tensor(1 / max(1, t - t0)))
 
 
+@register(
+    names={"asgd": "Averaged SGD (Polyak & Juditsky 1992; Bottou 2012)"},
+    lr_bounds=(1e-4, 1.0), default_lr=1e-2, reference=torch.optim.ASGD, state_bytes=4, complex="supported",
+    checks={
+        "default": {"lr": 0.01},
+        "lambd-t0": {"lr": 0.02, "lambd": 0.1, "t0": 3},
+        "alpha-early-average": {"lr": 0.05, "lambd": 0.5, "alpha": 0.5, "t0": 0},
+        "wd-maximize": {"lr": 0.01, "weight_decay": 0.1, "maximize": True, "t0": 5},
+    },
+)
 class ASGD(OptimlabOptimizer):
     r"""Averaged SGD: SGD with a decaying step :math:`\eta_t = \eta_0/(1 + \lambda\eta_0 t)^\alpha` and a
     Polyak–Ruppert average of the iterates from step :math:`t_0` on (state ``ax``); see the module docstring.
@@ -77,6 +90,10 @@ class ASGD(OptimlabOptimizer):
         maximize: ascend the objective. Default False.
         differentiable, capturable: not supported (``NotImplementedError`` when true).
     """
+
+    #: 0-dim state kept in the scalar dtype by ``load_state_dict`` (torch's casts them to the parameter's dtype,
+    #: so a resumed optimlab run equals an uninterrupted one); ``eta`` actually starts at the group's lr.
+    scalar_state_init = MappingProxyType({"eta": 1e-2, "mu": 1.0})
 
     def __init__(
         self,

@@ -34,6 +34,7 @@ from optimlab.optim._base import (
     reject_unsupported,
     zeros_state,
 )
+from optimlab.optim.registry import register
 
 __all__ = ["Rprop"]
 
@@ -52,6 +53,16 @@ def _rprop_tensor(param: Tensor, grad: Tensor, prev: Tensor, step_size: Tensor, 
     prev.copy_(grad)
 
 
+@register(
+    names={"rprop": "Rprop (Riedmiller & Braun 1993), for full-batch training"},
+    lr_bounds=(1e-5, 1e-1), default_lr=1e-2, reference=torch.optim.Rprop, state_bytes=8, complex="supported",
+    checks={
+        "default": {"lr": 0.01},
+        "etas": {"lr": 2e-4, "etas": (0.5, 1.5)},
+        "step-sizes": {"lr": 0.01, "step_sizes": (2e-6, 0.05)},
+        "maximize": {"lr": 0.01, "etas": (0.3, 1.1), "maximize": True},
+    },
+)
 class Rprop(OptimlabOptimizer):
     r"""Rprop: per-coordinate step sizes grown by :math:`\eta_+` while the gradient keeps its sign and cut by
     :math:`\eta_-` when it flips; the update uses only the gradient's sign (module docstring).

@@ -33,6 +33,7 @@ from optimlab.optim._base import (
     scalar_hyperparameter,
     zeros_state,
 )
+from optimlab.optim.registry import register
 
 __all__ = ["SparseAdam"]
 
@@ -60,6 +61,12 @@ def _sparse_adam_tensor(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq
     param.add_(on_support(-step_size * m.div_(denom)))
 
 
+@register(
+    names={},  # not in the lab's by-name list: its tasks give dense gradients, which SparseAdam refuses
+    lr_bounds=(1e-5, 1e-1), default_lr=1e-3, reference=torch.optim.SparseAdam, complex="rejected", checks={},
+    matrix_exempt="needs sparse gradients (the generic matrix gives dense ones); parity, semantics and torch's "
+                  "OptimizerInfo inputs in tests/optim/test_torch_extras_parity.py",
+)
 class SparseAdam(OptimlabOptimizer):
     r"""Adam for sparse gradients: moments and parameters change only where the gradient has entries
     (module docstring).
