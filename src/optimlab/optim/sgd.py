@@ -33,11 +33,15 @@ from optimlab.optim._base import (
     prepare_grads,
     real_views,
     reject_unsupported,
+    zeros_state,
 )
 from optimlab.optim._fused import fused_step, resolve_fused
 from optimlab.optim.registry import preset, register
 
-__all__ = ["SGD"]
+__all__ = ["SGD", "MOMENTUM_STYLES"]
+
+#: ``momentum_style`` values: torch's form (``None``) and the EMA form.
+MOMENTUM_STYLES = (None, "ema")
 
 
 def _sgd_single_tensor(
@@ -160,9 +164,23 @@ def _sgd_multi_tensor(
         "nesterov": {"lr": 0.05, "momentum": 0.9, "nesterov": True},
         "nesterov-wd": {"lr": 0.05, "momentum": 0.8, "nesterov": True, "weight_decay": 0.1},
         "wd-maximize": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.05, "maximize": True},
+        "ema-momentum": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.05, "momentum_style": "ema"},
     },
     fused_check={"lr": 1e-2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
 )
+def _check_momentum_style(style: str | None, momentum: float, dampening: float, nesterov: bool) -> None:
+    if style not in MOMENTUM_STYLES:
+        raise ValueError(f"Invalid momentum_style: {style!r} (accepted: None for torch's form, 'ema' for "
+                         "v <- beta*v + (1 - beta)*g from v = 0)")
+    if style == "ema":
+        check_in_range("momentum", momentum, 0.0, 1.0)
+        if nesterov:
+            raise ValueError("momentum_style='ema' does not combine with nesterov=True (use momentum_style=None)")
+        if dampening != 0:
+            raise ValueError(f"momentum_style='ema' fixes the dampening (the (1 - momentum) factor on the gradient); "
+                             f"got dampening={dampening}, pass dampening=0")
+
+
 class SGD(OptimlabOptimizer):
     r"""Stochastic gradient descent, optionally with heavy-ball or Nesterov momentum.
 
@@ -176,6 +194,13 @@ class SGD(OptimlabOptimizer):
     Same arguments, defaults and state (``momentum_buffer`` when ``momentum != 0``) as
     ``torch.optim.SGD``; sparse gradients are supported (reference path, no weight decay).
 
+    ``momentum_style="ema"`` (keyword-only optimlab extension) gives the EMA form of the heavy ball,
+    :math:`v_t = \beta v_{t-1} + (1-\beta) g_t` from :math:`v_0 = 0`, :math:`\theta_t = \theta_{t-1} - \eta v_t`
+    (:math:`\beta` = ``momentum`` in [0, 1)): torch's rule with dampening :math:`\beta` and a zero initial
+    buffer. Since :math:`v_t = (1-\beta) b_t` for torch's undampened buffer :math:`b`, lr :math:`\eta` here
+    equals lr :math:`(1-\beta)\eta` in torch's form; unlike torch's ``dampening=momentum``, whose buffer starts
+    at :math:`b_1 = g_1`, the first step is :math:`\eta(1-\beta) g_1`.
+
     Args:
         params: parameters, named parameters or param-group dicts.
         lr: learning rate :math:`\eta` (float or 0-dim tensor, >= 0). Default 1e-3.
@@ -187,6 +212,7 @@ class SGD(OptimlabOptimizer):
         foreach: multi-tensor path (default: see :func:`optimlab.optim._base.default_foreach`).
         fused: the compiled fused step (:mod:`optimlab.optim._fused`); ``None`` (default) means off.
         differentiable: not supported (``NotImplementedError`` when true).
+        momentum_style: ``None`` (default) for torch's form above, ``"ema"`` for the EMA form.
     """
 
     supports_sparse = True
@@ -204,8 +230,10 @@ class SGD(OptimlabOptimizer):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
+        momentum_style: str | None = None,
     ) -> None:
         reject_unsupported(type(self).__name__, differentiable=differentiable)
+        _check_momentum_style(momentum_style, momentum, dampening, nesterov)
         check_lr(lr)
         check_non_negative("momentum", momentum)
         check_in_range("dampening", dampening, 0.0, 1.0, high_inclusive=True)
@@ -225,11 +253,16 @@ class SGD(OptimlabOptimizer):
             "foreach": foreach,
             "differentiable": differentiable,
             "fused": fused,
+            "momentum_style": momentum_style,
         }
         super().__init__(params, defaults)
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        """SGD's only state, ``momentum_buffer``, is created by the rule from the first gradient."""
+        """SGD's only state, ``momentum_buffer``, is created by the rule from the first gradient; with
+        ``momentum_style="ema"`` it starts at zero here instead (the rule then applies from the first step)."""
+        if group["momentum_style"] == "ema" and group["momentum"] != 0:
+            for param in params:
+                self.state[param].setdefault("momentum_buffer", zeros_state(param))
 
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
@@ -247,7 +280,7 @@ class SGD(OptimlabOptimizer):
             lr=as_float(group["lr"]),
             weight_decay=as_float(group["weight_decay"]),
             momentum=momentum,
-            dampening=group["dampening"],
+            dampening=momentum if group["momentum_style"] == "ema" else group["dampening"],
             nesterov=group["nesterov"],
             maximize=group["maximize"],
         )
