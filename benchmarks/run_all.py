@@ -3,8 +3,8 @@
     python benchmarks/run_all.py --out docs [--quick]
     python benchmarks/run_all.py --out docs --render-only   # perf.md again from the JSON files, no measuring
 
-Writes ``step_throughput.json`` / ``.md`` (and ``monitor_overhead.json`` / ``.md`` when
-``benchmarks/monitor_overhead.py`` exists) plus ``perf.md``, which puts the method, the machine, the
+Writes ``step_throughput.json`` / ``.md`` (and ``monitor_overhead.json`` / ``.md``, ``guard_overhead.json`` /
+``.md`` when those scripts exist) plus ``perf.md``, which puts the method, the machine, the
 tables and the verdict on each target of the performance issue on one page.
 """
 
@@ -128,7 +128,8 @@ def compose(results: dict[str, Any], wall_seconds: dict[str, float] | None = Non
     wall_seconds = wall_seconds or {}
     sections = [INTRO]
     titles = {"step_throughput": "Step throughput", "compile_time": "Compile time of a first fused step",
-              "monitor_overhead": "Optimizer-state monitor overhead"}
+              "monitor_overhead": "Optimizer-state monitor overhead",
+              "guard_overhead": "Non-finite guard overhead (NonFiniteGuard, check_update)"}
     for name, title in titles.items():
         module = load_benchmark(name) if name in results else None
         if module is None:
@@ -159,7 +160,7 @@ def run_all(out: str | Path, quick: bool = False, *, merge: bool = False, **thro
         results["step_throughput"] = throughput.merge(json.loads(previous.read_text()), results["step_throughput"])
     throughput.write(results["step_throughput"], out)
     wall_seconds["step_throughput"] = time.perf_counter() - start
-    for name in ("compile_time", "monitor_overhead"):
+    for name in ("compile_time", "monitor_overhead", "guard_overhead"):
         module = load_benchmark(name)
         if module is not None:
             start = time.perf_counter()
@@ -174,7 +175,8 @@ def render(out: str | Path) -> Path:
     """Rewrite ``perf.md`` in ``out`` from the JSON files a previous run left there (no measuring)."""
     out = Path(out)
     results = {name: json.loads((out / f"{name}.json").read_text())
-               for name in ("step_throughput", "compile_time", "monitor_overhead") if (out / f"{name}.json").exists()}
+               for name in ("step_throughput", "compile_time", "monitor_overhead", "guard_overhead")
+               if (out / f"{name}.json").exists()}
     atomic_write_text(out / "perf.md", compose(results))
     return out / "perf.md"
 

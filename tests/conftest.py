@@ -29,7 +29,8 @@ def _mount_tmpfs(folder, options: str) -> bool:
     """Mount a tmpfs on ``folder`` (root only); False where that is not allowed."""
     if os.geteuid() != 0:
         return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True).returncode == 0
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    return mount.returncode == 0
 
 
 @pytest.fixture

@@ -127,7 +127,7 @@ def test_run_all_writes_perf_md_and_calls_monitor(monkeypatch: pytest.MonkeyPatc
                                    write=lambda results, out: (Path(out) / "compile_time.json").write_text("{}"))
     monkeypatch.setattr(run_all, "load_benchmark", lambda name: {"monitor_overhead": monitor,
                                                                  "compile_time": compile_time}.get(name)
-                        or real_loader(name))
+                        or (None if name == "guard_overhead" else real_loader(name)))  # guard: its own test
     results = run_all.run_all(tmp_path, quick=True, names=["adamw"], include_compiled=False, quiet=True)
     assert calls == [True]
     assert set(results) == {"step_throughput", "compile_time", "monitor_overhead"}
@@ -191,3 +191,13 @@ def test_compile_time_markdown_and_files(tmp_path: Path) -> None:
     json_path, md_path = compile_time.write(results, tmp_path)
     assert json.loads(json_path.read_text()) == results
     assert "| adamw | flat fused | 20.5 | 19.2 | 3.0 | 2.5 | 1.20 |" in md_path.read_text()
+
+
+def test_guard_overhead_quick_run() -> None:
+    """The guard benchmark's bookkeeping on a tiny MLP (never its timings): three modes, no skipped step."""
+    guard = _load("guard_overhead")
+    results = guard.run(quick=True, widths=(8, 16, 4))
+    modes = ["optimizer.step", "guard", "guard, check_update"]
+    assert list(results["median_step_ms"]) == modes and results["overhead_percent"]["optimizer.step"] == 0.0
+    assert results["parameters"] == 8 * 16 + 16 + 16 * 4 + 4
+    assert all(f"| {mode} |" in guard.to_markdown(results) for mode in modes)

@@ -224,3 +224,72 @@ def test_disabled_grad_scaler_falls_back_to_the_guards_own_check() -> None:
     guard.step()
     assert guard.last_step_skipped and guard.skipped_steps == 1
     assert_bitwise_equal(snapshot(model, optimizer), before)
+
+
+# ---------------------------------------------------------------- check_update: finite gradients, overflowing update
+
+OVERFLOWS = {  # (optimizer factory, dtype, gradient): finite gradients whose update overflows
+    "adafactor, grad 1e20": (lambda ps: create_optimizer(ps, "adafactor", lr=1e-2), torch.float32, 1e20),
+    "sgd lr 10, grad 1e38": (lambda ps: torch.optim.SGD(ps, lr=10.0), torch.float32, 1e38),
+    "adam fp16, grad 6e4": (lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=False), torch.float16, 6e4),
+}
+
+
+def _overflow_setup(case: str, check_update: bool):
+    factory, dtype, big = OVERFLOWS[case]
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 6).to(dtype)), torch.nn.Parameter(torch.randn(6).to(dtype))]
+    optimizer = factory(params)
+    return params, optimizer, NonFiniteGuard(optimizer, check_update=check_update, log=False), big
+
+
+def _state_tensors(params, optimizer) -> list[torch.Tensor]:
+    tensors = [p.detach().clone() for p in params]
+    for p in params:
+        tensors.extend(v.clone() for _, v in sorted(optimizer.state.get(p, {}).items()) if torch.is_tensor(v))
+    return tensors
+
+
+def _set_grads(params, value: float) -> None:
+    for index, p in enumerate(params):
+        p.grad = torch.full_like(p, value) * ((1 + index) / 2)  # fp16: 6e4 stays finite
+
+
+@pytest.mark.parametrize("case", list(OVERFLOWS))
+def test_check_update_rolls_an_overflowing_step_back_bitwise(case: str) -> None:
+    params, optimizer, guard, big = _overflow_setup(case, check_update=True)
+    ref_params, ref_optimizer, ref_guard, _ = _overflow_setup(case, check_update=True)
+    for step in range(3):  # good, overflowing (rolled back), good: the run of a reference without the middle step
+        before = _state_tensors(params, optimizer)
+        _set_grads(params, big if step == 1 else 0.5)
+        guard.step()
+        if step == 1:
+            assert guard.last_step_skipped and guard.skipped_steps == 1
+            after = _state_tensors(params, optimizer)
+            assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before))
+            continue
+        assert not guard.last_step_skipped
+        _set_grads(ref_params, 0.5)
+        ref_guard.step()
+        assert all(torch.equal(a, b) for a, b in zip(_state_tensors(params, optimizer),
+                                                    _state_tensors(ref_params, ref_optimizer)))
+        assert all(torch.isfinite(t).all() for t in _state_tensors(params, optimizer))
+
+
+@pytest.mark.parametrize("case", list(OVERFLOWS))
+def test_without_check_update_the_overflow_gets_through(case: str) -> None:
+    """The break check_update fixes: the gradient check alone lets these updates write inf/NaN."""
+    params, optimizer, guard, big = _overflow_setup(case, check_update=False)
+    _set_grads(params, big)
+    guard.step()
+    assert not guard.last_step_skipped
+    assert not all(torch.isfinite(t).all() for t in _state_tensors(params, optimizer))
+
+
+def test_check_update_on_the_first_step_leaves_no_state() -> None:
+    params, optimizer, guard, big = _overflow_setup("adam fp16, grad 6e4", check_update=True)
+    before = _state_tensors(params, optimizer)
+    _set_grads(params, big)
+    guard.step()
+    assert guard.last_step_skipped and not any(optimizer.state.values())
+    assert all(torch.equal(a, b) for a, b in zip(_state_tensors(params, optimizer), before))

@@ -18,6 +18,7 @@ r"""Training-stability guards: skip optimizer steps on non-finite gradients, fla
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections import deque
@@ -29,7 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ExplosionDetector", "ExplosionEvent", "NonFiniteGradientError", "NonFiniteGuard", "nonfinite_grads"]
+__all__ = ["ExplosionDetector", "ExplosionEvent", "NonFiniteGradientError", "NonFiniteGuard", "nonfinite_grads",
+           "nonfinite_update"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,23 +55,94 @@ def _grads(optimizer: torch.optim.Optimizer) -> list[tuple[int, int, Tensor]]:
     return located
 
 
+def _finite_flags(tensors: list[Tensor]) -> list[bool] | None:
+    """``None`` when every tensor is finite, else one flag per tensor: one multi-tensor max-abs pass and a
+    single device sync in the common all-finite case."""
+    if not tensors:
+        return None
+    max_abs = torch._foreach_norm(tensors, math.inf) if all(t.device.type in ("cpu", "cuda") for t in tensors) else [
+        torch.linalg.vector_norm(t, math.inf) for t in tensors]
+    finite = torch.stack([m.to(tensors[0].device, torch.float32) for m in max_abs]).isfinite()
+    return None if bool(finite.all()) else finite.tolist()
+
+
 @torch.no_grad()
 def nonfinite_grads(optimizer: torch.optim.Optimizer) -> list[tuple[int, int]]:
-    """The ``(param group, index in group)`` of every gradient of ``optimizer`` holding a NaN or an infinity.
-
-    One multi-tensor max-abs pass and a single device sync in the common all-finite case.
-    """
+    """The ``(param group, index in group)`` of every gradient of ``optimizer`` holding a NaN or an infinity."""
     located = _grads(optimizer)
-    if not located:
+    flags = _finite_flags([grad for _, _, grad in located])
+    if flags is None:
         return []
-    grads = [grad for _, _, grad in located]
-    max_abs = torch._foreach_norm(grads, math.inf) if all(g.device.type in ("cpu", "cuda") for g in grads) else [
-        torch.linalg.vector_norm(g, math.inf) for g in grads]
-    finite = torch.stack([m.to(grads[0].device, torch.float32) for m in max_abs]).isfinite()
-    if bool(finite.all()):
+    return [(group_index, param_index) for (group_index, param_index, _), ok in zip(located, flags) if not ok]
+
+
+def _params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _floating(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.is_floating_point() and not value.is_sparse and value.numel() > 0
+
+
+def _clone(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, Tensor) else copy.deepcopy(value)
+
+
+class _Snapshot:
+    """A bitwise copy of an optimizer's parameters, per-parameter state and param-group settings, restored in
+    place (the same tensor objects: views, flat buffers and compiled graphs that hold them stay valid)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.params = [p.detach().clone() for p in _params(optimizer)]
+        self.state = {p: {key: _clone(value) for key, value in optimizer.state[p].items()}
+                      for p in _params(optimizer) if p in optimizer.state}
+        self.groups = [{key: _clone(value) for key, value in group.items() if key != "params"}
+                       for group in optimizer.param_groups]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for param, saved in zip(_params(self.optimizer), self.params):
+            param.copy_(saved)
+        for param in _params(self.optimizer):
+            saved_state = self.state.get(param)
+            if saved_state is None:
+                self.optimizer.state.pop(param, None)  # the step created this state: forget it
+                continue
+            current = self.optimizer.state[param]
+            for key in [k for k in current if k not in saved_state]:
+                del current[key]
+            for key, value in saved_state.items():
+                _put(current, key, value)
+        for group, saved_group in zip(self.optimizer.param_groups, self.groups):
+            for key, value in saved_group.items():
+                _put(group, key, value)
+
+
+def _put(container: dict[str, Any], key: str, value: Any) -> None:
+    """``container[key] = value``, copying into the existing tensor when shapes and dtypes agree."""
+    current = container.get(key)
+    if (isinstance(current, Tensor) and isinstance(value, Tensor) and current.shape == value.shape
+            and current.dtype == value.dtype):
+        current.copy_(value)
+    else:
+        container[key] = value
+
+
+@torch.no_grad()
+def nonfinite_update(optimizer: torch.optim.Optimizer) -> list[tuple[int, int, str]]:
+    """``(param group, index in group, "param" or the state key)`` of every parameter and floating-point state
+    tensor of ``optimizer`` holding a NaN or an infinity (what an optimizer step may have produced)."""
+    located = []
+    for group_index, group in enumerate(optimizer.param_groups):
+        for param_index, param in enumerate(group["params"]):
+            located.append((group_index, param_index, "param", param))
+            state = optimizer.state.get(param, {})
+            located.extend((group_index, param_index, key, value) for key, value in state.items() if _floating(value))
+    flags = _finite_flags([t.detach() for *_, t in located])
+    if flags is None:
         return []
-    return [(group_index, param_index) for (group_index, param_index, _), ok in zip(located, finite.tolist())
-            if not ok]
+    return [(g, i, key) for (g, i, key, _), ok in zip(located, flags) if not ok]
 
 
 class NonFiniteGuard:
@@ -88,10 +161,20 @@ class NonFiniteGuard:
     so ``last_step_skipped`` is exact there too; call ``scaler.update()`` afterwards as usual. A disabled
     scaler (``enabled=False``, e.g. bf16 or fp32 runs) is ignored and the guard checks the gradients itself.
     ``state_dict()`` holds the guard's counters only (save the optimizer's own state separately).
+
+    ``check_update=True`` also catches finite gradients that overflow *inside* the update (Adafactor with a
+    gradient of 1e20, SGD at lr 10 with a gradient of 1e38, Adam on fp16 parameters whose ``exp_avg_sq``
+    overflows): before each step the parameters, the per-parameter state and the param-group settings are
+    copied; after the step every parameter and floating-point state tensor is checked, and if one holds
+    NaN/inf they are all restored bit for bit (in place) and the step counts as skipped like a non-finite
+    gradient. Cost: one copy of parameters and state per step (memory and time; measured by
+    ``benchmarks/guard_overhead.py``). Not covered: state the optimizer keeps outside ``optimizer.state``
+    and the param groups (e.g. a wrapped inner optimizer's own state), non-float state, and values that are
+    finite but wrong; a ``ZeroRedundancyOptimizer`` is checked on this rank's shard only.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, max_consecutive_skips: int | None = 10,
-                 scaler: torch.amp.GradScaler | None = None, log: bool = True) -> None:
+                 scaler: torch.amp.GradScaler | None = None, log: bool = True, check_update: bool = False) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if max_consecutive_skips is not None and (
@@ -102,6 +185,7 @@ class NonFiniteGuard:
         self.max_consecutive_skips = max_consecutive_skips
         self.scaler = scaler
         self.log = log
+        self.check_update = bool(check_update)
         self.steps = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
@@ -117,6 +201,8 @@ class NonFiniteGuard:
         self._optimizer_stepped = False
         loss = None
         bad: list[tuple[int, int]] = []
+        where = ""
+        snapshot = _Snapshot(self.optimizer) if self.check_update else None
         if self.scaler is not None and self.scaler.is_enabled():
             if closure is not None:
                 raise ValueError("closure is not supported together with a GradScaler (torch's GradScaler refuses it)")
@@ -128,24 +214,31 @@ class NonFiniteGuard:
             bad = nonfinite_grads(self.optimizer)
             if not bad:
                 self.optimizer.step(None if closure is None else _replay_first(closure, loss))
+        if snapshot is not None and self._optimizer_stepped:
+            overflowed = nonfinite_update(self.optimizer)
+            if overflowed:
+                snapshot.restore()
+                self._optimizer_stepped = False
+                where = "non-finite update: " + ", ".join(f"group {g} param {i} {key}" for g, i, key in overflowed[:4])
         self.steps += 1
-        self._record(skipped=not self._optimizer_stepped, bad=bad)
+        self._record(skipped=not self._optimizer_stepped, bad=bad, where=where)
         return loss
 
-    def _record(self, skipped: bool, bad: list[tuple[int, int]]) -> None:
+    def _record(self, skipped: bool, bad: list[tuple[int, int]], where: str = "") -> None:
         self.last_step_skipped = skipped
         if not skipped:
             self.consecutive_skips = 0
             return
         self.skipped_steps += 1
         self.consecutive_skips += 1
-        where = (", ".join(f"group {g} param {i}" for g, i in bad) if bad else "found by the GradScaler")
+        where = where or (", ".join(f"group {g} param {i}" for g, i in bad) if bad else "found by the GradScaler")
         if self.log:
-            logger.warning("non-finite gradient at step %d (%s): step skipped (%d skipped so far)",
+            logger.warning("non-finite gradient or update at step %d (%s): step skipped (%d skipped so far)",
                            self.steps, where, self.skipped_steps)
         if self.max_consecutive_skips is not None and self.consecutive_skips > self.max_consecutive_skips:
             raise NonFiniteGradientError(
-                f"{self.consecutive_skips} optimizer steps in a row had non-finite gradients (last: {where}); "
+                f"{self.consecutive_skips} optimizer steps in a row had non-finite gradients or updates "
+                f"(last: {where}); "
                 f"max_consecutive_skips={self.max_consecutive_skips}. The model or the learning rate is likely "
                 "diverging: lower the LR, clip gradients, or check the data.")
 

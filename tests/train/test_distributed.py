@@ -152,6 +152,45 @@ def test_killed_rank_ends_the_job_naming_it(tmp_path: Path, text_file: Path) -> 
     assert not _pids_with(marker, rank=0)  # the surviving rank was stopped too
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_workers_exit_when_the_launcher_is_killed(tmp_path: Path, text_file: Path) -> None:
+    """SIGKILL of `optimlab train --nproc-per-node 2` (no chance to stop its workers): they exit within seconds
+    instead of training and checkpointing on as orphans."""
+    marker = f"OPTIMLAB_TEST_JOB={uuid.uuid4().hex}"
+    key, _, value = marker.partition("=")
+    command = [sys.executable, "-m", "optimlab", "train", "--out", str(tmp_path), "--data", str(text_file),
+               "--block-size", "16", "--n-layer", "1", "--n-head", "1", "--n-embd", "8", "--batch-size", "2",
+               "--steps", "1000000", "--eval-every", "1000000", "--log-every", "1", "--checkpoint-every", "50",
+               "--no-tensorboard", "--nproc-per-node", "2", "--master-port", "0"]
+    job = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", key: value},
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    workers: list[int] = []
+    try:
+        for line in job.stdout:
+            if line.startswith("step 1 |"):
+                break
+        workers = _pids_with(marker, rank=0) + _pids_with(marker, rank=1)
+        assert len(workers) == 2, workers
+        job.kill()
+        job.wait(timeout=60)
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in workers), "workers outlived their launcher by 10 s"
+    finally:
+        job.kill()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_port_in_use_is_reported(tmp_path: Path, text_file: Path) -> None:
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))

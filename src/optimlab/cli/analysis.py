@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from optimlab.cli.app import app, fail
+from optimlab.cli.app import app, check_writable, fail
 
 _TASK = typer.Option("digits-mlp", "--task", "-t", help="Bench task name (see `optimlab tasks`) or your own: "
                      "PATH.py:NAME / package.module:NAME.")
@@ -20,7 +20,7 @@ _SEED = typer.Option(0, help="Seed of the task (initial weights, batch order) an
 _QUIET = typer.Option(False, "--quiet", "-q", help="No progress output.")
 _CHECKPOINT = typer.Option(None, "--checkpoint", help="A torch.save'd state_dict (or a dict with a 'model' entry).")
 _TRAIN_STEPS = typer.Option(300, help="Without --checkpoint: train this many steps first (0 = analyse the init).")
-_LR = typer.Option(None, "--lr", help="Learning rate of the short training (default: the optimizer's default).")
+_LR = typer.Option(None, "--lr", help="Learning rate of the short training. \\[default: the optimizer's default]")
 _BATCHES = typer.Option(4, "--batches", help="How many fixed training batches the analysis evaluates on.")
 
 
@@ -125,6 +125,7 @@ def lr_find_command(
 
     spec, instance = _task_instance(task, seed)
     opt = _optimizer(instance.model, optimizer, None)
+    check_writable(output.parent, "--output")
     try:
         result = lr_find(instance.model, opt, _loss_fn(instance), instance.batches, start_lr=start_lr, end_lr=end_lr,
                          num_iter=num_iter, mode=mode, diverge_factor=diverge_factor, quiet=quiet)
@@ -178,6 +179,7 @@ def landscape_command(
         raise fail(f"Invalid --span: {span} (accepted range: > 0)")
     spec, instance = _task_instance(task, seed)
     data = _fixed_batches(instance, batches)
+    check_writable(output.parent, "--output")
     initial, _ = _prepare(instance, checkpoint, train_steps, optimizer, lr, quiet)
     model, loss_fn = instance.model, _loss_fn(instance)
     if spec.family == "function" and normalization == "filter":
@@ -231,7 +233,8 @@ def hessian_command(
     tol: float = typer.Option(1e-4, help="Lanczos stops when every reported Ritz residual is below tol x max|λ|."),
     slq_runs: int = typer.Option(4, help="Random starts of the stochastic Lanczos quadrature density."),
     slq_steps: int = typer.Option(60, help="Lanczos steps per SLQ run."),
-    momentum: float = typer.Option(None, help="Heavy-ball momentum of the bound (2+2β)/λmax (default: the optimizer's)."),
+    momentum: float = typer.Option(None, help="Heavy-ball momentum of the bound (2+2β)/λmax. "
+                                   "\\[default: the optimizer's]"),
     track_every: int = typer.Option(0, help="Record λmax every N training steps (edge of stability); "
                                     "writes <output>_sharpness.png. Needs training, not --checkpoint."),
     batches: int = _BATCHES,
@@ -246,6 +249,7 @@ def hessian_command(
     spec, instance = _task_instance(task, seed)
     data, loss_fn = _fixed_batches(instance, batches), _loss_fn(instance)
     generator = torch.Generator().manual_seed(seed)
+    check_writable(output.parent, "--output")
     paths = []
     if track_every:
         if checkpoint is not None:

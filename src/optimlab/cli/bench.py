@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from optimlab.cli.app import app, fail
+from optimlab.cli.app import app, check_writable, fail
 
 runs_app = typer.Typer(help="List, show and compare stored bench runs.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
@@ -108,24 +108,27 @@ def print_verdicts(console: Console, rows: list[dict[str, Any]]) -> None:
 
 
 _TASK_HELP = "Task name(s), or your own: PATH.py:NAME / package.module:NAME (comma-separated or repeated)."
-_DEVICE_HELP = "Where the tasks' models run: cpu or cuda (default: cuda when available and the task supports it)."
+_DEVICE_HELP = ("Where the tasks' models run: cpu or cuda. "
+                "\\[default: cuda when available and the task supports it]")
 
 
 @app.command("bench")
 def bench_command(
     task: list[str] = typer.Option(None, "--task", "-t", help=_TASK_HELP),
-    optimizers: list[str] = typer.Option(None, "--optimizers", "-o", help="Optimizer names, comma-separated."),
+    optimizers: list[str] = typer.Option(None, "--optimizers", help="Optimizer names, comma-separated."),
     schedules: list[str] = typer.Option(None, "--schedules", help="LR schedules: 'constant' or NAME[:k=v,...]."),
     clips: list[str] = typer.Option(None, "--clips", help="Clipping specs: none, norm:1.0, value:0.5, ..."),
-    trials: int = typer.Option(None, help="Tuning trials per optimizer (same for all). Default 20, quick 8."),
-    seeds: int = typer.Option(None, help="Seeds for the best configuration's reruns. Default 3, quick 2."),
-    steps: int = typer.Option(None, help="Steps per trial (default: each task's budget)."),
+    trials: int = typer.Option(None, help="Tuning trials per optimizer (same for all). "
+                               "\\[default: 20; 8 with --quick]"),
+    seeds: int = typer.Option(None, help="Seeds for the best configuration's reruns. "
+                              "\\[default: 3; 2 with --quick]"),
+    steps: int = typer.Option(None, help="Steps per trial. \\[default: each task's budget]"),
     tune: str = typer.Option("lr", help="Hyperparameters to search: lr plus any of weight_decay, momentum, eps."),
     quick: bool = typer.Option(False, "--quick", help="Test functions + digits, 4 optimizers, short budgets."),
-    jobs: int = typer.Option(None, "--jobs", "-j", help="Parallel worker processes (default: cores, max 4)."),
+    jobs: int = typer.Option(None, "--jobs", "-j", help="Parallel worker processes. \\[default: cores, max 4]"),
     seed: int = typer.Option(0, help="Seed of the tuning sampler."),
     lr_range: str = typer.Option(None, "--lr-range", help="LOW,HIGH: search the learning rate in this range for "
-                                 "every optimizer alike (default: each optimizer's registry bounds)."),
+                                 "every optimizer alike. \\[default: each optimizer's registry bounds]"),
     device: str = typer.Option(None, "--device", help=_DEVICE_HELP),
     db: str = _DB_OPTION,
     new: bool = typer.Option(False, "--new", help="Start a fresh run even if an identical one exists."),
@@ -159,6 +162,8 @@ def bench_command(
         lr_range=_lr_range(lr_range),
         device=device or _auto_device(tasks),
     )
+    if jobs is not None and jobs < 1:
+        raise fail(f"Invalid --jobs: {jobs} (accepted range: >= 1)")
     try:
         config.validate()
         check_lease(lease)
@@ -276,8 +281,8 @@ def runs_compare(run_a: str = typer.Argument(..., help="First run id (or 'latest
 def report_command(
     run_id: str = typer.Argument("latest", help="Run id or 'latest'."),
     out: Path = typer.Option(Path("report"), "--out", "-o", help="Folder for index.html and the figures."),
-    task: list[str] = typer.Option(None, "--task", "-t", help="Only these tasks (names or PATH.py:NAME references; "
-                                   "default: every task of the run)."),
+    task: list[str] = typer.Option(None, "--task", "-t", help="Only these tasks (names or PATH.py:NAME references). "
+                                   "\\[default: every task of the run]"),
     fmt: str = typer.Option("png", "--format", help="Figure format: png or svg."),
     db: str = _DB_OPTION,
 ) -> None:
@@ -287,6 +292,7 @@ def report_command(
     if fmt not in FORMATS:
         raise fail(f"Invalid --format: {fmt!r} (accepted: {', '.join(FORMATS)})")
     tasks = _task_names_in_run(task) if task else None
+    check_writable(out, "--out")
     with _open_store(db) as store:
         run = _resolve_run(store, run_id)
         if tasks is not None:

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from optimlab.cli.app import demo_app, fail
+from optimlab.cli.app import check_writable, demo_app, fail
 
 
 @demo_app.command("functions")
@@ -33,6 +33,7 @@ def functions_command(
 
     if steps < 1:
         raise fail(f"Invalid --steps: {steps} (accepted range: >= 1)")
+    check_writable(out, "--out")
     total = len(ROSENBROCK_OPTIMIZERS) + len(NONCONVEX_OPTIMIZERS)
     with progress("demo functions", total=total, quiet=quiet, unit="run") as bar:
         demo = run_functions_demo(max_steps=steps, seed=seed,

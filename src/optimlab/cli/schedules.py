@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from optimlab.cli.app import app, demo_app, fail
+from optimlab.cli.app import app, check_writable, demo_app, fail
 
 schedule_app = typer.Typer(help="Learning-rate schedules: list them, draw them.", no_args_is_help=True)
 app.add_typer(schedule_app, name="schedule")
@@ -77,6 +77,7 @@ def plot_command(
         per_name = parse_params(param, names)
     except ValueError as err:
         raise fail(str(err)) from None
+    check_writable(output.parent, "--output")
     _draw([(name, name, per_name[name]) for name in names], steps, lr, output, log_y,
           f"Learning-rate schedules over {steps} steps (lr={lr:g})")
 
@@ -99,4 +100,5 @@ def demo_schedules_command(
     100 epochs from lr 0.1, log-scale y; prints each schedule's statistics."""
     from optimlab.schedules.plot import SEED_FIGURE
 
+    check_writable(out, "--out")
     _draw(SEED_FIGURE, 100, 0.1, out / "schedules.png", True, "Learning-rate schedules (100 epochs, lr 0.1)")

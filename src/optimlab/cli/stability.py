@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from optimlab.cli.app import demo_app, fail
+from optimlab.cli.app import check_writable, demo_app, fail
 
 
 @demo_app.command("clipping")
@@ -30,6 +30,7 @@ def clipping_command(
         raise fail(f"Invalid --epochs: {epochs} (accepted range: >= 1)")
     if not (lr > 0.0) or math.isinf(lr):
         raise fail(f"Invalid --lr: {lr} (accepted range: a finite value > 0)")
+    check_writable(out, "--out")
     with progress("clipping study", total=epochs * len(METHODS), quiet=quiet, unit="epoch") as bar:
         runs = run_clipping_study(epochs=epochs, lr=lr, seed=seed, guard=guard,
                                   on_epoch=lambda run: bar.advance(method=run.spec, loss=run.epoch_losses[-1]))

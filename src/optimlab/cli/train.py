@@ -24,7 +24,14 @@ from optimlab.guard import NonFiniteGradientError
 from optimlab.io import ensure_writable, os_error_text
 from optimlab.train.checkpoint import CheckpointError, load_checkpoint
 from optimlab.train.config import TrainConfig
-from optimlab.train.distributed import LaunchError, check_launch_options, init_distributed, launch, shutdown
+from optimlab.train.distributed import (
+    LaunchError,
+    check_launch_options,
+    exit_with_launcher,
+    init_distributed,
+    launch,
+    shutdown,
+)
 from optimlab.train.trainer import CHECKPOINT_NAME, SUMMARY_NAME, Trainer, prepare_run, stored_config
 
 __all__ = ["train_command", "demo_ddp_command", "worker_main"]
@@ -41,8 +48,8 @@ def _build_config(base: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
 
 
 def train_command(
-    out: str = typer.Option(None, "--out", help="Output folder (checkpoint.pt, metrics.csv, tb/, sample.txt). "
-                            "(default: runs/train)"),
+    out: str = typer.Option(None, "--out", "-o", help="Output folder (checkpoint.pt, metrics.csv, tb/, sample.txt). "
+                            "\\[default: runs/train]"),
     quick: bool = typer.Option(False, "--quick", help="A small model for a few hundred steps (~1 min on 2 cores)."),
     config_file: Path = typer.Option(None, "--config", help="Start from a config.json written by a previous run."),
     resume: bool = typer.Option(False, "--resume", help="Continue the stored run exactly from OUT/checkpoint.pt "
@@ -50,48 +57,48 @@ def train_command(
     resume_from: Path = typer.Option(None, "--resume-from", help="Resume from this checkpoint file instead "
                                      "(e.g. OUT/checkpoint.step500.pt when the latest is damaged)."),
     keep_checkpoints: int = typer.Option(None, help="Checkpoints kept: checkpoint.pt and the K-1 before it. "
-                                         "(default: 2)"),
+                                         "\\[default: 2]"),
     stop_at: int = typer.Option(None, "--stop-at", help="Stop after this step (checkpointed), to --resume later, "
                                 "e.g. in a time-limited job slot."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh even if OUT holds a checkpoint."),
-    data: str = typer.Option(None, "--data", help="A UTF-8 text file (default: the Python stdlib's sources)."),
-    corpus_chars: int = typer.Option(None, help="Characters of the stdlib corpus. (default: 2000000)"),
-    block_size: int = typer.Option(None, help="Context length. (default: 128)"),
-    n_layer: int = typer.Option(None, help="Transformer blocks. (default: 4)"),
-    n_head: int = typer.Option(None, help="Attention heads. (default: 4)"),
-    n_embd: int = typer.Option(None, help="Model width. (default: 128)"),
-    dropout: float = typer.Option(None, help="Dropout probability. (default: 0)"),
-    batch_size: int = typer.Option(None, help="Sequences per micro-batch per process. (default: 32)"),
-    accum: int = typer.Option(None, help="Gradient-accumulation micro-batches per step. (default: 1)"),
-    steps: int = typer.Option(None, help="Optimizer steps. (default: 2000)"),
-    optimizer: str = typer.Option(None, help="Optimizer name (see `optimlab optimizers`). (default: adamw)"),
-    lr: float = typer.Option(None, help="Peak learning rate. (default: 1e-3)"),
-    weight_decay: float = typer.Option(None, help="Weight decay on weight matrices. (default: 0.1)"),
-    layer_decay: float = typer.Option(None, help="Layer-wise LR decay factor in (0, 1]. (default: off)"),
-    schedule: str = typer.Option(None, help="LR schedule name, or 'none'. (default: warmup-cosine)"),
+    data: str = typer.Option(None, "--data", help="A UTF-8 text file. \\[default: the Python stdlib's sources]"),
+    corpus_chars: int = typer.Option(None, help="Characters of the stdlib corpus. \\[default: 2000000]"),
+    block_size: int = typer.Option(None, help="Context length. \\[default: 128]"),
+    n_layer: int = typer.Option(None, help="Transformer blocks. \\[default: 4]"),
+    n_head: int = typer.Option(None, help="Attention heads. \\[default: 4]"),
+    n_embd: int = typer.Option(None, help="Model width. \\[default: 128]"),
+    dropout: float = typer.Option(None, help="Dropout probability. \\[default: 0]"),
+    batch_size: int = typer.Option(None, help="Sequences per micro-batch per process. \\[default: 32]"),
+    accum: int = typer.Option(None, help="Gradient-accumulation micro-batches per step. \\[default: 1]"),
+    steps: int = typer.Option(None, help="Optimizer steps. \\[default: 2000]"),
+    optimizer: str = typer.Option(None, help="Optimizer name (see `optimlab optimizers`). \\[default: adamw]"),
+    lr: float = typer.Option(None, help="Peak learning rate. \\[default: 1e-3]"),
+    weight_decay: float = typer.Option(None, help="Weight decay on weight matrices. \\[default: 0.1]"),
+    layer_decay: float = typer.Option(None, help="Layer-wise LR decay factor in (0, 1]. \\[default: off]"),
+    schedule: str = typer.Option(None, help="LR schedule name, or 'none'. \\[default: warmup-cosine]"),
     clip: str = typer.Option(None, help="Clipping spec: none, norm:C, value:C, adaptive:P, autoclip:P, agc:C. "
-                             "(default: norm:1.0)"),
+                             "\\[default: norm:1.0]"),
     skip_nonfinite: bool = typer.Option(None, "--skip-nonfinite/--no-skip-nonfinite",
-                                        help="Skip steps with inf/NaN gradients. (default: on)"),
+                                        help="Skip steps with inf/NaN gradients. \\[default: on]"),
     precision: str = typer.Option(None, help="fp32, bf16 (CPU/GPU autocast) or fp16 (GPU, GradScaler). "
-                                  "(default: fp32)"),
-    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model. (default: off)"),
-    device: str = typer.Option(None, help="auto, cpu or cuda. (default: auto)"),
+                                  "\\[default: fp32]"),
+    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model. \\[default: off]"),
+    device: str = typer.Option(None, help="auto, cpu or cuda. \\[default: auto]"),
     zero: bool = typer.Option(None, "--zero/--no-zero", help="Shard optimizer state (ZeroRedundancyOptimizer)."),
-    seed: int = typer.Option(None, help="Seed of init, data order and dropout. (default: 0)"),
-    log_every: int = typer.Option(None, help="Log every N steps. (default: 50)"),
-    eval_every: int = typer.Option(None, help="Validate every N steps. (default: 250)"),
-    eval_batches: int = typer.Option(None, help="Validation micro-batches per evaluation. (default: 8)"),
-    checkpoint_every: int = typer.Option(None, help="Checkpoint every N steps. (default: 500)"),
-    monitor_every: int = typer.Option(None, help="Optimizer-state monitor interval. (default: 50)"),
-    sample_chars: int = typer.Option(None, help="Characters of generated text at the end. (default: 300)"),
-    tensorboard: bool = typer.Option(None, "--tensorboard/--no-tensorboard", help="Log to OUT/tb. (default: on)"),
+    seed: int = typer.Option(None, help="Seed of init, data order and dropout. \\[default: 0]"),
+    log_every: int = typer.Option(None, help="Log every N steps. \\[default: 50]"),
+    eval_every: int = typer.Option(None, help="Validate every N steps. \\[default: 250]"),
+    eval_batches: int = typer.Option(None, help="Validation micro-batches per evaluation. \\[default: 8]"),
+    checkpoint_every: int = typer.Option(None, help="Checkpoint every N steps. \\[default: 500]"),
+    monitor_every: int = typer.Option(None, help="Optimizer-state monitor interval. \\[default: 50]"),
+    sample_chars: int = typer.Option(None, help="Characters of generated text at the end. \\[default: 300]"),
+    tensorboard: bool = typer.Option(None, "--tensorboard/--no-tensorboard", help="Log to OUT/tb. \\[default: on]"),
     dist_timeout: float = typer.Option(None, help="Seconds before a collective gives up on a dead peer. "
-                                       "(default: 60)"),
+                                       "\\[default: 60]"),
     nproc_per_node: int = typer.Option(1, help="Data-parallel processes on this machine (gloo on CPU, NCCL on GPU)."),
     master_addr: str = typer.Option("127.0.0.1", help="Rendezvous address for --nproc-per-node."),
     master_port: int = typer.Option(29500, help="Rendezvous port for --nproc-per-node (0: pick a free one)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar or console lines."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or console lines."),
 ) -> None:
     """Train a character-level GPT; exact --resume; data-parallel with --nproc-per-node N (DDP, --zero)."""
     overrides = dict(out_dir=out, data=data, corpus_chars=corpus_chars, block_size=block_size, n_layer=n_layer,
@@ -185,13 +192,16 @@ app.command("train")(train_command)
 
 
 def worker_main() -> None:
-    """``python -m optimlab.train``: the ``train`` command, as torchrun starts each worker."""
+    """``python -m optimlab.train``: the ``train`` command, as torchrun starts each worker. Under a launcher
+    (``WORLD_SIZE`` set) the worker ends when its launcher dies, instead of training on as an orphan."""
+    if "WORLD_SIZE" in os.environ:
+        exit_with_launcher()
     typer.run(train_command)
 
 
 @demo_app.command("ddp")
 def demo_ddp_command(
-    out: Path = typer.Option(Path("optimlab-out/ddp"), "--out", help="Output folder (one sub-folder per run)."),
+    out: Path = typer.Option(Path("optimlab-out/ddp"), "--out", "-o", help="Output folder (one sub-folder per run)."),
     steps: int = typer.Option(40, help="Optimizer steps of each run."),
     batch_size: int = typer.Option(8, help="Sequences per step per process in the 2-process run."),
     master_port: int = typer.Option(0, help="Rendezvous port (0: pick a free one)."),

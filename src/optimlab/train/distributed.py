@@ -10,14 +10,22 @@ The backend is gloo on CPU and NCCL on GPU.
 no restarts: when one worker dies the agent stops the others and :class:`LaunchError` names the rank
 that failed first. Collectives carry a timeout (``TrainConfig.dist_timeout_s``) as a second guard when
 workers run under an external launcher.
+
+A worker whose launcher dies (``optimlab train`` or torchrun SIGKILLed) must not train on as an orphan:
+:func:`exit_with_launcher` asks Linux to send it SIGTERM when its parent dies (``PR_SET_PDEATHSIG``), or
+elsewhere watches its parent process id from a thread.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
+import signal
 import socket
 import sys
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -25,7 +33,12 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistContext", "LaunchError", "pick_device", "init_distributed", "shutdown", "all_reduce_sum",
-           "all_gather_objects", "port_in_use", "check_launch_options", "launch"]
+           "all_gather_objects", "port_in_use", "check_launch_options", "launch", "exit_with_launcher",
+           "LAUNCHER_PID_VARIABLE"]
+
+LAUNCHER_PID_VARIABLE = "OPTIMLAB_LAUNCHER_PID"
+"""Set by :func:`launch` for its workers: the process whose death must end them."""
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -141,6 +154,31 @@ def _describe_failures(error: Exception) -> str:
     return f"rank {first_rank} failed; " + "; ".join(lines)
 
 
+def exit_with_launcher(poll_s: float = 1.0) -> None:
+    """End this worker when the process that started it (the launcher, or torchrun's agent) dies.
+
+    On Linux the kernel sends SIGTERM on the parent's death (``prctl(PR_SET_PDEATHSIG)``); elsewhere a daemon
+    thread polls the parent id every ``poll_s`` seconds. A parent that died before this call (the worker was
+    already re-parented; :data:`LAUNCHER_PID_VARIABLE` names the launcher when ``launch`` started us) ends
+    the worker at once.
+    """
+    parent = os.getppid()
+    expected = os.environ.get(LAUNCHER_PID_VARIABLE)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    else:
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(poll_s)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=watch, name="optimlab-exit-with-launcher", daemon=True).start()
+    if (expected is not None and os.getppid() != int(expected)) or os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher is already gone
+
+
 def check_launch_options(nproc_per_node: int, master_port: int) -> None:
     """Raise ``ValueError`` naming ``--nproc-per-node`` (< 1) or ``--master-port`` (outside 0..65535)."""
     if nproc_per_node < 1:
@@ -174,6 +212,7 @@ def launch(worker_args: list[str], nproc_per_node: int, *, master_addr: str = "1
     threads_set = "OMP_NUM_THREADS" in os.environ  # the workers inherit this process's environment
     if not threads_set:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc_per_node))
+    os.environ[LAUNCHER_PID_VARIABLE] = str(os.getpid())
     try:
         elastic_launch(config, entrypoint=sys.executable)("-u", "-m", "optimlab.train", *worker_args)
     except ChildFailedError as error:
@@ -182,6 +221,7 @@ def launch(worker_args: list[str], nproc_per_node: int, *, master_addr: str = "1
         raise LaunchError(f"could not start the workers' rendezvous at {master_addr}:{master_port} "
                           f"(is the port in use?): {error}") from None
     finally:
+        os.environ.pop(LAUNCHER_PID_VARIABLE, None)
         if not threads_set:
             del os.environ["OMP_NUM_THREADS"]
 

@@ -80,7 +80,8 @@ from optimlab.train.distributed import DistContext, all_gather_objects, all_redu
 from optimlab.train.model import GPT, GPTConfig
 from optimlab.train.step import StepPolicy
 
-__all__ = ["Trainer", "TrainResult", "RunPlan", "prepare_run", "stored_config", "CHECKPOINT_NAME", "METRICS_NAME", "SUMMARY_NAME"]
+__all__ = ["Trainer", "TrainResult", "RunPlan", "prepare_run", "stored_config", "CHECKPOINT_NAME", "METRICS_NAME",
+           "SUMMARY_NAME"]
 
 CHECKPOINT_NAME = LATEST_NAME
 METRICS_NAME = "metrics.csv"
