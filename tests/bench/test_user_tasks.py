@@ -191,3 +191,29 @@ def test_compare_in_process_ties_identical_optimizers(tmp_path):
     assert "digits-cnn" in result.table and "(n=3)" in result.table
     page = result.report(tmp_path / "rep")
     assert "digits-cnn-sensitivity.png" in page.read_text()
+
+
+def test_two_names_of_one_optimizer_tie_through_compare(tmp_path):
+    import torch
+
+    from optimlab.bench import compare
+
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0])
+
+    def batches(seed):
+        generator = torch.Generator().manual_seed(seed)
+        while True:
+            index = torch.randint(0, 64, (16,), generator=generator)
+            yield x[index], y[index]
+
+    task = make_task("tie-linear", model=lambda seed: torch.nn.Linear(4, 1),
+                     loss=lambda model, batch: ((model(batch[0]).squeeze(-1) - batch[1]) ** 2).mean(),
+                     batches=batches, evaluate=lambda model: {"mse": ((model(x).squeeze(-1) - y) ** 2).mean()},
+                     metric="mse", target=20.0, steps=30, eval_every=5)
+    result = compare(task, optimizers=["adam", "torch.adam"], trials=2, seeds=3, db=tmp_path / "t.db")
+    (verdict,) = result.verdicts.values()
+    assert all(r["reached"] == 3 for r in result.rows)  # the target is met: the tie is the statistics' call
+    assert verdict.kind == "tie" and verdict.text.startswith("tie-linear: tie: ") and "(within noise)" in verdict.text
+    assert result.rows[0]["params"] == result.rows[1]["params"]  # one range, one seed stream
+    assert get_task("tie-linear").source == "python"

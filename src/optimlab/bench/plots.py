@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
 from optimlab.bench.problems import Problem  # noqa: E402
 from optimlab.io import atomic_savefig  # noqa: E402
@@ -145,10 +146,10 @@ def bars_plot(values: Mapping[str, tuple[float | None, float | None, str]], path
     positions = np.arange(len(names))
     means = [values[n][0] for n in names]
     heights = [m if m is not None else 0.0 for m in means]
-    errors = [values[n][1] or 0.0 for n in names]
+    errors = [values[n][1] if values[n][1] is not None else math.nan for n in names]  # nan: no error bar
     colors = [f"C{i}" for i in range(len(names))]
     ax.bar(positions, heights, yerr=errors, color=colors, capsize=4, label="mean ± std over seeds")
-    tops = [h + e for h, e in zip(heights, errors)]
+    tops = [h + (0.0 if math.isnan(e) else e) for h, e in zip(heights, errors)]
     top = max(tops) if tops and max(tops) > 0 else 1.0
     for x, name, mean, bar_top in zip(positions, names, means, tops):
         text = values[name][2] if mean is not None else "not reached"
@@ -198,11 +199,12 @@ def lr_plot(curves: Mapping[str, Curve], path: Path, title: str) -> Path:
 
 def sensitivity_plot(trials: Mapping[str, Sequence[tuple[float, float | None]]],
                      chosen: Mapping[str, float], path: Path, title: str, ylabel: str, mode: str,
-                     log_y: bool = False) -> Path:
+                     log_y: bool = False, lr_range: tuple[float, float] | None = None) -> Path:
     """The tuned metric against the learning rate for every tuning trial of every optimizer (log x).
 
     ``trials`` maps a label to ``(lr, metric or None)`` pairs (``None``: diverged, drawn as × on the
-    worst edge); ``chosen`` marks each label's selected learning rate with a ring. How wide each
+    worst edge); ``chosen`` marks each label's selected learning rate with a ring; ``lr_range`` (the union
+    of the searched ranges) sets the x limits, so where the trials sit within the search shows. How wide each
     optimizer's good region is, and whether the trial budget found it, reads off the picture.
     """
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
@@ -232,8 +234,12 @@ def sensitivity_plot(trials: Mapping[str, Sequence[tuple[float, float | None]]],
             if value is not None:
                 ax.plot([chosen[name]], [value], "o", ms=13, mfc="none", mec=style["color"], mew=2)
     ax.set_xscale("log")
+    if lr_range is not None:
+        ax.set_xlim(lr_range[0] / 1.3, lr_range[1] * 1.3)
+    ax.xaxis.set_minor_formatter(NullFormatter())
     if log_y:
         ax.set_yscale("log")
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("learning rate (tuning trials; ring: chosen; ×: diverged)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -247,9 +253,14 @@ def profile_plot(fractions: Mapping[str, Sequence[float]], taus: Sequence[float]
     τ × the fastest time, as a step function of τ (log x)."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for index, (name, values) in enumerate(fractions.items()):
-        ax.step(taus, values, where="post", lw=1.8, label=name, **_style(index))
+        # a small vertical offset per line keeps identical profiles visible
+        offset = 0.008 * (index - (len(fractions) - 1) / 2)
+        ax.step(taus, np.asarray(values) + offset, where="post", lw=1.8, label=name, **_style(index))
     ax.set_xscale("log")
-    ax.set_ylim(-0.03, 1.03)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlim(taus[0], taus[-1])
+    ax.set_ylim(-0.04, 1.04)
     ax.set_xlabel("τ (time to target / fastest time to target on that task)")
     ax.set_ylabel("fraction of tasks solved within τ")
     ax.set_title(title)

@@ -119,8 +119,11 @@ def _sensitivity(task: str, info: dict[str, Any], rows: Sequence[dict[str, Any]]
     chosen = {short_label(r, rows): r["params"]["lr"] for r in rows}
     metrics = [m for pairs in trials.values() for _, m in pairs if m is not None and m > 0]
     log_y = info["family"] == "function" and bool(metrics) and max(metrics) / max(min(metrics), 1e-300) > 100
+    ranges = [r["lr_range"] for r in rows if r.get("lr_range")]
+    lr_range = (min(low for low, _ in ranges), max(high for _, high in ranges)) if ranges else None
     plots.sensitivity_plot(trials, chosen, path, f"{task}: {info['metric']} after {info['steps']} steps vs learning "
-                           "rate (every tuning trial, seed 0)", info["metric"], info["mode"], log_y=log_y)
+                           "rate (every tuning trial, seed 0)", info["metric"], info["mode"], log_y=log_y,
+                           lr_range=lr_range)
     return _figure(path.name, f"{task}: sensitivity: the tuned metric against the learning rate for every tuning "
                               "trial of every optimizer (ring: the chosen one; ×: diverged). A wide good region "
                               "forgives a rough learning rate; a lone good point may mean the budget barely found it.")
@@ -169,12 +172,14 @@ def _task_figures(store: Store, run_id: int, task: str, info: dict[str, Any], ro
         parts.append(f"<p>No seed of any configuration reached the target ({html.escape(target)}) within "
                      f"{info['steps']} steps, so there is no steps- or time-to-target chart.</p>")
 
-    if any(row["schedule"] != "constant" for row in rows):
+    scheduled = {short_label(row, rows) for row in rows if row["schedule"] != "constant"}
+    if scheduled:
         lr_curves = {label: ([c[0] for c in curves[0]], [c[3] for c in curves[0]])
-                     for label, curves in curves_by_label.items() if curves and curves[0]}
+                     for label, curves in curves_by_label.items() if label in scheduled and curves and curves[0]}
         name = f"{slug}-lr.{fmt}"
         plots.lr_plot(lr_curves, out / name, f"{task}: learning rate per step (best configuration, first seed)")
-        parts.append(_figure(name, f"{task}: the learning-rate schedules used."))
+        parts.append(_figure(name, f"{task}: the learning-rate schedules used (constant ones left out: a flat line "
+                                   "at the tuned lr in the table)."))
 
     if is_function and task in list_problems():
         parts.extend(_function_figures(task, finals, store, slug, out, fmt))
@@ -236,7 +241,7 @@ def _profile_section(rows: Sequence[dict[str, Any]], out: Path, fmt: str) -> str
     if not finite:
         return ("<h2 id=\"profile\">Performance profile</h2><p>No configuration reached the target on every seed "
                 "of any task, so there is no performance profile.</p>")
-    top = max(2.0, max(finite) * 1.5)
+    top = max(10.0, max(finite) * 1.5)
     taus = list(np.logspace(0, math.log10(top), 200))
     fractions = {label: [profile.fraction(label, tau) for tau in taus] for label in profile.ratios}
     name = f"performance-profile.{fmt}"

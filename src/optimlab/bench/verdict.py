@@ -114,8 +114,8 @@ def verdict(task: str, rows: Sequence[dict[str, Any]]) -> Verdict:
     if len(tied) == 1:
         against = ""
         if runner_up is not None:
-            evidence = "deterministic" if deterministic else f"Welch p={p_value:.2g}"
-            against = f"; runner-up {runner_up['optimizer']} {spread(runner_up)}, {evidence}"
+            evidence = "" if deterministic else f", Welch p={p_value:.2g}"
+            against = f"; runner-up {short_label(runner_up, finished)} {spread(runner_up)}{evidence}"
         text = f"{task}: winner {config_label(best)}: {metric} {spread(best)}{against}"
         return Verdict(task, "winner", best, tied, runner_up, p_value, text)
     names = ", ".join(short_label(r, finished) for r in tied)

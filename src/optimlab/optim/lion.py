@@ -100,7 +100,7 @@ def lion_step_foreach(
         "lion-int8": preset("Lion with 8-bit block-wise quantised momentum (Dettmers et al. 2022; ~1 B/param)",
                             state_dtype="int8"),
     },
-    lr_bounds=(1e-6, 1e-2), default_lr=1e-4, reference="lion_pytorch:Lion", state_bytes=4, fused=True,
+    lr_bounds=(3e-6, 3e-2), default_lr=1e-4, reference="lion_pytorch:Lion", state_bytes=4, fused=True,
     complex="rejected",
     checks={
         "default": {"lr": 1e-3},
