@@ -22,6 +22,7 @@ from optimlab.optim.adafactor import Adafactor
 from optimlab.optim.muon import Muon, MuonWithAdamW, muon_param_split
 from optimlab.optim.schedule_free import ScheduleFreeAdamW
 from optimlab.optim.lookahead import Lookahead
+from optimlab.optim.multi_steps import MultiSteps
 from optimlab.optim.asgd import ASGD
 from optimlab.optim.lbfgs import LBFGS
 from optimlab.optim.rprop import Rprop
@@ -32,6 +33,7 @@ __all__ = [
     *(registration.cls.__name__ for registration in registrations()),  # every registered optimizer class
     "muon_param_split",
     "Lookahead",
+    "MultiSteps",
     "create_optimizer",
     "flatten_parameters",
     "is_flat",
