@@ -149,6 +149,19 @@ def _sgd_multi_tensor(
         torch._foreach_add_(device_params, device_grads, alpha=-lr)
 
 
+def _check_momentum_style(style: str | None, momentum: float, dampening: float, nesterov: bool) -> None:
+    if style not in MOMENTUM_STYLES:
+        raise ValueError(f"Invalid momentum_style: {style!r} (accepted: None for torch's form, 'ema' for "
+                         "v <- beta*v + (1 - beta)*g from v = 0)")
+    if style == "ema":
+        check_in_range("momentum", momentum, 0.0, 1.0)
+        if nesterov:
+            raise ValueError("momentum_style='ema' does not combine with nesterov=True (use momentum_style=None)")
+        if dampening != 0:
+            raise ValueError(f"momentum_style='ema' fixes the dampening (the (1 - momentum) factor on the gradient); "
+                             f"got dampening={dampening}, pass dampening=0")
+
+
 @register(
     names={
         "sgd": "SGD (Robbins & Monro 1951)",
@@ -168,19 +181,6 @@ def _sgd_multi_tensor(
     },
     fused_check={"lr": 1e-2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
 )
-def _check_momentum_style(style: str | None, momentum: float, dampening: float, nesterov: bool) -> None:
-    if style not in MOMENTUM_STYLES:
-        raise ValueError(f"Invalid momentum_style: {style!r} (accepted: None for torch's form, 'ema' for "
-                         "v <- beta*v + (1 - beta)*g from v = 0)")
-    if style == "ema":
-        check_in_range("momentum", momentum, 0.0, 1.0)
-        if nesterov:
-            raise ValueError("momentum_style='ema' does not combine with nesterov=True (use momentum_style=None)")
-        if dampening != 0:
-            raise ValueError(f"momentum_style='ema' fixes the dampening (the (1 - momentum) factor on the gradient); "
-                             f"got dampening={dampening}, pass dampening=0")
-
-
 class SGD(OptimlabOptimizer):
     r"""Stochastic gradient descent, optionally with heavy-ball or Nesterov momentum.
 
