@@ -195,3 +195,35 @@ def test_meta_test_flags_unlisted_and_undeclared_classes(monkeypatch: pytest.Mon
     # fused declared but the generated fused cases left it out (e.g. a hand-kept list that forgot it)
     assert coverage_problems([optimlab.optim.Adam], [adam], [c for c in FUSED_CASES if c.cls is not adam.cls]) == [
         "Adam: fused=True but no fused parity case covers it"]
+
+
+def _param_for(registration: Registration, **options: object) -> torch.Tensor:
+    return torch.nn.Parameter(torch.randn(4, 3, **options))
+
+
+@pytest.mark.parametrize("registration", REGISTRATIONS, ids=_id)
+def test_state_dict_is_stable_across_a_load(registration: Registration) -> None:
+    """``load_state_dict(state_dict())`` leaves ``state_dict()`` as it was (no key added to the groups)."""
+    param = _param_for(registration)
+    optimizer = registration.cls([param], lr=registration.default_lr)
+    param.grad = torch.ones_like(param)
+    optimizer.step()
+    before = optimizer.state_dict()
+    optimizer.load_state_dict(before)
+    after = optimizer.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert after["state"].keys() == before["state"].keys()
+
+
+@pytest.mark.parametrize("registration", [r for r in REGISTRATIONS if r.fused], ids=_id)
+def test_fused_on_unsupported_tensors_raises_like_torch(registration: Registration) -> None:
+    """torch raises at construction when ``fused=True`` meets a device without a fused kernel (here: meta)."""
+    with pytest.raises(RuntimeError, match=r"`fused=True` requires all the params to be floating point Tensors of "
+                                           r"supported devices: \['cpu', 'cuda'\].*meta"):
+        registration.cls([_param_for(registration, device="meta")], lr=registration.default_lr, fused=True)
+
+
+@pytest.mark.parametrize("registration", REGISTRATIONS, ids=_id)
+def test_lr_given_as_a_string_is_rejected(registration: Registration) -> None:
+    with pytest.raises(TypeError, match=r"Invalid lr: '0\.1' \(a str\); accepted: a float or a one-element tensor"):
+        registration.cls([_param_for(registration)], lr="0.1")

@@ -1,5 +1,7 @@
 """Every argument check of the classic optimizers: the error type and a message naming the
-argument, the bad value and the accepted range."""
+argument, the bad value and the accepted range, starting with torch.optim's own phrase (``Invalid
+weight_decay value: -0.01``, ``Invalid beta parameter at index 0: 1.0``) so that code matching torch's
+errors keeps working."""
 
 from __future__ import annotations
 
@@ -15,32 +17,32 @@ BETA_CLASSES = [Adam, AdamW, Adamax, NAdam, RAdam]
 EPS_CLASSES = [Adam, AdamW, Adagrad, RMSprop, Adamax, NAdam, RAdam, Adadelta]
 
 INVALID = [
-    *[(cls, {"lr": -0.1}, r"Invalid lr: -0\.1 \(accepted range: a finite value >= 0\)") for cls in ALL_CLASSES],
-    *[(cls, {"lr": math.nan}, r"Invalid lr: nan") for cls in ALL_CLASSES],
-    *[(cls, {"lr": math.inf}, r"Invalid lr: inf") for cls in ALL_CLASSES],
-    *[(cls, {"lr": torch.tensor([0.1, 0.2])}, r"Invalid lr: a tensor lr must hold exactly one element, got shape \(2,\)")
+    *[(cls, {"lr": -0.1}, r"Invalid learning rate: -0\.1 \(lr; accepted range: a finite value >= 0\)") for cls in ALL_CLASSES],
+    *[(cls, {"lr": math.nan}, r"Invalid learning rate: nan \(lr;") for cls in ALL_CLASSES],
+    *[(cls, {"lr": math.inf}, r"Invalid learning rate: inf \(lr;") for cls in ALL_CLASSES],
+    *[(cls, {"lr": torch.tensor([0.1, 0.2])}, r"Tensor lr must be 1-element \(Invalid lr: got shape \(2,\)\)")
       for cls in ALL_CLASSES],
-    *[(cls, {"lr": torch.tensor(-1.0)}, r"Invalid lr: -1\.0") for cls in ALL_CLASSES],
-    *[(cls, {"weight_decay": -0.01}, r"Invalid weight_decay: -0\.01 \(accepted range: >= 0\)") for cls in ALL_CLASSES],
-    *[(cls, {"eps": -1e-8}, r"Invalid eps: -1e-08 \(accepted range: >= 0\)") for cls in EPS_CLASSES],
-    *[(cls, {"betas": (1.0, 0.999)}, r"Invalid betas\[0\] \(beta1\): 1\.0 \(accepted range: \[0\.0, 1\.0\)\)")
+    *[(cls, {"lr": torch.tensor(-1.0)}, r"Invalid learning rate: -1\.0 \(lr;") for cls in ALL_CLASSES],
+    *[(cls, {"weight_decay": -0.01}, r"Invalid weight_decay value: -0\.01 \(accepted range: >= 0\)") for cls in ALL_CLASSES],
+    *[(cls, {"eps": -1e-8}, r"Invalid epsilon value: -1e-08 \(eps; accepted range: >= 0\)") for cls in EPS_CLASSES],
+    *[(cls, {"betas": (1.0, 0.999)}, r"Invalid beta parameter at index 0: 1\.0 \(betas\[0\] \(beta1\); accepted range: \[0\.0, 1\.0\)\)")
       for cls in BETA_CLASSES],
-    *[(cls, {"betas": (0.9, -0.1)}, r"Invalid betas\[1\] \(beta2\): -0\.1 \(accepted range: \[0\.0, 1\.0\)\)")
+    *[(cls, {"betas": (0.9, -0.1)}, r"Invalid beta parameter at index 1: -0\.1 \(betas\[1\] \(beta2\); accepted range: \[0\.0, 1\.0\)\)")
       for cls in BETA_CLASSES],
     *[(cls, {"betas": (0.9,)}, r"Invalid betas: expected 2 values, got 1") for cls in BETA_CLASSES],
-    (SGD, {"momentum": -0.5}, r"Invalid momentum: -0\.5 \(accepted range: >= 0\)"),
-    (SGD, {"dampening": 1.5}, r"Invalid dampening: 1\.5 \(accepted range: \[0\.0, 1\.0\]\)"),
+    (SGD, {"momentum": -0.5}, r"Invalid momentum value: -0\.5 \(accepted range: >= 0\)"),
+    (SGD, {"dampening": 1.5}, r"Invalid dampening value: 1\.5 \(accepted range: \[0\.0, 1\.0\]\)"),
     (SGD, {"nesterov": True}, r"Invalid nesterov=True with momentum=0, dampening=0: .*momentum > 0 and dampening = 0"),
     (SGD, {"nesterov": True, "momentum": 0.9, "dampening": 0.1},
      r"Invalid nesterov=True with momentum=0\.9, dampening=0\.1: Nesterov momentum requires"),
-    (Adagrad, {"lr_decay": -1.0}, r"Invalid lr_decay: -1\.0 \(accepted range: >= 0\)"),
-    (Adagrad, {"initial_accumulator_value": -0.1}, r"Invalid initial_accumulator_value: -0\.1 \(accepted range: >= 0\)"),
-    (RMSprop, {"alpha": -0.1}, r"Invalid alpha: -0\.1 \(accepted range: \[0\.0, 1\.0\]\)"),
-    (RMSprop, {"alpha": 1.1}, r"Invalid alpha: 1\.1 \(accepted range: \[0\.0, 1\.0\]\)"),
-    (RMSprop, {"momentum": -0.9}, r"Invalid momentum: -0\.9 \(accepted range: >= 0\)"),
-    (NAdam, {"momentum_decay": -0.004}, r"Invalid momentum_decay: -0\.004 \(accepted range: >= 0\)"),
-    (Adadelta, {"rho": 1.01}, r"Invalid rho: 1\.01 \(accepted range: \[0\.0, 1\.0\]\)"),
-    (Adadelta, {"rho": -0.5}, r"Invalid rho: -0\.5 \(accepted range: \[0\.0, 1\.0\]\)"),
+    (Adagrad, {"lr_decay": -1.0}, r"Invalid lr_decay value: -1\.0 \(accepted range: >= 0\)"),
+    (Adagrad, {"initial_accumulator_value": -0.1}, r"Invalid initial_accumulator_value value: -0\.1 \(accepted range: >= 0\)"),
+    (RMSprop, {"alpha": -0.1}, r"Invalid alpha value: -0\.1 \(accepted range: \[0\.0, 1\.0\]\)"),
+    (RMSprop, {"alpha": 1.1}, r"Invalid alpha value: 1\.1 \(accepted range: \[0\.0, 1\.0\]\)"),
+    (RMSprop, {"momentum": -0.9}, r"Invalid momentum value: -0\.9 \(accepted range: >= 0\)"),
+    (NAdam, {"momentum_decay": -0.004}, r"Invalid momentum_decay value: -0\.004 \(accepted range: >= 0\)"),
+    (Adadelta, {"rho": 1.01}, r"Invalid rho value: 1\.01 \(accepted range: \[0\.0, 1\.0\]\)"),
+    (Adadelta, {"rho": -0.5}, r"Invalid rho value: -0\.5 \(accepted range: \[0\.0, 1\.0\]\)"),
 ]
 
 

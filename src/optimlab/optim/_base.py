@@ -23,6 +23,7 @@ takes. ``lr`` may be a float or a 0-dim tensor;
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
@@ -57,6 +58,9 @@ __all__ = [
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
+#: device types of optimlab's fused (compiled) path (:mod:`optimlab.optim._fused`)
+FUSED_DEVICE_TYPES = ("cpu", "cuda")
+
 
 def as_float(value: float | Tensor) -> float:
     """Return ``value`` as a Python float (0-dim tensors allowed)."""
@@ -69,45 +73,72 @@ def scalar_hyperparameter(value: float | Tensor) -> float | Tensor:
     return value.squeeze() if isinstance(value, Tensor) and value.dim() != 0 else value
 
 
-def check_lr(lr: float | Tensor) -> None:
-    """Raise ``ValueError`` unless ``lr`` is a finite float >= 0 or a 0-dim tensor holding one."""
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError(f"Invalid lr: a tensor lr must hold exactly one element, got shape {tuple(lr.shape)}")
-    value = as_float(lr)
-    if not (value >= 0.0) or math.isinf(value):
-        raise ValueError(f"Invalid lr: {value} (accepted range: a finite value >= 0)")
+#: torch.optim's name for an argument in its error messages, where it differs from the argument's name
+_TORCH_LABELS = {"eps": "epsilon"}
 
 
-def check_non_negative(name: str, value: float) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` >= 0 (NaN is rejected too)."""
+def _invalid(name: str, value: Any, accepted: str, torch_phrase: str | None = None) -> ValueError:
+    """``ValueError`` whose message starts with torch's phrase (so that code matching torch.optim's errors
+    keeps working) and names the argument and the accepted range."""
+    phrase = torch_phrase or f"Invalid {_TORCH_LABELS.get(name, name)} value: {value}"
+    argument = "" if f" {name} " in f" {phrase} " else f"{name}; "
+    return ValueError(f"{phrase} ({argument}accepted range: {accepted})")
+
+
+def _number(name: str, value: Any) -> float:
+    """``value`` as a float; a ``TypeError`` naming ``name`` unless it is a real number or a one-element tensor."""
     if isinstance(value, Tensor):
-        value = as_float(value)
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element (Invalid {name}: got shape {tuple(value.shape)})")
+        if value.is_complex():
+            raise TypeError(f"Invalid {name}: a complex tensor; accepted: a real number or a one-element tensor")
+        return as_float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Invalid {name}: {value!r} (a {type(value).__name__}); accepted: a float or a "
+                        "one-element tensor")
+    return float(value)
+
+
+def check_lr(lr: float | Tensor, name: str = "lr", *, torch_phrase: str = "Invalid learning rate: {value}") -> None:
+    """Raise unless ``lr`` is a finite float >= 0 or a one-element tensor holding one (``TypeError`` for
+    other types, e.g. a string; ``ValueError`` for a bad value, starting with torch's ``torch_phrase``)."""
+    value = _number(name, lr)
+    if not (value >= 0.0) or math.isinf(value):
+        raise _invalid(name, value, "a finite value >= 0", torch_phrase.format(value=value))
+
+
+def check_non_negative(name: str, value: float, *, torch_phrase: str | None = None) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` >= 0 (NaN is rejected too); ``torch_phrase``
+    replaces torch's usual ``"Invalid <name> value: <value>"`` where the torch class words it otherwise."""
+    value = _number(name, value)
     if not (value >= 0.0):
-        raise ValueError(f"Invalid {name}: {value} (accepted range: >= 0)")
+        raise _invalid(name, value, ">= 0", torch_phrase and torch_phrase.format(value=value))
 
 
 def check_in_range(
-    name: str, value: float, low: float, high: float, *, low_inclusive: bool = True, high_inclusive: bool = False
+    name: str, value: float, low: float, high: float, *, low_inclusive: bool = True, high_inclusive: bool = False,
+    torch_phrase: str | None = None,
 ) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` lies in the interval [low, high) (bounds configurable)."""
-    if isinstance(value, Tensor):
-        value = as_float(value)
+    """Raise ``ValueError`` naming ``name`` unless ``value`` lies in the interval [low, high) (bounds
+    configurable); ``torch_phrase`` as in :func:`check_non_negative`."""
+    value = _number(name, value)
     above = value >= low if low_inclusive else value > low
     below = value <= high if high_inclusive else value < high
     if not (above and below):
         left = "[" if low_inclusive else "("
         right = "]" if high_inclusive else ")"
-        raise ValueError(f"Invalid {name}: {value} (accepted range: {left}{low}, {high}{right})")
+        raise _invalid(name, value, f"{left}{low}, {high}{right}", torch_phrase and torch_phrase.format(value=value))
 
 
 def check_betas(betas: Sequence[float], names: tuple[str, ...] = ("beta1", "beta2")) -> None:
-    """Validate a tuple of betas: each in [0, 1). Names the failing entry (``betas[0]``/``beta1``)."""
+    """Validate a tuple of betas: each in [0, 1). Names the failing entry (``betas[0]``/``beta1``) after
+    torch's phrase (``Invalid beta parameter at index 0: ...``)."""
     if len(betas) != len(names):
         raise ValueError(f"Invalid betas: expected {len(names)} values, got {len(betas)}")
     for index, (beta, label) in enumerate(zip(betas, names)):
-        if isinstance(beta, Tensor) and beta.numel() != 1:
-            raise ValueError(f"Invalid betas[{index}] ({label}): tensor betas must hold one element")
-        check_in_range(f"betas[{index}] ({label})", as_float(beta), 0.0, 1.0)
+        value = _number(f"betas[{index}]", beta)
+        check_in_range(f"betas[{index}] ({label})", value, 0.0, 1.0,
+                       torch_phrase=f"Invalid beta parameter at index {index}: {{value}}")
 
 
 def reject_unsupported(class_name: str, **flags: bool | None) -> None:
@@ -292,11 +323,42 @@ class OptimlabOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
+        self._register_load_fixup()
+
+    def _register_load_fixup(self) -> None:
+        # first of the load-state-dict post-hooks, so that user hooks see the fixed-up state
+        self.register_load_state_dict_post_hook(type(self)._after_load_state_dict, prepend=True)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim`` semantics, plus two checks torch leaves to ``step``: every parameter is a
+        floating-point or complex tensor, and ``fused=True`` only meets tensors the fused path can take
+        (torch's error)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for param in group["params"]:
+            if not (param.is_floating_point() or param.is_complex()):
+                self.param_groups.pop()
+                raise ValueError(f"Invalid params: {type(self).__name__} updates floating-point or complex tensors, "
+                                 f"got a {param.dtype} tensor of shape {tuple(param.shape)}")
+        if group.get("fused"):
+            for param in group["params"]:
+                if param.device.type not in FUSED_DEVICE_TYPES:
+                    self.param_groups.pop()
+                    raise RuntimeError(
+                        "`fused=True` requires all the params to be floating point Tensors of supported devices: "
+                        f"{list(FUSED_DEVICE_TYPES)} (got a {param.dtype} tensor on {param.device.type}; pass fused=None)")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        if not self._optimizer_load_state_dict_post_hooks:
+            self._register_load_fixup()  # unpickled or deep-copied: torch dropped the hooks
+        # defaults missing from a group (older checkpoints) are filled in, except "differentiable", which
+        # torch's __setstate__ adds to every optimizer's defaults: not a group key of a class without it
+        fill = dict(self.defaults)
+        if "differentiable" not in inspect.signature(type(self).__init__).parameters:
+            fill.pop("differentiable", None)
         for group in self.param_groups:
-            for key, value in self.defaults.items():
+            for key, value in fill.items():
                 group.setdefault(key, value)
             for p in group["params"]:
                 p_state = self.state.get(p, {})
@@ -305,14 +367,16 @@ class OptimlabOptimizer(torch.optim.Optimizer):
                     if value is not None and not torch.is_tensor(value):
                         p_state[key] = new_step_tensor(float(value))
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """``torch.optim.Optimizer.load_state_dict``, then the 0-dim entries named in
-        ``scalar_state_init`` go back to the scalar-state dtype (torch casts every state entry but
-        ``step`` to the parameter's dtype, which would change e.g. NAdam's ``mu_product`` from float32
-        to float64 and the trajectory with it)."""
-        super().load_state_dict(state_dict)
+    def _after_load_state_dict(self) -> None:
+        """Run right after ``load_state_dict`` loads, before any user post-hook: the 0-dim entries named in
+        ``scalar_state_init`` go back to the scalar-state dtype (torch casts every state entry but ``step``
+        to the parameter's dtype, which would change e.g. NAdam's ``mu_product`` from float32 to float64 and
+        the trajectory with it). Entries of ``state`` that are not per-parameter dicts are left alone.
+        Subclasses extend it (calling ``super()``) for their own state."""
         scalar_dtype = new_step_tensor().dtype
         for p_state in self.state.values():
+            if not isinstance(p_state, dict):
+                continue
             for key in self.scalar_state_init:
                 if torch.is_tensor(p_state.get(key)):
                     p_state[key] = p_state[key].to(device="cpu", dtype=scalar_dtype)
@@ -384,4 +448,8 @@ class OptimlabOptimizer(torch.optim.Optimizer):
             grads = [p.grad for p in params]
             states = [self.state[p] for p in params]
             self._update_group(group, params, grads, states)
+            if not all(states):  # a rule without state (SGD without momentum): no empty entries, as in torch
+                for param, state in zip(params, states):
+                    if not state:
+                        del self.state[param]
         return loss

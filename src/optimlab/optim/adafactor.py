@@ -233,6 +233,8 @@ class Adafactor(OptimlabOptimizer):
         beta1: first-moment decay in [0, 1), or ``None`` for no first moment (the paper's default).
         relative_step: use :math:`\rho_t = \min(\text{lr}, 1/\sqrt t)`; otherwise :math:`\rho_t = \text{lr}`.
         scale_parameter: multiply the step by :math:`\max(\epsilon_2, \mathrm{RMS}(X))`.
+        foreach: accepted as in ``torch.optim.Adafactor``; optimlab's Adafactor has one unfused path (the
+            per-tensor rule), which every value runs.
         maximize: ascend the objective instead.
         fused: the compiled step (:mod:`optimlab.optim._fused`): the per-tensor rule
             :func:`adafactor_tensor` with its row/column reductions, update clipping and parameter
@@ -253,27 +255,29 @@ class Adafactor(OptimlabOptimizer):
         d: float = 1.0,
         weight_decay: float = 0.0,
         *,
+        foreach: bool | None = None,
+        maximize: bool = False,
         beta1: float | None = None,
         relative_step: bool = True,
         scale_parameter: bool = True,
-        maximize: bool = False,
         fused: bool | None = None,
     ) -> None:
-        check_lr(lr)
+        check_lr(lr, torch_phrase="Learning rate should be >= 0 but is: {value}")
         if not (beta2_decay <= 0.0):
-            raise ValueError(f"Invalid beta2_decay: {beta2_decay} (accepted range: <= 0)")
+            raise ValueError(f"beta2_decay should be <= 0 but is: {beta2_decay} (accepted range: <= 0)")
         if len(eps) != 2:
             raise ValueError(f"Invalid eps: {eps!r} (expected a pair (eps1 or None, eps2))")
         if eps[0] is not None:
-            check_non_negative("eps[0] (eps1)", eps[0])
-        check_non_negative("eps[1] (eps2)", eps[1])
+            check_non_negative("eps[0] (eps1)", eps[0], torch_phrase="epsilon1 should be >= 0 but is: {value}")
+        check_non_negative("eps[1] (eps2)", eps[1], torch_phrase="epsilon2 should be >= 0 but is: {value}")
         if not (d >= 1.0):
-            raise ValueError(f"Invalid d: {d} (accepted range: >= 1)")
-        check_non_negative("weight_decay", weight_decay)
+            raise ValueError(f"Clipping threshold d should be >= 1 but is: {d} (accepted range: >= 1)")
+        check_non_negative("weight_decay", weight_decay, torch_phrase="weight_decay should be >= 0 but is: {value}")
         if beta1 is not None:
             check_in_range("beta1", beta1, 0.0, 1.0)
         defaults = dict(lr=lr, beta2_decay=beta2_decay, eps=tuple(eps), d=d, weight_decay=weight_decay, beta1=beta1,
-                        relative_step=relative_step, scale_parameter=scale_parameter, maximize=maximize, fused=fused)
+                        relative_step=relative_step, scale_parameter=scale_parameter, maximize=maximize, foreach=foreach,
+                        fused=fused)
         super().__init__(params, defaults)
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:

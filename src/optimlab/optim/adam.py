@@ -304,9 +304,9 @@ class Adam(OptimlabOptimizer):
             group.setdefault("state_dtype", None)
         super().__setstate__(state)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """``torch.optim`` semantics; bf16 / int8 moments keep their storage dtype."""
-        super().load_state_dict(state_dict)
+    def _after_load_state_dict(self) -> None:
+        """After ``load_state_dict`` (``torch.optim`` semantics): bf16 / int8 moments keep their storage dtype."""
+        super()._after_load_state_dict()
         restore_state_dtypes(self, [key for key, _ in _MOMENTS])
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:

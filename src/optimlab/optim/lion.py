@@ -154,9 +154,9 @@ class Lion(OptimlabOptimizer):
         super().add_param_group(param_group)
         self.param_groups[-1]["state_dtype"] = resolve_state_dtype(self.param_groups[-1]["state_dtype"])
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """``torch.optim`` semantics; low-precision moments keep their storage dtype."""
-        super().load_state_dict(state_dict)
+    def _after_load_state_dict(self) -> None:
+        """After ``load_state_dict`` (``torch.optim`` semantics): low-precision moments keep their storage dtype."""
+        super()._after_load_state_dict()
         restore_state_dtypes(self, ("exp_avg",))
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:

@@ -525,10 +525,10 @@ def _int8_inductor_options() -> contextlib.AbstractContextManager[Any]:
 def restore_state_dtypes(optimizer: torch.optim.Optimizer, keys: Sequence[str]) -> None:
     """Cast the moments ``keys`` of every group with a ``state_dtype`` back to their storage dtype.
 
-    Call it at the end of ``load_state_dict``: ``torch.optim.Optimizer.load_state_dict`` casts every
-    non-``step`` state tensor to the parameter's dtype. The values round-trip exactly (bf16 values
-    and int8 codes are representable in float32), so casting back restores the state bit for bit.
-    (A method override rather than a load-state-dict hook, because hooks are dropped by ``deepcopy``.)
+    Call it from ``_after_load_state_dict`` (:class:`optimlab.optim._base.OptimlabOptimizer`, which runs it right
+    after loading, before user hooks): ``torch.optim.Optimizer.load_state_dict`` casts every non-``step`` state
+    tensor to the parameter's dtype. The values round-trip exactly (bf16 values and int8 codes are representable
+    in float32), so casting back restores the state bit for bit.
     """
     for group in optimizer.param_groups:
         state_dtype = resolve_state_dtype(group.get("state_dtype"))

@@ -35,6 +35,7 @@ from optimlab.optim._base import (
     ParamsT,
     as_float,
     check_betas,
+    check_in_range,
     check_lr,
     check_non_negative,
     increment_steps,
@@ -133,17 +134,20 @@ def muon_step_fused(
 
 def _check_muon_args(lr: float | Tensor, weight_decay: float, momentum: float, ns_coefficients: Sequence[float],
                      eps: float, ns_steps: int, adjust_lr_fn: str | None, ns_dtype: torch.dtype) -> None:
-    check_lr(lr)
-    check_non_negative("weight_decay", weight_decay)
-    if not (0.0 <= momentum < 1.0):
-        raise ValueError(f"Invalid momentum: {momentum} (accepted range: [0, 1))")
+    check_lr(lr, torch_phrase="Learning rate should be >= 0 but is: {value}")
+    check_non_negative("weight_decay", weight_decay, torch_phrase="weight decay should be >= 0 but is: {value}")
+    check_non_negative("momentum", momentum, torch_phrase="momentum should be >= 0 but is: {value}")
+    check_in_range("momentum", momentum, 0.0, 1.0)
     if len(ns_coefficients) != 3:
-        raise ValueError(f"Invalid ns_coefficients: {ns_coefficients!r} (expected three floats (a, b, c))")
+        raise ValueError(f"Coefficients must be a tuple of exactly 3 values (Invalid ns_coefficients: "
+                         f"{ns_coefficients!r}; expected three floats (a, b, c))")
     check_non_negative("eps", eps)
     if not isinstance(ns_steps, int) or not (1 <= ns_steps < 100):
-        raise ValueError(f"Invalid ns_steps: {ns_steps!r} (accepted range: an integer in [1, 99])")
+        raise ValueError(f"Number of steps must be less than 100 for computational efficiency (Invalid ns_steps: "
+                         f"{ns_steps!r}; accepted range: an integer in [1, 99])")
     if adjust_lr_fn not in ADJUST_LR_FNS:
-        raise ValueError(f"Invalid adjust_lr_fn: {adjust_lr_fn!r} (accepted: {ADJUST_LR_FNS})")
+        raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported (Invalid adjust_lr_fn: "
+                         f"{adjust_lr_fn!r}; accepted: {ADJUST_LR_FNS})")
     if not (isinstance(ns_dtype, torch.dtype) and ns_dtype.is_floating_point):
         raise ValueError(f"Invalid ns_dtype: {ns_dtype!r} (accepted: a floating torch.dtype)")
 
@@ -218,7 +222,8 @@ class Muon(OptimlabOptimizer):
         for param in self.param_groups[-1]["params"]:
             if param.dim() != 2:
                 raise ValueError(
-                    f"Invalid params: Muon takes 2-D weight matrices, got a tensor of shape {tuple(param.shape)}; "
+                    f"Muon only supports 2D parameters whereas we found a parameter with size: {param.size()} "
+                    f"(Invalid params: Muon takes 2-D weight matrices, got a tensor of shape {tuple(param.shape)}); "
                     "send embeddings, heads, biases and norms to AdamW (optimlab.optim.muon.muon_param_split)"
                 )
 
@@ -322,7 +327,7 @@ class MuonWithAdamW(OptimlabOptimizer):
         fused: bool | None = None,
     ) -> None:
         _check_muon_args(lr, weight_decay, momentum, ns_coefficients, eps, ns_steps, adjust_lr_fn, ns_dtype)
-        check_lr(adamw_lr)
+        check_lr(adamw_lr, "adamw_lr")
         check_betas(adamw_betas, ("adamw_beta1", "adamw_beta2"))
         check_non_negative("adamw_eps", adamw_eps)
         check_non_negative("adamw_weight_decay", adamw_weight_decay)
