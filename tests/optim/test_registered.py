@@ -204,15 +204,10 @@ def _param_for(registration: Registration, **options: object) -> torch.Tensor:
 @pytest.mark.parametrize("registration", REGISTRATIONS, ids=_id)
 def test_state_dict_is_stable_across_a_load(registration: Registration) -> None:
     """``load_state_dict(state_dict())`` leaves ``state_dict()`` as it was (no key added to the groups)."""
-    param = _param_for(registration)
-    optimizer = registration.cls([param], lr=registration.default_lr)
-    param.grad = torch.ones_like(param)
-    optimizer.step()
+    optimizer = registration.cls([_param_for(registration)], lr=registration.default_lr)
     before = optimizer.state_dict()
     optimizer.load_state_dict(before)
-    after = optimizer.state_dict()
-    assert after["param_groups"] == before["param_groups"]
-    assert after["state"].keys() == before["state"].keys()
+    assert optimizer.state_dict() == before
 
 
 @pytest.mark.parametrize("registration", [r for r in REGISTRATIONS if r.fused], ids=_id)
