@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from optimlab.optim._base import check_in_range, foreach_groups
+from optimlab.optim._wrapper import load_wrapper_state, per_param_entries
 from optimlab.optim.modes import set_mode
 
 __all__ = ["Lookahead"]
@@ -106,25 +107,13 @@ class Lookahead(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """``{"optimizer": inner state dict, "slow_params": {index: tensor}, "inner_steps", "k", "alpha"}``;
         parameters are numbered in ``param_groups`` order, like ``torch.optim``'s state dicts."""
-        params = [p for group in self.param_groups for p in group["params"]]
-        slow = {index: self.state[p]["slow_param"] for index, p in enumerate(params) if "slow_param" in self.state[p]}
-        return {"optimizer": self.optimizer.state_dict(), "slow_params": slow, "inner_steps": self.inner_steps,
-                "k": self.k, "alpha": self.alpha}
+        return {"optimizer": self.optimizer.state_dict(), "slow_params": per_param_entries(self, "slow_param"),
+                "inner_steps": self.inner_steps, "k": self.k, "alpha": self.alpha}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (the inner optimizer's part through its own ``load_state_dict``)."""
-        missing = {"optimizer", "slow_params", "inner_steps", "k", "alpha"} - set(state_dict)
-        if missing:
-            raise ValueError(f"Invalid state_dict: not a Lookahead state dict (missing {sorted(missing)})")
-        self.optimizer.load_state_dict(state_dict["optimizer"])
-        self.param_groups = self.optimizer.param_groups
-        params = [p for group in self.param_groups for p in group["params"]]
-        if any(not 0 <= index < len(params) for index in state_dict["slow_params"]):
-            raise ValueError("Invalid state_dict: slow_params refer to more parameters than the optimizer holds")
-        self.state.clear()
-        for index, slow in state_dict["slow_params"].items():
-            param = params[index]
-            self.state[param]["slow_param"] = slow.to(device=param.device, dtype=param.dtype, copy=True)
+        load_wrapper_state(self, state_dict, kind="Lookahead", entries="slow_params", key="slow_param",
+                           fields=("inner_steps", "k", "alpha"))
         self.inner_steps = int(state_dict["inner_steps"])
         self.k = int(state_dict["k"])
         self.alpha = float(state_dict["alpha"])

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from optimlab.optim._wrapper import load_wrapper_state, per_param_entries, wrapped_params
+
 __all__ = ["MultiSteps"]
 
 
@@ -65,12 +67,9 @@ class MultiSteps(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return f"MultiSteps(every_k={self.every_k}, use_grad_mean={self.use_grad_mean}, optimizer={self.optimizer!r})"
 
-    def _params(self) -> list[Tensor]:
-        return [param for group in self.param_groups for param in group["params"]]
-
     @torch.no_grad()
     def _accumulate(self) -> None:
-        for param in self._params():
+        for param in wrapped_params(self):
             if param.grad is None:
                 continue
             state = self.state[param]
@@ -83,7 +82,7 @@ class MultiSteps(torch.optim.Optimizer):
         """Step the inner optimizer with the accumulated gradients as ``.grad``, then restore each ``.grad`` and
         clear the accumulators (parameters that got no gradient in the whole cycle keep ``.grad``)."""
         own_grads: dict[Tensor, Tensor | None] = {}
-        for param in self._params():
+        for param in wrapped_params(self):
             accumulated = self.state[param].get("acc_grad")
             if accumulated is None:
                 continue
@@ -114,25 +113,13 @@ class MultiSteps(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """``{"optimizer": inner state dict, "acc_grads": {index: tensor}, "mini_steps", "every_k",
         "use_grad_mean"}``; parameters are numbered in ``param_groups`` order, as in ``torch.optim``."""
-        accumulators = {index: self.state[p]["acc_grad"] for index, p in enumerate(self._params())
-                        if "acc_grad" in self.state[p]}
-        return {"optimizer": self.optimizer.state_dict(), "acc_grads": accumulators, "mini_steps": self.mini_steps,
-                "every_k": self.every_k, "use_grad_mean": self.use_grad_mean}
+        return {"optimizer": self.optimizer.state_dict(), "acc_grads": per_param_entries(self, "acc_grad"),
+                "mini_steps": self.mini_steps, "every_k": self.every_k, "use_grad_mean": self.use_grad_mean}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (the inner optimizer's part through its own ``load_state_dict``)."""
-        missing = {"optimizer", "acc_grads", "mini_steps", "every_k", "use_grad_mean"} - set(state_dict)
-        if missing:
-            raise ValueError(f"Invalid state_dict: not a MultiSteps state dict (missing {sorted(missing)})")
-        self.optimizer.load_state_dict(state_dict["optimizer"])
-        self.param_groups = self.optimizer.param_groups
-        params = self._params()
-        if any(not 0 <= index < len(params) for index in state_dict["acc_grads"]):
-            raise ValueError("Invalid state_dict: acc_grads refer to more parameters than the optimizer holds")
-        self.state.clear()
-        for index, accumulated in state_dict["acc_grads"].items():
-            param = params[index]
-            self.state[param]["acc_grad"] = accumulated.to(device=param.device, dtype=param.dtype, copy=True)
+        load_wrapper_state(self, state_dict, kind="MultiSteps", entries="acc_grads", key="acc_grad",
+                           fields=("mini_steps", "every_k", "use_grad_mean"))
         self.mini_steps = int(state_dict["mini_steps"])
         self.every_k = int(state_dict["every_k"])
         self.use_grad_mean = bool(state_dict["use_grad_mean"])
