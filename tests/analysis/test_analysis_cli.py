@@ -65,7 +65,8 @@ def test_hessian_at_a_checkpointed_saddle_of_rosenbrock(tmp_path):
     assert _number(r"top-1 eigenvalues: ([0-9.e+-]+)", text) == pytest.approx(200.0, rel=1e-9)
     assert _number(r"smallest eigenvalue: ([0-9.e+-]+)", text) == pytest.approx(-398.0, rel=1e-9)
     assert _number(r"stability bound \(2\+2β\)/λmax: ([0-9.e+-]+)", text) == pytest.approx(0.01, rel=1e-5)
-    assert "stable (below the bound)" in text
+    verdicts = [line for line in text.splitlines() if "bound" in line]  # one sentence, about the lr
+    assert verdicts == ["  stability bound (2+2β)/λmax: 0.01; lr 0.001 is below it (0.1 x the bound): stable"]
 
 
 def test_hessian_on_trained_digits_logreg(tmp_path):

@@ -189,6 +189,12 @@ def test_report_lines_and_spectrum_plot(tmp_path):
     text = "\n".join(report.lines())
     for needle in ("top-3 eigenvalues", "sign pattern", "trace (Hutchinson, 10 probes)", "stability bound", "lr 0.1"):
         assert needle in text
+    verdict = report.verdict()
+    assert [line for line in report.lines() if "λmax" in line or "lr " in line] == [verdict]
+    ratio = 0.1 * report.eigen.lambda_max / 2
+    where, state = ("below", "stable") if ratio < 1 else ("above", "beyond the edge of stability")
+    assert verdict == (f"stability bound (2+2β)/λmax: {2 / report.eigen.lambda_max:.6g}; lr 0.1 is {where} it "
+                       f"({ratio:.3g} x the bound): {state}")
     operator = HessianOperator(model, loss_fn, batches)
     density = spectral_density(operator, operator.dim, num_runs=2, num_steps=30, generator=torch.Generator().manual_seed(0))
     path = plot_spectrum(density, tmp_path / "spectrum.png", report=report)

@@ -49,11 +49,15 @@ def stopped_run(tmp_path: Path, text_file: Path) -> Path:
 
 def test_resume_without_options_continues_the_stored_run(stopped_run: Path) -> None:
     """The issue: the resume took the defaults (2000 steps, another model). Now: the stored 8 steps."""
+    plot = stopped_run / "loss.png"
+    first_plot = plot.read_bytes()  # written at the stop...
+    assert first_plot.startswith(b"\x89PNG")
     resumed = invoke("train", "--out", str(stopped_run), "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert f"resuming from {stopped_run / CHECKPOINT_NAME} (step 4 of 8)" in resumed.stdout
     assert "done: 8 steps" in resumed.stdout
     assert TrainConfig.load(stopped_run / "config.json").steps == 8
+    assert plot.read_bytes().startswith(b"\x89PNG") and plot.read_bytes() != first_plot  # ...and after the resume
     assert load_checkpoint(stopped_run / CHECKPOINT_NAME)["train_config"]["n_embd"] == 16
 
 
@@ -255,3 +259,14 @@ def test_binary_data_is_refused(tmp_path: Path) -> None:
     line = _one_line_error(invoke("train", "--out", str(tmp_path / "run"), "--data", str(binary), *TINY))
     assert f"Invalid --data: {binary} is not UTF-8 text (byte 0xff at offset 11)" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_check_update_reaches_the_guard(tmp_path: Path, text_file: Path) -> None:
+    """--check-update: a step whose update overflows (decoupled decay factor 1 - lr*wd = -1e40) is rolled back."""
+    trainer = Trainer(tiny_config(tmp_path, text_file, steps=2, check_update=True, lr=1e30, weight_decay=1e10,
+                                  schedule="none", optimizer="torch.adamw"), quiet=True)
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    trainer.close()
+    assert trainer.guard.check_update and trainer.guard.skipped_steps == 2
+    assert all(torch.equal(p, before[name]) for name, p in trainer.model.named_parameters())

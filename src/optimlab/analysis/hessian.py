@@ -380,12 +380,21 @@ class CurvatureReport:
         if self.trace is not None:
             out.append(f"trace (Hutchinson, {self.trace.num_probes} probes): {self.trace.value:.6g} "
                        f"± {self.trace.standard_error:.3g} (standard error)")
-        beta = f", momentum {self.momentum:g}" if self.momentum else ""
-        out.append(f"stability bound (2+2β)/λmax{beta}: {self.stability_bound:.6g}")
-        if self.lr is not None:
-            verdict = "stable (below the bound)" if self.stable else "beyond the edge of stability"
-            out.append(f"lr {self.lr:.6g} x λmax = {self.lr * eig.lambda_max:.4g}: {verdict}")
+        out.append(self.verdict())
         return out
+
+    def verdict(self) -> str:
+        """One sentence on the learning rate: the stability bound (2+2β)/λmax, and where ``lr`` stands."""
+        beta = f", momentum {self.momentum:g}" if self.momentum else ""
+        sentence = f"stability bound (2+2β)/λmax{beta}: {self.stability_bound:.6g}"
+        if self.lr is None:
+            return sentence
+        if math.isinf(self.stability_bound):
+            return f"{sentence}; lr {self.lr:.6g} is stable (no positive curvature)"
+        ratio = self.lr / self.stability_bound
+        where = "below" if self.stable else "above"
+        state = "stable" if self.stable else "beyond the edge of stability"
+        return f"{sentence}; lr {self.lr:.6g} is {where} it ({ratio:.3g} x the bound): {state}"
 
 
 def analyze_curvature(model: nn.Module, loss_fn: LossFn, data: Any, *, k: int = 5, lr: float | None = None,

@@ -264,7 +264,8 @@ def hessian_command(
             raise fail(str(err)) from None
         paths.append(plot_sharpness(trace, _sibling(output, "sharpness"),
                                     title=f"Sharpness during training: {spec.name}, {optimizer}"))
-        typer.echo("step  loss  λmax  bound")
+        typer.echo("λmax limit = (2+2β)/lr: gradient descent at this lr is stable while λmax stays below it")
+        typer.echo("step  loss  λmax  λmax-limit")
         for row in zip(trace.steps, trace.losses, trace.sharpness, trace.stability_bounds()):
             typer.echo(f"{row[0]}  {row[1]:.5g}  {row[2]:.5g}  {row[3]:.5g}")
     else:

@@ -80,6 +80,9 @@ def train_command(
                              "\\[default: norm:1.0]"),
     skip_nonfinite: bool = typer.Option(None, "--skip-nonfinite/--no-skip-nonfinite",
                                         help="Skip steps with inf/NaN gradients. \\[default: on]"),
+    check_update: bool = typer.Option(None, "--check-update/--no-check-update",
+                                      help="Also roll back and skip steps whose update overflows (with "
+                                      "--skip-nonfinite; copies parameters and state every step). \\[default: off]"),
     precision: str = typer.Option(None, help="fp32, bf16 (CPU/GPU autocast) or fp16 (GPU, GradScaler). "
                                   "\\[default: fp32]"),
     compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model. \\[default: off]"),
@@ -104,8 +107,8 @@ def train_command(
     overrides = dict(out_dir=out, data=data, corpus_chars=corpus_chars, block_size=block_size, n_layer=n_layer,
                      n_head=n_head, n_embd=n_embd, dropout=dropout, batch_size=batch_size, accum=accum, steps=steps,
                      optimizer=optimizer, lr=lr, weight_decay=weight_decay, layer_decay=layer_decay,
-                     schedule=schedule, clip=clip, skip_nonfinite=skip_nonfinite, precision=precision,
-                     compile=compile, device=device, zero=zero, seed=seed, log_every=log_every,
+                     schedule=schedule, clip=clip, skip_nonfinite=skip_nonfinite, check_update=check_update,
+                     precision=precision, compile=compile, device=device, zero=zero, seed=seed, log_every=log_every,
                      eval_every=eval_every, eval_batches=eval_batches, checkpoint_every=checkpoint_every,
                      monitor_every=monitor_every, sample_chars=sample_chars, tensorboard=tensorboard,
                      dist_timeout_s=dist_timeout, keep_checkpoints=keep_checkpoints)

@@ -48,6 +48,8 @@ class TrainConfig:
         schedule: a schedule name of :func:`optimlab.schedules.create_scheduler`, or ``"none"``.
         clip: a clipping spec of :func:`optimlab.clip.make_clipper` (``"norm:1.0"``, ``"none"``, ...).
         skip_nonfinite: skip optimizer steps whose gradients hold inf/NaN (``optimlab.guard.NonFiniteGuard``).
+        check_update: also roll back (bitwise) and skip steps whose update made a parameter or optimizer state
+            non-finite (``NonFiniteGuard(check_update=True)``: a copy of parameters and state per step).
         precision: ``"fp32"``, ``"bf16"`` (autocast, CPU or GPU) or ``"fp16"`` (autocast + GradScaler, GPU only).
         compile: wrap the model in ``torch.compile``.
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
@@ -80,6 +82,7 @@ class TrainConfig:
     schedule: str = "warmup-cosine"
     clip: str = "norm:1.0"
     skip_nonfinite: bool = True
+    check_update: bool = False
     precision: str = "fp32"
     compile: bool = False
     device: str = "auto"
@@ -153,7 +156,7 @@ class TrainConfig:
 
 RESUME_SAFE = frozenset({"out_dir", "log_every", "eval_every", "eval_batches", "checkpoint_every", "monitor_every",
                          "sample_chars", "tensorboard", "dist_timeout_s", "device", "compile", "zero",
-                         "keep_checkpoints"})
+                         "keep_checkpoints", "check_update"})
 """Fields a resume may change: they steer logging, outputs and where the run executes, not what it computes
 (``zero`` shards the same optimizer state; the checkpoint stores it consolidated)."""
 

@@ -19,7 +19,9 @@ Read top to bottom, :class:`Trainer` does this:
 3. **Every N steps**: log (console progress bar, ``metrics.csv``, TensorBoard), evaluate on fixed
    validation windows sharded across ranks, and checkpoint atomically (rank 0 writes; with ZeRO the
    optimizer state is consolidated first).
-4. **End**: final evaluation and checkpoint, and a sample of generated text (``sample.txt``).
+4. **End** (of each call of :meth:`Trainer.train`, also after ``stop_at`` or a resume): final evaluation and
+   checkpoint, ``summary.json``, ``loss.png`` (train/validation loss and the LR, from ``metrics.csv``), and at
+   the end of the run a sample of generated text (``sample.txt``).
 
 Exact resume: the checkpoint holds every piece of state the loop reads (model, optimizer, schedule,
 clipper, guard, scaler, RNG states of every rank, data position, step), evaluation does not consume
@@ -78,6 +80,7 @@ from optimlab.train.data import (
 )
 from optimlab.train.distributed import DistContext, all_gather_objects, all_reduce_sum, pick_device
 from optimlab.train.model import GPT, GPTConfig
+from optimlab.train.plots import plot_training
 from optimlab.train.step import StepPolicy
 
 __all__ = ["Trainer", "TrainResult", "RunPlan", "prepare_run", "stored_config", "CHECKPOINT_NAME", "METRICS_NAME",
@@ -86,6 +89,7 @@ __all__ = ["Trainer", "TrainResult", "RunPlan", "prepare_run", "stored_config", 
 CHECKPOINT_NAME = LATEST_NAME
 METRICS_NAME = "metrics.csv"
 SUMMARY_NAME = "summary.json"
+PLOT_NAME = "loss.png"
 MONITOR_NAME = "monitor.csv"
 _CSV_FIELDS = ("step", "epoch", "train_loss", "val_loss", "lr", "grad_norm", "clipped", "tokens_per_s", "elapsed_s")
 
@@ -239,7 +243,8 @@ class Trainer:
         self.scheduler = _build_scheduler(config, self.optimizer)
         self.clipper = make_clipper(config.clip, self.model.parameters())
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
-        self.guard = NonFiniteGuard(self.optimizer, scaler=self.scaler) if config.skip_nonfinite else None
+        self.guard = (NonFiniteGuard(self.optimizer, scaler=self.scaler, check_update=config.check_update)
+                      if config.skip_nonfinite else None)
         self.policy = StepPolicy(self.optimizer, self.clipper, accum=config.accum, guard=self.guard,
                                  scaler=self.scaler, scheduler=self.scheduler)
 
@@ -331,6 +336,8 @@ class Trainer:
             self._metrics.flush()
             if self._writer is not None:
                 self._writer.flush()
+            plot_training(self.out_dir / METRICS_NAME, self.out_dir / PLOT_NAME,
+                          title=f"{self.config.optimizer}, {self.config.schedule} schedule")
         return result
 
     def _micro_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
