@@ -73,6 +73,12 @@ def test_html_references_every_png_and_each_is_a_readable_figure(finished_bench,
     expected |= {f"{task}-{kind}.png" for task in reached for kind in ("steps-to-target", "time-to-target")}
     assert set(written) == expected  # no LR curve: every schedule is constant
     page = (out / "index.html").read_text()
+    summary, contents = page.split('<ul class="summary">')[1], page.split('<ul class="toc">')[1].split("</ul>")[0]
+    for task in tasks:  # a summary line and a contents entry per task, each linking to its section
+        assert f'<li><a href="#{task}">{task}</a>: no configuration reached the target' in summary or \
+            f'<li><a href="#{task}">{task}</a>:' in summary
+        assert f'<a href="#{task}">{task}</a>' in contents and f'<section id="{task}">' in page
+    assert page.index('<ul class="summary">') < page.index('<section id="rosenbrock">')
     for task in set(tasks) - reached:
         assert f"No seed of any configuration reached the target" in page.split(f'id="{task}"')[1].split("</section>")[0]
     for name in written:

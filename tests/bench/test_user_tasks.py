@@ -217,3 +217,45 @@ def test_two_names_of_one_optimizer_tie_through_compare(tmp_path):
     assert verdict.kind == "tie" and verdict.text.startswith("tie-linear: tie: ") and "(within noise)" in verdict.text
     assert result.rows[0]["params"] == result.rows[1]["params"]  # one range, one seed stream
     assert get_task("tie-linear").source == "python"
+
+
+def test_time_to_target_counts_training_steps_not_evaluations():
+    import time
+
+    import torch
+
+    from optimlab.bench.tasks import register_tasks
+    from optimlab.bench.trial import TrialConfig, run_trial
+
+    x = torch.randn(32, 3, generator=torch.Generator().manual_seed(1))
+    y = x.sum(1)
+
+    def slow_evaluate(model):
+        time.sleep(0.1)  # an expensive validation pass
+        return {"mse": ((model(x).squeeze(-1) - y) ** 2).mean()}
+
+    def batches(seed):
+        while True:
+            yield x, y
+
+    (name,) = register_tasks([make_task("slow-eval", model=lambda seed: torch.nn.Linear(3, 1),
+                                        loss=lambda model, batch: ((model(batch[0]).squeeze(-1) - batch[1]) ** 2).mean(),
+                                        batches=batches, evaluate=slow_evaluate, metric="mse", target=1.0, steps=40,
+                                        eval_every=5)])
+    record = run_trial(TrialConfig(name, "adam", {"lr": 0.1}, steps=40))
+    assert record.steps_to_target is not None and record.steps_to_target >= 5
+    evaluations = 1 + record.steps_to_target // 5  # the initial one and every 5 steps until the target
+    # wall time holds those sleeps (>= 0.2 s before the target); time-to-target only the training steps
+    # before it (a few ms for this 4-parameter model): counting one evaluation would double it
+    assert record.wall_time > evaluations * 0.1
+    assert 0 < record.time_to_target < 0.5 * 0.1
+
+
+def test_cuda_device_without_cuda_is_a_one_line_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    result = invoke("bench", "--task", "quadratic", "--device", "cuda", *TINY_BENCH, "--db", tmp_path / "d.db")
+    assert result.exit_code == 2 and not (tmp_path / "d.db").exists()
+    assert "Invalid device: 'cuda': no CUDA device is available (accepted here: cpu)" in result.output
