@@ -292,15 +292,21 @@ def report_command(
     if fmt not in FORMATS:
         raise fail(f"Invalid --format: {fmt!r} (accepted: {', '.join(FORMATS)})")
     tasks = _task_names_in_run(task) if task else None
+    created = not out.exists()
     check_writable(out, "--out")
-    with _open_store(db) as store:
-        run = _resolve_run(store, run_id)
-        if tasks is not None:
-            missing = [name for name in tasks if name not in run["config"]["tasks"]]
-            if missing:
-                raise fail(f"run {run['id']} has no task {', '.join(map(repr, missing))} (its tasks: "
-                           f"{', '.join(run['config']['tasks'])})")
-        page = write_report(store, run["id"], out, tasks=tasks, fmt=fmt)
+    try:
+        with _open_store(db) as store:
+            run = _resolve_run(store, run_id)
+            if tasks is not None:
+                missing = [name for name in tasks if name not in run["config"]["tasks"]]
+                if missing:
+                    raise fail(f"run {run['id']} has no task {', '.join(map(repr, missing))} (its tasks: "
+                               f"{', '.join(run['config']['tasks'])})")
+            page = write_report(store, run["id"], out, tasks=tasks, fmt=fmt)
+    except typer.Exit:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # an unusable --db or run leaves no empty report folder behind
+        raise
     typer.echo(f"report for run {run['id']}: {page.resolve()}")
 
 
