@@ -74,7 +74,7 @@ def test_default_is_torchs_form() -> None:
     ({"momentum": 0.9, "momentum_style": "polyak"}, r"Invalid momentum_style: 'polyak' \(accepted: None"),
     ({"momentum": 0.9, "momentum_style": "ema", "nesterov": True}, "momentum_style='ema' does not combine with nesterov"),
     ({"momentum": 0.9, "momentum_style": "ema", "dampening": 0.5}, "momentum_style='ema' fixes the dampening"),
-    ({"momentum": 1.0, "momentum_style": "ema"}, r"Invalid momentum: 1.0 \(accepted range: \[0.0, 1.0\)"),
+    ({"momentum": 1.0, "momentum_style": "ema"}, r"Invalid momentum value: 1.0 \(accepted range: \[0.0, 1.0\)"),
 ])
 def test_bad_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
