@@ -129,7 +129,8 @@ def compose(results: dict[str, Any], wall_seconds: dict[str, float] | None = Non
     sections = [INTRO]
     titles = {"step_throughput": "Step throughput", "compile_time": "Compile time of a first fused step",
               "monitor_overhead": "Optimizer-state monitor overhead",
-              "guard_overhead": "Non-finite guard overhead (NonFiniteGuard, check_update)"}
+              "guard_overhead": "Non-finite guard overhead (NonFiniteGuard, check_update)",
+              "store_scaleout": "Bench workers on PostgreSQL: scale-out and store overhead"}
     for name, title in titles.items():
         module = load_benchmark(name) if name in results else None
         if module is None:
@@ -160,7 +161,7 @@ def run_all(out: str | Path, quick: bool = False, *, merge: bool = False, **thro
         results["step_throughput"] = throughput.merge(json.loads(previous.read_text()), results["step_throughput"])
     throughput.write(results["step_throughput"], out)
     wall_seconds["step_throughput"] = time.perf_counter() - start
-    for name in ("compile_time", "monitor_overhead", "guard_overhead"):
+    for name in ("compile_time", "monitor_overhead", "guard_overhead", "store_scaleout"):
         module = load_benchmark(name)
         if module is not None:
             start = time.perf_counter()
@@ -175,7 +176,7 @@ def render(out: str | Path) -> Path:
     """Rewrite ``perf.md`` in ``out`` from the JSON files a previous run left there (no measuring)."""
     out = Path(out)
     results = {name: json.loads((out / f"{name}.json").read_text())
-               for name in ("step_throughput", "compile_time", "monitor_overhead", "guard_overhead")
+               for name in ("step_throughput", "compile_time", "monitor_overhead", "guard_overhead", "store_scaleout")
                if (out / f"{name}.json").exists()}
     atomic_write_text(out / "perf.md", compose(results))
     return out / "perf.md"

@@ -154,3 +154,52 @@ def test_postgresql_problems_are_one_line_errors_without_the_password(postgres, 
     with engine.connect() as conn:  # nothing was added to the foreign database
         assert sa.inspect(conn).get_table_names() == ["orders"]
     engine.dispose()
+
+
+@pytest.mark.postgres
+def test_urls_are_handed_to_sqlalchemy_and_credentials_may_come_from_libpq(postgres, postgres_url, tmp_path,
+                                                                           monkeypatch):
+    name = postgres_url.rsplit("/", 1)[1]
+    Store(postgres_url).close()
+    socket_url = f"postgresql+psycopg://optimlab@/{name}?host={postgres.folder}&port={postgres.port}"
+    no_password = f"postgresql+psycopg://optimlab@127.0.0.1:{postgres.port}/{name}"
+    listing = invoke("runs", "list", "--db", socket_url)  # a Unix socket (trusted): not a file path
+    assert listing.exit_code == 0 and f"postgresql+psycopg://optimlab@/{name}" in listing.output
+    assert not any(tmp_path.iterdir())
+    assert_one_line_error(invoke("runs", "list", "--db", no_password), "cannot open " + no_password)
+    monkeypatch.setenv("PGPASSWORD", postgres.password)
+    assert invoke("runs", "list", "--db", no_password).exit_code == 0
+    monkeypatch.delenv("PGPASSWORD")
+    pgpass = tmp_path / "pgpass"
+    pgpass.write_text(f"127.0.0.1:{postgres.port}:*:optimlab:{postgres.password}\n")
+    pgpass.chmod(0o600)
+    monkeypatch.setenv("PGPASSFILE", str(pgpass))
+    assert invoke("runs", "list", "--db", no_password).exit_code == 0
+    monkeypatch.setenv("PGOPTIONS", "-csearch_path=optimlab")  # optimlab in its own schema of a shared database
+    engine = sa.create_engine(postgres_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE SCHEMA optimlab"))
+    engine.dispose()
+    with Store(no_password) as store:
+        assert store.schema_version == 3
+    with Store(f"{postgres_url}?options=-csearch_path%3Doptimlab", readonly=True) as store:
+        assert store.runs() == []
+    monkeypatch.delenv("PGOPTIONS")
+    with Store(postgres_url, readonly=True) as store:  # the public schema's optimlab database is unchanged
+        assert store.runs() == []
+
+
+@pytest.mark.postgres
+def test_the_password_is_never_printed_nor_stored(postgres, postgres_url, monkeypatch):
+    secret = postgres.password
+    args = ["bench", "--task", "quadratic", "--optimizers", "adam", "--trials", "1", "--seeds", "1", "--steps", "5",
+            "--jobs", "1", "--db", postgres_url]
+    monkeypatch.setattr("sys.argv", ["optimlab", *args])
+    ran = invoke(*args)
+    assert ran.exit_code == 0 and "postgresql+psycopg://optimlab:***@127.0.0.1" in ran.output
+    listing = invoke("runs", "list", "--db", postgres_url)
+    with Store(postgres_url, readonly=True) as store:
+        (run,) = store.runs()
+    assert "--db 'postgresql+psycopg://optimlab:***@127.0.0.1" in run["command"]
+    for text in (ran.output, listing.output, run["command"]):
+        assert secret not in text
