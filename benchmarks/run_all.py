@@ -176,8 +176,8 @@ def render(out: str | Path) -> Path:
     """Rewrite ``perf.md`` in ``out`` from the JSON files a previous run left there (no measuring)."""
     out = Path(out)
     results = {name: json.loads((out / f"{name}.json").read_text())
-               for name in ("step_throughput", "compile_time", "monitor_overhead", "guard_overhead", "store_scaleout")
-               if (out / f"{name}.json").exists()}
+               for name in ("step_throughput", "compile_time", "monitor_overhead", "guard_overhead",
+                            "store_scaleout") if (out / f"{name}.json").exists()}
     atomic_write_text(out / "perf.md", compose(results))
     return out / "perf.md"
 
