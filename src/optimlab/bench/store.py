@@ -82,14 +82,16 @@ TRIAL_SUMMARY_FIELDS = (
 )
 _INTEGER_FIELDS = ("steps", "steps_to_target")
 
+def _study_columns() -> list[sa.Column]:
+    """``id``, ``run_id`` and the study (task, optimizer, schedule, clip): the key columns trials and claims share."""
+    return [sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+            *(sa.Column(name, sa.Text, nullable=False) for name in ("task", "optimizer", "schedule", "clip"))]
+
+
 trials_table = sa.Table(
     "trials", _schema,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
-    sa.Column("task", sa.Text, nullable=False),
-    sa.Column("optimizer", sa.Text, nullable=False),
-    sa.Column("schedule", sa.Text, nullable=False),
-    sa.Column("clip", sa.Text, nullable=False),
+    *_study_columns(),
     sa.Column("phase", sa.Text, sa.CheckConstraint("phase IN ('tune', 'final')"), nullable=False),
     sa.Column("trial_index", sa.Integer, nullable=False),
     sa.Column("seed", sa.Integer, nullable=False),
@@ -132,12 +134,7 @@ meta_table = sa.Table(
 
 claims_table = sa.Table(
     "claims", _schema,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
-    sa.Column("task", sa.Text, nullable=False),
-    sa.Column("optimizer", sa.Text, nullable=False),
-    sa.Column("schedule", sa.Text, nullable=False),
-    sa.Column("clip", sa.Text, nullable=False),
+    *_study_columns(),
     sa.Column("unit", sa.Text, sa.CheckConstraint("unit IN ('tune', 'final')"), nullable=False),
     sa.Column("unit_index", sa.Integer, nullable=False),
     sa.Column("status", sa.Text, sa.CheckConstraint("status IN ('open', 'done')"), nullable=False,

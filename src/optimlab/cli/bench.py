@@ -169,7 +169,6 @@ def bench_command(
         check_lease(lease)
     except (KeyError, ValueError, ImportError) as err:
         raise fail(str(err.args[0] if err.args else err)) from None
-    _open_store(db, readonly=False).close()  # an unusable --db fails here, before any trial
     command = shlex.join(["optimlab", *(describe(arg) if "://" in arg else arg for arg in sys.argv[1:])])
     try:
         result = run_bench(config, db, jobs=jobs or default_jobs(), quiet=quiet, new_run=new, command=command,
