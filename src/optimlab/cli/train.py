@@ -98,6 +98,9 @@ def train_command(
     tensorboard: bool = typer.Option(None, "--tensorboard/--no-tensorboard", help="Log to OUT/tb. \\[default: on]"),
     dist_timeout: float = typer.Option(None, help="Seconds before a collective gives up on a dead peer. "
                                        "\\[default: 60]"),
+    ema: float = typer.Option(None, "--ema", metavar="DECAY", help="Also keep an exponential moving average of "
+                              "the weights with this decay (e.g. 0.999), evaluated (ema_val_loss) and checkpointed. "
+                              "\\[default: off]"),
     nproc_per_node: int = typer.Option(1, help="Data-parallel processes on this machine (gloo on CPU, NCCL on GPU)."),
     master_addr: str = typer.Option("127.0.0.1", help="Rendezvous address for --nproc-per-node."),
     master_port: int = typer.Option(29500, help="Rendezvous port for --nproc-per-node (0: pick a free one)."),
@@ -111,7 +114,7 @@ def train_command(
                      precision=precision, compile=compile, device=device, zero=zero, seed=seed, log_every=log_every,
                      eval_every=eval_every, eval_batches=eval_batches, checkpoint_every=checkpoint_every,
                      monitor_every=monitor_every, sample_chars=sample_chars, tensorboard=tensorboard,
-                     dist_timeout_s=dist_timeout, keep_checkpoints=keep_checkpoints)
+                     dist_timeout_s=dist_timeout, keep_checkpoints=keep_checkpoints, ema=ema)
     resume = resume or resume_from is not None
     with _one_line_errors():
         if stop_at is not None and stop_at < 1:

@@ -61,6 +61,8 @@ class TrainConfig:
         tensorboard: also log to TensorBoard under ``out_dir/tb``.
         dist_timeout_s: timeout of collective operations, so a dead peer ends the job instead of hanging it.
         keep_checkpoints: how many checkpoints to keep (``checkpoint.pt`` and the K-1 before it).
+        ema: decay of an exponential moving average of the weights (:class:`optimlab.optim.swa_utils.AveragedModel`,
+            updated after every optimizer step), evaluated (``ema_val_loss``) and checkpointed; ``None``: off.
     """
 
     out_dir: str = "runs/train"
@@ -97,6 +99,7 @@ class TrainConfig:
     tensorboard: bool = True
     dist_timeout_s: float = 60.0
     keep_checkpoints: int = 2
+    ema: float | None = None
 
     def __post_init__(self) -> None:
         positive = ("corpus_chars", "block_size", "n_layer", "n_head", "n_embd", "batch_size", "accum", "steps",
@@ -119,6 +122,8 @@ class TrainConfig:
             raise ValueError(f"Invalid precision: {self.precision!r} (accepted: {', '.join(PRECISIONS)})")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"Invalid device: {self.device!r} (accepted: auto, cpu, cuda)")
+        if self.ema is not None and not (0.0 < self.ema < 1.0):
+            raise ValueError(f"Invalid ema: {self.ema} (accepted range: (0, 1), e.g. 0.999; or None for no EMA)")
         if not (self.dist_timeout_s > 0):
             raise ValueError(f"Invalid dist_timeout_s: {self.dist_timeout_s} (accepted range: > 0)")
 

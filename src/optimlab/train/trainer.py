@@ -53,6 +53,7 @@ from optimlab.monitor import CSVSink, OptimizerMonitor, TensorBoardSink
 from optimlab.optim.groups import param_groups
 from optimlab.optim.modes import eval_weights
 from optimlab.optim.registry import create_optimizer, get_spec
+from optimlab.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from optimlab.progress import progress
 from optimlab.schedules import create_scheduler, list_schedules, needs_metric, step_scheduler
 from optimlab.schedules._base import set_group_value
@@ -92,6 +93,7 @@ SUMMARY_NAME = "summary.json"
 PLOT_NAME = "loss.png"
 MONITOR_NAME = "monitor.csv"
 _CSV_FIELDS = ("step", "epoch", "train_loss", "val_loss", "lr", "grad_norm", "clipped", "tokens_per_s", "elapsed_s")
+_EMA_FIELD = "ema_val_loss"  # a column of metrics.csv with --ema
 
 
 @dataclass
@@ -247,6 +249,8 @@ class Trainer:
                       if config.skip_nonfinite else None)
         self.policy = StepPolicy(self.optimizer, self.clipper, accum=config.accum, guard=self.guard,
                                  scaler=self.scaler, scheduler=self.scheduler)
+        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema))
+                    if config.ema is not None else None)
 
         # Position in the run; restored from the checkpoint when resuming.
         self.step = 0
@@ -288,8 +292,9 @@ class Trainer:
         last = config.steps if stop_at is None else min(stop_at, config.steps)
         result = TrainResult(step=self.step)
         if self.step == 0:
-            result.val_losses.append((0, self._log_validation(0)))
-            self._log({"val_loss": result.val_losses[0][1]})
+            first = self._validation_row(0)
+            result.val_losses.append((0, first["val_loss"]))
+            self._log(first)
         tokens_per_step = config.batch_size * config.block_size * config.accum * self.context.world_size
         train_seconds = 0.0
         window_start, window_steps = time.perf_counter(), 0
@@ -311,7 +316,7 @@ class Trainer:
                     row.update(train_loss=loss, grad_norm=grad_norm, clipped=int(clipped), tokens_per_s=rate,
                                lr=float(self.optimizer.param_groups[-1]["lr"]))
                 if self.step % config.eval_every == 0 or self.step == last:
-                    row["val_loss"] = self._log_validation(self.step)
+                    row.update(self._validation_row(self.step))
                     result.val_losses.append((self.step, row["val_loss"]))
                     window_start = time.perf_counter()
                 if row:
@@ -356,6 +361,8 @@ class Trainer:
         no_sync = self.ddp_model.no_sync if self.context.is_distributed else None
         outcome = self.policy.step(self._micro_batches(), self._loss, no_sync=no_sync,
                                    reduce_mean=self._mean_over_ranks)
+        if self.ema is not None and not outcome.skipped:
+            self.ema.update_parameters(self.model)
         return outcome.loss, outcome.grad_norm, outcome.clipped
 
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -375,24 +382,27 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation and sampling
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean validation loss over the first ``eval_batches`` global batches of validation windows (fixed,
-        so evaluations compare, also across world sizes), sharded across ranks and all-reduced; consumes no
+    def evaluate(self, model: torch.nn.Module | None = None) -> float:
+        """Mean validation loss of ``model`` (default: the trained model, with a schedule-free optimizer's
+        evaluation weights) over the first ``eval_batches`` global batches of validation windows (fixed, so
+        evaluations compare, also across world sizes), sharded across ranks and all-reduced; consumes no
         random numbers."""
         config = self.config
         count = min(len(self.val_windows), config.eval_batches * config.batch_size * self.context.world_size)
         mine = list(range(self.context.rank, count, self.context.world_size))
         totals = torch.zeros(2, dtype=torch.float64, device=self.context.device)
-        self.model.eval()
-        with eval_weights(self.optimizer):  # schedule-free optimizers: the averaged weights
+        model = self.model if model is None else model
+        model.eval()
+        weights = eval_weights(self.optimizer) if model is self.model else contextlib.nullcontext()
+        with weights:  # schedule-free optimizers: the averaged weights
             for start in range(0, len(mine), config.batch_size):
                 chunk = mine[start:start + config.batch_size]
                 inputs, targets = self.val_windows.batch(chunk)
                 with self._autocast():
-                    _, loss = self.model(inputs.to(self.context.device), targets.to(self.context.device))
+                    _, loss = model(inputs.to(self.context.device), targets.to(self.context.device))
                 windows = torch.tensor(float(len(chunk)), dtype=torch.float64, device=self.context.device)
                 totals += torch.stack([loss.double() * len(chunk), windows])
-        self.model.train()
+        model.train()
         totals = all_reduce_sum(totals, self.context)
         return float(totals[0] / totals[1])
 
@@ -442,6 +452,7 @@ class Trainer:
             "rng": rng_states,
             "monitor": self.monitor.state_dict() if self.monitor is not None else None,
             "resumes": self.resumes,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
         }
         self.files.save(payload, self._latest_step)
         self._latest_step = self.step
@@ -476,6 +487,8 @@ class Trainer:
             else:
                 self.scheduler.load_state_dict(saved["scheduler"])
         self.clipper.load_state_dict(saved["clipper"])
+        if self.ema is not None:
+            self.ema.load_state_dict(saved["ema"])
         self.step, self.epoch = saved["step"], saved["epoch"]
         self.batch_in_epoch, self.tokens_seen = saved["batch_in_epoch"], saved["tokens_seen"]
         # Batch b of an epoch is the same windows for any split of a global batch over ranks, so the position
@@ -516,13 +529,13 @@ class Trainer:
         metrics = self.out_dir / METRICS_NAME
         monitor_csv = self.out_dir / MONITOR_NAME
         if saved is None:
-            atomic_write_text(metrics, ",".join(_CSV_FIELDS) + "\n")
+            atomic_write_text(metrics, ",".join(self._csv_fields) + "\n")
             monitor_csv.unlink(missing_ok=True)
         else:
             for path in (metrics, monitor_csv):
                 _truncate_csv(path, self.step)
         self._metrics = metrics.open("a", newline="")
-        self._csv = csv.DictWriter(self._metrics, fieldnames=_CSV_FIELDS)
+        self._csv = csv.DictWriter(self._metrics, fieldnames=self._csv_fields)
         sinks: list[Any] = [CSVSink(monitor_csv, append=monitor_csv.exists())]
         if self.config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -533,6 +546,10 @@ class Trainer:
         self.monitor = OptimizerMonitor(local, every=self.config.monitor_every, sinks=sinks)
         if saved is not None and saved.get("monitor") is not None:
             self.monitor.load_state_dict(saved["monitor"])
+
+    @property
+    def _csv_fields(self) -> tuple[str, ...]:
+        return _CSV_FIELDS + ((_EMA_FIELD,) if self.ema is not None else ())
 
     def close(self) -> None:
         """Detach the monitor and close the log files (rank 0)."""
@@ -546,10 +563,14 @@ class Trainer:
             self._metrics.close()
             self._metrics = None
 
-    def _log_validation(self, step: int) -> float:
-        val_loss = self.evaluate()
-        self._print(f"step {step}: val loss {val_loss:.4f}")
-        return val_loss
+    def _validation_row(self, step: int) -> dict[str, float]:
+        """``val_loss`` (and ``ema_val_loss``, the EMA weights', with ``--ema``), printed."""
+        row = {"val_loss": self.evaluate()}
+        if self.ema is not None:
+            row[_EMA_FIELD] = self.evaluate(self.ema.module)
+        self._print(f"step {step}: val loss {row['val_loss']:.4f}"
+                    + (f" (EMA weights {row[_EMA_FIELD]:.4f})" if self.ema is not None else ""))
+        return row
 
     def _log(self, values: dict[str, Any]) -> None:
         """One row of metrics.csv, TensorBoard scalars, and a console line for the training metrics (rank 0)."""
