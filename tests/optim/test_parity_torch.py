@@ -115,7 +115,7 @@ def test_state_dict_crosses_over(case: Case, direction: str, deviation_log) -> N
 
 
 # the only arguments allowed beyond torch's: keyword-only, after torch's, default None (= torch's behaviour)
-OPTIMLAB_EXTENSIONS: dict[str, set[str]] = {"Adam": {"state_dtype"}, "AdamW": {"state_dtype"},
+OPTIMLAB_EXTENSIONS: dict[str, set[str]] = {"Adam": {"state_dtype", "cautious"}, "AdamW": {"state_dtype", "cautious"},
                                             "SGD": {"momentum_style"},  # the EMA-form heavy ball
                                             # torch has no fused step for these; optimlab compiles one
                                             "NAdam": {"fused"}, "RAdam": {"fused"}, "Adamax": {"fused"},

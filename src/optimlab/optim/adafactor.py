@@ -15,6 +15,9 @@ full :math:`V`. At step :math:`t`, with :math:`G = \nabla f`:
     M_t &= \beta_1 M_{t-1} + (1-\beta_1)\hat U_t \ \text{(optional first moment; else } M_t = \hat U_t) \\
     X_t &= X_{t-1}(1 - \texttt{lr}\,\lambda) - \alpha_t M_t
 
+With ``cautious=True``, :math:`\alpha_t M_t` is masked to the components whose sign agrees with
+:math:`G` and rescaled (:mod:`optimlab.optim.cautious`, Liang et al. 2024).
+
 With ``beta1=None``, ``relative_step=True`` and ``scale_parameter=True`` (the defaults) this is
 exactly ``torch.optim.Adafactor``. The paper's Algorithms 4/5 differ in two details, both kept from
 torch here: :math:`\epsilon_1` bounds :math:`\hat V` from below instead of being added to
@@ -45,6 +48,7 @@ from optimlab.optim._base import (
     zeros_state,
 )
 from optimlab.optim._fused import fused_step, resolve_fused, split_by_value
+from optimlab.optim.cautious import cautious_
 from optimlab.optim.registry import register
 
 __all__ = ["Adafactor", "adafactor_step", "adafactor_step_fused", "adafactor_tensor"]
@@ -108,6 +112,7 @@ def adafactor_tensor(
     scale_parameter: bool,
     maximize: bool,
     layout: str,
+    cautious: bool = False,
 ) -> None:
     r"""The Adafactor rule (module docstring) for one tensor, in place.
 
@@ -138,14 +143,18 @@ def adafactor_tensor(
             raise ValueError("Invalid state: beta1 is set but the parameter has no exp_avg (beta1 was None when "
                              "its state was created)")
         update = exp_avg.lerp_(update, 1 - beta1)
-    param.sub_(update * step_size)
+    update = update * step_size
+    if cautious:
+        cautious_(update, grad)
+    param.sub_(update)
 
 
 def _static_and_scalars(step: float, *, lr: float, beta2_decay: float, eps1: float | None, eps2: float, d: float,
                         weight_decay: float, beta1: float | None, relative_step: bool, scale_parameter: bool,
-                        maximize: bool) -> tuple[dict[str, Any], dict[str, float]]:
+                        maximize: bool, cautious: bool) -> tuple[dict[str, Any], dict[str, float]]:
     """The keyword arguments of :func:`adafactor_tensor` at step ``step``: compile-time constants and data."""
-    static = {"eps1": eps1, "weight_decay": weight_decay, "scale_parameter": scale_parameter, "maximize": maximize}
+    static = {"eps1": eps1, "weight_decay": weight_decay, "scale_parameter": scale_parameter, "maximize": maximize,
+              **({"cautious": True} if cautious else {})}
     scalars = {"lr": lr, "rho": min(lr, 1 / math.sqrt(step)) if relative_step else lr,
                "beta2_weight": step**beta2_decay, "eps2": eps2, "d": d}
     if beta1 is not None:
@@ -164,7 +173,7 @@ def adafactor_step(
     ``row_var``/``col_var`` (factored) or ``variance``, and ``exp_avg`` when ``beta1`` is set; ``steps``
     are the already incremented step counts; ``options`` are the group's settings (``lr``,
     ``beta2_decay``, ``eps1``, ``eps2``, ``d``, ``weight_decay``, ``beta1``, ``relative_step``,
-    ``scale_parameter``, ``maximize``)."""
+    ``scale_parameter``, ``maximize``, ``cautious``)."""
     for param, grad, state, step in zip(params, grads, states, steps):
         static, scalars = _static_and_scalars(step, **options)
         adafactor_tensor(param, grad, *(state.get(key) for key in _STATE_KEYS), **static, **scalars,
@@ -240,6 +249,8 @@ class Adafactor(OptimlabOptimizer):
             :func:`adafactor_tensor` with its row/column reductions, update clipping and parameter
             update in one compiled call per tensor; ``None`` (default) means off. Kept in ``defaults``,
             so a param group may override it.
+        cautious: mask the step to the components whose sign agrees with the gradient, rescaled
+            (:mod:`optimlab.optim.cautious`, Liang et al. 2024). Default False.
 
     Memory: :math:`4(m + n)` bytes for an :math:`m \times n` float32 matrix instead of Adam's
     :math:`8mn`. The update needs per-tensor reductions, so there is no multi-tensor path: the
@@ -261,6 +272,7 @@ class Adafactor(OptimlabOptimizer):
         relative_step: bool = True,
         scale_parameter: bool = True,
         fused: bool | None = None,
+        cautious: bool = False,
     ) -> None:
         check_lr(lr, torch_phrase="Learning rate should be >= 0 but is: {value}")
         if not (beta2_decay <= 0.0):
@@ -277,7 +289,7 @@ class Adafactor(OptimlabOptimizer):
             check_in_range("beta1", beta1, 0.0, 1.0)
         defaults = dict(lr=lr, beta2_decay=beta2_decay, eps=tuple(eps), d=d, weight_decay=weight_decay, beta1=beta1,
                         relative_step=relative_step, scale_parameter=scale_parameter, maximize=maximize, foreach=foreach,
-                        fused=fused)
+                        fused=fused, cautious=bool(cautious))
         super().__init__(params, defaults)
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
@@ -302,4 +314,4 @@ class Adafactor(OptimlabOptimizer):
         rule(params, grads, states, increment_steps(states), lr=as_float(group["lr"]), beta2_decay=group["beta2_decay"],
              eps1=eps1, eps2=eps2, d=group["d"], weight_decay=group["weight_decay"], beta1=group["beta1"],
              relative_step=group["relative_step"], scale_parameter=group["scale_parameter"],
-             maximize=group["maximize"])
+             maximize=group["maximize"], cautious=group["cautious"])

@@ -11,6 +11,10 @@ and gradient :math:`g_t` (after ``maximize`` and weight decay, see
     \theta_t &= \theta_{t-1} - \frac{\eta}{1 - \beta_1^t}\,
         \frac{m_t}{\sqrt{\hat v_t} / \sqrt{1 - \beta_2^t} + \epsilon}
 
+With ``cautious=True`` the update :math:`u_t = m_t / (\sqrt{\hat v_t / (1-\beta_2^t)} + \epsilon)` is
+masked to the components whose sign agrees with :math:`g_t` and rescaled
+(:mod:`optimlab.optim.cautious`, Liang et al. 2024) before the step.
+
 References: Kingma & Ba, "Adam: A Method for Stochastic Optimization" (2014); Reddi et al., "On the
 Convergence of Adam and Beyond" (AMSGrad, 2018); Loshchilov & Hutter, "Decoupled Weight Decay
 Regularization" (AdamW, 2019).
@@ -42,6 +46,7 @@ from optimlab.optim._base import (
     reject_unsupported,
 )
 from optimlab.optim._fused import fused_step, resolve_fused, split_by_value
+from optimlab.optim.cautious import cautious_
 from optimlab.optim.lowp_state import (
     fused_lowp_step,
     init_moment,
@@ -74,6 +79,7 @@ def _adam_single_tensor(
     amsgrad: bool,
     maximize: bool,
     decoupled_weight_decay: bool,
+    cautious: bool = False,
 ) -> None:
     """Per-tensor reference path of the Adam rule (module docstring). ``steps`` are the already
     incremented step counts; ``max_exp_avg_sqs`` is empty unless ``amsgrad``."""
@@ -81,7 +87,8 @@ def _adam_single_tensor(
         _adam_tensor(param, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None,
                      lr=lr, beta1=beta1, beta2=beta2, eps=eps, bias_correction1=1 - beta1 ** steps[i],
                      bias_correction2_sqrt=(1 - beta2 ** steps[i]) ** 0.5, weight_decay=weight_decay,
-                     amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
+                     amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
+                     cautious=cautious)
 
 
 def _adam_tensor(
@@ -101,6 +108,7 @@ def _adam_tensor(
     amsgrad: bool,
     maximize: bool,
     decoupled_weight_decay: bool,
+    cautious: bool = False,
 ) -> None:
     """The Adam rule (module docstring) for one tensor, in place: what the per-tensor path loops over and
     the fused path compiles (:mod:`optimlab.optim._fused`, where the float arguments arrive as 0-dim tensors)."""
@@ -114,7 +122,10 @@ def _adam_tensor(
     else:
         second_moment = exp_avg_sq
     denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
+    if cautious:
+        param.add_(cautious_(exp_avg / denom, grad), alpha=-(lr / bias_correction1))
+    else:
+        param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
 
 
 def _adam_multi_tensor(
@@ -133,8 +144,10 @@ def _adam_multi_tensor(
     amsgrad: bool,
     maximize: bool,
     decoupled_weight_decay: bool,
+    cautious: bool = False,
 ) -> None:
-    """Multi-tensor (``torch._foreach_*``) path of the same rule as :func:`_adam_single_tensor`."""
+    """Multi-tensor (``torch._foreach_*``) path of the same rule as :func:`_adam_single_tensor`; the
+    cautious mask, a per-tensor reduction, is applied tensor by tensor."""
     for (device_params, device_grads, device_exp_avgs, device_exp_avg_sqs, device_max_exp_avg_sqs), (
         device_steps,
     ) in foreach_groups([params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], [steps]):
@@ -152,13 +165,22 @@ def _adam_multi_tensor(
             denoms = torch._foreach_sqrt(device_exp_avg_sqs)
         torch._foreach_div_(denoms, bias_correction2_sqrts)
         torch._foreach_add_(denoms, eps)
-        torch._foreach_addcdiv_(device_params, device_exp_avgs, denoms, step_sizes)
+        if cautious:
+            updates = torch._foreach_div(device_exp_avgs, denoms)
+            for update, grad in zip(updates, device_grads):
+                cautious_(update, grad)
+            torch._foreach_mul_(updates, step_sizes)
+            torch._foreach_add_(device_params, updates)
+        else:
+            torch._foreach_addcdiv_(device_params, device_exp_avgs, denoms, step_sizes)
 
 
-def _adam_static(weight_decay: float, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool) -> dict[str, Any]:
+def _adam_static(weight_decay: float, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool,
+                 cautious: bool) -> dict[str, Any]:
     # the compile-time constants of the fused rule (the rule branches on them)
-    return {"weight_decay": weight_decay, "amsgrad": amsgrad, "maximize": maximize,
-            "decoupled_weight_decay": decoupled_weight_decay}
+    static = {"weight_decay": weight_decay, "amsgrad": amsgrad, "maximize": maximize,
+              "decoupled_weight_decay": decoupled_weight_decay}
+    return {**static, "cautious": True} if cautious else static  # absent when off: the rule's default
 
 
 def _adam_scalars(lr: float, beta1: float, beta2: float, eps: float, step: float) -> dict[str, float]:
@@ -183,13 +205,15 @@ def _adam_fused(
     amsgrad: bool,
     maximize: bool,
     decoupled_weight_decay: bool,
+    cautious: bool = False,
 ) -> None:
     """Fused path of the same rule: :func:`_adam_tensor` compiled by :mod:`optimlab.optim._fused`, the
-    step-dependent bias corrections computed once per distinct step count and passed as 0-dim tensors."""
+    step-dependent bias corrections computed once per distinct step count and passed as 0-dim tensors.
+    The cautious mask reduces over each tensor, so with ``cautious`` the rule is not elementwise (no packing)."""
     tensor_lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    static = _adam_static(weight_decay, amsgrad, maximize, decoupled_weight_decay)
+    static = _adam_static(weight_decay, amsgrad, maximize, decoupled_weight_decay, cautious)
     for step, lists in split_by_value(tensor_lists, steps):
-        fused_step(_adam_tensor, static, elementwise=True)(lists, _adam_scalars(lr, beta1, beta2, eps, step))
+        fused_step(_adam_tensor, static, elementwise=not cautious)(lists, _adam_scalars(lr, beta1, beta2, eps, step))
 
 
 @register(
@@ -241,6 +265,9 @@ class Adam(OptimlabOptimizer):
             (:func:`optimlab.optim.lowp_state.fused_lowp_step`).
         capturable, differentiable: not supported (``NotImplementedError`` when true).
         decoupled_weight_decay: AdamW-style decay. Default False.
+        cautious: optimlab extension (keyword-only): mask the update to the components whose sign
+            agrees with the gradient and rescale (:mod:`optimlab.optim.cautious`, Liang et al. 2024).
+            ``None`` (default) or False: off. Kept in ``defaults``, so a param group may override it.
         state_dtype: optimlab extension (keyword-only, after torch's arguments): storage of the
             moments, ``None``/``"float32"`` (the parameter's dtype, default), ``"bfloat16"``/``"bf16"``
             or ``"int8"`` (block-wise quantised, :mod:`optimlab.optim.lowp_state`): 8, 4 or about
@@ -266,6 +293,7 @@ class Adam(OptimlabOptimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         state_dtype: str | torch.dtype | None = None,
+        cautious: bool | None = None,
     ) -> None:
         reject_unsupported(type(self).__name__, capturable=capturable, differentiable=differentiable)
         check_lr(lr)
@@ -285,6 +313,7 @@ class Adam(OptimlabOptimizer):
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
             "state_dtype": resolve_state_dtype(state_dtype),
+            "cautious": cautious,
         }
         super().__init__(params, defaults)
 
@@ -329,7 +358,7 @@ class Adam(OptimlabOptimizer):
             fused_lowp_step(
                 _adam_tensor,
                 _adam_static(group["weight_decay"], group["amsgrad"], group["maximize"],
-                             group["decoupled_weight_decay"]),
+                             group["decoupled_weight_decay"], bool(group["cautious"])),
                 moments, group["state_dtype"], params, grads, states, increment_steps(states),
                 lambda step: _adam_scalars(lr, beta1, beta2, eps, step))
             return
@@ -354,6 +383,7 @@ class Adam(OptimlabOptimizer):
             amsgrad=group["amsgrad"],
             maximize=group["maximize"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
+            cautious=bool(group["cautious"]),
         )
         for key, signed in moments:
             store_moments(states, key, buffers[key], signed=signed, steps=steps)
@@ -385,7 +415,7 @@ class AdamW(Adam):
 
     The same rule as :class:`Adam` with ``decoupled_weight_decay=True`` (so ``isinstance(opt, Adam)``
     holds, as in torch). Same arguments, defaults (``weight_decay=1e-2``) and state as
-    ``torch.optim.AdamW``, plus the keyword-only ``state_dtype`` extension; see :class:`Adam` for the arguments.
+    ``torch.optim.AdamW``, plus the keyword-only ``state_dtype`` and ``cautious`` extensions; see :class:`Adam` for the arguments.
     """
 
     def __init__(
@@ -403,6 +433,7 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         state_dtype: str | torch.dtype | None = None,
+        cautious: bool | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -418,6 +449,7 @@ class AdamW(Adam):
             fused=fused,
             decoupled_weight_decay=True,
             state_dtype=state_dtype,
+            cautious=cautious,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -11,7 +11,9 @@ Adam's direction plus decoupled weight decay, rescaled per tensor (layer) by a t
     x_t &= x_{t-1} - \eta\, \frac{\phi(\|x_{t-1}\|)}{\|u_t\|}\, u_t
 
 with :math:`\phi(z) = z` (optionally capped: the ratio is clamped to ``max_trust_ratio``) and the
-ratio taken as 1 when either norm is 0.
+ratio taken as 1 when either norm is 0. With ``cautious=True`` the Adam ratio :math:`r_t` is masked
+to the components whose sign agrees with :math:`g_t` and rescaled (:mod:`optimlab.optim.cautious`,
+Liang et al. 2024) before the weight decay and the trust ratio.
 
 One rule, three paths: :func:`_lamb_tensor` is the rule for one tensor; the per-tensor reference
 (:func:`lamb_step`) loops over it, the fused path (:func:`lamb_step_fused`) compiles it with
@@ -41,6 +43,7 @@ from optimlab.optim._base import (
     prepare_grads,
 )
 from optimlab.optim._fused import DEFAULT_CHUNK_SIZE, fused_step, resolve_fused, split_by_value
+from optimlab.optim.cautious import cautious_
 from optimlab.optim.lars import trust_ratio
 from optimlab.optim.registry import register
 
@@ -65,7 +68,7 @@ def _bias_corrections(steps: Sequence[float], beta1: float, beta2: float, enable
 def _lamb_tensor(
     param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float | Tensor, beta1: float | Tensor,
     beta2: float | Tensor, eps: float | Tensor, bias_correction1: float | Tensor, bias_correction2: float | Tensor,
-    max_trust_ratio: float | Tensor, weight_decay: float, maximize: bool,
+    max_trust_ratio: float | Tensor, weight_decay: float, maximize: bool, cautious: bool = False,
 ) -> None:
     r"""The LAMB rule (module docstring) for one tensor, in place: what :func:`lamb_step` loops over and
     :func:`lamb_step_fused` compiles (the float arguments then arrive as 0-dim tensors; ``weight_decay`` and
@@ -76,6 +79,8 @@ def _lamb_tensor(
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     denom = exp_avg_sq.div(bias_correction2).sqrt_().add_(eps)
     update = exp_avg.div(bias_correction1).div_(denom)
+    if cautious:
+        cautious_(update, grad)
     if weight_decay != 0:
         update.add_(param, alpha=weight_decay)
     ratio = trust_ratio(param.norm(), update.norm(), max_ratio=max_trust_ratio)
@@ -86,7 +91,7 @@ def _lamb_tensor(
 def lamb_step(
     params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
     steps: Sequence[float], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-    bias_correction: bool, max_trust_ratio: float | None, maximize: bool,
+    bias_correction: bool, max_trust_ratio: float | None, maximize: bool, cautious: bool = False,
 ) -> None:
     """Per-tensor reference path of LAMB (module docstring): :func:`_lamb_tensor` on each tensor; ``steps``
     are the already incremented counts."""
@@ -97,19 +102,19 @@ def lamb_step(
     ):
         _lamb_tensor(param, grad, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                      bias_correction1=correction1, bias_correction2=correction2, max_trust_ratio=cap,
-                     weight_decay=weight_decay, maximize=maximize)
+                     weight_decay=weight_decay, maximize=maximize, cautious=cautious)
 
 
 def lamb_step_fused(
     params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
     steps: Sequence[float], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-    bias_correction: bool, max_trust_ratio: float | None, maximize: bool,
+    bias_correction: bool, max_trust_ratio: float | None, maximize: bool, cautious: bool = False,
 ) -> None:
     """Fused path of LAMB: :func:`_lamb_tensor` compiled by :mod:`optimlab.optim._fused`, one call per
     distinct step count (a parameter that skipped steps has its own bias corrections), parameters of
     :data:`LARGE_TENSOR_BYTES` or more one per compiled call. Learning rate, betas, eps, bias corrections
     and the trust-ratio cap are data: a schedule never recompiles."""
-    static = {"weight_decay": weight_decay, "maximize": maximize}
+    static = {"weight_decay": weight_decay, "maximize": maximize, **({"cautious": True} if cautious else {})}
     cap = math.inf if max_trust_ratio is None else max_trust_ratio
     for step, lists in split_by_value([list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)], steps):
         (correction1,), (correction2,) = _bias_corrections([step], beta1, beta2, bias_correction)
@@ -123,7 +128,7 @@ def lamb_step_fused(
 def lamb_step_foreach(
     params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
     steps: Sequence[float], *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-    bias_correction: bool, max_trust_ratio: float | None, maximize: bool,
+    bias_correction: bool, max_trust_ratio: float | None, maximize: bool, cautious: bool = False,
 ) -> None:
     """Multi-tensor (``torch._foreach_*``) path of :func:`lamb_step`."""
     tensor_lists = [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)]
@@ -140,6 +145,9 @@ def lamb_step_foreach(
         torch._foreach_add_(denoms, eps)
         updates = torch._foreach_div(device_exp_avgs, corrections1)
         torch._foreach_div_(updates, denoms)
+        if cautious:
+            for update, grad in zip(updates, device_grads):
+                cautious_(update, grad)
         if weight_decay != 0:
             torch._foreach_add_(updates, device_params, alpha=weight_decay)
         ratios = trust_ratio(torch.stack(torch._foreach_norm(device_params)), torch.stack(torch._foreach_norm(updates)),
@@ -178,6 +186,8 @@ class LAMB(OptimlabOptimizer):
         fused: the compiled fused step (:mod:`optimlab.optim._fused`, one compiled call per tensor for
             its moments, norms and update); ``None`` (default) means off. Falls back to the multi-tensor
             path, warning once, where compilation is unavailable. Kept in ``defaults`` and param groups.
+        cautious: mask the Adam ratio to the components whose sign agrees with the gradient, rescaled
+            (:mod:`optimlab.optim.cautious`, Liang et al. 2024). Default False.
     """
 
     def __init__(
@@ -193,6 +203,7 @@ class LAMB(OptimlabOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        cautious: bool = False,
     ) -> None:
         check_lr(lr)
         check_betas(betas)
@@ -201,7 +212,8 @@ class LAMB(OptimlabOptimizer):
         if max_trust_ratio is not None and not (max_trust_ratio > 0):
             raise ValueError(f"Invalid max_trust_ratio: {max_trust_ratio} (accepted range: > 0, or None)")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
-                        max_trust_ratio=max_trust_ratio, maximize=maximize, foreach=foreach, fused=fused)
+                        max_trust_ratio=max_trust_ratio, maximize=maximize, foreach=foreach, fused=fused,
+                        cautious=bool(cautious))
         super().__init__(params, defaults)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -213,7 +225,8 @@ class LAMB(OptimlabOptimizer):
         beta1, beta2 = (as_float(beta) for beta in group["betas"])
         options = dict(lr=as_float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                        weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
-                       max_trust_ratio=group["max_trust_ratio"], maximize=group["maximize"])
+                       max_trust_ratio=group["max_trust_ratio"], maximize=group["maximize"],
+                       cautious=group["cautious"])
         if resolve_fused(group["fused"], params, type(self).__name__):
             rule = lamb_step_fused
         else:

@@ -8,6 +8,9 @@ and decoupled weight decay :math:`\lambda`:
     \theta_t &= \theta_{t-1} - \eta\,\big(\operatorname{sign}(c_t) + \lambda\,\theta_{t-1}\big) \\
     m_t &= \beta_2 m_{t-1} + (1 - \beta_2) g_t
 
+With ``cautious=True`` the sign update :math:`\operatorname{sign}(c_t)` is masked to the components
+whose sign agrees with :math:`g_t` and rescaled (:mod:`optimlab.optim.cautious`, Liang et al. 2024).
+
 Only one moment is kept (4 bytes per parameter in float32, 2 in bfloat16, about 1 in int8).
 """
 
@@ -33,6 +36,7 @@ from optimlab.optim._base import (
     prepare_grads,
 )
 from optimlab.optim._fused import fused_step, resolve_fused
+from optimlab.optim.cautious import cautious_
 from optimlab.optim.lowp_state import (
     fused_lowp_step,
     init_moment,
@@ -48,46 +52,55 @@ __all__ = ["Lion", "lion_step", "lion_step_foreach", "lion_step_fused", "lion_te
 
 def lion_step(
     params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], *,
-    lr: float, beta1: float, beta2: float, weight_decay: float, maximize: bool,
+    lr: float, beta1: float, beta2: float, weight_decay: float, maximize: bool, cautious: bool = False,
 ) -> None:
     """Per-tensor reference path of the Lion rule (module docstring), updating ``params`` and ``exp_avgs`` in place."""
     for param, grad, exp_avg in zip(params, grads, exp_avgs):
         lion_tensor(param, grad, exp_avg, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
-                    maximize=maximize)
+                    maximize=maximize, cautious=cautious)
 
 
 def lion_tensor(
     param: Tensor, grad: Tensor, exp_avg: Tensor, *,
     lr: float | Tensor, beta1: float | Tensor, beta2: float | Tensor, weight_decay: float, maximize: bool,
+    cautious: bool = False,
 ) -> None:
     """The Lion rule (module docstring) for one tensor, in place: what :func:`lion_step` loops over and the
     fused path compiles (:mod:`optimlab.optim._fused`, where ``lr`` and the betas arrive as 0-dim tensors)."""
     grad = prepare_grad(param, grad, maximize=maximize, weight_decay=weight_decay, lr=lr, decoupled=True)
     update = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1).sign_()
+    if cautious:
+        cautious_(update, grad)
     param.add_(update, alpha=-lr)
     exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
 
 
 def lion_step_fused(
     params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], *,
-    lr: float, beta1: float, beta2: float, weight_decay: float, maximize: bool,
+    lr: float, beta1: float, beta2: float, weight_decay: float, maximize: bool, cautious: bool = False,
 ) -> None:
-    """Fused path of the same rule: :func:`lion_tensor` compiled by :mod:`optimlab.optim._fused`."""
-    fused_step(lion_tensor, {"weight_decay": weight_decay, "maximize": maximize}, elementwise=True)(
+    """Fused path of the same rule: :func:`lion_tensor` compiled by :mod:`optimlab.optim._fused` (not
+    elementwise with ``cautious``: the mask's rescaling reduces over each tensor)."""
+    static = {"weight_decay": weight_decay, "maximize": maximize, **({"cautious": True} if cautious else {})}
+    fused_step(lion_tensor, static, elementwise=not cautious)(
         [params, grads, exp_avgs], {"lr": lr, "beta1": beta1, "beta2": beta2})
 
 
 def lion_step_foreach(
     params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], *,
-    lr: float, beta1: float, beta2: float, weight_decay: float, maximize: bool,
+    lr: float, beta1: float, beta2: float, weight_decay: float, maximize: bool, cautious: bool = False,
 ) -> None:
-    """Multi-tensor (``torch._foreach_*``) path of the same rule as :func:`lion_step`."""
+    """Multi-tensor (``torch._foreach_*``) path of the same rule as :func:`lion_step` (the cautious mask,
+    a per-tensor reduction, tensor by tensor)."""
     for (device_params, device_grads, device_exp_avgs), _ in foreach_groups([list(params), list(grads), list(exp_avgs)]):
         device_grads = prepare_grads(device_params, device_grads, maximize=maximize, weight_decay=weight_decay,
                                      lr=lr, decoupled=True)
         updates = torch._foreach_mul(device_exp_avgs, beta1)
         torch._foreach_add_(updates, device_grads, alpha=1 - beta1)
         torch._foreach_sign_(updates)
+        if cautious:
+            for update, grad in zip(updates, device_grads):
+                cautious_(update, grad)
         torch._foreach_add_(device_params, updates, alpha=-lr)
         torch._foreach_mul_(device_exp_avgs, beta2)
         torch._foreach_add_(device_exp_avgs, device_grads, alpha=1 - beta2)
@@ -128,6 +141,8 @@ class Lion(OptimlabOptimizer):
             ``"int8"`` (block-wise quantised, :mod:`optimlab.optim.lowp_state`). Updates are computed
             in the parameter's dtype either way; the stored moment is rounded stochastically, which
             needs a ``step`` counter in the state (low-precision state only).
+        cautious: mask the sign update to the components that agree with the gradient, rescaled
+            (:mod:`optimlab.optim.cautious`, Liang et al. 2024). Default False.
     """
 
     def __init__(
@@ -141,12 +156,13 @@ class Lion(OptimlabOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         state_dtype: str | torch.dtype | None = None,
+        cautious: bool = False,
     ) -> None:
         check_lr(lr)
         check_betas(betas)
         check_non_negative("weight_decay", weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize, foreach=foreach,
-                        fused=fused, state_dtype=resolve_state_dtype(state_dtype))
+                        fused=fused, state_dtype=resolve_state_dtype(state_dtype), cautious=bool(cautious))
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -175,7 +191,8 @@ class Lion(OptimlabOptimizer):
         if fused and group["state_dtype"] is not None:
             # low-precision momentum: decode, rule and stochastic-rounding store in one compiled pass
             arguments = {"lr": as_float(group["lr"]), "beta1": as_float(beta1), "beta2": as_float(beta2)}
-            fused_lowp_step(lion_tensor, {"weight_decay": group["weight_decay"], "maximize": group["maximize"]},
+            fused_lowp_step(lion_tensor, {"weight_decay": group["weight_decay"], "maximize": group["maximize"],
+                                          **({"cautious": True} if group["cautious"] else {})},
                             [("exp_avg", True)], group["state_dtype"], params, grads, states,
                             increment_steps(states), lambda step: arguments)
             return
@@ -186,5 +203,5 @@ class Lion(OptimlabOptimizer):
         else:
             rule = lion_step_foreach if self._use_foreach(group, params) else lion_step
         rule(params, grads, exp_avgs, lr=as_float(group["lr"]), beta1=as_float(beta1), beta2=as_float(beta2),
-             weight_decay=group["weight_decay"], maximize=group["maximize"])
+             weight_decay=group["weight_decay"], maximize=group["maximize"], cautious=group["cautious"])
         store_moments(states, "exp_avg", exp_avgs, signed=True, steps=steps)

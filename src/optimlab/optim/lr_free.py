@@ -1,0 +1,72 @@
+r"""Shared skeleton of the learning-rate-free optimizers (D-Adaptation, Prodigy).
+
+Their step size :math:`d` is one estimate of the distance to the solution, shared by every param
+group: a first pass over all groups accumulates the statistics of the estimate (inner products and
+norms reduced to two scalars), :math:`d` is updated from them, and a second pass applies the update
+with it. :class:`LRFreeOptimizer` runs the closure and hands both passes every group that has
+gradients at once (:meth:`LRFreeOptimizer._global_update`); the estimate and its statistics live in
+the param groups (as in the authors' packages), so ``state_dict`` carries them and
+``optimizer.d`` reports the :math:`d` found.
+
+The learning rate is a multiplier of :math:`d` (leave it at 1.0, the authors' advice). As in the
+authors' code, every param group must have the same ``lr`` or ``lr=0`` (a frozen group; no
+statistics are gathered from it). Unlike the authors' code, a frozen group is not updated at all:
+``prodigyopt`` and ``dadaptation`` still apply the decoupled weight decay to it, and ``prodigyopt``
+with :math:`\beta_1 = 0` divides its gradient by a second moment that was never accumulated
+(:math:`d\,\epsilon`), which moves the frozen parameters by :math:`O(1/\epsilon)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optimlab.optim._base import OptimlabOptimizer, as_float
+
+__all__ = ["LRFreeOptimizer", "GroupBatch"]
+
+GroupBatch = tuple[dict[str, Any], list[Tensor], list[Tensor], list[dict[str, Any]]]
+"""One param group in a step: (group, params with a gradient, their gradients, their states)."""
+
+
+class LRFreeOptimizer(OptimlabOptimizer):
+    """Base class: the two-pass step over all param groups at once (module docstring)."""
+
+    @property
+    def d(self) -> float:
+        """The current step-size estimate :math:`d` (shared by all groups)."""
+        return float(self.param_groups[0]["d"])
+
+    def _shared_lr(self) -> float:
+        """The largest group lr; raises ``RuntimeError`` when a group has another non-zero lr."""
+        lrs = [as_float(group["lr"]) for group in self.param_groups]
+        lr = max(lrs)
+        if any(value not in (lr, 0.0) for value in lrs):
+            raise RuntimeError(f"{type(self).__name__}: every param group needs the same lr or lr=0 "
+                               f"(got {sorted(set(lrs))}); scale d per group with lr=0 groups frozen")
+        return lr
+
+    def _global_update(self, batches: list[GroupBatch]) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One step; returns the closure's loss when a closure is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        batches: list[GroupBatch] = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if any(p.is_complex() for p in params):
+                raise ValueError(f"{type(self).__name__}: complex parameters are not supported")
+            self._init_group(group, params)
+            batches.append((group, params, [p.grad for p in params], [self.state[p] for p in params]))
+        self._global_update(batches)
+        return loss

@@ -1,0 +1,262 @@
+r"""SOAP: ShampoO with Adam in the Preconditioner's eigenbasis (Vyas et al., "SOAP: Improving and
+Stabilizing Shampoo using Adam", ICLR 2025; arXiv 2409.11321, 2024).
+
+For a parameter viewed as a tensor of order :math:`k` (dimensions larger than
+``max_precondition_dim`` are left unrotated, and with ``merge_dims`` adjacent small dimensions are
+merged first), SOAP keeps one Shampoo factor :math:`L_i` per rotated dimension and runs Adam in the
+basis of their eigenvectors :math:`Q_i`. Writing :math:`\mathcal{P}(X) = X \times_1 Q_1^\top \cdots
+\times_k Q_k^\top` (projection; :math:`Q_i = I` for an unrotated dimension) and :math:`\mathcal{P}^{-1}`
+its inverse (:math:`Q_i` instead of :math:`Q_i^\top`), at the parameter's step :math:`t` (Algorithm 3
+of the paper):
+
+.. math::
+    t = 0:&\quad L_i = (1-\beta_s)\, G_{(i)} G_{(i)}^\top,\quad Q_i = \operatorname{eigvecs}(L_i)
+        \text{ (descending eigenvalues); no parameter update} \\
+    G' &= \mathcal{P}(G_t), \qquad m_t = \beta_1 m_{t-1} + (1-\beta_1) G_t, \qquad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2)\, G'^{\,2} \\
+    N_t &= \mathcal{P}^{-1}\!\big(\mathcal{P}(m_t) / (\sqrt{v_t} + \epsilon)\big), \qquad
+    \theta_t = \theta_{t-1} - \eta\,\frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\, N_t, \qquad
+    \theta_t \leftarrow \theta_t (1 - \eta\lambda) \\
+    L_i &\leftarrow \beta_s L_i + (1-\beta_s)\, G_{(i)} G_{(i)}^\top, \qquad
+    \text{every } f \text{ steps: } Q_i \leftarrow \operatorname{QR}(L_i Q_i)
+
+where :math:`G_{(i)} G_{(i)}^\top` contracts every dimension but :math:`i`, :math:`\beta_s` is
+``shampoo_beta`` (default :math:`\beta_2`) and :math:`f` = ``precondition_frequency``. The eigenbasis
+refresh is one step of power iteration followed by QR; its columns are ordered by the estimated
+eigenvalues :math:`\operatorname{diag}(Q_i^\top L_i Q_i)` (descending), and :math:`v` is permuted with
+them. The momentum :math:`m` lives in the original space and is projected with the current basis (so a
+basis change never leaves it stale); the update uses the factors of the previous step (the current
+gradient enters :math:`L_i` after the update, as in the paper). ``normalize_gradient`` divides
+:math:`N_t` by its RMS (plus :math:`\epsilon`).
+
+Fallbacks: 1-D parameters are not rotated unless ``precondition_1d`` (then Adam, exactly), 0-dim ones
+never; a dimension larger than ``max_precondition_dim`` keeps the identity (one-sided
+preconditioning for a matrix with one large side, plain Adam when both are large), so no factor is
+ever larger than ``max_precondition_dim`` squared. Factors, eigendecompositions and QR run in the
+parameter's dtype, at least float32; if an eigendecomposition or QR fails or returns non-finite
+values, the previous basis is kept (the identity on the first step).
+
+Steps are counted per parameter (the authors' code), so a parameter that first receives a gradient
+later starts with its own preconditioner-only step. pytorch-optimizer's ``SOAP`` counts steps per
+param group, runs its QR in float32 and merges dimensions with another rule
+(``merge_small_dims``); it is the same algorithm otherwise (the parity tests say how close).
+
+Memory per parameter of shape :math:`(n_1, \dots, n_k)`: ``exp_avg`` and ``exp_avg_sq`` (2 values
+per element) plus :math:`2 \sum_i n_i^2` values for the rotated dimensions (factor and basis).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optimlab.optim._base import (
+    OptimlabOptimizer,
+    ParamsT,
+    as_float,
+    check_betas,
+    check_in_range,
+    check_lr,
+    check_non_negative,
+    new_step_tensor,
+)
+
+__all__ = ["SOAP", "merged_shape", "project"]
+
+
+def merged_shape(shape: tuple[int, ...], max_dim: int) -> list[int]:
+    """Merge adjacent dimensions while their product stays <= ``max_dim`` (the authors' ``merge_dims``):
+    e.g. ``(64, 3, 3, 3)`` with 10000 becomes ``[1728]``, ``(4096, 3, 3)`` with 1024 becomes ``[4096, 9]``."""
+    merged: list[int] = []
+    current = 1
+    for size in shape:
+        if current * size > max_dim:
+            if current > 1:
+                merged.append(current)
+                current = size
+            else:
+                merged.append(size)
+                current = 1
+        else:
+            current *= size
+    if current > 1 or not merged:
+        merged.append(current)
+    return merged
+
+
+def project(tensor: Tensor, bases: list[Tensor | None], *, back: bool = False) -> Tensor:
+    r"""Rotate every dimension of ``tensor`` by its basis: :math:`X \times_i Q_i^\top` (``back``:
+    :math:`X \times_i Q_i`); a ``None`` basis leaves its dimension as it is. Each contraction moves the
+    processed dimension to the end, so after all of them the order is the original one."""
+    for basis in bases:
+        if basis is None:
+            tensor = tensor.permute(*range(1, tensor.dim()), 0)
+        else:
+            tensor = torch.tensordot(tensor, basis, dims=([0], [1 if back else 0]))
+    return tensor
+
+
+def _factor_outer(grad: Tensor, dim: int) -> Tensor:
+    """:math:`G_{(i)} G_{(i)}^\\top`: ``grad`` contracted with itself over every dimension but ``dim``."""
+    others = [j for j in range(grad.dim()) if j != dim]
+    return torch.tensordot(grad, grad, dims=(others, others))
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _eigenbasis(factor: Tensor) -> Tensor | None:
+    """Eigenvectors of the symmetric ``factor`` ordered by descending eigenvalue, or ``None`` on failure."""
+    try:
+        _, vectors = torch.linalg.eigh(factor.to(_work_dtype(factor.dtype)))
+    except RuntimeError:  # LAPACK did not converge
+        return None
+    vectors = vectors.flip(-1)
+    return vectors.to(factor.dtype) if torch.isfinite(vectors).all() else None
+
+
+class SOAP(OptimlabOptimizer):
+    r"""SOAP (Vyas et al. 2024): Adam in the eigenbasis of Shampoo's preconditioner (module docstring).
+
+    Args:
+        params: parameters or param-group dicts (real floating point).
+        lr: :math:`\eta` (>= 0). Default 3e-3.
+        betas: :math:`(\beta_1, \beta_2)` of Adam, each in [0, 1). Default (0.95, 0.95) (the authors').
+        shampoo_beta: decay :math:`\beta_s` of the factors in [0, 1), ``None`` for :math:`\beta_2`.
+        eps: :math:`\epsilon` (>= 0). Default 1e-8.
+        weight_decay: decoupled decay :math:`\lambda` (>= 0), applied after the step. Default 0.01.
+        precondition_frequency: steps between eigenbasis refreshes (>= 1). Default 10.
+        max_precondition_dim: larger dimensions are not rotated (>= 1). Default 10000.
+        merge_dims: merge adjacent small dimensions (up to ``max_precondition_dim``) first. Default False.
+        precondition_1d: rotate 1-D parameters too (one factor). Default False.
+        correct_bias: Adam's bias correction in the step size. Default True.
+        normalize_gradient: divide the step by its RMS. Default False.
+        maximize: ascend the objective instead.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 3e-3,
+        betas: tuple[float, float] = (0.95, 0.95),
+        shampoo_beta: float | None = None,
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        precondition_frequency: int = 10,
+        max_precondition_dim: int = 10000,
+        merge_dims: bool = False,
+        precondition_1d: bool = False,
+        correct_bias: bool = True,
+        normalize_gradient: bool = False,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        check_lr(lr)
+        check_betas(betas)
+        if shampoo_beta is not None:
+            check_in_range("shampoo_beta", shampoo_beta, 0.0, 1.0)
+        check_non_negative("eps", eps)
+        check_non_negative("weight_decay", weight_decay)
+        for name, value in (("precondition_frequency", precondition_frequency),
+                            ("max_precondition_dim", max_precondition_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Invalid {name}: {value!r} (accepted: an integer >= 1)")
+        defaults = dict(lr=lr, betas=tuple(betas), shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
+                        precondition_frequency=precondition_frequency, max_precondition_dim=max_precondition_dim,
+                        merge_dims=merge_dims, precondition_1d=precondition_1d, correct_bias=correct_bias,
+                        normalize_gradient=normalize_gradient, maximize=maximize)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _view_shape(param: Tensor, group: dict[str, Any]) -> list[int]:
+        """The shape the rule sees: the parameter's, or its merged dimensions with ``merge_dims``."""
+        if param.dim() > 1 and group["merge_dims"]:
+            return merged_shape(tuple(param.shape), group["max_precondition_dim"])
+        return list(param.shape)
+
+    @staticmethod
+    def _rotated(size: int, order: int, group: dict[str, Any]) -> bool:
+        if order == 1 and not group["precondition_1d"]:
+            return False
+        return size <= group["max_precondition_dim"]
+
+    def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        for param in params:
+            state = self.state[param]
+            if state:
+                continue
+            if param.is_complex():
+                raise ValueError("SOAP: complex parameters are not supported (accepted: real floating-point tensors)")
+            shape = self._view_shape(param, group)
+            state["step"] = new_step_tensor()
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["GG"] = [param.new_zeros(size, size) if self._rotated(size, len(shape), group) else None
+                           for size in shape]
+            state["Q"] = None  # set by the first gradient
+
+    def _update_preconditioner(self, grad: Tensor, state: dict[str, Any], step: int, group: dict[str, Any]) -> None:
+        """Accumulate the factors with ``grad`` (the view), then refresh the basis: the eigenvectors the
+        first time, one QR power-iteration step every ``precondition_frequency`` steps."""
+        shampoo_beta = group["betas"][1] if group["shampoo_beta"] is None else group["shampoo_beta"]
+        for dim, factor in enumerate(state["GG"]):
+            if factor is not None:
+                factor.lerp_(_factor_outer(grad, dim), 1 - as_float(shampoo_beta))
+        if state["Q"] is None:
+            state["Q"] = [None if factor is None else _eigenbasis(factor) for factor in state["GG"]]
+            for dim, factor in enumerate(state["GG"]):
+                if factor is not None and state["Q"][dim] is None:  # eigh failed: start from the identity
+                    state["Q"][dim] = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+        elif step > 0 and step % group["precondition_frequency"] == 0:
+            self._refresh_basis(state, grad.shape)
+
+    @staticmethod
+    def _refresh_basis(state: dict[str, Any], shape: torch.Size) -> None:
+        """One power-iteration step and QR per factor, columns sorted by estimated eigenvalue (descending),
+        ``exp_avg_sq`` permuted along; a failed or non-finite QR keeps that factor's previous basis."""
+        exp_avg_sq = state["exp_avg_sq"].view(shape)
+        for dim, (factor, basis) in enumerate(zip(state["GG"], state["Q"])):
+            if factor is None:
+                continue
+            product = factor @ basis
+            order = torch.argsort((basis * product).sum(dim=0), descending=True)
+            try:
+                new_basis, _ = torch.linalg.qr(product[:, order].to(_work_dtype(factor.dtype)))
+            except RuntimeError:
+                continue
+            if not torch.isfinite(new_basis).all():
+                continue
+            exp_avg_sq = exp_avg_sq.index_select(dim, order)
+            state["Q"][dim] = new_basis.to(factor.dtype)
+        state["exp_avg_sq"].copy_(exp_avg_sq.reshape(state["exp_avg_sq"].shape))
+
+    def _update_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
+    ) -> None:
+        beta1, beta2 = (as_float(beta) for beta in group["betas"])
+        lr, eps = as_float(group["lr"]), group["eps"]
+        for param, grad, state in zip(params, grads, states):
+            shape = self._view_shape(param, group)
+            grad = (-grad if group["maximize"] else grad).reshape(shape)
+            if state["Q"] is None:  # first gradient: preconditioner only, no step (the authors' code)
+                self._update_preconditioner(grad, state, 0, group)
+                continue
+            state["step"] += 1
+            step = int(state["step"].item())
+            exp_avg, exp_avg_sq = state["exp_avg"].view(shape), state["exp_avg_sq"].view(shape)
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.lerp_(project(grad, state["Q"]).square_(), 1 - beta2)
+            direction = project(project(exp_avg, state["Q"]) / exp_avg_sq.sqrt().add_(eps), state["Q"], back=True)
+            if group["normalize_gradient"]:
+                direction.div_(direction.square().mean().sqrt().add_(eps))
+            step_size = lr
+            if group["correct_bias"]:
+                step_size *= math.sqrt(1 - beta2**step) / (1 - beta1**step)
+            param.add_(direction.reshape(param.shape), alpha=-step_size)
+            if group["weight_decay"] != 0:
+                param.mul_(1 - lr * group["weight_decay"])
+            self._update_preconditioner(grad, state, step, group)

@@ -1,0 +1,215 @@
+"""SOAP in float64 against a NumPy transcription of the paper's Algorithm 3 (the authors' code's details:
+preconditioner-only first step, eigenbasis by eigh first, then one power-iteration step + QR every f steps
+with the columns sorted by estimated eigenvalue and v permuted along) and against pytorch-optimizer's ``SOAP``.
+
+Shapes are chosen so the factors have full rank at their first eigendecomposition (square matrices, conv
+weights, 3-D tensors, a matrix whose long side exceeds ``max_precondition_dim``): a rank-deficient factor
+has a degenerate eigenspace whose basis LAPACK picks arbitrarily, and SOAP's Adam runs in that basis, so two
+correct implementations legitimately differ there (tested separately: no NaN, state finite)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from pytorch_optimizer import SOAP as ReferenceSOAP
+
+from optimlab.optim.soap import SOAP, merged_shape
+
+from .frontier_helpers import assert_close, numpy_grads, random_structure, run_torch, sample_problem
+from .modern_helpers import random_configs
+
+STEPS = 25
+NUMPY_TOLERANCE = 1e-7  # eigh/QR in LAPACK through two libraries, 25 steps, bases refreshed 2-12 times
+# pytorch-optimizer runs its QR in float32 (``power_iter.to(torch.float32)``), so after the first basis
+# refresh the two trajectories agree to float32 accuracy only
+PO_TOLERANCE = 2e-5
+COUNT = 20
+FULL_RANK_SHAPES = ((7,), (), (4, 4), (5, 5), (3, 2, 4), (4, 3, 3, 3), (2, 6, 5), (3, 3, 3))
+
+
+def _config(rng: np.random.Generator, *, reference: bool) -> dict:
+    kwargs = {
+        "lr": float(math.exp(rng.uniform(math.log(1e-3), math.log(3e-2)))),
+        "betas": (float(rng.uniform(0.8, 0.97)), float(rng.uniform(0.9, 0.99))),
+        "shampoo_beta": None if rng.uniform() < 0.5 else float(rng.uniform(0.8, 0.99)),
+        "eps": float(rng.choice([1e-8, 1e-6])),
+        "weight_decay": float(rng.choice([0.0, rng.uniform(0.0, 0.1)])),
+        "precondition_frequency": int(rng.choice([2, 3, 5, 10])),
+        "max_precondition_dim": int(rng.choice([10, 40, 10000])),
+        "correct_bias": bool(rng.uniform() < 0.7),
+        "normalize_gradient": bool(rng.uniform() < 0.2),
+    }
+    if not reference:
+        kwargs["merge_dims"] = bool(rng.uniform() < 0.4)
+    extra = [(40, 6)] if kwargs["max_precondition_dim"] == 10 else []  # one side blocked out, one rotated
+    group = {"lr": float(rng.uniform(1e-3, 1e-2)), "weight_decay": float(rng.uniform(0.0, 0.1))}
+    structure = random_structure(rng, extra_shapes=extra, allow_skips=not reference, group_options=group,
+                                 pool=FULL_RANK_SHAPES)
+    structure.shapes = [shape for shape in structure.shapes if _full_rank_at_first(shape, kwargs)]
+    return {"kwargs": kwargs, "structure": structure}
+
+
+def _full_rank_at_first(shape: tuple[int, ...], kwargs: dict) -> bool:
+    """Whether every rotated factor of the (merged) view has full rank after one generic gradient:
+    n_i <= the product of the other dimensions."""
+    view = merged_shape(shape, kwargs["max_precondition_dim"]) if kwargs.get("merge_dims") and len(shape) > 1 else shape
+    if len(view) < 2:
+        return True
+    return all(size > kwargs["max_precondition_dim"] or size <= math.prod(view) // size for size in view)
+
+
+PO_CONFIGS = random_configs(181, COUNT, lambda rng: _config(rng, reference=True))
+NUMPY_CONFIGS = random_configs(182, COUNT, lambda rng: _config(rng, reference=False))
+
+
+def numpy_soap(problem, structure, steps, *, lr, betas, shampoo_beta=None, eps, weight_decay, precondition_frequency,
+               max_precondition_dim, correct_bias, normalize_gradient, merge_dims=False):
+    """Vyas et al. 2024, Algorithm 3, per parameter (each with its own step count)."""
+    beta_s = betas[1] if shampoo_beta is None else shampoo_beta
+    params = problem.numpy_params()
+    state: list[dict | None] = [None] * len(params)
+
+    def view(x):
+        shape = list(x.shape)
+        if x.ndim > 1 and merge_dims:
+            shape = merged_shape(tuple(x.shape), max_precondition_dim)
+        return x.reshape(shape)
+
+    def rotate(x, bases, back=False):
+        for basis in bases:  # mode-i product with Q^T (forward) or Q (back), dims cycling to the end
+            x = np.moveaxis(x, 0, -1) if basis is None else np.tensordot(x, basis, axes=([0], [1 if back else 0]))
+        return x
+
+    def accumulate(s, g):
+        for i, factor in enumerate(s["L"]):
+            if factor is not None:
+                others = [j for j in range(g.ndim) if j != i]
+                s["L"][i] = beta_s * factor + (1 - beta_s) * np.tensordot(g, g, axes=(others, others))
+
+    for step in range(1, steps + 1):
+        for i, g in enumerate(numpy_grads(problem, structure, params, step)):
+            if g is None:
+                continue
+            options = {"lr": lr, "weight_decay": weight_decay}
+            if structure.group_index(i) == 1:
+                options.update(structure.group_options)
+            g = view(g)
+            if state[i] is None:
+                rotated = [size <= max_precondition_dim and g.ndim > 1 for size in g.shape]
+                s = state[i] = {"t": 0, "m": np.zeros(g.shape), "v": np.zeros(g.shape),
+                                "L": [np.zeros((n, n)) if r else None for n, r in zip(g.shape, rotated)]}
+                accumulate(s, g)
+                s["Q"] = [None if f is None else np.linalg.eigh(f)[1][:, ::-1] for f in s["L"]]
+                continue
+            s = state[i]
+            s["t"] += 1
+            t = s["t"]
+            s["m"] = betas[0] * s["m"] + (1 - betas[0]) * g
+            s["v"] = betas[1] * s["v"] + (1 - betas[1]) * rotate(g, s["Q"]) ** 2
+            n = rotate(rotate(s["m"], s["Q"]) / (np.sqrt(s["v"]) + eps), s["Q"], back=True)
+            if normalize_gradient:
+                n = n / (np.sqrt(np.mean(n**2)) + eps)
+            size = options["lr"] * (math.sqrt(1 - betas[1] ** t) / (1 - betas[0] ** t) if correct_bias else 1.0)
+            params[i] = (params[i] - size * n.reshape(params[i].shape)) * (1 - options["lr"] * options["weight_decay"])
+            accumulate(s, g)
+            if t % precondition_frequency == 0:
+                for d, (factor, basis) in enumerate(zip(s["L"], s["Q"])):
+                    if factor is None:
+                        continue
+                    power = factor @ basis
+                    order = np.argsort(-np.sum(basis * power, axis=0), kind="stable")
+                    s["v"] = np.take(s["v"], order, axis=d)
+                    s["Q"][d] = np.linalg.qr(power[:, order])[0]
+    return params
+
+
+@pytest.mark.parametrize("index", range(COUNT))
+def test_matches_numpy_transcription(index: int) -> None:
+    config = NUMPY_CONFIGS[index]
+    structure = config["structure"]
+    problem = sample_problem(1000 + index, structure)
+    ours, _ = run_torch(lambda groups: SOAP(groups, **config["kwargs"]), problem, structure, STEPS)
+    assert_close(ours, numpy_soap(problem, structure, STEPS, **config["kwargs"]), NUMPY_TOLERANCE)
+
+
+@pytest.mark.parametrize("index", range(COUNT))
+def test_matches_pytorch_optimizer(index: int) -> None:
+    config = PO_CONFIGS[index]
+    structure = config["structure"]
+    problem = sample_problem(1100 + index, structure)
+    ours, _ = run_torch(lambda groups: SOAP(groups, **config["kwargs"]), problem, structure, STEPS)
+    reference, _ = run_torch(lambda groups: ReferenceSOAP(groups, **config["kwargs"]), problem, structure, STEPS)
+    assert_close(ours, reference, PO_TOLERANCE)
+
+
+def test_state_dict_round_trip_resumes_bit_for_bit() -> None:
+    """Stop after 7 steps (bases refreshed at 3 and 6, one parameter skipping), save, load into a fresh
+    optimizer, continue 8 steps: identical to an uninterrupted run, factors and bases included."""
+    structure = random_structure(np.random.default_rng(5), extra_shapes=[(40, 6), (6,)], pool=FULL_RANK_SHAPES)
+    structure.skip_every = 3
+    problem = sample_problem(5, structure)
+    kwargs = {"lr": 0.01, "precondition_frequency": 3, "max_precondition_dim": 10, "precondition_1d": True}
+    full_params, full = run_torch(lambda groups: SOAP(groups, **kwargs), problem, structure, 15)
+    params, first = run_torch(lambda groups: SOAP(groups, **kwargs), problem, structure, 7)
+    saved = copy.deepcopy(first.state_dict())
+    resumed = SOAP(structure.param_groups(params), **kwargs)
+    resumed.load_state_dict(saved)
+    for step in range(8, 16):
+        resumed.zero_grad()
+        problem.loss(params).backward()
+        for index, param in enumerate(params):
+            if structure.skipped(step, index):
+                param.grad = None
+        resumed.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, full_params))
+    for a, b in zip(resumed.state.values(), full.state.values()):
+        assert all(torch.equal(x, y) for x, y in zip(a["Q"], b["Q"]) if x is not None)
+        assert all(torch.equal(x, y) for x, y in zip(a["GG"], b["GG"]) if x is not None)
+        assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+
+
+def test_large_dimensions_are_never_factored() -> None:
+    """A (3000, 4) weight with max_precondition_dim=1024: the 3000 side keeps the identity (no 3000 x 3000
+    factor or eigendecomposition), the 4 side is rotated; a (3000,) vector is plain Adam even with precondition_1d."""
+    params = [torch.randn(3000, 4, requires_grad=True), torch.randn(3000, requires_grad=True)]
+    optimizer = SOAP(params, max_precondition_dim=1024, precondition_1d=True)
+    for _ in range(3):
+        optimizer.zero_grad()
+        sum((p**2).sum() for p in params).backward()
+        optimizer.step()
+    matrix, vector = (optimizer.state[p] for p in params)
+    assert matrix["GG"][0] is None and matrix["Q"][0] is None
+    assert tuple(matrix["GG"][1].shape) == (4, 4) and tuple(matrix["Q"][1].shape) == (4, 4)
+    assert vector["GG"] == [None]
+
+
+def test_rank_deficient_gradients_stay_finite() -> None:
+    """Rank-1 gradients (outer products, and an all-zero step) for 40 steps, bases refreshed every 2: the
+    factors are singular throughout; parameters and state stay finite."""
+    generator = torch.Generator().manual_seed(0)
+    param = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
+    vector = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    optimizer = SOAP([param, vector], lr=0.01, precondition_frequency=2, precondition_1d=True)
+    for step in range(40):
+        u = torch.randn(8, 1, generator=generator, dtype=torch.float64)
+        w = torch.randn(1, 6, generator=generator, dtype=torch.float64)
+        param.grad = torch.zeros_like(param) if step == 5 else u @ w
+        vector.grad = torch.zeros_like(vector) if step < 3 else torch.randn(5, generator=generator, dtype=torch.float64)
+        optimizer.step()
+    assert torch.isfinite(param).all() and torch.isfinite(vector).all()
+    for state in optimizer.state.values():
+        assert all(torch.isfinite(t).all() for t in [*state["GG"], *state["Q"], state["exp_avg_sq"]] if t is not None)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"lr": -1.0}, "lr"), ({"betas": (0.9, 1.5)}, "betas"),
+                                               ({"shampoo_beta": 1.0}, "shampoo_beta"),
+                                               ({"precondition_frequency": 0}, "precondition_frequency"),
+                                               ({"max_precondition_dim": 2.5}, "max_precondition_dim"),
+                                               ({"eps": -1.0}, "eps")])
+def test_validation(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SOAP([torch.zeros(2, requires_grad=True)], **kwargs)
