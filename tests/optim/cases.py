@@ -54,7 +54,10 @@ def _accepts(reference: type | None, kwargs: dict[str, Any]) -> bool:
 def _cases(registration: Registration) -> list[Case]:
     name = registration.cls.__name__.lower()
     reference = registration.resolve_reference()
-    cases = [Case(f"{name}-{check}", registration.cls, kwargs, reference if _accepts(reference, kwargs) else None)
+    # a class sets per_parameter_update = False when one parameter's update depends on the others' gradients
+    per_parameter = getattr(registration.cls, "per_parameter_update", True)
+    cases = [Case(f"{name}-{check}", registration.cls, kwargs, reference if _accepts(reference, kwargs) else None,
+                  per_parameter=per_parameter)
              for check, kwargs in registration.checks.items()]
     with_reference = [case for case in cases if case.reference is not None]
     if with_reference:

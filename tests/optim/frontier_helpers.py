@@ -5,6 +5,7 @@ NumPy transcription, which sees the same gradients and the same skips)."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +79,43 @@ def run_torch(make: Callable[[Any], torch.optim.Optimizer], problem: QuarticProb
         else:
             step_fn(optimizer, closure)
     return params, optimizer
+
+
+def continue_run(optimizer: torch.optim.Optimizer, problem: QuarticProblem, structure: Structure,
+                 params: Sequence[torch.Tensor], first: int, last: int) -> None:
+    """Steps ``first`` to ``last`` (inclusive) of :func:`run_torch`'s schedule with an existing optimizer."""
+    for step in range(first, last + 1):
+        optimizer.zero_grad()
+        problem.loss(params).backward()
+        for index, param in enumerate(params):
+            if structure.skipped(step, index):
+                param.grad = None
+        optimizer.step()
+
+
+def assert_resumes_bit_for_bit(make: Callable[[Any], torch.optim.Optimizer], problem: QuarticProblem,
+                               structure: Structure, stop: int, total: int) -> torch.optim.Optimizer:
+    """Run ``stop`` steps, save the state_dict (deep copy), load it into a fresh optimizer, run to ``total``:
+    parameters and every state tensor equal an uninterrupted run's, bit for bit. Returns the resumed optimizer."""
+    full_params, full = run_torch(make, problem, structure, total)
+    params, first = run_torch(make, problem, structure, stop)
+    resumed = make(structure.param_groups(params))
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
+    continue_run(resumed, problem, structure, params, stop + 1, total)
+    assert all(torch.equal(a, b) for a, b in zip(params, full_params))
+    for a, b in zip(resumed.state.values(), full.state.values()):
+        assert set(a) == set(b) and all(torch.equal(a[key], b[key]) for key in a if torch.is_tensor(a[key]))
+    return resumed
+
+
+def check_numpy_parity(make: Callable[[Any], torch.optim.Optimizer], transcription: Callable[..., list[np.ndarray]],
+                       config: dict[str, Any], seed: int, steps: int, tolerance: float) -> float:
+    """Run ``make`` on ``config["structure"]`` and compare with ``transcription(problem, structure, steps,
+    **config["kwargs"])``; returns the deviation."""
+    structure = config["structure"]
+    problem = sample_problem(seed, structure)
+    ours, _ = run_torch(make, problem, structure, steps)
+    return assert_close(ours, transcription(problem, structure, steps, **config["kwargs"]), tolerance)
 
 
 def numpy_grads(problem: QuarticProblem, structure: Structure, params: Sequence[np.ndarray],

@@ -13,7 +13,8 @@ from pytorch_optimizer import ADOPT as ReferenceADOPT
 
 from optimlab.optim.adopt import ADOPT
 
-from .frontier_helpers import assert_close, numpy_grads, random_structure, run_torch, sample_problem
+from .frontier_helpers import (assert_close, check_numpy_parity, numpy_grads, random_structure, run_torch,
+                              sample_problem)
 from .modern_helpers import random_configs
 
 STEPS = 20
@@ -92,10 +93,8 @@ def numpy_adopt(problem, structure, steps, *, lr, betas, eps, weight_decay, deco
 @pytest.mark.parametrize("index", range(COUNT))
 def test_matches_numpy_transcription(index: int) -> None:
     config = NUMPY_CONFIGS[index]
-    structure = config["structure"]
-    problem = sample_problem(700 + index, structure)
-    ours, _ = run_torch(lambda groups: ADOPT(groups, **config["kwargs"]), problem, structure, STEPS)
-    assert_close(ours, numpy_adopt(problem, structure, STEPS, **config["kwargs"]), TOLERANCE)
+    check_numpy_parity(lambda groups: ADOPT(groups, **config["kwargs"]), numpy_adopt, config, 700 + index, STEPS,
+                       TOLERANCE)
 
 
 def test_fused_matches_per_tensor() -> None:

@@ -5,7 +5,6 @@ resumption bit for bit; blocking by shape; no NaN on rank-deficient gradients.""
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 
@@ -16,7 +15,8 @@ import torch
 from optimlab.optim.shampoo import Shampoo, inverse_root
 from optimlab.optim.soap import merged_shape
 
-from .frontier_helpers import assert_close, numpy_grads, random_structure, run_torch, sample_problem
+from .frontier_helpers import (assert_resumes_bit_for_bit, check_numpy_parity, numpy_grads, random_structure,
+                              sample_problem)
 from .modern_helpers import random_configs
 
 STEPS = 20
@@ -121,20 +121,15 @@ def numpy_shampoo(problem, structure, steps, *, lr, betas, shampoo_beta, epsilon
 @pytest.mark.parametrize("index", range(COUNT))
 def test_matches_numpy_transcription(index: int) -> None:
     config = CONFIGS[index]
-    structure = config["structure"]
-    problem = sample_problem(1200 + index, structure)
-    ours, _ = run_torch(lambda groups: Shampoo(groups, **config["kwargs"]), problem, structure, STEPS)
-    assert_close(ours, numpy_shampoo(problem, structure, STEPS, **config["kwargs"]), TOLERANCE)
+    check_numpy_parity(lambda groups: Shampoo(groups, **config["kwargs"]), numpy_shampoo, config, 1200 + index, STEPS,
+                       TOLERANCE)
 
 
 @pytest.mark.parametrize("index", range(COUNT))
 def test_newton_roots_match_numpy_transcription(index: int) -> None:
-    config = CONFIGS[index]
-    kwargs = {**config["kwargs"], "epsilon": 1e-3}  # Newton's convergence needs a bounded condition number
-    structure = config["structure"]
-    problem = sample_problem(1300 + index, structure)
-    ours, _ = run_torch(lambda groups: Shampoo(groups, **kwargs, root_method="newton"), problem, structure, STEPS)
-    assert_close(ours, numpy_shampoo(problem, structure, STEPS, **kwargs), NEWTON_TOLERANCE)
+    config = {**CONFIGS[index], "kwargs": {**CONFIGS[index]["kwargs"], "epsilon": 1e-3}}  # Newton: bounded condition
+    check_numpy_parity(lambda groups: Shampoo(groups, **config["kwargs"], root_method="newton"), numpy_shampoo, config,
+                       1300 + index, STEPS, NEWTON_TOLERANCE)
 
 
 def test_inverse_root_methods_agree_with_numpy() -> None:
@@ -153,24 +148,10 @@ def test_inverse_root_methods_agree_with_numpy() -> None:
 def test_state_dict_round_trip_resumes_bit_for_bit() -> None:
     structure = random_structure(np.random.default_rng(9), extra_shapes=[(9, 3), (7,)])
     structure.skip_every = 3
-    problem = sample_problem(9, structure)
     kwargs = {"lr": 0.01, "precondition_frequency": 2, "start_preconditioning_step": 3, "block_size": 4}
-    full_params, full = run_torch(lambda groups: Shampoo(groups, **kwargs), problem, structure, 14)
-    params, first = run_torch(lambda groups: Shampoo(groups, **kwargs), problem, structure, 6)
-    resumed = Shampoo(structure.param_groups(params), **kwargs)
-    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
-    for step in range(7, 15):
-        resumed.zero_grad()
-        problem.loss(params).backward()
-        for index, param in enumerate(params):
-            if structure.skipped(step, index):
-                param.grad = None
-        resumed.step()
-    assert all(torch.equal(a, b) for a, b in zip(params, full_params))
-    for a, b in zip(resumed.state.values(), full.state.values()):
-        for key in ("factors", "roots"):
-            for x, y in zip(itertools.chain.from_iterable(a.get(key, [])), itertools.chain.from_iterable(b.get(key, []))):
-                assert (x is None and y is None) or torch.equal(x, y)
+    resumed = assert_resumes_bit_for_bit(lambda groups: Shampoo(groups, **kwargs), sample_problem(9, structure),
+                                         structure, 6, 14)
+    assert any("P1_1" in state for state in resumed.state.values())  # blocked factors and roots compared
 
 
 def test_large_dimensions_are_blocked() -> None:
@@ -183,11 +164,10 @@ def test_large_dimensions_are_blocked() -> None:
         sum((p**2).sum() for p in params).backward()
         optimizer.step()
     matrix, vector, scalar = (optimizer.state[p] for p in params)
-    assert [[tuple(f.shape) for f in block] for block in matrix["factors"]] == [
-        [(1024, 1024), (4, 4)], [(1024, 1024), (4, 4)], [(952, 952), (4, 4)]]
-    assert [[tuple(r.shape) for r in block] for block in matrix["roots"]] == [
-        [(1024, 1024), (4, 4)], [(1024, 1024), (4, 4)], [(952, 952), (4, 4)]]
-    assert "factors" not in vector and "factors" not in scalar
+    expected = {"0_0": (1024, 1024), "0_1": (4, 4), "1_0": (1024, 1024), "1_1": (4, 4), "2_0": (952, 952), "2_1": (4, 4)}
+    assert {key[1:]: tuple(value.shape) for key, value in matrix.items() if key[0] == "L"} == expected
+    assert {key[1:]: tuple(value.shape) for key, value in matrix.items() if key[0] == "P"} == expected
+    assert set(vector) == set(scalar) == {"step", "exp_avg", "graft_sq"}
 
 
 def test_rank_deficient_gradients_never_produce_nan() -> None:
@@ -205,10 +185,10 @@ def test_rank_deficient_gradients_never_produce_nan() -> None:
             param.grad = torch.zeros_like(param) if step in (0, 4) else u @ w
             optimizer.step()
             assert torch.isfinite(param).all(), (epsilon, method, step)
-        roots = optimizer.state[param]["roots"][0]
-        assert all(r is None or torch.isfinite(r).all() for r in roots)
+        state = optimizer.state[param]
+        assert all(torch.isfinite(value).all() for value in state.values())
         if epsilon > 0:
-            assert all(r is not None for r in roots)
+            assert "P0_0" in state and "P0_1" in state
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
@@ -220,3 +200,23 @@ def test_rank_deficient_gradients_never_produce_nan() -> None:
 def test_validation(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         Shampoo([torch.zeros(2, requires_grad=True)], **kwargs)
+
+
+def test_failed_decomposition_keeps_the_previous_root() -> None:
+    """Full-rank gradients build the roots; then, with shampoo_beta=0 (the factor is the last outer product
+    alone) and epsilon=0, a zero gradient makes the factor zero, whose inverse root does not exist: the
+    refresh fails and the previous roots stay, bit for bit."""
+    generator = torch.Generator().manual_seed(2)
+    param = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    optimizer = Shampoo([param], lr=0.01, shampoo_beta=0.0, epsilon=0.0, precondition_frequency=1,
+                        start_preconditioning_step=1)
+    assert inverse_root(torch.zeros(3, 3, dtype=torch.float64), 4, 0.0) is None
+    param.grad = torch.randn(4, 3, generator=generator, dtype=torch.float64) @ torch.randn(3, 3, generator=generator,
+                                                                                            dtype=torch.float64)
+    optimizer.step()
+    roots = {key: value.clone() for key, value in optimizer.state[param].items() if key.startswith("P")}
+    assert set(roots) == {"P0_0", "P0_1"}
+    param.grad = torch.zeros_like(param)
+    optimizer.step()
+    assert all(torch.equal(optimizer.state[param][key], value) for key, value in roots.items())
+    assert torch.isfinite(param).all()

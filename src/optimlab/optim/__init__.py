@@ -28,6 +28,12 @@ from optimlab.optim.lbfgs import LBFGS
 from optimlab.optim.rprop import Rprop
 from optimlab.optim.sparse_adam import SparseAdam
 from optimlab.optim.flat import flatten_parameters, is_flat
+from optimlab.optim.adopt import ADOPT
+from optimlab.optim.prodigy import Prodigy
+from optimlab.optim.dadapt_adam import DAdaptAdam
+from optimlab.optim.soap import SOAP
+from optimlab.optim.shampoo import Shampoo
+from optimlab.optim.sam import SAM
 
 __all__ = [
     *(registration.cls.__name__ for registration in registrations()),  # every registered optimizer class

@@ -41,6 +41,7 @@ __all__ = [
     "check_in_range",
     "check_lr",
     "check_non_negative",
+    "check_positive_int",
     "reject_unsupported",
     "group_by_device_and_dtype",
     "foreach_groups",
@@ -113,6 +114,12 @@ def check_non_negative(name: str, value: float, *, torch_phrase: str | None = No
     value = _number(name, value)
     if not (value >= 0.0):
         raise _invalid(name, value, ">= 0", torch_phrase and torch_phrase.format(value=value))
+
+
+def check_positive_int(name: str, value: int) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer >= 1 (``bool`` is rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Invalid {name}: {value!r} (accepted: an integer >= 1)")
 
 
 def check_in_range(

@@ -224,6 +224,7 @@ def adafactor_step_fused(
         "default": {"lr": 0.05},
         "momentum-wd": {"lr": 0.05, "beta1": 0.9, "weight_decay": 0.1, "d": 1.5},
         "absolute-step-maximize": {"lr": 0.01, "relative_step": False, "scale_parameter": False, "maximize": True},
+        "cautious-momentum": {"lr": 0.05, "beta1": 0.9, "cautious": True},
     },
     fused_check={"lr": 5e-2, "beta1": 0.9, "weight_decay": 0.1, "d": 1.5},
 )

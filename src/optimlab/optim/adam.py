@@ -395,6 +395,7 @@ class Adam(OptimlabOptimizer):
         "adamw-bf16": preset("AdamW with both moments stored in bfloat16 (4 B/param)", state_dtype="bfloat16"),
         "adamw-int8": preset("AdamW with 8-bit block-wise quantised moments (Dettmers et al. 2022; ~2 B/param)",
                              state_dtype="int8"),
+        "adamw-cautious": preset("AdamW with the cautious mask (Liang et al. 2024)", cautious=True),
     },
     lr_bounds=(1e-5, 1e-1), default_lr=1e-3, reference=torch.optim.AdamW, state_bytes=8, fused=True,
     complex="supported",
@@ -402,6 +403,7 @@ class Adam(OptimlabOptimizer):
         "default": {"lr": 0.01},
         "amsgrad": {"lr": 0.01, "amsgrad": True, "weight_decay": 0.1},
         "maximize": {"lr": 0.01, "weight_decay": 0.2, "maximize": True},
+        "cautious-amsgrad": {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True, "cautious": True},
     },
     fused_check={"lr": 1e-2, "betas": (0.8, 0.99), "maximize": True},
 )

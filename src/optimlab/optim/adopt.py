@@ -43,6 +43,7 @@ from optimlab.optim._base import (
     prepare_grad,
 )
 from optimlab.optim._fused import fused_step, resolve_fused, split_by_value
+from optimlab.optim.registry import register
 
 __all__ = ["ADOPT", "adopt_tensor"]
 
@@ -89,6 +90,16 @@ def adopt_step(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequen
                 adopt_tensor(param, grad, exp_avg, exp_avg_sq, **static, **scalars)
 
 
+@register(
+    names={"adopt": "ADOPT, Adam normalised by the previous second moment (Taniguchi et al. 2024)"},
+    # parity with pytorch_optimizer.ADOPT (per-group steps, no foreach argument): tests/optim/test_frontier_adopt.py
+    lr_bounds=(1e-5, 1e-1), default_lr=1e-3, state_bytes=8, fused=True,
+    complex="rejected",
+    checks={"default": {"lr": 0.01}, "betas-eps-wd": {"lr": 0.02, "betas": (0.8, 0.99), "eps": 1e-3, "weight_decay": 0.1},
+            "decouple-no-clip-maximize": {"lr": 0.01, "weight_decay": 0.1, "decouple": True, "clip_exponent": None,
+                                          "maximize": True}},
+    fused_check={"lr": 0.01, "weight_decay": 0.1, "decouple": True, "maximize": True},
+)
 class ADOPT(OptimlabOptimizer):
     r"""ADOPT (Taniguchi et al. 2024): Adam normalised by the previous second moment, momentum after it.
 
@@ -139,8 +150,6 @@ class ADOPT(OptimlabOptimizer):
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
-        if any(p.is_complex() for p in params):
-            raise ValueError("ADOPT: complex parameters are not supported (accepted: real floating-point tensors)")
         beta1, beta2 = (as_float(beta) for beta in group["betas"])
         adopt_step(params, grads, states, increment_steps(states),
                    fused=resolve_fused(group["fused"], params, type(self).__name__),

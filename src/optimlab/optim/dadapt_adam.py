@@ -34,14 +34,30 @@ from typing import Any
 
 import torch
 
-from optimlab.optim._base import ParamsT, as_float, check_betas, check_in_range, check_lr, check_non_negative, \
-    prepare_grad
-from optimlab.optim.lr_free import GroupBatch, LRFreeOptimizer
+from optimlab.optim._base import (
+    OptimlabOptimizer,
+    ParamsT,
+    as_float,
+    check_betas,
+    check_in_range,
+    check_lr,
+    check_non_negative,
+    prepare_grad,
+)
+from optimlab.optim.lr_free import LR_FREE_BOUNDS, GroupBatch, LRFreeOptimizer
+from optimlab.optim.registry import register
 
 __all__ = ["DAdaptAdam"]
 
 
-class DAdaptAdam(LRFreeOptimizer):
+@register(
+    names={"dadapt-adam": "D-Adapted Adam, learning-rate free (Defazio & Mishchenko 2023); lr is a multiplier of d"},
+    lr_bounds=LR_FREE_BOUNDS, default_lr=1.0, state_bytes=12, complex="rejected",
+    checks={"default": {}, "bias-correction-decouple": {"use_bias_correction": True, "decouple": True,
+                                                        "weight_decay": 0.1},
+            "coupled-growth": {"weight_decay": 0.05, "growth_rate": 1.5, "betas": (0.8, 0.99), "d0": 1e-2}},
+)
+class DAdaptAdam(LRFreeOptimizer, OptimlabOptimizer):
     r"""D-Adapted Adam (Defazio & Mishchenko 2023): Adam with a learning rate estimated on the fly.
 
     Args:

@@ -163,6 +163,7 @@ def lamb_step_foreach(
         "default": {"lr": 0.01},
         "wd-max-trust": {"lr": 0.01, "weight_decay": 0.1, "max_trust_ratio": 2.0},
         "no-bias-correction-maximize": {"lr": 0.01, "bias_correction": False, "maximize": True},
+        "cautious-wd": {"lr": 0.01, "weight_decay": 0.1, "cautious": True},
     },
     fused_check={"lr": 1e-2, "weight_decay": 0.1, "max_trust_ratio": 0.9},
 )

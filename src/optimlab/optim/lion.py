@@ -121,6 +121,7 @@ def lion_step_foreach(
         "maximize": {"lr": 1e-3, "maximize": True},
         "bf16-state": {"lr": 1e-3, "weight_decay": 0.1, "state_dtype": "bfloat16"},
         "int8-state": {"lr": 1e-3, "betas": (0.8, 0.9), "state_dtype": "int8"},
+        "cautious-wd": {"lr": 1e-3, "weight_decay": 0.1, "cautious": True},
     },
     fused_check={"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1},
 )

@@ -4,7 +4,7 @@ Their step size :math:`d` is one estimate of the distance to the solution, share
 group: a first pass over all groups accumulates the statistics of the estimate (inner products and
 norms reduced to two scalars), :math:`d` is updated from them, and a second pass applies the update
 with it. :class:`LRFreeOptimizer` runs the closure and hands both passes every group that has
-gradients at once (:meth:`LRFreeOptimizer._global_update`); the estimate and its statistics live in
+gradients at once (``_global_update``); the estimate and its statistics live in
 the param groups (as in the authors' packages), so ``state_dict`` carries them and
 ``optimizer.d`` reports the :math:`d` found.
 
@@ -24,16 +24,30 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimlab.optim._base import OptimlabOptimizer, as_float
+from optimlab.optim._base import as_float
 
-__all__ = ["LRFreeOptimizer", "GroupBatch"]
+__all__ = ["LRFreeOptimizer", "GroupBatch", "LR_FREE_BOUNDS"]
+
+LR_FREE_BOUNDS = (0.1, 10.0)
+"""The lab's search range for the lr of a learning-rate-free optimizer: a multiplier of the estimated
+step around the authors' 1.0 (the default lr), not a learning rate."""
 
 GroupBatch = tuple[dict[str, Any], list[Tensor], list[Tensor], list[dict[str, Any]]]
 """One param group in a step: (group, params with a gradient, their gradients, their states)."""
 
 
-class LRFreeOptimizer(OptimlabOptimizer):
-    """Base class: the two-pass step over all param groups at once (module docstring)."""
+class LRFreeOptimizer:
+    """Mixin placed before :class:`optimlab.optim._base.OptimlabOptimizer` in the bases of a learning-rate-free
+    optimizer: the two-pass step over all param groups at once (module docstring). Not an optimizer itself
+    (so not registered); the subclass supplies ``_init_group`` (as any optimlab optimizer) and
+    ``_global_update``."""
+
+    param_groups: list[dict[str, Any]]
+    state: dict[Tensor, dict[str, Any]]
+
+    #: one parameter's update depends on every parameter's gradient (through d): param groups are not
+    #: separate optimizers (read by the generated test matrix, tests/optim/cases.py)
+    per_parameter_update = False
 
     @property
     def d(self) -> float:
@@ -59,14 +73,14 @@ class LRFreeOptimizer(OptimlabOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self.supports_complex:  # type: ignore[attr-defined]
+            self._reject_complex()  # type: ignore[attr-defined]
         batches: list[GroupBatch] = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            if any(p.is_complex() for p in params):
-                raise ValueError(f"{type(self).__name__}: complex parameters are not supported")
-            self._init_group(group, params)
+            self._init_group(group, params)  # type: ignore[attr-defined]
             batches.append((group, params, [p.grad for p in params], [self.state[p] for p in params]))
         self._global_update(batches)
         return loss

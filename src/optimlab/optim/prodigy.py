@@ -38,14 +38,33 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimlab.optim._base import ParamsT, as_float, check_betas, check_in_range, check_lr, check_non_negative, \
-    new_step_tensor, prepare_grad
-from optimlab.optim.lr_free import GroupBatch, LRFreeOptimizer
+from optimlab.optim._base import (
+    OptimlabOptimizer,
+    ParamsT,
+    as_float,
+    check_betas,
+    check_in_range,
+    check_lr,
+    check_non_negative,
+    check_positive_int,
+    new_step_tensor,
+    prepare_grad,
+)
+from optimlab.optim.lr_free import LR_FREE_BOUNDS, GroupBatch, LRFreeOptimizer
+from optimlab.optim.registry import register
 
 __all__ = ["Prodigy"]
 
 
-class Prodigy(LRFreeOptimizer):
+@register(
+    names={"prodigy": "Prodigy, learning-rate-free Adam (Mishchenko & Defazio 2024); lr is a multiplier of d"},
+    lr_bounds=LR_FREE_BOUNDS, default_lr=1.0, state_bytes=16, complex="rejected",
+    checks={"default": {}, "bias-correction-safeguard": {"use_bias_correction": True, "safeguard_warmup": True,
+                                                         "weight_decay": 0.1, "d0": 1e-2},
+            "no-momentum-coupled-growth": {"betas": (0.0, 0.99), "decouple": False, "weight_decay": 0.05,
+                                           "growth_rate": 1.5, "d_coef": 0.5, "d0": 1e-2}},
+)
+class Prodigy(LRFreeOptimizer, OptimlabOptimizer):
     r"""Prodigy (Mishchenko & Defazio 2024): Adam with a learning rate estimated on the fly (module docstring).
 
     Args:
@@ -90,8 +109,7 @@ class Prodigy(LRFreeOptimizer):
         check_in_range("d_coef", d_coef, 0.0, math.inf, low_inclusive=False)
         if not (growth_rate >= 1.0):
             raise ValueError(f"Invalid growth_rate: {growth_rate} (accepted range: >= 1, math.inf for no limit)")
-        if isinstance(slice_p, bool) or not isinstance(slice_p, int) or slice_p < 1:
-            raise ValueError(f"Invalid slice_p: {slice_p!r} (accepted: an integer >= 1)")
+        check_positive_int("slice_p", slice_p)
         defaults = dict(lr=lr, betas=tuple(betas), beta3=beta3, eps=eps, weight_decay=weight_decay,
                         d=d0, d0=d0, d_max=d0, d_numerator=0.0, d_coef=d_coef, k=0, growth_rate=growth_rate,
                         use_bias_correction=use_bias_correction, decouple=decouple,

@@ -37,9 +37,10 @@ momentum for ``grafting="none"``), never a factor. No factor exceeds ``block_siz
 50k x 50k matrix costs 49 x 49 blocks of at most 1024 x 1024 factors, never one 50k x 50k
 eigendecomposition.
 
-Memory per parameter of shape :math:`(n_1, \dots, n_k)` in blocks :math:`B`: ``exp_avg`` (when
-:math:`\beta_1 > 0`) and ``graft_sq`` (one value per element each) plus
-:math:`2 \sum_B \sum_i b_{B,i}^2` values for the factors and roots.
+State per parameter: ``step``, ``exp_avg`` (when :math:`\beta_1 > 0`), ``graft_sq`` (unless
+``grafting="none"``), and for block number ``b`` (in :func:`block_slices` order) and dimension ``i``
+the factor ``L<b>_<i>`` and, once computed, its inverse root ``P<b>_<i>``: one value per element for
+each of the first two, plus :math:`2 \sum_B \sum_i b_{B,i}^2` values for the factors and roots.
 """
 
 from __future__ import annotations
@@ -59,8 +60,10 @@ from optimlab.optim._base import (
     check_in_range,
     check_lr,
     check_non_negative,
+    check_positive_int,
     new_step_tensor,
 )
+from optimlab.optim.registry import register
 from optimlab.optim.soap import merged_shape, project
 
 __all__ = ["Shampoo", "inverse_root", "block_slices"]
@@ -133,6 +136,19 @@ def inverse_root(factor: Tensor, p: int, epsilon: float, method: str = "eigh") -
     return root.to(factor.dtype)
 
 
+@register(
+    names={"shampoo": "Shampoo with Adam grafting and blocking (Gupta et al. 2018; Anil et al. 2020)"},
+    # after one step: 8 + 4 (32^2 + 16^2) / 512; the roots (as much again as the factors, 28 in all) appear at
+    # start_preconditioning_step
+    lr_bounds=(1e-5, 1e-1), default_lr=1e-3, state_bytes=18, complex="rejected",
+    checks={"default": {"lr": 0.01, "precondition_frequency": 2, "start_preconditioning_step": 2},
+            "adagrad-blocked-newton": {"lr": 0.01, "grafting": "adagrad", "block_size": 3, "root_method": "newton",
+                                       "epsilon": 1e-4, "precondition_frequency": 1, "start_preconditioning_step": 1,
+                                       "weight_decay": 0.01},
+            "no-graft-sum-maximize": {"lr": 1e-3, "grafting": "none", "shampoo_beta": 1.0, "betas": (0.0, 0.99),
+                                      "epsilon": 1e-3, "precondition_frequency": 3, "merge_dims": True,
+                                      "maximize": True}},
+)
 class Shampoo(OptimlabOptimizer):
     r"""Shampoo (Gupta et al. 2018; Anil et al. 2020): blocked Kronecker-factored preconditioning with grafting.
 
@@ -182,13 +198,11 @@ class Shampoo(OptimlabOptimizer):
         check_non_negative("weight_decay", weight_decay)
         check_non_negative("graft_eps", graft_eps)
         start = precondition_frequency if start_preconditioning_step is None else start_preconditioning_step
-        integers = [("precondition_frequency", precondition_frequency), ("block_size", block_size),
-                    ("start_preconditioning_step", start)]
+        check_positive_int("precondition_frequency", precondition_frequency)
+        check_positive_int("block_size", block_size)
+        check_positive_int("start_preconditioning_step", start)
         if inverse_exponent_override is not None:
-            integers.append(("inverse_exponent_override", inverse_exponent_override))
-        for name, value in integers:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Invalid {name}: {value!r} (accepted: an integer >= 1)")
+            check_positive_int("inverse_exponent_override", inverse_exponent_override)
         if grafting not in GRAFTINGS:
             raise ValueError(f"Invalid grafting: {grafting!r} (accepted: {', '.join(GRAFTINGS)})")
         if root_method not in ROOT_METHODS:
@@ -214,8 +228,6 @@ class Shampoo(OptimlabOptimizer):
             state = self.state[param]
             if state:
                 continue
-            if param.is_complex():
-                raise ValueError("Shampoo: complex parameters are not supported (accepted: real floating-point tensors)")
             state["step"] = new_step_tensor()
             if group["betas"][0] > 0:
                 state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
@@ -223,10 +235,9 @@ class Shampoo(OptimlabOptimizer):
                 state["graft_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             shape = self._view_shape(param, group)
             if shape is not None:
-                blocks = block_slices(shape, group["block_size"])
-                sizes = [[s.stop - s.start for s in block] for block in blocks]
-                state["factors"] = [[param.new_zeros(n, n) for n in block] for block in sizes]
-                state["roots"] = [[None for _ in block] for block in sizes]
+                for number, block in enumerate(block_slices(shape, group["block_size"])):
+                    for dim, chunk in enumerate(block):
+                        state[f"L{number}_{dim}"] = param.new_zeros(chunk.stop - chunk.start, chunk.stop - chunk.start)
 
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
@@ -268,10 +279,10 @@ class Shampoo(OptimlabOptimizer):
         refresh = t >= start and (t - start) % frequency == 0
         p = group["inverse_exponent_override"] or 2 * grad.dim()
         direction = graft.clone()
-        for block, factors, roots in zip(block_slices(list(grad.shape), group["block_size"]), state["factors"],
-                                         state["roots"]):
+        for number, block in enumerate(block_slices(list(grad.shape), group["block_size"])):
             block_grad = grad[block]
-            for dim, factor in enumerate(factors):
+            for dim in range(grad.dim()):
+                factor = state[f"L{number}_{dim}"]
                 others = [j for j in range(block_grad.dim()) if j != dim]
                 outer = torch.tensordot(block_grad, block_grad, dims=(others, others))
                 if shampoo_beta == 1.0:
@@ -281,7 +292,8 @@ class Shampoo(OptimlabOptimizer):
                 if refresh:
                     root = inverse_root(factor, p, group["epsilon"], group["root_method"])
                     if root is not None:  # else: keep the previous root
-                        roots[dim] = root
+                        state[f"P{number}_{dim}"] = root
+            roots = [state.get(f"P{number}_{dim}") for dim in range(grad.dim())]
             if t < start or any(root is None for root in roots):
                 continue
             shampoo = project(filtered[block], roots)

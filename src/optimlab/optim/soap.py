@@ -41,8 +41,9 @@ later starts with its own preconditioner-only step. pytorch-optimizer's ``SOAP``
 param group, runs its QR in float32 and merges dimensions with another rule
 (``merge_small_dims``); it is the same algorithm otherwise (the parity tests say how close).
 
-Memory per parameter of shape :math:`(n_1, \dots, n_k)`: ``exp_avg`` and ``exp_avg_sq`` (2 values
-per element) plus :math:`2 \sum_i n_i^2` values for the rotated dimensions (factor and basis).
+State per parameter: ``step`` (gradients seen, the first included), ``exp_avg``, ``exp_avg_sq`` and, for
+each rotated dimension ``i`` of the view, ``GG<i>`` (the factor) and ``Q<i>`` (its eigenbasis): for a
+shape :math:`(n_1, \dots, n_k)`, 2 values per element plus :math:`2 \sum_i n_i^2` values.
 """
 
 from __future__ import annotations
@@ -61,8 +62,10 @@ from optimlab.optim._base import (
     check_in_range,
     check_lr,
     check_non_negative,
+    check_positive_int,
     new_step_tensor,
 )
+from optimlab.optim.registry import register
 
 __all__ = ["SOAP", "merged_shape", "project"]
 
@@ -119,6 +122,14 @@ def _eigenbasis(factor: Tensor) -> Tensor | None:
     return vectors.to(factor.dtype) if torch.isfinite(vectors).all() else None
 
 
+@register(
+    names={"soap": "SOAP, Adam in Shampoo's eigenbasis (Vyas et al. 2024)"},
+    lr_bounds=(1e-5, 1e-1), default_lr=3e-3, state_bytes=28, complex="rejected",  # 8 + 2 * 4 (32^2 + 16^2) / 512
+    checks={"default": {"lr": 0.01}, "frequent-merge-1d": {"lr": 0.01, "precondition_frequency": 2, "merge_dims": True,
+                                                           "precondition_1d": True, "weight_decay": 0.0},
+            "one-sided-normalized-maximize": {"lr": 0.01, "max_precondition_dim": 4, "normalize_gradient": True,
+                                              "shampoo_beta": 0.9, "maximize": True}},
+)
 class SOAP(OptimlabOptimizer):
     r"""SOAP (Vyas et al. 2024): Adam in the eigenbasis of Shampoo's preconditioner (module docstring).
 
@@ -161,10 +172,8 @@ class SOAP(OptimlabOptimizer):
             check_in_range("shampoo_beta", shampoo_beta, 0.0, 1.0)
         check_non_negative("eps", eps)
         check_non_negative("weight_decay", weight_decay)
-        for name, value in (("precondition_frequency", precondition_frequency),
-                            ("max_precondition_dim", max_precondition_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Invalid {name}: {value!r} (accepted: an integer >= 1)")
+        check_positive_int("precondition_frequency", precondition_frequency)
+        check_positive_int("max_precondition_dim", max_precondition_dim)
         defaults = dict(lr=lr, betas=tuple(betas), shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
                         precondition_frequency=precondition_frequency, max_precondition_dim=max_precondition_dim,
                         merge_dims=merge_dims, precondition_1d=precondition_1d, correct_bias=correct_bias,
@@ -189,39 +198,43 @@ class SOAP(OptimlabOptimizer):
             state = self.state[param]
             if state:
                 continue
-            if param.is_complex():
-                raise ValueError("SOAP: complex parameters are not supported (accepted: real floating-point tensors)")
             shape = self._view_shape(param, group)
             state["step"] = new_step_tensor()
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["GG"] = [param.new_zeros(size, size) if self._rotated(size, len(shape), group) else None
-                           for size in shape]
-            state["Q"] = None  # set by the first gradient
-
-    def _update_preconditioner(self, grad: Tensor, state: dict[str, Any], step: int, group: dict[str, Any]) -> None:
-        """Accumulate the factors with ``grad`` (the view), then refresh the basis: the eigenvectors the
-        first time, one QR power-iteration step every ``precondition_frequency`` steps."""
-        shampoo_beta = group["betas"][1] if group["shampoo_beta"] is None else group["shampoo_beta"]
-        for dim, factor in enumerate(state["GG"]):
-            if factor is not None:
-                factor.lerp_(_factor_outer(grad, dim), 1 - as_float(shampoo_beta))
-        if state["Q"] is None:
-            state["Q"] = [None if factor is None else _eigenbasis(factor) for factor in state["GG"]]
-            for dim, factor in enumerate(state["GG"]):
-                if factor is not None and state["Q"][dim] is None:  # eigh failed: start from the identity
-                    state["Q"][dim] = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
-        elif step > 0 and step % group["precondition_frequency"] == 0:
-            self._refresh_basis(state, grad.shape)
+            state["exp_avg"] = torch.zeros(param.shape, dtype=param.dtype, device=param.device)
+            state["exp_avg_sq"] = torch.zeros(param.shape, dtype=param.dtype, device=param.device)
+            for dim, size in enumerate(shape):
+                if self._rotated(size, len(shape), group):
+                    state[f"GG{dim}"] = param.new_zeros(size, size)
 
     @staticmethod
-    def _refresh_basis(state: dict[str, Any], shape: torch.Size) -> None:
+    def _bases(state: dict[str, Any], order: int) -> list[Tensor | None]:
+        """The eigenbasis of each dimension of the view (``Q<dim>``), ``None`` where it is not rotated."""
+        return [state.get(f"Q{dim}") for dim in range(order)]
+
+    def _update_preconditioner(self, grad: Tensor, state: dict[str, Any], step: int, group: dict[str, Any]) -> None:
+        """Accumulate the factors ``GG<dim>`` with ``grad`` (the view), then refresh the bases ``Q<dim>``:
+        the eigenvectors at ``step`` 0 (the first gradient), one QR power-iteration step every
+        ``precondition_frequency`` steps."""
+        shampoo_beta = group["betas"][1] if group["shampoo_beta"] is None else group["shampoo_beta"]
+        dims = [dim for dim in range(grad.dim()) if f"GG{dim}" in state]
+        for dim in dims:
+            state[f"GG{dim}"].lerp_(_factor_outer(grad, dim), 1 - as_float(shampoo_beta))
+        if step == 0:
+            for dim in dims:
+                factor = state[f"GG{dim}"]
+                basis = _eigenbasis(factor)  # eigh failed: start from the identity
+                state[f"Q{dim}"] = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device) \
+                    if basis is None else basis
+        elif step % group["precondition_frequency"] == 0:
+            self._refresh_basis(state, dims, grad.shape)
+
+    @staticmethod
+    def _refresh_basis(state: dict[str, Any], dims: list[int], shape: torch.Size) -> None:
         """One power-iteration step and QR per factor, columns sorted by estimated eigenvalue (descending),
         ``exp_avg_sq`` permuted along; a failed or non-finite QR keeps that factor's previous basis."""
         exp_avg_sq = state["exp_avg_sq"].view(shape)
-        for dim, (factor, basis) in enumerate(zip(state["GG"], state["Q"])):
-            if factor is None:
-                continue
+        for dim in dims:
+            factor, basis = state[f"GG{dim}"], state[f"Q{dim}"]
             product = factor @ basis
             order = torch.argsort((basis * product).sum(dim=0), descending=True)
             try:
@@ -231,7 +244,7 @@ class SOAP(OptimlabOptimizer):
             if not torch.isfinite(new_basis).all():
                 continue
             exp_avg_sq = exp_avg_sq.index_select(dim, order)
-            state["Q"][dim] = new_basis.to(factor.dtype)
+            state[f"Q{dim}"] = new_basis.to(factor.dtype)
         state["exp_avg_sq"].copy_(exp_avg_sq.reshape(state["exp_avg_sq"].shape))
 
     def _update_group(
@@ -242,15 +255,16 @@ class SOAP(OptimlabOptimizer):
         for param, grad, state in zip(params, grads, states):
             shape = self._view_shape(param, group)
             grad = (-grad if group["maximize"] else grad).reshape(shape)
-            if state["Q"] is None:  # first gradient: preconditioner only, no step (the authors' code)
+            state["step"] += 1
+            step = int(state["step"].item()) - 1  # Adam's step count: the first gradient only builds the bases
+            if step == 0:
                 self._update_preconditioner(grad, state, 0, group)
                 continue
-            state["step"] += 1
-            step = int(state["step"].item())
+            bases = self._bases(state, len(shape))
             exp_avg, exp_avg_sq = state["exp_avg"].view(shape), state["exp_avg_sq"].view(shape)
             exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.lerp_(project(grad, state["Q"]).square_(), 1 - beta2)
-            direction = project(project(exp_avg, state["Q"]) / exp_avg_sq.sqrt().add_(eps), state["Q"], back=True)
+            exp_avg_sq.lerp_(project(grad, bases).square_(), 1 - beta2)
+            direction = project(project(exp_avg, bases) / exp_avg_sq.sqrt().add_(eps), bases, back=True)
             if group["normalize_gradient"]:
                 direction.div_(direction.square().mean().sqrt().add_(eps))
             step_size = lr
