@@ -13,20 +13,36 @@ warns once (``RuntimeWarning``), instead of an ``ImportError`` or an ``Attribute
   (its constructor calls ``self._initial_step()``, counts ``_step_count`` and wraps ``optimizer.step`` to set
   ``optimizer._opt_called``, the wrapper marked ``_wrapped_by_lr_sched``); fallbacks: optimlab's schedules
   run their initial step themselves, and the "scheduler stepped before the optimizer" warning is skipped.
+* The compiler internals of the fused step (:mod:`optimlab.optim._fused`, :mod:`optimlab.optim.lowp_state`):
+  :func:`dynamo_supported` (``torch._dynamo.is_dynamo_supported``; fallback: not supported, so fused steps
+  run unfused), :func:`inductor_compile` (``torch._inductor.compile_fx.compile_fx``, the backend; fallback:
+  the traced graph runs uncompiled), :func:`inductor_default_cache_dir` (fallback: ``None``, only an unset
+  ``TORCHINDUCTOR_CACHE_DIR`` is replaced), :func:`dynamo_options` (Dynamo's recompile limit under its
+  name since torch 2.6 or before, ``specialize_float``, FX's ``use_duck_shape``; fallback: Dynamo's
+  defaults), :func:`inductor_options` (``torch._inductor.config``; fallback: Inductor's defaults) and
+  :func:`graph_input_expression` (the source Dynamo records on a graph input; fallback: ``None``, so the
+  fused step keeps calling through Dynamo's guards).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "dynamo_options",
+    "dynamo_supported",
+    "graph_input_expression",
     "group_tensors_by_device_and_dtype",
+    "inductor_compile",
+    "inductor_default_cache_dir",
+    "inductor_options",
     "optimizer_step_called",
     "privateuse1_backend_name",
     "scheduler_calls_initial_step",
@@ -157,3 +173,112 @@ def optimizer_step_called(optimizer: torch.optim.Optimizer) -> bool | None:
     if not getattr(optimizer.step, "_wrapped_by_lr_sched", False):
         return None
     return bool(getattr(optimizer, "_opt_called", False))
+
+
+# --- the compiler internals of the fused step -------------------------------------------------------------
+
+
+@_probed("torch._dynamo.is_dynamo_supported", "treating torch.compile as unavailable (fused steps run unfused)",
+         lambda: False)
+def dynamo_supported() -> bool:
+    """Whether TorchDynamo supports this Python and platform."""
+    import torch._dynamo
+
+    return bool(torch._dynamo.is_dynamo_supported())
+
+
+def _run_graph_uncompiled(graph_module: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+    return graph_module.forward
+
+
+@_probed("torch._inductor.compile_fx.compile_fx", "running the traced graphs of fused steps uncompiled "
+         "(the same results, slower)", lambda: _run_graph_uncompiled)
+def _compile_fx() -> Callable[..., Any]:
+    from torch._inductor.compile_fx import compile_fx
+
+    if not callable(compile_fx):
+        raise TypeError("compile_fx is not callable")
+    return compile_fx
+
+
+def inductor_compile(graph_module: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+    """Inductor's compiler for a graph Dynamo traced (what ``backend="inductor"`` calls)."""
+    return _compile_fx()(graph_module, example_inputs)
+
+
+@_probed("torch._inductor.runtime.cache_dir_utils.default_cache_dir",
+         "replacing TORCHINDUCTOR_CACHE_DIR only when it is unset", lambda: None)
+def inductor_default_cache_dir() -> str | None:
+    """The folder Inductor caches kernels in when ``TORCHINDUCTOR_CACHE_DIR`` is not set."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return str(default_cache_dir())
+
+
+@_probed("Dynamo's recompile limit option and FX's use_duck_shape", "compiling fused steps with Dynamo's "
+         "default options (equal sizes share a symbol; more recompiles)", lambda: None)
+def _dynamo_configs() -> tuple[Any, Any, str, bool]:
+    import torch._dynamo.config as dynamo_config
+    import torch.fx.experimental._config as fx_config
+
+    limit = next((name for name in ("recompile_limit", "cache_size_limit") if hasattr(dynamo_config, name)), None)
+    if limit is None or not hasattr(fx_config, "use_duck_shape"):
+        raise AttributeError("neither recompile_limit nor cache_size_limit, or no use_duck_shape")
+    return dynamo_config, fx_config, limit, hasattr(dynamo_config, "specialize_float")
+
+
+@contextlib.contextmanager
+def dynamo_options(recompile_limit: int) -> Iterator[None]:
+    """While Dynamo compiles: up to ``recompile_limit`` graphs per code object (``recompile_limit``, called
+    ``cache_size_limit`` before torch 2.6), float constants specialised (``specialize_float``, where this
+    torch has it), and sizes that happen to be equal kept as separate symbols (``use_duck_shape=False``)."""
+    configs = _dynamo_configs()
+    if configs is None:
+        yield
+        return
+    dynamo_config, fx_config, limit, has_specialize_float = configs
+    options: dict[str, Any] = {limit: recompile_limit}
+    if has_specialize_float:
+        options["specialize_float"] = True
+    with dynamo_config.patch(**options), fx_config.patch(use_duck_shape=False):
+        yield
+
+
+@_probed("torch._inductor.config", "compiling with Inductor's default options", lambda: None)
+def _inductor_config() -> Any:
+    import torch._inductor.config as inductor_config
+
+    if not callable(getattr(inductor_config, "patch", None)):
+        raise AttributeError("torch._inductor.config has no patch()")
+    return inductor_config
+
+
+def inductor_options(**options: Any) -> contextlib.AbstractContextManager[Any]:
+    """Inductor's options set while it compiles; those this torch does not have are left out."""
+    config = _inductor_config()
+    if config is None:
+        return contextlib.nullcontext()
+    return config.patch(**{name: value for name, value in options.items() if hasattr(config, name)})
+
+
+_missing_sources: list[str] = []
+
+
+def graph_input_expression(node: torch.fx.Node) -> tuple[str, bool] | None:
+    """The expression Dynamo recorded for a graph input (``"L['tensor_lists'][0][3]"``) and whether Dynamo
+    passes that value as a 0-dim tensor though it is a float; ``None`` when it is not recorded as such (then
+    the fused step calls through Dynamo's guards; one warning when this torch records no sources at all)."""
+    argument = node.meta.get("grapharg")
+    source = getattr(argument, "source", None)
+    if argument is None or source is None:
+        if not _missing_sources:
+            _missing_sources.append(node.name)
+            warnings.warn(f"optimlab: torch {torch.__version__} records no source on the graph input "
+                          f"{node.name!r} (node.meta['grapharg'].source); fused steps call through Dynamo's "
+                          "guards (slower)", RuntimeWarning, stacklevel=2)
+        return None
+    name = getattr(source, "name", None)
+    name = name() if callable(name) else name
+    if not isinstance(name, str):
+        return None
+    return name, bool(getattr(argument, "pass_arg_as_tensor", False))

@@ -55,6 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from optimlab import _compat
 from optimlab.optim._base import group_by_device_and_dtype
 
 __all__ = [
@@ -107,9 +108,7 @@ def fused_unavailable_reason(device: torch.device | str = "cpu") -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def _platform_reason(device_type: str, has_cpp_compiler: Callable[[], bool]) -> str | None:
-    import torch._dynamo
-
-    if not torch._dynamo.is_dynamo_supported():
+    if not _compat.dynamo_supported():
         return "torch.compile is not supported on this platform / Python version"
     if device_type == "cpu" and not has_cpp_compiler():
         return "no C++ compiler found (Inductor needs one for CPU tensors; set CXX or install g++)"
@@ -157,11 +156,9 @@ def _ensure_cache_dir() -> None:
     ``torch.get_num_threads()`` threads, and its cache key leaves that number out: a kernel cached by
     a one-thread process (such as the test suite) would otherwise run on one thread everywhere after.
     """
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "optimlab" / "inductor"
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if current in (None, "", default_cache_dir()) or Path(current).parent == base:
+    if current in (None, "", _compat.inductor_default_cache_dir()) or Path(current).parent == base:
         path = base / f"threads-{torch.get_num_threads()}"
         path.mkdir(parents=True, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
@@ -216,11 +213,9 @@ class FusedStep:
         self._compiled = torch.compile(function, backend=self._backend, dynamic=True)
 
     def _backend(self, graph_module: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        from torch._inductor.compile_fx import compile_fx
-
         self.compiles += 1
         _reject_known_miscompiles(graph_module, getattr(self.update, "__qualname__", "rule"))
-        compiled = compile_fx(graph_module, example_inputs)
+        compiled = _compat.inductor_compile(graph_module, example_inputs)
         extract = _argument_extractor(graph_module)
         if extract is None:  # a developer's concern (the result is right, only slower): logged, not warned
             _log.info("fused rule %r: a graph input is not an argument of the call (a float default or a global "
@@ -253,19 +248,12 @@ class FusedStep:
                 compiled(*extract({"update": self.update, "tensor_lists": columns, "scalars": scalar_tensors,
                                    "static": self.static}))
                 return
-        import torch.fx.experimental._config as fx_config
-
         _ensure_cache_dir()
         self._compiling = structure
         try:
-            config = torch._dynamo.config
-            options: dict[str, Any] = {"recompile_limit" if hasattr(config, "recompile_limit")
-                                       else "cache_size_limit": RECOMPILE_LIMIT}  # the older name: torch < 2.6
-            if hasattr(config, "specialize_float"):
-                # floats among the constant options (eps, Newton-Schulz coefficients) are constants, not inputs
-                options["specialize_float"] = True
+            # floats among the constant options (eps, Newton-Schulz coefficients) are constants, not inputs, and
             # sizes that happen to be equal stay separate symbols (no recompile when they differ later)
-            with config.patch(**options), fx_config.patch(use_duck_shape=False):
+            with _compat.dynamo_options(RECOMPILE_LIMIT):
                 self._compiled(self.update, columns, scalar_tensors, self.static)
         finally:
             self._compiling = None
@@ -356,13 +344,11 @@ def _argument_extractor(graph_module: torch.fx.GraphModule) -> Callable[[dict[st
     ``None`` when a source is not such a plain expression (then every call goes through Dynamo)."""
     expressions = []
     for node in graph_module.graph.find_nodes(op="placeholder"):
-        argument = node.meta.get("grapharg")
-        source = getattr(argument, "source", None)
-        name = getattr(source, "name", None)
-        name = name() if callable(name) else name
-        if not isinstance(name, str) or not name.startswith("L["):
+        recorded = _compat.graph_input_expression(node)
+        if recorded is None or not recorded[0].startswith("L["):
             return None
-        if getattr(argument, "pass_arg_as_tensor", False):  # a float Dynamo turned into a 0-dim tensor
+        name, as_tensor = recorded
+        if as_tensor:  # a float Dynamo turned into a 0-dim tensor
             name = f"_as_float64({name})"
         expressions.append(name)
     try:
