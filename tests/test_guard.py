@@ -293,3 +293,16 @@ def test_check_update_on_the_first_step_leaves_no_state() -> None:
     guard.step()
     assert guard.last_step_skipped and not any(optimizer.state.values())
     assert all(torch.equal(a, b) for a, b in zip(_state_tensors(params, optimizer), before))
+
+
+def test_explosion_detector_history_excludes_flagged_norms() -> None:
+    """A sustained explosion (norm 50 for 30 steps after 20 steps near 1) is flagged at every step: the flagged
+    norms never enter the history, which keeps the 20 normal norms (in order), so the explosion does not become
+    the new normal."""
+    rng = np.random.default_rng(1)
+    normal = list(rng.normal(1.0, 0.05, size=20))
+    detector = ExplosionDetector(k_sigma=6.0, window=50, min_history=10, log=False)
+    flags = [detector.update(norm) is not None for norm in normal + [50.0] * 30 + [float("nan")]]
+    assert flags == [False] * 20 + [True] * 31
+    assert list(detector.history) == normal
+    assert {e.reason for e in detector.events} == {"sigma", "non-finite"}

@@ -12,6 +12,9 @@ r"""Training-stability guards: skip optimizer steps on non-finite gradients, fla
       if not guard.last_step_skipped:
           scheduler.step()
 
+  ``NonFiniteGuard(optimizer, check_update=True)`` also rolls back (bit for bit) and skips a step whose
+  *update* made a parameter or optimizer state non-finite, although the gradients were finite.
+
 * :class:`ExplosionDetector` flags a step whose total gradient norm exceeds a fixed threshold or lies
   ``k`` standard deviations above its recent history, returning an :class:`ExplosionEvent`.
 """

@@ -1,6 +1,6 @@
 """Parity of every case that has a reference class (``torch.optim``): same trajectory, same state.
 
-Parameters and every state tensor must agree within the case's relative tolerance (1e-10 in
+Parameters and every state tensor must agree within the case's relative tolerance (1e-15 in
 float64, 1e-5 in float32) after 20 steps on an MLP (biases + LayerNorm, a layer frozen then
 unfrozen) and on assorted shapes (0-dim, non-contiguous, 3-D, complex, a parameter without
 gradient every third step), through both of our paths; state_dicts move both ways mid-training.

@@ -124,16 +124,23 @@ def _pids_with(marker: str, rank: int) -> list[int]:
     return found
 
 
-@pytest.mark.slow
-def test_killed_rank_ends_the_job_naming_it(tmp_path: Path, text_file: Path) -> None:
+def _endless_ddp_job(out: Path, text_file: Path, *, checkpoint_every: int, stderr: int) -> tuple[str, subprocess.Popen]:
+    """`optimlab train --nproc-per-node 2` of a tiny model for a million steps, its workers marked in their
+    environment by the returned ``KEY=VALUE`` (see :func:`_pids_with`); rank 0 prints a line per step."""
     marker = f"OPTIMLAB_TEST_JOB={uuid.uuid4().hex}"
     key, _, value = marker.partition("=")
-    command = [sys.executable, "-m", "optimlab", "train", "--out", str(tmp_path), "--data", str(text_file),
+    command = [sys.executable, "-m", "optimlab", "train", "--out", str(out), "--data", str(text_file),
                "--block-size", "16", "--n-layer", "1", "--n-head", "1", "--n-embd", "8", "--batch-size", "2",
-               "--steps", "1000000", "--eval-every", "1000000", "--log-every", "1", "--checkpoint-every", "1000000",
-               "--no-tensorboard", "--nproc-per-node", "2", "--master-port", "0"]
+               "--steps", "1000000", "--eval-every", "1000000", "--log-every", "1", "--checkpoint-every",
+               str(checkpoint_every), "--no-tensorboard", "--nproc-per-node", "2", "--master-port", "0"]
     job = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", key: value},
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=stderr, text=True)
+    return marker, job
+
+
+@pytest.mark.slow
+def test_killed_rank_ends_the_job_naming_it(tmp_path: Path, text_file: Path) -> None:
+    marker, job = _endless_ddp_job(tmp_path, text_file, checkpoint_every=1000000, stderr=subprocess.PIPE)
     try:
         for line in job.stdout:  # rank 0 prints a line per step once training runs
             if line.startswith("step 1 |"):
@@ -163,14 +170,7 @@ def _alive(pid: int) -> bool:
 def test_workers_exit_when_the_launcher_is_killed(tmp_path: Path, text_file: Path) -> None:
     """SIGKILL of `optimlab train --nproc-per-node 2` (no chance to stop its workers): they exit within seconds
     instead of training and checkpointing on as orphans."""
-    marker = f"OPTIMLAB_TEST_JOB={uuid.uuid4().hex}"
-    key, _, value = marker.partition("=")
-    command = [sys.executable, "-m", "optimlab", "train", "--out", str(tmp_path), "--data", str(text_file),
-               "--block-size", "16", "--n-layer", "1", "--n-head", "1", "--n-embd", "8", "--batch-size", "2",
-               "--steps", "1000000", "--eval-every", "1000000", "--log-every", "1", "--checkpoint-every", "50",
-               "--no-tensorboard", "--nproc-per-node", "2", "--master-port", "0"]
-    job = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", key: value},
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    marker, job = _endless_ddp_job(tmp_path, text_file, checkpoint_every=50, stderr=subprocess.DEVNULL)
     workers: list[int] = []
     try:
         for line in job.stdout:
@@ -189,6 +189,21 @@ def test_workers_exit_when_the_launcher_is_killed(tmp_path: Path, text_file: Pat
         for pid in workers:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_torchrun_starts_the_workers_as_before(tmp_path: Path, text_file: Path) -> None:
+    """`torchrun -m optimlab.train` (the elastic agent is the workers' parent, no OPTIMLAB_LAUNCHER_PID): the
+    parent-death arming leaves a normal run alone."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "optimlab.train", "--out", str(tmp_path), "--data", str(text_file), "--block-size", "16", "--n-layer",
+               "1", "--n-head", "1", "--n-embd", "8", "--batch-size", "2", "--steps", "4", "--eval-every", "4",
+               "--checkpoint-every", "4", "--sample-chars", "0", "--no-tensorboard", "--device", "cpu", "-q"]
+    job = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert job.returncode == 0, job.stderr[-3000:]
+    saved = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert saved["step"] == 4 and saved["world_size"] == 2
 
 
 def test_port_in_use_is_reported(tmp_path: Path, text_file: Path) -> None:
