@@ -219,3 +219,18 @@ def test_a_dead_process_on_this_machine_loses_its_claim_at_once(db_url):
         store.claim(run_id, f"{socket.gethostname()}:{dead.stdout.strip()}", lease=600)
         taken = store.claim(run_id, "here:1", lease=600)
         assert taken is not None and taken.takeover
+
+
+def test_urls_and_paths_and_what_messages_show(tmp_path):
+    from optimlab.bench.store import describe
+
+    assert describe("postgresql+psycopg://bench:s3cret@db/optimlab") == "postgresql+psycopg://bench:***@db/optimlab"
+    assert "s3cret" not in describe("postgresql+psycopg://bench@db/optimlab?password=s3cret")
+    assert describe(tmp_path / "a.db") == str(tmp_path / "a.db")
+    with Store(f"sqlite:///{tmp_path}/url.db") as store:  # a URL is a URL, also for SQLite
+        assert store.path == tmp_path / "url.db" and store.schema_version == SCHEMA_VERSION
+    with pytest.raises(StoreError, match=r"cannot open mysql://u:\*\*\*@h/db: unsupported database 'mysql'"):
+        Store("mysql://u:pw@h/db")
+    with pytest.raises(StoreError, match="no database at"):
+        Store(tmp_path / "missing.db", readonly=True)
+    assert not (tmp_path / "missing.db").exists()

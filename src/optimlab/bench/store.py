@@ -52,7 +52,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -211,9 +211,12 @@ def describe(db: str | Path) -> str:
     if "://" not in text:
         return text
     try:
-        return sa.make_url(text).render_as_string(hide_password=True)
+        url = sa.make_url(text)
     except sa.exc.ArgumentError:
         return _hide_password(text)
+    if "password" in url.query:  # libpq also takes ?password=...
+        url = url.update_query_dict({"password": "***"})
+    return url.render_as_string(hide_password=True)
 
 
 def _now() -> str:
@@ -265,10 +268,7 @@ class TrialRecord:
 
     def summary(self) -> dict[str, Any]:
         """The row's values without the curve and artifacts."""
-        row = asdict(self)
-        row.pop("curve")
-        row.pop("artifacts")
-        return row
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("curve", "artifacts")}
 
 
 @dataclass(frozen=True)
@@ -354,6 +354,9 @@ class Store:
         self.name = describe(db)
         self.readonly = readonly
         self.dialect = self.url.get_backend_name()
+        if self.dialect not in ("sqlite", "postgresql"):
+            raise StoreError(f"cannot open {self.name}: unsupported database {self.dialect!r} (accepted: an SQLite "
+                             "file path or URL, or postgresql+psycopg://user@host/dbname)")
         self.path = Path(self.url.database) if self.dialect == "sqlite" and self.url.database else None
         self._engine = self._create_engine(timeout)
         try:
@@ -374,7 +377,10 @@ class Store:
             connect_args = {"connect_timeout": max(1, int(min(timeout, 30)))}
         try:
             engine = sa.create_engine(url, connect_args=connect_args)
-        except (ImportError, sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as err:
+        except ImportError as err:
+            hint = " (pip install 'optimlab[postgres]')" if self.dialect == "postgresql" else ""
+            raise StoreError(f"cannot open {self.name}: its database driver is not installed: {err}{hint}") from None
+        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as err:
             raise StoreError(f"cannot open {self.name}: {_first_line(err)} (accepted: an SQLite file path or a "
                              "SQLAlchemy URL such as postgresql+psycopg://user@host/dbname)") from None
         if self.dialect == "sqlite":
@@ -448,8 +454,9 @@ class Store:
             return StoreError(f"{self.name} is damaged ({reason}); restore it from a copy or start a new database")
         if _is_disk_full(err):
             return DiskFullError(f"cannot write to {self.name}: no space left on device")
-        if self.url.password:
-            reason = reason.replace(self.url.password, "***")
+        for secret in (self.url.password, self.url.query.get("password")):
+            if isinstance(secret, str) and secret:
+                reason = reason.replace(secret, "***")
         return StoreError(f"{doing} {self.name}: {reason}")
 
     def _set_wal(self) -> None:
@@ -554,13 +561,15 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _clock(self, conn: sa.Connection) -> float:
-        """Seconds since the epoch on the database's clock (the server's, for PostgreSQL: one clock for
-        every machine's leases; SQLite's machine is this one)."""
+    def _clock_sql(self) -> sa.ColumnElement[float]:
+        """Seconds since the epoch on the database's clock, as an SQL expression (the server's, for
+        PostgreSQL: one clock for every machine's leases; SQLite's machine is this one)."""
         if self.dialect == "postgresql":
-            return float(conn.execute(sa.text(
-                "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)")).scalar_one())
-        return time.time()
+            return sa.cast(sa.func.extract("epoch", sa.func.clock_timestamp()), sa.Double)
+        return sa.literal(time.time(), sa.Double)
+
+    def _clock(self, conn: sa.Connection) -> float:
+        return float(conn.execute(sa.select(self._clock_sql())).scalar_one())
 
     # -- runs ------------------------------------------------------------------------------------------
     def create_run(self, key: str, config: dict[str, Any], command: str = "") -> int:
@@ -671,11 +680,11 @@ class Store:
                 clip=row["clip"], phase=row["phase"], trial_index=row["trial_index"], seed=row["seed"],
                 params=json.dumps(row["params"], sort_keys=True), status=row["status"], created_at=_now(), **values))
             trial_id = int(result.inserted_primary_key[0])
-            if record.curve:
-                conn.execute(sa.insert(metrics_table), [
-                    {"trial_id": trial_id, "step": step, "loss": _finite_or_none(loss),
+            rows = [{"trial_id": trial_id, "step": step, "loss": _finite_or_none(loss),
                      "metric": _finite_or_none(metric), "lr": _finite_or_none(lr)}
-                    for step, loss, metric, lr in record.curve])
+                    for step, loss, metric, lr in record.curve]
+            if rows:  # executemany: SQLite's own loop; psycopg's pipeline (one round trip)
+                conn.execute(sa.insert(metrics_table), rows)
             if record.artifacts:
                 conn.execute(sa.insert(artifacts_table), [
                     {"trial_id": trial_id, "kind": kind, "data": json.dumps(value)}
@@ -775,7 +784,7 @@ class Store:
 
     def _renew(self, conn: sa.Connection, claim: Claim, lease: float, finish: bool = False) -> None:
         c = claims_table.c
-        values: dict[str, Any] = {"lease_until": self._clock(conn) + lease}
+        values: dict[str, Any] = {"lease_until": self._clock_sql() + lease}
         if finish:
             values = {"status": "done", "lease_until": None}
         result = conn.execute(sa.update(claims_table).where(c.id == claim.id, c.owner == claim.owner,
