@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -31,8 +32,8 @@ from optimlab.bench.store import Store, TrialRecord, worker_name
 from optimlab.io import atomic_write_text
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-BENCH = ["--task", "digits-logreg,digits-mlp,quadratic,rosenbrock", "--optimizers", "sgd-momentum,adam", "--trials",
-         "4", "--seeds", "2", "--steps", "300"]
+BENCH = ["--task", "digits-logreg,digits-mlp", "--optimizers", "sgd-momentum,adam", "--trials", "4", "--seeds", "2",
+         "--steps", "600"]
 QUICK_BENCH = ["--task", "quadratic,beale", "--optimizers", "sgd-momentum,adam", "--trials", "2", "--seeds", "1",
                "--steps", "50"]
 
@@ -49,22 +50,30 @@ def _results(url: str) -> list[tuple[Any, ...]]:
                 for t in store.trials(run["id"])]
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def scale_out(server: TemporaryPostgres, bench: list[str], workers: tuple[int, ...]) -> list[dict[str, Any]]:
     """Wall time of the bench with each number of worker processes, each on a fresh database."""
     rows, reference = [], None
     for n in workers:
         url = server.create_database(f"scale_{n}")
         command = [sys.executable, "-m", "optimlab", "bench", *bench, "--jobs", "1", "--quiet", "--db", url]
+        cpu_before = _children_cpu()
         start = time.perf_counter()
         processes = [subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                       text=True, start_new_session=True) for _ in range(n)]
         errors = [p.communicate()[1] for p in processes]
         wall = time.perf_counter() - start
+        cpu = _children_cpu() - cpu_before
         if any(p.returncode for p in processes):
             raise RuntimeError(f"a worker failed: {errors}")
         results = _results(url)
         reference = reference or results
-        rows.append({"workers": n, "wall_s": wall, "trials": len(results), "same_results": results == reference})
+        rows.append({"workers": n, "wall_s": wall, "cpu_s": cpu, "trials": len(results),
+                     "same_results": results == reference})
     for row in rows:
         row["speedup"] = rows[0]["wall_s"] / row["wall_s"]
     return rows
@@ -120,11 +129,14 @@ def to_markdown(results: dict[str, Any]) -> str:
         return f"Not measured: {results['skipped']}.\n"
     lines = [f"`optimlab bench {' '.join(results['bench'])}`, each worker a separate `--jobs 1` process, "
              f"on a local PostgreSQL server; {results['cores']} cores (load average "
-             f"{results['load_before']:.1f} when it started: other work was running).", "",
-             "| workers | wall s | speed-up | trials | same results as 1 worker |", "|---|---|---|---|---|"]
+             f"{results['load_before']:.1f} when it started).", "",
+             "| workers | wall s | speed-up | CPU s, all workers | trials | same results as 1 worker |",
+             "|---|---|---|---|---|---|"]
     for row in results["workers"]:
-        lines.append(f"| {row['workers']} | {row['wall_s']:.1f} | {row['speedup']:.2f}x | {row['trials']} | "
-                     f"{'yes' if row['same_results'] else 'NO'} |")
+        lines.append(f"| {row['workers']} | {row['wall_s']:.1f} | {row['speedup']:.2f}x | {row['cpu_s']:.1f} | "
+                     f"{row['trials']} | {'yes' if row['same_results'] else 'NO'} |")
+    lines += ["", "CPU s counts every worker's start-up (Python, torch, the tasks) as well as its trials: the "
+              "start-up is paid once per worker."]
     overhead = results["overhead"]
     lines += ["", f"Store overhead: one stored trial ({overhead['curve_rows']}-step curve, an artifact, the claim "
               f"check), median of {overhead['rounds']} interleaved rounds of {overhead['trials_per_round']}:", "",
