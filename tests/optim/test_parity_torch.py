@@ -1,8 +1,8 @@
 """Parity of every case that has a reference class (``torch.optim``): same trajectory, same state.
 
-Parameters and every state tensor must agree within the case's relative tolerance (1e-15 in
-float64, 1e-5 in float32) after 20 steps on an MLP (biases + LayerNorm, a layer frozen then
-unfrozen) and on assorted shapes (0-dim, non-contiguous, 3-D, complex, a parameter without
+Parameters and every state tensor must agree within 1e-15 relative in float64 (README's claim; measured at
+most 6.4e-16) and the case's float32 tolerance (1e-5) after 20 steps on an MLP (biases + LayerNorm, a layer
+frozen then unfrozen) and on assorted shapes (0-dim, non-contiguous, 3-D, complex, a parameter without
 gradient every third step), through both of our paths; state_dicts move both ways mid-training.
 Run with ``-s`` to print the largest deviation per class.
 """
@@ -21,6 +21,9 @@ from .cases import REFERENCE_CASES, Case
 from .harness import PROBLEMS, MLPProblem, ShapesProblem, max_deviation, save_and_load, train
 
 STEPS = 20
+FLOAT64_PARITY = 1e-15
+"""Relative deviation allowed from torch.optim in float64: what README claims (tighter than ``Case.tolerance``,
+which also serves comparisons with other references)."""
 CLASSIC_NAMES = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam", "Adadelta"]
 
 
@@ -65,7 +68,7 @@ def _run_pair(case: Case, problem_name: str, dtype: torch.dtype, foreach: bool |
 def test_float64_parity(case: Case, problem_name: str, foreach: bool, deviation_log) -> None:
     deviation = _run_pair(case, problem_name, torch.float64, foreach)
     _record(deviation_log, case, torch.float64, deviation)
-    assert deviation <= case.tolerance
+    assert deviation <= FLOAT64_PARITY
 
 
 @pytest.mark.parametrize("problem_name", ["mlp", "shapes"])
@@ -111,7 +114,7 @@ def test_state_dict_crosses_over(case: Case, direction: str, deviation_log) -> N
         expected_problem, expected = _save_and_resume(case.reference, None, case)
     deviation = max_deviation(resumed_problem.parameters(), resumed, expected_problem.parameters(), expected)
     _record(deviation_log, case, torch.float64, deviation)
-    assert deviation <= case.tolerance
+    assert deviation <= FLOAT64_PARITY
 
 
 # the only arguments allowed beyond torch's: keyword-only, after torch's, default None (= torch's behaviour)

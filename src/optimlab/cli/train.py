@@ -239,5 +239,7 @@ def demo_ddp_command(
         table.add_row(label, f"{summary['val_loss']:.5f}", f"{summary['tokens_per_s']:.0f}")
     Console().print(table)
     typer.echo(f"max |parameter difference| between the runs: {max_diff:.2e} (float32 reduction order only)")
+    typer.echo("throughput: processes on one machine share its cores, so DDP is not expected to be faster here "
+               "(docs/train.md: when data-parallel pays)")
     if not max_diff < 1e-4 or not torch.isfinite(torch.tensor(max_diff)):
         raise fail(f"the 1-process and 2-process runs disagree (max difference {max_diff:.2e})", code=1)
