@@ -107,3 +107,24 @@ def test_read_only_output_is_refused_before_the_work(read_only_dir, args: tuple[
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith(f"error: Invalid --out") or result.stderr.startswith("error: Invalid --output")
     assert f"cannot write to {read_only_dir}" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_full_disk_in_any_command_is_one_line(tmp_path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """The console script's backstop: ENOSPC while `schedule plot` writes its PNG (injected where the bytes reach
+    the disk) ends with one line and exit code 2, no traceback, and no file left behind."""
+    import errno
+    import sys
+
+    import optimlab.io
+    from optimlab.cli import main
+
+    def fsync(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(optimlab.io.os, "fsync", fsync)
+    monkeypatch.setattr(sys, "argv", ["optimlab", "schedule", "plot", "cosine", "-o", str(tmp_path / "lr.png")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: cannot write or read {tmp_path / 'lr.png'}: no space left on device\n"
+    assert list(tmp_path.iterdir()) == []
