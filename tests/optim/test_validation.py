@@ -74,17 +74,8 @@ def test_boundary_values_are_accepted(cls: type, kwargs: dict) -> None:
     assert all(optimizer.defaults[key] is value for key, value in kwargs.items())
 
 
-UNSUPPORTED = [
-    (SGD, "differentiable"),
-    (Adam, "capturable"), (Adam, "differentiable"),
-    (AdamW, "capturable"), (AdamW, "differentiable"),
-    (Adagrad, "differentiable"),
-    (RMSprop, "capturable"), (RMSprop, "differentiable"),
-    (Adamax, "capturable"), (Adamax, "differentiable"),
-    (NAdam, "capturable"), (NAdam, "differentiable"),
-    (RAdam, "capturable"), (RAdam, "differentiable"),
-    (Adadelta, "capturable"), (Adadelta, "differentiable"),
-]
+UNSUPPORTED = [(Adam, "capturable"), (AdamW, "capturable"), (RMSprop, "capturable"), (Adamax, "capturable"),
+               (NAdam, "capturable"), (RAdam, "capturable"), (Adadelta, "capturable")]
 
 
 @pytest.mark.parametrize(("cls", "flag"), UNSUPPORTED, ids=lambda value: getattr(value, "__name__", value))
@@ -92,6 +83,16 @@ def test_unsupported_flags_raise(cls: type, flag: str) -> None:
     with pytest.raises(NotImplementedError, match=rf"{cls.__name__}\({flag}=True\) is not supported by optimlab"):
         cls([_param()], **{flag: True})
     cls([_param()], **{flag: False})  # the explicit default is fine
+
+
+@pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda cls: cls.__name__)
+def test_differentiable_refuses_the_foreach_and_fused_paths_like_torch(cls: type) -> None:
+    """``differentiable=True`` runs the per-tensor path (compared with torch's in test_torch_optim_db.py)."""
+    with pytest.raises(RuntimeError, match="`fused` does not support `differentiable`"):
+        cls([_param()], differentiable=True, fused=True)
+    with pytest.raises(RuntimeError, match="`foreach` does not support `differentiable`.*_foreach ops don't support"):
+        cls([_param()], differentiable=True, foreach=True)
+    assert cls([_param()], differentiable=True).defaults["differentiable"] is True
 
 
 def _sparse_embedding() -> torch.nn.Embedding:

@@ -38,6 +38,7 @@ __all__ = [
     "OptimlabOptimizer",
     "ParamsT",
     "check_betas",
+    "check_differentiable",
     "check_in_range",
     "check_lr",
     "check_non_negative",
@@ -161,6 +162,16 @@ def reject_unsupported(class_name: str, **flags: bool | None) -> None:
                 f"{class_name}({name}=True) is not supported by optimlab yet; pass {name}=False "
                 f"(or use torch.optim.{class_name} for that feature)"
             )
+
+
+def check_differentiable(differentiable: bool, *, foreach: bool | None = None, fused: bool | None = None) -> None:
+    """``differentiable=True`` (gradients flow through the update, for meta-learning) runs the per-tensor
+    path under autograd: the multi-tensor and fused paths refuse it, with torch's errors."""
+    if differentiable and fused:
+        raise RuntimeError("`fused` does not support `differentiable` (pass fused=None with differentiable=True)")
+    if differentiable and foreach:
+        raise RuntimeError("`foreach` does not support `differentiable`: _foreach ops don't support autograd "
+                           "(pass foreach=None or False with differentiable=True)")
 
 
 def group_by_device_and_dtype(tensor_lists: list[list[Tensor | None]]) -> dict:
@@ -307,6 +318,16 @@ def default_foreach(params: Sequence[Tensor]) -> bool:
     return sum(p.numel() for p in params) <= FOREACH_CPU_MAX_MEAN_NUMEL * len(params)
 
 
+def _fresh_state_tensors(states: Sequence[dict[str, Any]]) -> None:
+    """Replace every state tensor but ``step`` by a clone (``differentiable=True``): the rules update state in
+    place, and an earlier step's autograd graph may have saved the tensor being updated; the clone keeps the
+    graph (its gradient is the identity) while the saved version stays intact."""
+    for state in states:
+        for key, value in state.items():
+            if key != "step" and torch.is_tensor(value) and value.requires_grad:
+                state[key] = value.clone()
+
+
 class OptimlabOptimizer(torch.optim.Optimizer):
     """Base class: the ``step`` skeleton shared by every optimlab optimizer.
 
@@ -392,9 +413,10 @@ class OptimlabOptimizer(torch.optim.Optimizer):
     def _use_foreach(group: dict[str, Any], params: list[Tensor]) -> bool:
         """``foreach=True`` takes the multi-tensor path, ``foreach=False`` the per-tensor reference, and
         ``foreach=None`` (the default) what :func:`default_foreach` picks for these tensors. Sparse
-        gradients always take the reference path (foreach kernels are dense only)."""
-        if any(p.grad is not None and p.grad.is_sparse for p in params):
-            return False
+        gradients and ``differentiable=True`` always take the reference path (foreach kernels are dense only and
+        not differentiable)."""
+        if group.get("differentiable") or any(p.grad is not None and p.grad.is_sparse for p in params):
+            return False  # autograd (differentiable=True) and sparse gradients run through the per-tensor path
         foreach = group.get("foreach")
         return default_foreach(params) if foreach is None else bool(foreach)
 
@@ -429,13 +451,19 @@ class OptimlabOptimizer(torch.optim.Optimizer):
                         f"{tuple(param.shape)}); pass torch.view_as_real(param) as a real parameter instead"
                     )
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform one optimization step; returns the closure's loss when a closure is given."""
+        """Perform one optimization step; returns the closure's loss when a closure is given. The update runs
+        without autograd, or under it with ``differentiable=True`` (torch's semantics: gradients then flow
+        through the update to the parameters, gradients and state it was computed from)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
+            self._step_groups()
+        return loss
+
+    def _step_groups(self) -> None:
         if not self.supports_complex:
             self._reject_complex()
         flat_groups = self.__dict__.get("_flat_groups", ())  # set by optimlab.optim.flat.flatten_parameters
@@ -454,9 +482,10 @@ class OptimlabOptimizer(torch.optim.Optimizer):
             self._init_group(group, params)
             grads = [p.grad for p in params]
             states = [self.state[p] for p in params]
+            if group.get("differentiable"):
+                _fresh_state_tensors(states)
             self._update_group(group, params, grads, states)
             if not all(states):  # a rule without state (SGD without momentum): no empty entries, as in torch
                 for param, state in zip(params, states):
                     if not state:
                         del self.state[param]
-        return loss

@@ -24,6 +24,7 @@ from optimlab.optim._base import (
     OptimlabOptimizer,
     ParamsT,
     as_float,
+    check_differentiable,
     check_in_range,
     check_lr,
     check_non_negative,
@@ -76,7 +77,7 @@ def _adadelta_tensor(
     grad = prepare_grad(param, grad, maximize=maximize, weight_decay=weight_decay)
     square_avg.mul_(rho).addcmul_(grad, grad, value=1 - rho)
     std = square_avg.add(eps).sqrt_()
-    delta = acc_delta.add(eps).sqrt_().div_(std).mul_(grad)
+    delta = acc_delta.add(eps).sqrt_() / std * grad  # not div_/mul_: sqrt_'s result is saved under autograd
     acc_delta.mul_(rho).addcmul_(delta, delta, value=1 - rho)
     param.add_(delta, alpha=-lr)
 
@@ -181,7 +182,8 @@ class Adadelta(OptimlabOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
     ) -> None:
-        reject_unsupported(type(self).__name__, capturable=capturable, differentiable=differentiable)
+        reject_unsupported(type(self).__name__, capturable=capturable)
+        check_differentiable(differentiable, foreach=foreach, fused=fused)
         check_lr(lr)
         check_in_range("rho", rho, 0.0, 1.0, high_inclusive=True)
         check_non_negative("eps", eps)

@@ -24,6 +24,7 @@ from optimlab.optim._base import (
     OptimlabOptimizer,
     ParamsT,
     as_float,
+    check_differentiable,
     check_lr,
     check_non_negative,
     foreach_groups,
@@ -32,7 +33,6 @@ from optimlab.optim._base import (
     prepare_grad,
     prepare_grads,
     real_views,
-    reject_unsupported,
 )
 from optimlab.optim._fused import fused_step, resolve_fused, split_by_value
 from optimlab.optim.registry import register
@@ -88,7 +88,7 @@ def _adagrad_tensor(
         _adagrad_sparse_update(param, grad, state_sum, lr=decayed_lr, eps=eps)
         return
     state_sum.addcmul_(grad, grad, value=1)
-    std = state_sum.sqrt().add_(eps)
+    std = state_sum.sqrt() + eps  # not in place: sqrt's result is saved under autograd (differentiable)
     param.addcdiv_(grad, std, value=-decayed_lr)
 
 
@@ -189,7 +189,7 @@ class Adagrad(OptimlabOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
     ) -> None:
-        reject_unsupported(type(self).__name__, differentiable=differentiable)
+        check_differentiable(differentiable, foreach=foreach, fused=fused)
         check_lr(lr)
         check_non_negative("lr_decay", lr_decay)
         check_non_negative("weight_decay", weight_decay)

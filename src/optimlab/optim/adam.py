@@ -35,6 +35,7 @@ from optimlab.optim._base import (
     ParamsT,
     as_float,
     check_betas,
+    check_differentiable,
     check_lr,
     check_non_negative,
     foreach_groups,
@@ -117,7 +118,10 @@ def _adam_tensor(
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     if amsgrad:
-        torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        if torch.is_grad_enabled():  # differentiable=True: out= is not differentiable, maximum saves its inputs
+            max_exp_avg_sq.copy_(torch.maximum(max_exp_avg_sq.clone(), exp_avg_sq))
+        else:
+            torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
         second_moment = max_exp_avg_sq
     else:
         second_moment = exp_avg_sq
@@ -295,7 +299,8 @@ class Adam(OptimlabOptimizer):
         state_dtype: str | torch.dtype | None = None,
         cautious: bool | None = None,
     ) -> None:
-        reject_unsupported(type(self).__name__, capturable=capturable, differentiable=differentiable)
+        reject_unsupported(type(self).__name__, capturable=capturable)
+        check_differentiable(differentiable, foreach=foreach, fused=fused)
         check_lr(lr)
         check_betas(betas)
         check_non_negative("eps", eps)

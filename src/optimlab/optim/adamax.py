@@ -24,6 +24,7 @@ from optimlab.optim._base import (
     ParamsT,
     as_float,
     check_betas,
+    check_differentiable,
     check_lr,
     check_non_negative,
     foreach_groups,
@@ -78,7 +79,11 @@ def _adamax_tensor(
     compiles (:mod:`optimlab.optim._fused`, where the float arguments arrive as 0-dim tensors)."""
     grad = prepare_grad(param, grad, maximize=maximize, weight_decay=weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)
-    torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps), out=exp_inf)
+    norm = grad.abs().add_(eps)
+    if torch.is_grad_enabled():  # differentiable=True: out= is not differentiable, maximum saves its inputs
+        exp_inf.copy_(torch.maximum(exp_inf.mul(beta2), norm))
+    else:
+        torch.maximum(exp_inf.mul_(beta2), norm, out=exp_inf)
     param.addcdiv_(exp_avg, exp_inf, value=-(lr / bias_correction1))
 
 
@@ -181,7 +186,8 @@ class Adamax(OptimlabOptimizer):
         capturable: bool = False,
         fused: bool | None = None,
     ) -> None:
-        reject_unsupported(type(self).__name__, differentiable=differentiable, capturable=capturable)
+        reject_unsupported(type(self).__name__, capturable=capturable)
+        check_differentiable(differentiable, foreach=foreach, fused=fused)
         check_lr(lr)
         check_betas(betas)
         check_non_negative("eps", eps)

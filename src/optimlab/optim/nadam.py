@@ -30,6 +30,7 @@ from optimlab.optim._base import (
     ParamsT,
     as_float,
     check_betas,
+    check_differentiable,
     check_lr,
     check_non_negative,
     foreach_groups,
@@ -123,7 +124,7 @@ def _nadam_tensor(
                         decoupled=decoupled_weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = exp_avg_sq.div(bias_correction2).sqrt_().add_(eps)
+    denom = exp_avg_sq.div(bias_correction2).sqrt_() + eps  # not add_: sqrt_'s result is saved under autograd
     param.addcdiv_(grad, denom, value=grad_coefficient)
     param.addcdiv_(exp_avg, denom, value=exp_avg_coefficient)
 
@@ -262,7 +263,8 @@ class NAdam(OptimlabOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
     ) -> None:
-        reject_unsupported(type(self).__name__, capturable=capturable, differentiable=differentiable)
+        reject_unsupported(type(self).__name__, capturable=capturable)
+        check_differentiable(differentiable, foreach=foreach, fused=fused)
         check_lr(lr)
         check_betas(betas)
         check_non_negative("eps", eps)

@@ -30,6 +30,7 @@ from optimlab.optim._base import (
     ParamsT,
     as_float,
     check_betas,
+    check_differentiable,
     check_lr,
     check_non_negative,
     foreach_groups,
@@ -239,7 +240,8 @@ class RAdam(OptimlabOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
     ) -> None:
-        reject_unsupported(type(self).__name__, capturable=capturable, differentiable=differentiable)
+        reject_unsupported(type(self).__name__, capturable=capturable)
+        check_differentiable(differentiable, foreach=foreach, fused=fused)
         check_lr(lr)
         check_betas(betas)
         check_non_negative("eps", eps)

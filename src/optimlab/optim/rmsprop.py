@@ -28,6 +28,7 @@ from optimlab.optim._base import (
     OptimlabOptimizer,
     ParamsT,
     as_float,
+    check_differentiable,
     check_in_range,
     check_lr,
     check_non_negative,
@@ -94,10 +95,9 @@ def _rmsprop_tensor(
     square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
     if centered:
         grad_avg.lerp_(grad, 1 - alpha)  # type: ignore[union-attr]
-        rms = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()  # type: ignore[arg-type]
+        rms = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_() + eps  # type: ignore[arg-type]
     else:
-        rms = square_avg.sqrt()
-    rms.add_(eps)
+        rms = square_avg.sqrt() + eps  # not in place: sqrt's result is saved under autograd (differentiable)
     if momentum_buffer is not None:
         momentum_buffer.mul_(momentum).addcdiv_(grad, rms)
         param.add_(momentum_buffer, alpha=-lr)
@@ -226,7 +226,8 @@ class RMSprop(OptimlabOptimizer):
         *,
         fused: bool | None = None,
     ) -> None:
-        reject_unsupported(type(self).__name__, capturable=capturable, differentiable=differentiable)
+        reject_unsupported(type(self).__name__, capturable=capturable)
+        check_differentiable(differentiable, foreach=foreach, fused=fused)
         check_lr(lr)
         check_in_range("alpha", alpha, 0.0, 1.0, high_inclusive=True)
         check_non_negative("eps", eps)

@@ -25,6 +25,7 @@ from optimlab.optim._base import (
     OptimlabOptimizer,
     ParamsT,
     as_float,
+    check_differentiable,
     check_in_range,
     check_lr,
     check_non_negative,
@@ -32,7 +33,6 @@ from optimlab.optim._base import (
     prepare_grad,
     prepare_grads,
     real_views,
-    reject_unsupported,
     zeros_state,
 )
 from optimlab.optim._fused import fused_step, resolve_fused
@@ -232,7 +232,7 @@ class SGD(OptimlabOptimizer):
         fused: bool | None = None,
         momentum_style: str | None = None,
     ) -> None:
-        reject_unsupported(type(self).__name__, differentiable=differentiable)
+        check_differentiable(differentiable, foreach=foreach, fused=fused)
         _check_momentum_style(momentum_style, momentum, dampening, nesterov)
         check_lr(lr)
         check_non_negative("momentum", momentum)
