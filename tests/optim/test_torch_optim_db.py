@@ -168,10 +168,7 @@ def test_every_torch_optimizer_has_a_counterpart() -> None:
             "Muon"} <= set(COUNTERPARTS)
 
 
-_DIFFERENTIABLE_REFUSED = {
-    "ASGD": "optimlab's ASGD does not implement differentiable=True yet (NotImplementedError)",
-    "Rprop": "optimlab's Rprop does not implement differentiable=True yet (NotImplementedError)",
-}
+_DIFFERENTIABLE_REFUSED: dict[str, str] = {}
 
 
 def _differentiable_configs() -> list[Any]:

@@ -29,6 +29,7 @@ from optimlab.optim._base import (
     OptimlabOptimizer,
     ParamsT,
     as_float,
+    check_differentiable,
     check_lr,
     check_non_negative,
     new_step_tensor,
@@ -88,7 +89,9 @@ class ASGD(OptimlabOptimizer):
         weight_decay: L2 penalty (>= 0). Default 0.
         foreach: accepted, same rule.
         maximize: ascend the objective. Default False.
-        differentiable, capturable: not supported (``NotImplementedError`` when true).
+        differentiable: gradients flow through the update (meta-learning); the per-tensor rule runs under
+            autograd (with ``foreach=True``: torch's ``RuntimeError``). Default False.
+        capturable: not supported (``NotImplementedError`` when true).
     """
 
     #: 0-dim state kept in the scalar dtype by ``load_state_dict`` (torch's casts them to the parameter's dtype,
@@ -108,7 +111,8 @@ class ASGD(OptimlabOptimizer):
         differentiable: bool = False,
         capturable: bool = False,
     ) -> None:
-        reject_unsupported(type(self).__name__, differentiable=differentiable, capturable=capturable)
+        reject_unsupported(type(self).__name__, capturable=capturable)
+        check_differentiable(differentiable, foreach=foreach)
         check_lr(lr)
         for name, value in (("lambd", lambd), ("alpha", alpha), ("t0", t0), ("weight_decay", weight_decay)):
             check_non_negative(name, value)

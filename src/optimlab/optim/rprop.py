@@ -28,6 +28,7 @@ from optimlab.optim._base import (
     OptimlabOptimizer,
     ParamsT,
     as_float,
+    check_differentiable,
     check_lr,
     new_step_tensor,
     real_views,
@@ -44,7 +45,8 @@ def _rprop_tensor(param: Tensor, grad: Tensor, prev: Tensor, step_size: Tensor, 
     """The Rprop rule (module docstring) for one tensor, in place on ``param``, ``prev`` and ``step_size``."""
     if maximize:
         grad = -grad
-    factor = grad.mul(prev).sign()
+    # under autograd (differentiable=True) the product must not save ``prev``, which is overwritten below
+    factor = grad.mul(prev.clone() if torch.is_grad_enabled() else prev).sign()
     grew, shrank = factor.gt(0), factor.lt(0)
     factor.masked_fill_(grew, etaplus).masked_fill_(shrank, etaminus).masked_fill_(factor.eq(0), 1)
     step_size.mul_(factor).clamp_(step_size_min, step_size_max)
@@ -79,7 +81,9 @@ class Rprop(OptimlabOptimizer):
             Default (1e-6, 50).
         foreach: accepted, same rule.
         maximize: ascend the objective. Default False.
-        capturable, differentiable: not supported (``NotImplementedError`` when true).
+        differentiable: gradients flow through the update (meta-learning); the per-tensor rule runs under
+            autograd (with ``foreach=True``: torch's ``RuntimeError``). Default False.
+        capturable: not supported (``NotImplementedError`` when true).
     """
 
     def __init__(
@@ -94,7 +98,8 @@ class Rprop(OptimlabOptimizer):
         maximize: bool = False,
         differentiable: bool = False,
     ) -> None:
-        reject_unsupported(type(self).__name__, capturable=capturable, differentiable=differentiable)
+        reject_unsupported(type(self).__name__, capturable=capturable)
+        check_differentiable(differentiable, foreach=foreach)
         check_lr(lr)
         if len(etas) != 2 or not 0.0 < etas[0] < 1.0 < etas[1]:
             raise ValueError(f"Invalid eta values: {', '.join(str(e) for e in etas)} "
