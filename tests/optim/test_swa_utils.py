@@ -13,6 +13,8 @@ from torch import nn
 
 from optimlab.optim import swa_utils as ours
 
+DEVICE = "cuda"  # of the gpu-marked test (its logic checked on the CPU by setting "cpu")
+
 
 def _model() -> nn.Module:
     torch.manual_seed(3)
@@ -137,3 +139,23 @@ def test_bad_arguments() -> None:
         ours.SWALR(optimizer, swa_lr=0.05, anneal_epochs=-1)
     with pytest.raises(ValueError, match="Unknown anneal_strategy: 'exp'"):
         ours.SWALR(optimizer, swa_lr=0.05, anneal_strategy="exp")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", CONFIGS)
+def test_averaged_model_equals_torch_on_cuda(config: str) -> None:
+    """On CUDA torch's default SWA blends float weights with a multi-tensor lerp (on the CPU: per tensor)."""
+    model = _model().to(DEVICE)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    averaged = ours.AveragedModel(model, **CONFIGS[config](ours))
+    reference = torch_swa.AveragedModel(model, **CONFIGS[config](torch_swa))
+    for t in range(6):
+        generator = torch.Generator().manual_seed(100 + t)
+        optimizer.zero_grad()
+        model(torch.randn(8, 4, generator=generator, dtype=torch.float64).to(DEVICE)).pow(2).mean().backward()
+        optimizer.step()
+        averaged.update_parameters(model)
+        reference.update_parameters(model)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(averaged.state_dict()[key], value), key
+

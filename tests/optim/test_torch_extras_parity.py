@@ -310,3 +310,27 @@ def test_constructor_and_defaults_match_torch(name: str) -> None:
     assert ours_signature == torch_signature
     params = [nn.Parameter(torch.zeros(2))]
     assert ours_cls(params).defaults == torch_cls(params).defaults
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["ASGD", "Rprop", "SparseAdam", "LBFGS"])
+def test_cuda_matches_torch(name: str) -> None:
+    """The same comparison on a CUDA device (state created on the parameter's device where torch does)."""
+    kwargs = configurations(name)[-1]
+    results = []
+    for lib in (ours, torch.optim):
+        torch.manual_seed(0)
+        table = nn.Embedding(10, 4, sparse=name == "SparseAdam", dtype=torch.float64, device="cuda")
+        optimizer = getattr(lib, name)(table.parameters(), **kwargs)
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = (torch.sin(table(torch.arange(10, device="cuda") % 7)) ** 2).sum()
+            loss.backward()
+            return loss
+
+        for _ in range(5):
+            optimizer.step(closure)
+        results.append((table, optimizer))
+    (table, optimizer), (reference_table, reference) = results
+    assert _compare(table, optimizer, reference_table, reference) <= TOL[torch.float64]
