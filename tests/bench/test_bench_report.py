@@ -142,3 +142,13 @@ def test_state_bytes_per_param_match_the_algorithms(finished_bench):
     assert by_key[("digits-logreg", "adam")] == 8.0  # exp_avg + exp_avg_sq in float32
     assert by_key[("digits-logreg", "sgd-momentum")] == 4.0  # momentum_buffer
     assert by_key[("rosenbrock", "adam")] == 16.0  # the test functions run in float64
+
+
+def test_loss_smoothing_is_a_bias_corrected_ema():
+    from optimlab.bench.plots import ema
+    from optimlab.bench.report import smoothing_factor
+
+    # m1 = 0.5 * 1 = 0.5 -> 0.5 / (1 - 0.5) = 1; m2 = 0.5 * 0.5 + 0.5 * 3 = 1.75 -> 1.75 / (1 - 0.25) = 7/3
+    assert list(ema([1.0, 3.0], 0.5)) == pytest.approx([1.0, 7 / 3], rel=1e-15)
+    assert list(ema([2.0] * 5, 0.9)) == pytest.approx([2.0] * 5, rel=1e-15)  # no shrinking towards 0
+    assert smoothing_factor(300) == pytest.approx(0.9) and smoothing_factor(59) is None

@@ -107,6 +107,7 @@ def curves_plot(curves: Mapping[str, Sequence[Curve]], path: Path, title: str, y
     minibatch losses; the band is then the smoothed per-seed curves' min–max.
     """
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    shown: list[float] = []  # the plotted (smoothed) values: the y range follows them, not raw spikes
     for index, (name, runs) in enumerate(curves.items()):
         if not runs:
             continue
@@ -123,10 +124,15 @@ def curves_plot(curves: Mapping[str, Sequence[Curve]], path: Path, title: str, y
             stacked = np.asarray([ema(row, smooth) for row in stacked])
         mean = stacked.mean(0)
         line, = ax.plot(steps, mean, lw=1.5, label=label, **_style(index))
+        shown.extend(stacked.min(0)[np.isfinite(stacked.min(0))])
+        shown.extend(stacked.max(0)[np.isfinite(stacked.max(0))])
         if len(runs) > 1:
             ax.fill_between(steps, stacked.min(0), stacked.max(0), color=line.get_color(), alpha=0.2)
     if log_y:
         ax.set_yscale("log")
+    if smooth and shown:
+        low, high = min(shown), max(shown)
+        ax.set_ylim(*((low / 2, high * 2) if log_y else (low - 0.1 * (high - low), high + 0.1 * (high - low))))
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
