@@ -94,7 +94,7 @@ def test_references_names_and_zero_argument_factories(tmp_path):
         resolve_task_names([f"{write_task(tmp_path, name='quadratic', filename='clash.py')}:TASK"])
 
 
-def test_fingerprint_ignores_comments_but_not_settings(tmp_path):
+def test_fingerprint_covers_the_settings():  # code changes: test_a_changed_task_file_refuses_to_resume
     first = fingerprint(make_task("f", model=lambda s: None, loss=len, batches=iter, evaluate=dict, metric="m",
                                   target=1.0, steps=10))
     other = fingerprint(make_task("f", model=lambda s: None, loss=len, batches=iter, evaluate=dict, metric="m",
@@ -259,3 +259,16 @@ def test_cuda_device_without_cuda_is_a_one_line_error(tmp_path):
     result = invoke("bench", "--task", "quadratic", "--device", "cuda", *TINY_BENCH, "--db", tmp_path / "d.db")
     assert result.exit_code == 2 and not (tmp_path / "d.db").exists()
     assert "Invalid device: 'cuda': no CUDA device is available (accepted here: cpu)" in result.output
+
+
+def test_batches_move_to_the_device_through_containers():
+    from collections import namedtuple
+
+    import torch
+
+    from optimlab.bench.tasks.simple import to_device
+
+    Pair = namedtuple("Pair", "inputs targets")
+    moved = to_device(Pair(torch.ones(2), [torch.zeros(1), {"mask": torch.ones(3)}, "label"]), "meta")
+    assert type(moved) is Pair and moved.inputs.device.type == "meta" and moved.targets[2] == "label"
+    assert moved.targets[0].device.type == "meta" and moved.targets[1]["mask"].device.type == "meta"

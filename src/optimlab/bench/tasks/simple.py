@@ -33,6 +33,8 @@ def to_device(batch: Any, device: torch.device | str) -> Any:
     """``batch`` with every tensor moved to ``device`` (through tuples, lists and dicts)."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(to_device(item, device) for item in batch))
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(item, device) for item in batch)
     if isinstance(batch, dict):
