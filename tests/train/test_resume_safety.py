@@ -270,3 +270,16 @@ def test_check_update_reaches_the_guard(tmp_path: Path, text_file: Path) -> None
     trainer.close()
     assert trainer.guard.check_update and trainer.guard.skipped_steps == 2
     assert all(torch.equal(p, before[name]) for name, p in trainer.model.named_parameters())
+
+
+def test_checksums_are_written_even_when_torch_is_told_to_skip_them(tmp_path: Path) -> None:
+    from torch.utils.serialization import config
+
+    config.save.compute_crc32 = False  # not monkeypatch: its undo deletes a torch config entry
+    try:
+        save_checkpoint(tmp_path / "c.pt", dict(step=1, model_config={}, vocab=[], model={"w": torch.ones(3)},
+                                                optimizer={"state": {}}))
+        assert config.save.compute_crc32 is False
+    finally:
+        config.save.compute_crc32 = True
+    assert load_checkpoint(tmp_path / "c.pt")["step"] == 1

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.serialization import config as serialization_config
 
 from optimlab.io import atomic_torch_save, os_error_text
 
@@ -53,8 +54,15 @@ class CheckpointWriteError(CheckpointError):
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` (plus the format tag) to ``path`` atomically."""
-    atomic_torch_save({"format": FORMAT, **payload}, path)
+    """Write ``payload`` (plus the format tag) to ``path`` atomically, with the CRC-32 of every record (even where
+    ``torch.utils.serialization.config.save.compute_crc32`` was turned off: :func:`verify_checkpoint` needs them)."""
+    options = serialization_config.save
+    computed = options.compute_crc32
+    options.compute_crc32 = True
+    try:
+        atomic_torch_save({"format": FORMAT, **payload}, path)
+    finally:
+        options.compute_crc32 = computed
 
 
 def verify_checkpoint(path: str | Path) -> None:
