@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from optimlab import _compat
+from optimlab.optim._dtensor import check_dtensor_support
 
 __all__ = [
     "OptimlabOptimizer",
@@ -342,6 +343,9 @@ class OptimlabOptimizer(torch.optim.Optimizer):
     """
 
     supports_sparse: bool = False
+    #: whether the rule updates sharded (DTensor, FSDP2) parameters correctly (:mod:`optimlab.optim._dtensor`);
+    #: when False, adding DTensor parameters raises, naming the optimizer
+    supports_dtensor: bool = True
     #: whether the rule handles complex parameters (as their real views); when False, ``step`` raises before
     #: any update (set by ``optimlab.optim.registry.register(complex="rejected")``)
     supports_complex: bool = True
@@ -363,6 +367,11 @@ class OptimlabOptimizer(torch.optim.Optimizer):
         (torch's error)."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        try:
+            check_dtensor_support(self, group)
+        except NotImplementedError:
+            self.param_groups.pop()
+            raise
         for param in group["params"]:
             if not (param.is_floating_point() or param.is_complex()):
                 self.param_groups.pop()

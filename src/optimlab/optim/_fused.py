@@ -57,6 +57,7 @@ from torch import Tensor
 
 from optimlab import _compat
 from optimlab.optim._base import group_by_device_and_dtype
+from optimlab.optim._dtensor import has_dtensor, local_lists
 
 __all__ = [
     "DISABLE_ENV",
@@ -272,6 +273,13 @@ class FusedStep:
         present = [i for i, column in enumerate(tensor_lists) if column is not None]
         if not present or not tensor_lists[present[0]]:
             return
+        if has_dtensor(tensor_lists[present[0]]):  # sharded (FSDP2) parameters: see optimlab.optim._dtensor
+            if not self.elementwise:  # a reduction over a shard is not one over the tensor: DTensor's ops do it
+                _warn_once(f"fused {getattr(self.update, '__name__', 'rule')}: sharded (DTensor) parameters take "
+                           "the uncompiled rule (it reduces over whole tensors; the compiler sees only shards)")
+                _apply_chunk(self.update, tuple(tensor_lists), dict(scalars), self.static)  # type: ignore[arg-type]
+                return
+            tensor_lists = local_lists(tensor_lists)  # elementwise: the local shards are the whole update
         columns = [list(tensor_lists[i]) for i in present]  # type: ignore[arg-type]
         first = columns[0][0]
         if len({(t.device, t.dtype) for t in columns[0]}) == 1:  # the usual case: no regrouping needed

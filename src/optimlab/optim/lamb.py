@@ -42,6 +42,7 @@ from optimlab.optim._base import (
     prepare_grad,
     prepare_grads,
 )
+from optimlab.optim._dtensor import host_values
 from optimlab.optim._fused import DEFAULT_CHUNK_SIZE, fused_step, resolve_fused, split_by_value
 from optimlab.optim.cautious import cautious_
 from optimlab.optim.lars import trust_ratio
@@ -152,7 +153,7 @@ def lamb_step_foreach(
             torch._foreach_add_(updates, device_params, alpha=weight_decay)
         ratios = trust_ratio(torch.stack(torch._foreach_norm(device_params)), torch.stack(torch._foreach_norm(updates)),
                              max_ratio=max_trust_ratio)
-        torch._foreach_mul_(updates, ratios.tolist())
+        torch._foreach_mul_(updates, host_values(ratios))
         torch._foreach_add_(device_params, updates, alpha=-lr)
 
 

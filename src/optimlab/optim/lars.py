@@ -42,6 +42,7 @@ from optimlab.optim._base import (
     prepare_grad,
     prepare_grads,
 )
+from optimlab.optim._dtensor import host_values
 from optimlab.optim._fused import fused_step, resolve_fused
 from optimlab.optim.registry import register
 
@@ -132,7 +133,7 @@ def lars_step_foreach(
             param_norms = torch.stack(torch._foreach_norm(device_params))
             ratios = trust_ratio(param_norms, torch.stack(torch._foreach_norm(device_grads)),
                                  coefficient=trust_coefficient, extra=param_norms * weight_decay, eps=eps)
-            directions = torch._foreach_mul(directions, ratios.tolist())
+            directions = torch._foreach_mul(directions, host_values(ratios))
         torch._foreach_mul_(buffers, momentum)
         torch._foreach_add_(buffers, directions, alpha=lr)
         torch._foreach_sub_(device_params, buffers)

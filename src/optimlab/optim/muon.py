@@ -41,11 +41,12 @@ from optimlab.optim._base import (
     increment_steps,
     prepare_grad,
 )
+from optimlab.optim._dtensor import has_dtensor, local, owner_compute
 from optimlab.optim._fused import fused_step, resolve_fused
 from optimlab.optim.adam import _adam_fused, _adam_multi_tensor, _adam_single_tensor
 from optimlab.optim.registry import register
 
-__all__ = ["Muon", "MuonWithAdamW", "muon_step", "muon_step_fused", "muon_tensor", "newton_schulz_orthogonalize",
+__all__ = ["Muon", "MuonWithAdamW", "muon_step", "muon_step_fused", "muon_step_sharded", "muon_tensor", "newton_schulz_orthogonalize",
            "muon_param_split", "NS_COEFFICIENTS"]
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -96,11 +97,19 @@ def muon_tensor(
     """
     if param.dim() == 1:
         param, grad, momentum_buffer = (tensor.view(shape) for tensor in (param, grad, momentum_buffer))
-    grad = prepare_grad(param, grad, maximize=maximize, weight_decay=weight_decay, lr=lr, decoupled=True)
-    momentum_buffer.lerp_(grad, 1 - momentum)
-    direction = grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
+    direction = _muon_direction(param, grad, momentum_buffer, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                nesterov=nesterov, maximize=maximize)
     orthogonal = newton_schulz_orthogonalize(direction, ns_steps, ns_coefficients, eps, ns_dtype)
     param.add_(orthogonal, alpha=-lr * _lr_scale(adjust_lr_fn, param.shape))
+
+
+def _muon_direction(param: Tensor, grad: Tensor, momentum_buffer: Tensor, *, lr: float | Tensor,
+                    momentum: float | Tensor, weight_decay: float, nesterov: bool, maximize: bool) -> Tensor:
+    """The elementwise half of the rule, in place: decoupled decay of ``param``, the momentum update; returns
+    the direction :math:`\tilde B_t` that Newton–Schulz orthogonalises."""
+    grad = prepare_grad(param, grad, maximize=maximize, weight_decay=weight_decay, lr=lr, decoupled=True)
+    momentum_buffer.lerp_(grad, 1 - momentum)
+    return grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
 
 
 def muon_step(
@@ -132,6 +141,24 @@ def muon_step_fused(
         step(lists, {"lr": lr, "momentum": momentum})
 
 
+def muon_step_sharded(
+    params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor], *,
+    lr: float, momentum: float, weight_decay: float, nesterov: bool, ns_coefficients: tuple[float, float, float],
+    ns_steps: int, eps: float, adjust_lr_fn: str | None, ns_dtype: torch.dtype, maximize: bool,
+) -> None:
+    """The same rule on sharded (DTensor, FSDP2) matrices: decay and momentum on each rank's local shards,
+    Newton–Schulz on each whole matrix once, by its owner rank, the result scattered back
+    (:func:`optimlab.optim._dtensor.owner_compute`); equal to :func:`muon_step` on the unsharded matrices.
+    Every rank calls it with the same parameters in the same order."""
+    directions = [_muon_direction(local(p), local(g), local(b), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                  nesterov=nesterov, maximize=maximize)
+                  for p, g, b in zip(params, grads, momentum_buffers)]
+    orthogonals = owner_compute(directions, params, lambda full: newton_schulz_orthogonalize(
+        full, ns_steps, ns_coefficients, eps, ns_dtype), ns_dtype)
+    for param, orthogonal in zip(params, orthogonals):
+        local(param).add_(orthogonal, alpha=-lr * _lr_scale(adjust_lr_fn, param.shape))
+
+
 def _check_muon_args(lr: float | Tensor, weight_decay: float, momentum: float, ns_coefficients: Sequence[float],
                      eps: float, ns_steps: int, adjust_lr_fn: str | None, ns_dtype: torch.dtype) -> None:
     check_lr(lr, torch_phrase="Learning rate should be >= 0 but is: {value}")
@@ -154,7 +181,10 @@ def _check_muon_args(lr: float | Tensor, weight_decay: float, momentum: float, n
 
 def _muon_update(group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]],
                  optimizer_name: str) -> None:
-    rule = muon_step_fused if resolve_fused(group["fused"], params, optimizer_name) else muon_step
+    if has_dtensor(params):  # sharded matrices (FSDP2): Newton-Schulz on whole matrices, uncompiled
+        rule = muon_step_sharded
+    else:
+        rule = muon_step_fused if resolve_fused(group["fused"], params, optimizer_name) else muon_step
     rule(
         params, grads, [state["momentum_buffer"] for state in states], lr=as_float(group["lr"]),
         weight_decay=group["weight_decay"], momentum=group["momentum"], nesterov=group["nesterov"],

@@ -149,6 +149,9 @@ class SOAP(OptimlabOptimizer):
         maximize: ascend the objective instead.
     """
 
+    #: the eigenbases of its factors need whole matrices, which its rule has no sharded (FSDP2) path for yet
+    supports_dtensor = False
+
     def __init__(
         self,
         params: ParamsT,

@@ -1,0 +1,111 @@
+"""One rank of the FSDP2 optimizer test (started by torchrun from test_fsdp.py).
+
+Usage: ``torchrun --nproc-per-node 2 fsdp_worker.py OUT``. For each optimizer configuration, each rank trains
+a small MLP wrapped with ``fully_shard`` per layer and at the root (its parameters become DTensors sharded
+over the 2 gloo ranks, one of them unevenly: 9 rows) on its own batches, and beside it an unsharded copy with
+the same optimizer whose gradient is the mean of both ranks' batch gradients (what FSDP2's reduce-scatter
+computes). Writes ``OUT/rank{r}.json``: per configuration the largest deviation of the full parameters from
+the unsharded copy's (or the error raised), Newton-Schulz calls per rank, and the deviation of a per-shard
+orthogonalisation from the full matrix's.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+from optimlab.optim import muon
+from optimlab.optim.registry import create_optimizer
+
+STEPS = 4
+CONFIGS = {
+    "adamw": ("adamw", {"foreach": False, "weight_decay": 0.1}),
+    "adamw-foreach": ("adamw", {"foreach": True, "weight_decay": 0.1}),
+    "adamw-fused": ("adamw", {"fused": True, "weight_decay": 0.1}),
+    "sgd-momentum": ("sgd-momentum", {"foreach": True}),
+    "lion": ("lion", {}),
+    "schedule-free-adamw": ("schedule-free-adamw", {}),
+    "muon": ("muon", {"weight_decay": 0.1}),
+    "muon-float32": ("muon", {"ns_dtype": torch.float32}),
+    "adafactor": ("adafactor", {}),
+    "lamb": ("lamb", {"foreach": True}),
+    "lamb-fused": ("lamb", {"fused": True}),
+    "adafactor-fused": ("adafactor", {"fused": True}),
+    "lars": ("lars", {}),
+    "soap": ("soap", {}),
+    "prodigy": ("prodigy", {}),
+    "adamw-int8": ("adamw-int8", {}),
+}
+
+
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
+                               torch.nn.Linear(16, 9))
+
+
+def deviation(name: str, options: dict, rank: int) -> float:
+    reference, sharded = model(), model()
+    for layer in sharded:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(sharded)
+    optimizers = [create_optimizer(net, name, lr=0.01, **options) for net in (reference, sharded)]
+    generator = torch.Generator().manual_seed(7)  # the same batches on every rank; each rank trains on its own
+    for _ in range(STEPS):
+        batches = [(torch.randn(6, 12, generator=generator), torch.randn(6, 9, generator=generator)) for _ in (0, 1)]
+        torch.nn.functional.mse_loss(sharded(batches[rank][0]), batches[rank][1]).backward()
+        per_batch = []
+        for inputs, targets in batches:
+            reference.zero_grad()
+            torch.nn.functional.mse_loss(reference(inputs), targets).backward()
+            per_batch.append([p.grad.clone() for p in reference.parameters()])
+        for param, first, second in zip(reference.parameters(), *per_batch):
+            param.grad = (first + second) / 2
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    with torch.no_grad():
+        return max(float((a - b.full_tensor()).abs().max()) for a, b in zip(reference.parameters(), sharded.parameters()))
+
+
+def per_shard_deviation() -> float:
+    """How far the local shard of NS(full matrix) is from NS(local shard): what a per-shard Muon would do."""
+    matrix = torch.randn(16, 16, generator=torch.Generator().manual_seed(3))
+    shard = distribute_tensor(matrix, init_device_mesh("cpu", (2,)), [Shard(0)]).to_local()
+    whole = muon.newton_schulz_orthogonalize(matrix, dtype=torch.float32)
+    return float((whole[:8] if dist.get_rank() == 0 else whole[8:]).sub(
+        muon.newton_schulz_orthogonalize(shard, dtype=torch.float32)).abs().max())
+
+
+def main(out: Path) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    calls = []
+    orthogonalize = muon.newton_schulz_orthogonalize
+
+    def counted(*args, **kwargs):
+        calls.append(tuple(args[0].shape))
+        return orthogonalize(*args, **kwargs)
+
+    results = {}
+    for label, (name, options) in CONFIGS.items():
+        muon.newton_schulz_orthogonalize = counted if label == "muon" else orthogonalize
+        try:
+            results[label] = deviation(name, options, rank)
+        except NotImplementedError as error:
+            results[label] = f"error: {error}"
+    muon.newton_schulz_orthogonalize = orthogonalize
+    # every call of the "muon" configuration: the unsharded copy's 3 matrices a step, plus the sharded one's owned
+    (out / f"rank{rank}.json").write_text(json.dumps({"results": results, "ns_calls": calls,
+                                                      "per_shard": per_shard_deviation()}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
