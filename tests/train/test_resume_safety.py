@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import invoke, tiny_config
+from train_helpers import invoke, run_cli, tiny_config
 
 from optimlab.schedules import create_scheduler
 from optimlab.train.checkpoint import CheckpointError, CheckpointFiles, load_checkpoint, save_checkpoint
@@ -283,3 +283,25 @@ def test_checksums_are_written_even_when_torch_is_told_to_skip_them(tmp_path: Pa
     finally:
         config.save.compute_crc32 = True
     assert load_checkpoint(tmp_path / "c.pt")["step"] == 1
+
+
+@pytest.mark.slow
+def test_full_disk_under_ddp_is_one_line_and_exit_code_2(text_file: Path, small_tmpfs: Path) -> None:
+    """Rank 0 cannot write its checkpoint: its one line is the job's only error line, exit code 2 (not the
+    launcher's 'rank 0 failed' on top)."""
+    out = small_tmpfs / "run"
+    args = ("train", "--out", str(out), "--data", str(text_file), *TINY, "--steps", "8", "--checkpoint-every", "4",
+            "--nproc-per-node", "2", "--master-port", "0", "-q")
+    first = run_cli(*args, "--stop-at", "4")
+    assert first.returncode == 0, first.stderr[-2000:]
+    with (small_tmpfs / "filler").open("wb", buffering=0) as filler:
+        with pytest.raises(OSError, match="No space left on device"):
+            while True:
+                filler.write(b"\0" * 4096)
+        filler.truncate(filler.tell() - 32 * 1024)
+    resumed = run_cli("train", "--out", str(out), "--resume", "--nproc-per-node", "2", "--master-port", "0", "-q")
+    errors = [line for line in resumed.stderr.splitlines() if line.startswith("error")]
+    assert resumed.returncode == 2, resumed.stderr[-2000:]
+    assert errors == [f"error: cannot write checkpoint to {out}: no space left on device; the previous checkpoint "
+                      "(step 4) is intact"], resumed.stderr[-2000:]
+    assert load_checkpoint(out / CHECKPOINT_NAME)["step"] == 4

@@ -142,6 +142,8 @@ def _one_line_errors() -> Iterator[None]:
     try:
         yield
     except LaunchError as error:
+        if error.worker_exit_code == 2:  # the worker printed its own one-line error (e.g. a full disk)
+            raise typer.Exit(2) from None
         raise fail(str(error), code=1) from None
     except NonFiniteGradientError as error:
         raise fail(str(error), code=1) from None

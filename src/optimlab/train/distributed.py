@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -62,7 +63,15 @@ class DistContext:
 
 
 class LaunchError(RuntimeError):
-    """A data-parallel job that could not start or whose worker failed; the message says which and why."""
+    """A data-parallel job that could not start or whose worker failed; the message says which and why.
+
+    ``worker_exit_code`` is the exit code of the worker that failed first (``None`` when it was a signal or the
+    job never started): a worker ending with 2 has printed its own one-line error (bad input, a full disk).
+    """
+
+    def __init__(self, message: str, worker_exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.worker_exit_code = worker_exit_code
 
 
 def pick_device(device: str, local_rank: int = 0) -> torch.device:
@@ -140,12 +149,17 @@ def _free_port(host: str) -> int:
         return int(probe.getsockname()[1])
 
 
-def _describe_failures(error: Exception) -> str:
+def _first_failures(error: Exception) -> list[tuple[int, Any]]:
+    """``(rank, failure)`` of a ChildFailedError, the cause first: the agent stops survivors with SIGTERM after
+    the first failure, and those are consequences."""
     failures = getattr(error, "failures", {})
-    if not failures:
+    return sorted(failures.items(), key=lambda item: (item[1].timestamp, item[1].exitcode == -15, item[0]))
+
+
+def _describe_failures(error: Exception) -> str:
+    ordered = _first_failures(error)
+    if not ordered:
         return str(error)
-    # The agent stops survivors with SIGTERM after the first failure: those are consequences, not causes.
-    ordered = sorted(failures.items(), key=lambda item: (item[1].timestamp, item[1].exitcode == -15, item[0]))
     lines = []
     for rank, failure in ordered:
         how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
@@ -216,7 +230,10 @@ def launch(worker_args: list[str], nproc_per_node: int, *, master_addr: str = "1
     try:
         elastic_launch(config, entrypoint=sys.executable)("-u", "-m", "optimlab.train", *worker_args)
     except ChildFailedError as error:
-        raise LaunchError(f"data-parallel job failed: {_describe_failures(error)}") from None
+        ordered = _first_failures(error)
+        first_code = ordered[0][1].exitcode if ordered and ordered[0][1].exitcode >= 0 else None
+        raise LaunchError(f"data-parallel job failed: {_describe_failures(error)}", worker_exit_code=first_code) \
+            from None
     except RendezvousError as error:
         raise LaunchError(f"could not start the workers' rendezvous at {master_addr}:{master_port} "
                           f"(is the port in use?): {error}") from None
