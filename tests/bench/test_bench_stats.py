@@ -123,3 +123,30 @@ def test_performance_profile_by_hand():
     assert profile.fraction("x", 1.0) == 0.5 and profile.fraction("x", 2.0) == 1.0
     assert profile.fraction("y", 100.0) == 0.5
     assert profile.summaries["y"] == "y: solved 1/2 tasks, fastest on 1, within 2x of the fastest on 1"
+
+
+def test_recommend_snippet_runs_and_builds_the_configuration():
+    import torch
+
+    from optimlab.bench.recommend import Recommendation, snippet
+    from optimlab.schedules import WarmupCosineLR
+
+    best = Recommendation(optimizer="adamw", params={"lr": 0.003, "weight_decay": 0.01},
+                          schedule="warmup-cosine:warmup_steps=10", clip="norm:1.0", metric="acc", mode="max",
+                          mean=0.9, std=0.01, n_seeds=3, n_diverged=0, run_id=1, steps=200)
+    code = snippet(best)
+    model = torch.nn.Linear(3, 1)
+    namespace = {"model": model}
+    exec(code, namespace)  # what a user pastes
+    optimizer, scheduler, clipper = namespace["optimizer"], namespace["scheduler"], namespace["clipper"]
+    assert type(optimizer).__name__ == "AdamW" and optimizer.defaults["weight_decay"] == 0.01
+    assert isinstance(scheduler, WarmupCosineLR) and scheduler.warmup_steps == 10 and scheduler.total_steps == 200
+    assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(0.003)
+    model(torch.ones(1, 3)).sum().mul(1e6).backward()
+    clipper.step()
+    assert float(torch.cat([p.grad.flatten() for p in model.parameters()]).norm()) == pytest.approx(1.0, rel=1e-5)
+    assert "# each step: loss.backward(); clipper.step(); optimizer.step(); scheduler.step(); optimizer.zero_grad()" \
+        in code
+    plain = snippet(Recommendation("sgd", {"lr": 0.1}, "constant", "none", "acc", "max", 0.9, None, 1, 0, 1, 50))
+    assert plain == ("from optimlab.optim import create_optimizer\noptimizer = create_optimizer(model, 'sgd', lr=0.1)\n"
+                     "# each step: loss.backward(); optimizer.step(); optimizer.zero_grad()")

@@ -272,3 +272,17 @@ def test_batches_move_to_the_device_through_containers():
     moved = to_device(Pair(torch.ones(2), [torch.zeros(1), {"mask": torch.ones(3)}, "label"]), "meta")
     assert type(moved) is Pair and moved.inputs.device.type == "meta" and moved.targets[2] == "label"
     assert moved.targets[0].device.type == "meta" and moved.targets[1]["mask"].device.type == "meta"
+
+
+@pytest.mark.gpu
+def test_a_user_task_runs_on_cuda(tmp_path):
+    from optimlab.bench import compare
+    from optimlab.bench.trial import TrialConfig, run_trial
+
+    path = write_task(tmp_path, name="cuda-linear")
+    result = compare(f"{path}:TASK", optimizers=["adamw"], trials=1, seeds=2, device="cuda", db=tmp_path / "g.db")
+    (row,) = result.rows
+    assert row["n_seeds"] == 2 and len(row["metric_values"]) == 2 and row["n_diverged"] == 0
+    on_cpu = run_trial(TrialConfig("cuda-linear", "adamw", row["params"], steps=20, seed=1))
+    on_gpu = run_trial(TrialConfig("cuda-linear", "adamw", row["params"], steps=20, seed=1, device="cuda"))
+    assert on_gpu.final_metric == pytest.approx(on_cpu.final_metric, rel=1e-4)  # same data, same model, same run
