@@ -10,7 +10,7 @@ import pytest
 from bench_helpers import cli_command, cli_env
 
 from optimlab.bench.runner import BenchConfig, run_bench, summarize
-from optimlab.bench.store import Store
+from optimlab.bench.store import Store, StoreError
 
 pytestmark = pytest.mark.slow
 
@@ -64,31 +64,41 @@ def assert_complete_and_equal(db, reference):
         return claims
 
 
-def wait_for_a_study_in_progress(db, workers, deadline=90.0):
-    """A worker holding a tuning unit with at least one trial stored and more to go: (worker, claim)."""
-    by_pid = {worker.pid: worker for worker in workers}
+IN_PROGRESS = """SELECT c.id, c.owner, COUNT(t.id) FROM claims c LEFT JOIN trials t ON t.run_id = c.run_id
+    AND t.task = c.task AND t.optimizer = c.optimizer AND t.phase = 'tune'
+    WHERE c.run_id = 1 AND c.unit = 'tune' AND c.status = 'open' AND c.owner IS NOT NULL
+    GROUP BY c.id, c.owner"""
+
+
+def watch(db, deadline=90.0):
+    """A read-only store on ``db`` once the first worker has created it."""
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         try:
-            with Store(db, readonly=True, check=False) as store:
-                for claim in store.claims(1):
-                    pid = int((claim["owner"] or "x:0").rsplit(":", 1)[1])
-                    if claim["unit"] == "tune" and claim["status"] == "open" and pid in by_pid:
-                        done = len(store.trials(1, task=claim["task"], optimizer=claim["optimizer"], phase="tune"))
-                        if 1 <= done < CONFIG.trials:
-                            return by_pid[pid], claim
-        except Exception:  # noqa: BLE001  the first worker is still creating the schema
-            pass
-        time.sleep(0.02)
+            return Store(db, readonly=True, check=False)
+        except StoreError:  # not created yet
+            time.sleep(0.02)
+    raise AssertionError(f"no database at {db} after {deadline} s")
+
+
+def wait_for_a_study_in_progress(store, workers, deadline=90.0):
+    """A worker holding a tuning unit with at least one trial stored and more to go: (worker, claim id, owner)."""
+    by_pid = {worker.pid: worker for worker in workers}
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        for claim_id, owner, done in store.execute(IN_PROGRESS):
+            pid = int(owner.rsplit(":", 1)[1])
+            if pid in by_pid and 1 <= done < CONFIG.trials:
+                return by_pid[pid], claim_id, owner
+        time.sleep(0.01)
     raise AssertionError("no worker was seen in the middle of a study")
 
 
-def seconds_until_taken_over(db, claim, since, deadline=120.0):
-    """Poll until another worker holds ``claim`` (its owner changed); the seconds since ``since``."""
+def seconds_until_taken_over(store, claim_id, owner, since, deadline=120.0):
+    """Poll until another worker holds the claim (its owner changed); the seconds since ``since``."""
     while time.monotonic() < since + deadline:
-        with Store(db, readonly=True, check=False) as store:
-            now = next(c for c in store.claims(1) if c["id"] == claim["id"])
-        if now["owner"] != claim["owner"]:
+        now = next(c for c in store.claims(1) if c["id"] == claim_id)
+        if now["owner"] != owner:
             return time.monotonic() - since
         assert now["status"] == "open", "the unit was finished before its worker was stopped"
         time.sleep(0.02)
@@ -111,15 +121,16 @@ def test_three_workers_store_every_trial_once_with_single_process_results(backen
 def test_a_worker_killed_mid_study_is_taken_over(tmp_path, reference):
     db = tmp_path / "shared.db"
     workers = [start_worker(db) for _ in range(3)]
-    victim, claim = wait_for_a_study_in_progress(db, workers)
-    victim.send_signal(signal.SIGKILL)
-    takeover_s = seconds_until_taken_over(db, claim, time.monotonic())
+    with watch(db) as store:
+        victim, claim_id, owner = wait_for_a_study_in_progress(store, workers)
+        victim.send_signal(signal.SIGKILL)
+        takeover_s = seconds_until_taken_over(store, claim_id, owner, time.monotonic())
     survivors = [w for w in workers if w is not victim]
     for code, _, err in finish(survivors):
         assert code == 0, err
     assert victim.wait() == -signal.SIGKILL
     claims = assert_complete_and_equal(db, reference)
-    assert next(c for c in claims if c["id"] == claim["id"])["takeovers"] >= 1
+    assert next(c for c in claims if c["id"] == claim_id)["takeovers"] >= 1
     print(f"takeover of a SIGKILLed worker's study (same machine): {takeover_s:.2f} s")
 
 
@@ -127,13 +138,14 @@ def test_a_worker_killed_mid_study_is_taken_over(tmp_path, reference):
 def test_a_worker_frozen_past_its_lease_loses_its_study_and_writes_nothing(postgres_url, reference):
     lease = 2.0
     workers = [start_worker(postgres_url, "--lease", str(lease)) for _ in range(2)]
-    frozen, claim = wait_for_a_study_in_progress(postgres_url, workers)
-    frozen.send_signal(signal.SIGSTOP)  # a lost machine: alive, silent
-    takeover_s = seconds_until_taken_over(postgres_url, claim, time.monotonic())
+    with watch(postgres_url) as store:
+        frozen, claim_id, owner = wait_for_a_study_in_progress(store, workers)
+        frozen.send_signal(signal.SIGSTOP)  # a lost machine: alive, silent
+        takeover_s = seconds_until_taken_over(store, claim_id, owner, time.monotonic())
     assert takeover_s >= lease * 0.5  # not before the lease ran out (the last heartbeat was at most lease/4 ago)
     frozen.send_signal(signal.SIGCONT)  # it wakes up, finishes its trial, finds the claim gone, writes nothing
     for code, _, err in finish(workers):
         assert code == 0, err
     claims = assert_complete_and_equal(postgres_url, reference)
-    assert next(c for c in claims if c["id"] == claim["id"])["takeovers"] >= 1
+    assert next(c for c in claims if c["id"] == claim_id)["takeovers"] >= 1
     print(f"takeover of a frozen worker's study after its {lease} s lease: {takeover_s:.2f} s")
