@@ -48,7 +48,9 @@ def _main(version: bool = typer.Option(False, "--version", callback=_print_versi
 def _flags_take_no_value() -> None:
     """Typer's rich help shows a type for every option, so boolean flags read ``--quick <bool>`` as if they took
     a value; show none for flags (``--quick``, ``--resume/--no-resume``), keep the rest."""
-    shown = typer.core.TyperOption.display_type_rich
+    shown = getattr(typer.core.TyperOption, "display_type_rich", None)
+    if shown is None:  # older Typer: flags were shown without a type already
+        return
 
     def display_type_rich(self: Any, ctx: Any) -> str | None:
         return None if self.is_flag else shown(self, ctx)
