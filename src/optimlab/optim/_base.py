@@ -66,8 +66,12 @@ FUSED_DEVICE_TYPES = ("cpu", "cuda")
 
 
 def as_float(value: float | Tensor) -> float:
-    """Return ``value`` as a Python float (0-dim tensors allowed)."""
-    return float(value.item()) if isinstance(value, Tensor) else float(value)
+    """Return ``value`` as a Python float (0-dim tensors allowed). Under ``torch.compile`` a tensor stays a
+    tensor (float64, the precision of a Python float): ``.item()`` would break the graph, as torch.optim's
+    ``_get_value`` avoids too."""
+    if isinstance(value, Tensor):
+        return value.to(torch.float64) if torch.compiler.is_compiling() else float(value.item())  # type: ignore[return-value]
+    return float(value)
 
 
 def scalar_hyperparameter(value: float | Tensor) -> float | Tensor:
@@ -208,7 +212,7 @@ def increment_steps(states: Sequence[dict[str, Any]]) -> list[float]:
     new counts as floats, :math:`t \\leftarrow t + 1`, which the update rules use for bias corrections."""
     counters = [state["step"] for state in states]
     torch._foreach_add_(counters, 1)
-    return [counter.item() for counter in counters]
+    return [as_float(counter) for counter in counters]
 
 
 def real_views(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
@@ -353,6 +357,14 @@ class OptimlabOptimizer(torch.optim.Optimizer):
     #: starts at 1), kept in the scalar dtype.
     scalar_state_init: Mapping[str, float] = MappingProxyType({})
 
+    #: ``step`` and ``scalar_state_init`` as one plain dict (set per subclass): under torch.compile, reading a
+    #: mapping proxy after the state dict was mutated (a second param group) breaks the graph
+    _scalar_init: Mapping[str, float] = {"step": 0.0}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._scalar_init = {"step": 0.0, **cls.scalar_state_init}
+
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
         self._register_load_fixup()
@@ -427,6 +439,8 @@ class OptimlabOptimizer(torch.optim.Optimizer):
         if group.get("differentiable") or any(p.grad is not None and p.grad.is_sparse for p in params):
             return False  # autograd (differentiable=True) and sparse gradients run through the per-tensor path
         foreach = group.get("foreach")
+        if foreach is None and torch.compiler.is_compiling():
+            return False  # under torch.compile the per-tensor loop (step counts stay tensors; the compiler fuses)
         return default_foreach(params) if foreach is None else bool(foreach)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -439,7 +453,7 @@ class OptimlabOptimizer(torch.optim.Optimizer):
         ``step`` (0) and the ``scalar_state_init`` entries as 0-dim scalar tensors (:func:`new_step_tensor`)
         and every other key as a zero buffer (:func:`zeros_state`)."""
         keys = self._state_keys(group)
-        scalar_init = {"step": 0.0, **self.scalar_state_init}
+        scalar_init = self._scalar_init
         for param in params:
             state = self.state[param]
             if not state:

@@ -155,7 +155,13 @@ def _static_and_scalars(step: float, *, lr: float, beta2_decay: float, eps1: flo
     """The keyword arguments of :func:`adafactor_tensor` at step ``step``: compile-time constants and data."""
     static = {"eps1": eps1, "weight_decay": weight_decay, "scale_parameter": scale_parameter, "maximize": maximize,
               **({"cautious": True} if cautious else {})}
-    scalars = {"lr": lr, "rho": min(lr, 1 / math.sqrt(step)) if relative_step else lr,
+    if not relative_step:
+        rho = lr
+    elif isinstance(step, Tensor):  # under torch.compile: no Python min() on a tensor (a data-dependent guard)
+        rho = torch.clamp(1 / step.sqrt(), max=lr)
+    else:
+        rho = min(lr, 1 / math.sqrt(step))
+    scalars = {"lr": lr, "rho": rho,
                "beta2_weight": step**beta2_decay, "eps2": eps2, "d": d}
     if beta1 is not None:
         scalars["beta1"] = beta1

@@ -99,6 +99,7 @@ def adopt_step(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequen
             "decouple-no-clip-maximize": {"lr": 0.01, "weight_decay": 0.1, "decouple": True, "clip_exponent": None,
                                           "maximize": True}},
     fused_check={"lr": 0.01, "weight_decay": 0.1, "decouple": True, "maximize": True},
+    graph_breaks="a Python branch on a tensor value (adopt.py, the first-step case)",
 )
 class ADOPT(OptimlabOptimizer):
     r"""ADOPT (Taniguchi et al. 2024): Adam normalised by the previous second moment, momentum after it.

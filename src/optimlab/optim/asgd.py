@@ -72,6 +72,7 @@ def _asgd_tensor(param: Tensor, grad: Tensor, ax: Tensor, step: Tensor, eta: Ten
         "alpha-early-average": {"lr": 0.05, "lambd": 0.5, "alpha": 0.5, "t0": 0},
         "wd-maximize": {"lr": 0.01, "weight_decay": 0.1, "maximize": True, "t0": 5},
     },
+    graph_breaks="Tensor.item() on eta/mu/step in the per-tensor rule (asgd.py, _asgd_tensor)",
 )
 class ASGD(OptimlabOptimizer):
     r"""Averaged SGD: SGD with a decaying step :math:`\eta_t = \eta_0/(1 + \lambda\eta_0 t)^\alpha` and a

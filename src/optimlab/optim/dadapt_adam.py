@@ -56,6 +56,7 @@ __all__ = ["DAdaptAdam"]
     checks={"default": {}, "bias-correction-decouple": {"use_bias_correction": True, "decouple": True,
                                                         "weight_decay": 0.1},
             "coupled-growth": {"weight_decay": 0.05, "growth_rate": 1.5, "betas": (0.8, 0.99), "d0": 1e-2}},
+    graph_breaks="Tensor.item() for the distance estimate d (dadapt_adam.py)",
 )
 class DAdaptAdam(LRFreeOptimizer, OptimlabOptimizer):
     r"""D-Adapted Adam (Defazio & Mishchenko 2023): Adam with a learning rate estimated on the fly.

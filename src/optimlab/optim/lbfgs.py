@@ -173,6 +173,7 @@ def two_loop_direction(flat_grad: Tensor, old_dirs: list[Tensor], old_stps: list
     matrix_exempt="step() needs a closure and the parameters form one vector (the generic matrix steps without "
                   "one); parity, state, semantics and torch's OptimizerInfo inputs in "
                   "tests/optim/test_torch_extras_parity.py",
+    graph_breaks="the line search and stopping tests branch on tensor values (data-dependent control flow; torch's LBFGS too)",
 )
 class LBFGS(OptimlabOptimizer):
     r"""L-BFGS (module docstring): a quasi-Newton method over all parameters as one vector; ``step(closure)``

@@ -57,7 +57,7 @@ def _nadam_step_sizes(
     r"""Advance :math:`\Pi_t = \Pi_{t-1}\mu_t` in place (a 0-dim state tensor) and return the
     signed coefficients of :math:`g_t/d_t` and :math:`m_t/d_t` in the update (:func:`_nadam_coefficients`)."""
     mu_product.mul_(_momentum_coefficient(beta1, momentum_decay, step))
-    return _nadam_coefficients(float(mu_product), step, lr=lr, beta1=beta1, momentum_decay=momentum_decay)
+    return _nadam_coefficients(as_float(mu_product), step, lr=lr, beta1=beta1, momentum_decay=momentum_decay)
 
 
 def _nadam_coefficients(

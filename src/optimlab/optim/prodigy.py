@@ -63,6 +63,7 @@ __all__ = ["Prodigy"]
                                                          "weight_decay": 0.1, "d0": 1e-2},
             "no-momentum-coupled-growth": {"betas": (0.0, 0.99), "decouple": False, "weight_decay": 0.05,
                                            "growth_rate": 1.5, "d_coef": 0.5, "d0": 1e-2}},
+    graph_breaks="Tensor.item() for the distance estimate d (prodigy.py)",
 )
 class Prodigy(LRFreeOptimizer, OptimlabOptimizer):
     r"""Prodigy (Mishchenko & Defazio 2024): Adam with a learning rate estimated on the fly (module docstring).

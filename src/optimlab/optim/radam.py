@@ -50,11 +50,17 @@ _RECTIFICATION_THRESHOLD = 5.0  # rho_t above which the variance of the adaptive
 
 def _radam_step_size(step: float, *, lr: float, beta1: float, beta2: float) -> tuple[float, bool]:
     r"""The signed step size and whether the adaptive (rectified) update applies at step ``t``:
-    :math:`-\eta\, r_t \sqrt{1-\beta_2^t} / (1-\beta_1^t)` when :math:`\rho_t > 5`, else :math:`-\eta/(1-\beta_1^t)`."""
+    :math:`-\eta\, r_t \sqrt{1-\beta_2^t} / (1-\beta_1^t)` when :math:`\rho_t > 5`, else :math:`-\eta/(1-\beta_1^t)`.
+    With ``step`` a tensor (under ``torch.compile``) both are 0-dim tensors."""
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     rho_inf = 2 / (1 - beta2) - 1
     rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
+    if isinstance(rho_t, Tensor):  # under torch.compile (step a tensor): the switch as data, not a branch
+        adaptive = rho_t > _RECTIFICATION_THRESHOLD
+        rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)).clamp(min=0) ** 0.5
+        return torch.where(adaptive, -lr * rect * bias_correction2**0.5 / bias_correction1,
+                           -lr / bias_correction1), adaptive
     if rho_t > _RECTIFICATION_THRESHOLD:
         rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
         return -lr * rect * bias_correction2**0.5 / bias_correction1, True
@@ -110,7 +116,9 @@ def _radam_tensor(
                         decoupled=decoupled_weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    if adaptive:
+    if isinstance(adaptive, Tensor):  # under torch.compile: a denominator of 1 before the switch (exact)
+        param.addcdiv_(exp_avg, torch.where(adaptive, exp_avg_sq.sqrt() + eps, 1.0), value=step_size)
+    elif adaptive:
         param.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=step_size)
     else:
         param.add_(exp_avg, alpha=step_size)

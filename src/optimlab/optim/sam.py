@@ -53,6 +53,7 @@ __all__ = ["SAM"]
     lr_bounds=(1e-4, 1.0), default_lr=1e-2, complex="rejected", checks={},
     matrix_exempt="a wrapper whose step needs a closure (two gradient evaluations), which the generic matrix does "
                   "not give; its properties and parity are checked in tests/optim/test_frontier_sam.py",
+    graph_breaks="its closure recomputes the loss and calls backward() inside step (two gradient evaluations)",
 )
 class SAM(torch.optim.Optimizer):
     r"""SAM / ASAM (Foret et al. 2021; Kwon et al. 2021) around a base optimizer (module docstring).

@@ -148,6 +148,7 @@ def inverse_root(factor: Tensor, p: int, epsilon: float, method: str = "eigh") -
             "no-graft-sum-maximize": {"lr": 1e-3, "grafting": "none", "shampoo_beta": 1.0, "betas": (0.0, 0.99),
                                       "epsilon": 1e-3, "precondition_frequency": 3, "merge_dims": True,
                                       "maximize": True}},
+    graph_breaks="the preconditioner's matrix root (eigendecomposition) runs outside the graph",
 )
 class Shampoo(OptimlabOptimizer):
     r"""Shampoo (Gupta et al. 2018; Anil et al. 2020): blocked Kronecker-factored preconditioning with grafting.

@@ -129,6 +129,7 @@ def _eigenbasis(factor: Tensor) -> Tensor | None:
                                                            "precondition_1d": True, "weight_decay": 0.0},
             "one-sided-normalized-maximize": {"lr": 0.01, "max_precondition_dim": 4, "normalize_gradient": True,
                                               "shampoo_beta": 0.9, "maximize": True}},
+    graph_breaks="a Python branch on a tensor value (soap.py, the preconditioner update)",
 )
 class SOAP(OptimlabOptimizer):
     r"""SOAP (Vyas et al. 2024): Adam in the eigenbasis of Shampoo's preconditioner (module docstring).

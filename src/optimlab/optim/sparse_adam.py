@@ -66,6 +66,7 @@ def _sparse_adam_tensor(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq
     lr_bounds=(1e-5, 1e-1), default_lr=1e-3, reference=torch.optim.SparseAdam, complex="rejected", checks={},
     matrix_exempt="needs sparse gradients (the generic matrix gives dense ones); parity, semantics and torch's "
                   "OptimizerInfo inputs in tests/optim/test_torch_extras_parity.py",
+    graph_breaks="torch.compile does not support sparse tensors (fullgraph=True refuses the sparse gradients)",
 )
 class SparseAdam(OptimlabOptimizer):
     r"""Adam for sparse gradients: moments and parameters change only where the gradient has entries
