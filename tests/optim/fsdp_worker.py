@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
 
 from optimlab.optim import muon
 from optimlab.optim.registry import create_optimizer
@@ -82,6 +82,27 @@ def per_shard_deviation() -> float:
         muon.newton_schulz_orthogonalize(shard, dtype=torch.float32)).abs().max())
 
 
+def owner_compute_layouts() -> dict:
+    """owner_compute on one 7x10 matrix in each layout (rows 4/3, columns 5/5, replicated): whether each rank's
+    result equals its shard of the function of the whole matrix, and the shapes it computed on."""
+    from optimlab.optim._dtensor import owner_compute
+
+    mesh = init_device_mesh("cpu", (2,))
+    matrix = torch.randn(7, 10, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    layouts = [distribute_tensor(matrix, mesh, [placement]) for placement in (Shard(0), Shard(1), Replicate())]
+    computed = []
+
+    def whole_matrix_function(full: torch.Tensor) -> torch.Tensor:
+        computed.append(list(full.shape))
+        return full.flip(0) * full.sum(1, keepdim=True)
+
+    results = owner_compute([layout.to_local() for layout in layouts], layouts, whole_matrix_function, torch.float64)
+    expected = matrix.flip(0) * matrix.sum(1, keepdim=True)
+    equal = [torch.equal(result, distribute_tensor(expected, mesh, layout.placements).to_local())
+             for result, layout in zip(results, layouts)]
+    return {"equal": equal, "computed": computed}
+
+
 def main(out: Path) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -102,7 +123,8 @@ def main(out: Path) -> None:
     muon.newton_schulz_orthogonalize = orthogonalize
     # every call of the "muon" configuration: the unsharded copy's 3 matrices a step, plus the sharded one's owned
     (out / f"rank{rank}.json").write_text(json.dumps({"results": results, "ns_calls": calls,
-                                                      "per_shard": per_shard_deviation()}))
+                                                      "per_shard": per_shard_deviation(),
+                                                      "layouts": owner_compute_layouts()}))
     dist.barrier()
     dist.destroy_process_group()
 

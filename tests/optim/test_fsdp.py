@@ -75,3 +75,12 @@ def test_a_per_shard_orthogonalisation_would_differ(ranks: list[dict]) -> None:
     # the orthogonal factor of an 8x16 half is not the half of the 16x16 matrix's: O(1) apart, not rounding
     for rank in ranks:
         assert rank["per_shard"] > 0.1
+
+
+@pytest.mark.slow
+def test_owner_compute_takes_every_layout(ranks: list[dict]) -> None:
+    # a 7x10 matrix sharded by rows (4/3), by columns (5/5) and replicated: matrices 0 and 2 owned by rank 0,
+    # matrix 1 by rank 1; each rank's result is exactly its shard of the function of the whole matrix
+    assert [rank["layouts"]["computed"] for rank in ranks] == [[[7, 10], [7, 10]], [[7, 10]]]
+    for rank in ranks:
+        assert rank["layouts"]["equal"] == [True, True, True]

@@ -10,10 +10,10 @@ Under FSDP2 every parameter, gradient and optimizer state buffer is a ``DTensor`
   sees plain tensors only.
 * **Whole-matrix rules** (Muon's Newton–Schulz) are not elementwise: an orthogonalisation of a shard is not
   the shard of the orthogonalised matrix. :func:`owner_compute` runs them on the full matrix, once:
-  matrix :math:`i` is gathered (``full_tensor()``), its owner rank :math:`i \bmod W` (round-robin over the
-  matrices of the step, so the work is spread over the :math:`W` ranks) computes the result, and the result
-  is scattered back from the owner (``distribute_tensor(..., src_data_rank=owner)``), each rank receiving
-  its shard in the parameter's layout. The result equals the unsharded rule's bit for bit, since the owner
+  matrix :math:`i` is gathered to its owner rank :math:`i \bmod W` alone (round-robin over the matrices of
+  the step, so the work is spread over the :math:`W` ranks), which computes the result and scatters it back
+  (``distribute_tensor(..., src_data_rank=owner)``), each rank receiving its shard in the parameter's
+  layout; of a sharded matrix, no rank but the owner holds the whole. The result equals the unsharded rule's bit for bit, since the owner
   computes on exactly the matrix an unsharded run would. Trust-ratio norms (LAMB, LARS) are reductions that
   DTensor all-reduces itself; :func:`host_values` brings such a replicated result to the host.
 
@@ -36,7 +36,8 @@ __all__ = ["check_dtensor_support", "has_dtensor", "host_values", "is_dtensor", 
            "owner_compute"]
 
 try:  # torch.distributed is optional (some builds lack it): then no parameter can be a DTensor
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 except ImportError:  # pragma: no cover - builds without torch.distributed
     DTensor = None  # type: ignore[assignment,misc]
 
@@ -69,15 +70,38 @@ def host_values(tensor: Tensor) -> list[float]:
     return (tensor.full_tensor() if is_dtensor(tensor) else tensor).tolist()
 
 
+def _gather_to_owner(shard: Tensor, layout: Tensor, owner: int) -> Tensor | None:
+    """The whole matrix of which ``shard`` is this rank's part (laid out as the DTensor ``layout``) on the
+    ``owner`` rank of its 1-D mesh, ``None`` on the others. A ``Shard(dim)`` layout is gathered to the owner
+    alone: each shard padded to the largest (``torch.chunk``'s sizes, which ``Shard`` follows), one
+    ``gather``; a replicated one is already whole; any other layout is all-gathered (``full_tensor``)."""
+    mesh, (placement,) = layout.device_mesh, layout.placements
+    is_owner = mesh.get_local_rank() == owner
+    if placement.is_replicate():
+        return shard if is_owner else None
+    if type(placement) is not Shard:  # e.g. a strided shard (FSDP2 with tensor parallelism): DTensor gathers it
+        whole = DTensor.from_local(shard, mesh, layout.placements, shape=layout.shape, stride=layout.stride())
+        whole = whole.full_tensor()  # a collective: every rank takes part
+        return whole if is_owner else None
+    dim, ranks = placement.dim, mesh.size()
+    sizes = [len(chunk) for chunk in torch.empty(layout.shape[dim], device="meta").chunk(ranks)]
+    sizes += [0] * (ranks - len(sizes))
+    padding = [0, 0] * (shard.dim() - 1 - dim) + [0, sizes[0] - shard.size(dim)]
+    padded = torch.nn.functional.pad(shard, padding).contiguous()
+    pieces = [torch.empty_like(padded) for _ in range(ranks)] if is_owner else None
+    dist.gather(padded, pieces, group=mesh.get_group(), group_dst=owner)
+    return torch.cat([piece.narrow(dim, 0, size) for piece, size in zip(pieces, sizes)], dim) if is_owner else None
+
+
 def owner_compute(shards: Sequence[Tensor], like: Sequence[Tensor], compute: Callable[[Tensor], Tensor],
                   dtype: torch.dtype) -> list[Tensor]:
     """``compute`` of each whole matrix, done once, by its owner rank; returns this rank's shard of each result.
 
     ``shards[i]`` is this rank's local shard of matrix :math:`i`, laid out as the DTensor ``like[i]`` (same
-    mesh, placements, global shape and stride). Matrix :math:`i` is gathered on every rank, its owner
-    (:math:`i \\bmod W` in the mesh) calls ``compute`` on it, which must return a tensor of the global shape
-    and of ``dtype``, and the owner scatters the result: each rank gets its local shard, laid out as
-    ``like[i]``. Every rank must call this with the same matrices in the same order (collectives).
+    1-D mesh, placement, global shape and stride). Matrix :math:`i` is gathered to its owner (:math:`i \bmod W`
+    in the mesh) only, which calls ``compute`` on it; ``compute`` must return a tensor of the global shape and
+    of ``dtype``. The owner scatters the result: each rank gets its local shard, laid out as ``like[i]``. Every
+    rank must call this with the same matrices in the same order (collectives).
     """
     results = []
     for index, (shard, layout) in enumerate(zip(shards, like)):
@@ -85,15 +109,15 @@ def owner_compute(shards: Sequence[Tensor], like: Sequence[Tensor], compute: Cal
         if mesh.ndim != 1:
             raise NotImplementedError(f"owner_compute: a {mesh.ndim}-D device mesh (e.g. HSDP); only 1-D meshes "
                                       "(fully_shard over one process group) are supported yet")
-        full = DTensor.from_local(shard, mesh, placements, shape=layout.shape, stride=layout.stride()).full_tensor()
         owner = index % mesh.size()
-        if mesh.get_local_rank() == owner:
+        full = _gather_to_owner(shard, layout, owner)
+        if full is not None:
             result = compute(full)
-            if result.shape != full.shape or result.dtype != dtype:
+            if result.shape != layout.shape or result.dtype != dtype:
                 raise RuntimeError(f"owner_compute: compute returned a {result.dtype} tensor of shape "
-                                   f"{tuple(result.shape)}; expected {dtype} of shape {tuple(full.shape)}")
+                                   f"{tuple(result.shape)}; expected {dtype} of shape {tuple(layout.shape)}")
         else:
-            result = torch.empty(full.shape, dtype=dtype, device=full.device)
+            result = torch.empty(layout.shape, dtype=dtype, device=shard.device)
         results.append(distribute_tensor(result, mesh, placements, src_data_rank=owner).to_local())
     return results
 
