@@ -290,16 +290,16 @@ def test_full_disk_under_ddp_is_one_line_and_exit_code_2(text_file: Path, small_
     """Rank 0 cannot write its checkpoint: its one line is the job's only error line, exit code 2 (not the
     launcher's 'rank 0 failed' on top)."""
     out = small_tmpfs / "run"
-    args = ("train", "--out", str(out), "--data", str(text_file), *TINY, "--steps", "8", "--checkpoint-every", "4",
-            "--nproc-per-node", "2", "--master-port", "0", "-q")
-    first = run_cli(*args, "--stop-at", "4")
-    assert first.returncode == 0, first.stderr[-2000:]
+    first = invoke("train", "--out", str(out), "--data", str(text_file), *TINY, "--steps", "8", "--checkpoint-every",
+                   "4", "--stop-at", "4", "-q")  # one process, global batch 4; resumed below by 2 x 2
+    assert first.exit_code == 0, first.output
     with (small_tmpfs / "filler").open("wb", buffering=0) as filler:
         with pytest.raises(OSError, match="No space left on device"):
             while True:
                 filler.write(b"\0" * 4096)
         filler.truncate(filler.tell() - 32 * 1024)
-    resumed = run_cli("train", "--out", str(out), "--resume", "--nproc-per-node", "2", "--master-port", "0", "-q")
+    resumed = run_cli("train", "--out", str(out), "--resume", "--nproc-per-node", "2", "--batch-size", "2",
+                      "--master-port", "0", "-q")
     errors = [line for line in resumed.stderr.splitlines() if line.startswith("error")]
     assert resumed.returncode == 2, resumed.stderr[-2000:]
     assert errors == [f"error: cannot write checkpoint to {out}: no space left on device; the previous checkpoint "
