@@ -100,26 +100,32 @@ def owner_compute(shards: Sequence[Tensor], like: Sequence[Tensor], compute: Cal
     ``shards[i]`` is this rank's local shard of matrix :math:`i`, laid out as the DTensor ``like[i]`` (same
     1-D mesh, placement, global shape and stride). Matrix :math:`i` is gathered to its owner (:math:`i \bmod W`
     in the mesh) only, which calls ``compute`` on it; ``compute`` must return a tensor of the global shape and
-    of ``dtype``. The owner scatters the result: each rank gets its local shard, laid out as ``like[i]``. Every
-    rank must call this with the same matrices in the same order (collectives).
+    of ``dtype``. The owner scatters the result: each rank gets its local shard, laid out as ``like[i]``. The
+    ranks compute their matrices concurrently (all gathers first, then the computations, then all scatters), so
+    each rank holds the whole of the matrices it owns, about :math:`1/W` of them, at once. Every rank must call
+    this with the same matrices in the same order (collectives).
     """
+    owners = []
+    for index, layout in enumerate(like):
+        if layout.device_mesh.ndim != 1:
+            raise NotImplementedError(f"owner_compute: a {layout.device_mesh.ndim}-D device mesh (e.g. HSDP); only "
+                                      "1-D meshes (fully_shard over one process group) are supported yet")
+        owners.append(index % layout.device_mesh.size())
+    # three passes, so that the owners compute at the same time: every gather, then each rank's own matrices,
+    # then every scatter (one pass per matrix would leave all ranks but the owner waiting on its computation)
+    wholes = [_gather_to_owner(shard, layout, owner) for shard, layout, owner in zip(shards, like, owners)]
     results = []
-    for index, (shard, layout) in enumerate(zip(shards, like)):
-        mesh, placements = layout.device_mesh, layout.placements
-        if mesh.ndim != 1:
-            raise NotImplementedError(f"owner_compute: a {mesh.ndim}-D device mesh (e.g. HSDP); only 1-D meshes "
-                                      "(fully_shard over one process group) are supported yet")
-        owner = index % mesh.size()
-        full = _gather_to_owner(shard, layout, owner)
-        if full is not None:
-            result = compute(full)
-            if result.shape != layout.shape or result.dtype != dtype:
-                raise RuntimeError(f"owner_compute: compute returned a {result.dtype} tensor of shape "
-                                   f"{tuple(result.shape)}; expected {dtype} of shape {tuple(layout.shape)}")
-        else:
-            result = torch.empty(layout.shape, dtype=dtype, device=shard.device)
-        results.append(distribute_tensor(result, mesh, placements, src_data_rank=owner).to_local())
-    return results
+    for whole, shard, layout in zip(wholes, shards, like):
+        if whole is None:
+            results.append(torch.empty(layout.shape, dtype=dtype, device=shard.device))
+            continue
+        result = compute(whole)
+        if result.shape != layout.shape or result.dtype != dtype:
+            raise RuntimeError(f"owner_compute: compute returned a {result.dtype} tensor of shape "
+                               f"{tuple(result.shape)}; expected {dtype} of shape {tuple(layout.shape)}")
+        results.append(result)
+    return [distribute_tensor(result, layout.device_mesh, layout.placements, src_data_rank=owner).to_local()
+            for result, layout, owner in zip(results, like, owners)]
 
 
 def check_dtensor_support(optimizer: torch.optim.Optimizer, group: dict) -> None:
