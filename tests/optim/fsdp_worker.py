@@ -38,6 +38,7 @@ CONFIGS = {
     "lars": ("lars", {}),
     "soap": ("soap", {}),
     "prodigy": ("prodigy", {}),
+    "dadapt-adam": ("dadapt-adam", {}),
     "adamw-int8": ("adamw-int8", {}),
 }
 

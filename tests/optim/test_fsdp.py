@@ -29,6 +29,7 @@ BITWISE = ("adamw", "adamw-foreach", "adamw-fused", "sgd-momentum", "lion", "sch
 REDUCTION_ORDER = {"adafactor": 2e-7, "adafactor-fused": 2e-7, "lamb": 2e-7, "lamb-fused": 2e-7}
 REFUSED = {"soap": "SOAP cannot update sharded (DTensor) parameters",
            "prodigy": "Prodigy cannot update sharded (DTensor) parameters",
+           "dadapt-adam": "DAdaptAdam cannot update sharded (DTensor) parameters",
            "adamw-int8": "AdamW(state_dtype='int8') cannot update sharded (DTensor) parameters"}
 
 
