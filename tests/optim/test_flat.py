@@ -17,7 +17,8 @@ from .cases import ALL_CASES, Case
 from .fused_harness import needs_compiler
 
 FLAT_CASES = [case for case in ALL_CASES
-              if case.optimizer.__name__ in ELEMENTWISE and case.kwargs.get("state_dtype") is None]
+              if case.optimizer.__name__ in ELEMENTWISE and case.kwargs.get("state_dtype") is None
+              and not case.kwargs.get("cautious")]
 NO_COMPLEX = ("Lion", "ScheduleFreeAdamW")  # their rules use sign() / have no complex support on any path
 STEPS = 12
 
@@ -232,6 +233,8 @@ def test_refuses_what_it_cannot_flatten() -> None:
 
     with pytest.raises(ValueError, match="LAMB is not supported"):
         flatten_parameters(LAMB(params(), lr=0.1))
+    with pytest.raises(ValueError, match="param group 0 has cautious=True"):
+        flatten_parameters(AdamW(params(), lr=0.1, cautious=True))
     with pytest.raises(ValueError, match="state_dtype='bfloat16'"):
         flatten_parameters(Adam(params(), lr=0.1, state_dtype="bfloat16"))
     base = torch.randn(10)

@@ -30,7 +30,8 @@ Kept (tested in ``tests/optim/test_flat.py``):
 
 Refused, with an error naming the parameter or option:
 
-* optimizers whose rule is not elementwise (only the classes in :data:`ELEMENTWISE`), and
+* optimizers whose rule is not elementwise (only the classes in :data:`ELEMENTWISE`), groups with
+  ``cautious=True`` (its mask is rescaled by a mean over each tensor, not over the buffer), and
   low-precision state (``state_dtype``: int8 block scales and the rounding noise are per tensor);
 * parameters that are views of another tensor or share storage with another parameter (flattening
   would silently untie them);
@@ -301,6 +302,9 @@ def _check_flattenable(optimizer: torch.optim.Optimizer, flat_groups: Sequence[_
             for bucket in flat.buckets}
     storages: dict[int, int] = {}
     for group_index, group in enumerate(optimizer.param_groups):
+        if group.get("cautious"):
+            raise ValueError(f"flatten_parameters: param group {group_index} has cautious=True; its mask is "
+                             "rescaled by a mean over each tensor, so the rule is not elementwise (cautious=False)")
         if group.get("state_dtype") is not None:
             raise ValueError(f"flatten_parameters: param group {group_index} has state_dtype="
                              f"{group['state_dtype']!r}; flat mode keeps state in the parameter's dtype "
@@ -330,7 +334,8 @@ def flatten_parameters(optimizer: torch.optim.Optimizer) -> torch.optim.Optimize
     adopting parameters replaced meanwhile and groups added since.
 
     Raises:
-        ValueError: for an optimizer whose rule is not elementwise, low-precision state, or parameters
+        ValueError: for an optimizer whose rule is not elementwise (``cautious=True`` included),
+            low-precision state, or parameters
             that are views or share storage (see the module docstring).
     """
     previous = optimizer.__dict__.get(_ATTRIBUTE, [])
