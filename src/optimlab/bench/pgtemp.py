@@ -4,7 +4,8 @@
 ``/usr/lib/postgresql/*/bin``, or ``initdb`` on ``PATH``) on a free local port, with its data directory in
 a fresh temporary folder, and removes everything on :meth:`~TemporaryPostgres.stop`. As root, the server
 runs as the unprivileged ``postgres`` user (``initdb`` refuses root). TCP connections need the password
-(scram-sha-256); the Unix socket in the data folder trusts local users.
+(scram-sha-256); the Unix socket in the data folder trusts local users. A watchdog stops the server if
+the process that started it dies without calling :meth:`~TemporaryPostgres.stop`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import glob
 import os
 import pwd
 import secrets
+import shlex
 import shutil
 import socket
 import subprocess
@@ -53,6 +55,7 @@ class TemporaryPostgres:
         self.password = secrets.token_hex(8)
         self.port = 0
         self.folder: Path | None = None
+        self._watchdog: subprocess.Popen | None = None
 
     def _as_server_user(self, command: list[str]) -> list[str]:
         if os.geteuid() != 0:
@@ -89,12 +92,28 @@ class TemporaryPostgres:
             options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run(str(self.binaries / "pg_ctl"), "-D", str(data), "-l", str(self.folder / "server.log"), "-w",
                   "-t", "60", "-o", options, "start")
+        self._watchdog = self._start_watchdog()
         return self
+
+    def _start_watchdog(self) -> subprocess.Popen:
+        """A detached shell that stops the server and deletes its folder once this process is gone, so a
+        test run that is killed (no fixture teardown) leaves no server behind."""
+        assert self.folder is not None and self.binaries is not None
+        stop = shlex.join(self._as_server_user([str(self.binaries / "pg_ctl"), "-D", str(self.folder / "data"),
+                                                "-m", "immediate", "-w", "stop"]))
+        script = (f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 1; done; "
+                  f"{stop} >/dev/null 2>&1; rm -rf {shlex.quote(str(self.folder))}")
+        return subprocess.Popen(["sh", "-c", script], start_new_session=True, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self) -> None:
         """Stop the server and delete its files."""
         if self.folder is None:
             return
+        if self._watchdog is not None:
+            self._watchdog.kill()
+            self._watchdog.wait()
+            self._watchdog = None
         if (self.folder / "data" / "postmaster.pid").exists():
             self._run(str(self.binaries / "pg_ctl"), "-D", str(self.folder / "data"), "-m", "immediate", "-w", "stop")
         shutil.rmtree(self.folder, ignore_errors=True)
