@@ -64,7 +64,7 @@ from optimlab.optim._base import (
     new_step_tensor,
 )
 from optimlab.optim.registry import register
-from optimlab.optim.soap import merged_shape, project
+from optimlab.optim.soap import factor_outer, merged_shape, project
 
 __all__ = ["Shampoo", "inverse_root", "block_slices"]
 
@@ -284,8 +284,7 @@ class Shampoo(OptimlabOptimizer):
             block_grad = grad[block]
             for dim in range(grad.dim()):
                 factor = state[f"L{number}_{dim}"]
-                others = [j for j in range(block_grad.dim()) if j != dim]
-                outer = torch.tensordot(block_grad, block_grad, dims=(others, others))
+                outer = factor_outer(block_grad, dim)
                 if shampoo_beta == 1.0:
                     factor.add_(outer)
                 else:

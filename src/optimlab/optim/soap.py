@@ -67,7 +67,7 @@ from optimlab.optim._base import (
 )
 from optimlab.optim.registry import register
 
-__all__ = ["SOAP", "merged_shape", "project"]
+__all__ = ["SOAP", "factor_outer", "merged_shape", "project"]
 
 
 def merged_shape(shape: tuple[int, ...], max_dim: int) -> list[int]:
@@ -93,7 +93,15 @@ def merged_shape(shape: tuple[int, ...], max_dim: int) -> list[int]:
 def project(tensor: Tensor, bases: list[Tensor | None], *, back: bool = False) -> Tensor:
     r"""Rotate every dimension of ``tensor`` by its basis: :math:`X \times_i Q_i^\top` (``back``:
     :math:`X \times_i Q_i`); a ``None`` basis leaves its dimension as it is. Each contraction moves the
-    processed dimension to the end, so after all of them the order is the original one."""
+    processed dimension to the end, so after all of them the order is the original one. A matrix takes
+    two plain matrix products instead (:math:`Q_1^\top X Q_2`; no permuted copies)."""
+    if tensor.dim() == 2:
+        left, right = bases
+        if left is not None:
+            tensor = (left if back else left.T) @ tensor
+        if right is not None:
+            tensor = tensor @ (right.T if back else right)
+        return tensor
     for basis in bases:
         if basis is None:
             tensor = tensor.permute(*range(1, tensor.dim()), 0)
@@ -102,8 +110,10 @@ def project(tensor: Tensor, bases: list[Tensor | None], *, back: bool = False) -
     return tensor
 
 
-def _factor_outer(grad: Tensor, dim: int) -> Tensor:
+def factor_outer(grad: Tensor, dim: int) -> Tensor:
     """:math:`G_{(i)} G_{(i)}^\\top`: ``grad`` contracted with itself over every dimension but ``dim``."""
+    if grad.dim() == 2:
+        return grad @ grad.T if dim == 0 else grad.T @ grad
     others = [j for j in range(grad.dim()) if j != dim]
     return torch.tensordot(grad, grad, dims=(others, others))
 
@@ -222,7 +232,7 @@ class SOAP(OptimlabOptimizer):
         shampoo_beta = group["betas"][1] if group["shampoo_beta"] is None else group["shampoo_beta"]
         dims = [dim for dim in range(grad.dim()) if f"GG{dim}" in state]
         for dim in dims:
-            state[f"GG{dim}"].lerp_(_factor_outer(grad, dim), 1 - as_float(shampoo_beta))
+            state[f"GG{dim}"].lerp_(factor_outer(grad, dim), 1 - as_float(shampoo_beta))
         if step == 0:
             for dim in dims:
                 factor = state[f"GG{dim}"]
