@@ -24,8 +24,11 @@ where :math:`G_{(i)} G_{(i)}^\top` contracts every dimension but :math:`i`, :mat
 ``shampoo_beta`` (default :math:`\beta_2`) and :math:`f` = ``precondition_frequency``. The eigenbasis
 refresh is one step of power iteration followed by QR; its columns are ordered by the estimated
 eigenvalues :math:`\operatorname{diag}(Q_i^\top L_i Q_i)` (descending), and :math:`v` is permuted with
-them. The momentum :math:`m` lives in the original space and is projected with the current basis (so a
-basis change never leaves it stale); the update uses the factors of the previous step (the current
+them. The momentum :math:`m` of the paper lives in the original space and is projected with the current
+basis each step; since the projection is linear and the bases orthogonal, ``exp_avg`` holds
+:math:`\mathcal{P}(m_t)` directly (updated with :math:`\mathcal{P}(G_t)`, which the second moment needs
+anyway) and is rotated into the new basis exactly when the basis changes (back with the old, forward
+with the new): the same iterates with one projection fewer per step. The update uses the factors of the previous step (the current
 gradient enters :math:`L_i` after the update, as in the paper). ``normalize_gradient`` divides
 :math:`N_t` by its RMS (plus :math:`\epsilon`).
 
@@ -41,7 +44,7 @@ later starts with its own preconditioner-only step. pytorch-optimizer's ``SOAP``
 param group, runs its QR in float32 and merges dimensions with another rule
 (``merge_small_dims``); it is the same algorithm otherwise (the parity tests say how close).
 
-State per parameter: ``step`` (gradients seen, the first included), ``exp_avg``, ``exp_avg_sq`` and, for
+State per parameter: ``step`` (gradients seen, the first included), ``exp_avg`` (in the current basis), ``exp_avg_sq`` and, for
 each rotated dimension ``i`` of the view, ``GG<i>`` (the factor) and ``Q<i>`` (its eigenbasis): for a
 shape :math:`(n_1, \dots, n_k)`, 2 values per element plus :math:`2 \sum_i n_i^2` values.
 """
@@ -240,7 +243,10 @@ class SOAP(OptimlabOptimizer):
                 state[f"Q{dim}"] = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device) \
                     if basis is None else basis
         elif step % group["precondition_frequency"] == 0:
+            order = len(grad.shape)
+            momentum = project(state["exp_avg"].view(grad.shape), self._bases(state, order), back=True)
             self._refresh_basis(state, dims, grad.shape)
+            state["exp_avg"].copy_(project(momentum, self._bases(state, order)).reshape(state["exp_avg"].shape))
 
     @staticmethod
     def _refresh_basis(state: dict[str, Any], dims: list[int], shape: torch.Size) -> None:
@@ -276,9 +282,10 @@ class SOAP(OptimlabOptimizer):
                 continue
             bases = self._bases(state, len(shape))
             exp_avg, exp_avg_sq = state["exp_avg"].view(shape), state["exp_avg_sq"].view(shape)
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.lerp_(project(grad, bases).square_(), 1 - beta2)
-            direction = project(project(exp_avg, bases) / exp_avg_sq.sqrt().add_(eps), bases, back=True)
+            rotated = project(grad, bases)
+            exp_avg.lerp_(rotated, 1 - beta1)  # the momentum in the current basis: P(m) = beta1 P(m) + (1-beta1) P(g)
+            exp_avg_sq.lerp_(rotated.square_(), 1 - beta2)
+            direction = project(exp_avg / exp_avg_sq.sqrt().add_(eps), bases, back=True)
             if group["normalize_gradient"]:
                 direction.div_(direction.square().mean().sqrt().add_(eps))
             step_size = lr
