@@ -13,17 +13,12 @@ from optimlab import _compat
 from optimlab.optim import Adam
 from optimlab.schedules import CosineAnnealingLR
 
-PROBES = (_compat._grouping, _compat.privateuse1_backend_name, _compat.scheduler_calls_initial_step)
-
-
 @pytest.fixture(autouse=True)
 def fresh_probes() -> Iterator[None]:
     """Each test probes anew (and sees its own warning); later tests probe the real torch again."""
-    for probe in PROBES:
-        probe.cache_clear()
+    _compat.reset_probes()
     yield
-    for probe in PROBES:
-        probe.cache_clear()
+    _compat.reset_probes()
 
 
 def _tensors() -> list[torch.Tensor]:

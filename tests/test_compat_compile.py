@@ -12,17 +12,11 @@ import torch
 from optimlab import _compat
 from optimlab.optim._fused import FusedStep, fused_unavailable_reason
 
-PROBES = (_compat.dynamo_supported, _compat._compile_fx, _compat.inductor_default_cache_dir,
-          _compat._dynamo_configs, _compat._inductor_config)
-
-
 @pytest.fixture(autouse=True)
 def fresh_probes() -> Iterator[None]:
-    for probe in PROBES:
-        probe.cache_clear()
+    _compat.reset_probes()
     yield
-    for probe in PROBES:
-        probe.cache_clear()
+    _compat.reset_probes()
 
 
 def test_compiler_probes_pass_without_warning_on_this_torch() -> None:

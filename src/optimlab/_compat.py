@@ -45,10 +45,18 @@ __all__ = [
     "inductor_options",
     "optimizer_step_called",
     "privateuse1_backend_name",
+    "reset_probes",
     "scheduler_calls_initial_step",
 ]
 
 _T = TypeVar("_T")
+_PROBES: list[Any] = []
+
+
+def reset_probes() -> None:
+    """Forget every probe's cached result, so the next use probes again (tests that remove an internal)."""
+    for probe in _PROBES:
+        probe.cache_clear()
 
 
 def _probed(api: str, instead: str, fallback_value: Callable[[], _T]) -> Callable[[Callable[[], _T]], Callable[[], _T]]:
@@ -65,6 +73,7 @@ def _probed(api: str, instead: str, fallback_value: Callable[[], _T]) -> Callabl
                               f"({type(error).__name__}: {error}); {instead}", RuntimeWarning, stacklevel=3)
                 return fallback_value()
 
+        _PROBES.append(run)
         return run
 
     return decorate
