@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from optimlab.optim._fused import fused_unavailable_reason
+from optimlab.optim.registry import get_registration
 
 STEPS = 20
 
@@ -32,6 +33,14 @@ class FusedCase:
     rtol: float = 1e-12
     skip_grads: bool = False  # one parameter has no gradient on some steps (its step count falls behind)
     groups: Callable[[torch.dtype, torch.Generator], list[dict[str, Any]]] | None = None  # default: param_groups
+
+
+def fused_check(cls: type) -> dict[str, Any]:
+    """The configuration ``cls`` declares for its fused path (``register(fused_check=...)``): every option its
+    compiled rule branches on. The fused test files run it with their own layouts, dtypes and schedules."""
+    check = get_registration(cls).fused_check
+    assert check is not None, f"{cls.__name__} declares no fused_check"
+    return dict(check)
 
 
 def param_groups(dtype: torch.dtype, generator: torch.Generator) -> list[dict[str, Any]]:

@@ -20,17 +20,16 @@ from optimlab.optim._fused import DISABLE_ENV, FusedStep, fused_step, fused_unav
 from optimlab.optim.adam import _adam_tensor
 from optimlab.optim.sgd import _sgd_tensor
 
-from .fused_harness import (STEPS, FusedCase, assert_matches_reference, build, cross_load_and_continue,
+from .fused_harness import (STEPS, FusedCase, assert_matches_reference, build, cross_load_and_continue, fused_check,
                             max_relative_error, needs_compiler, run_pair, set_grads)
 
 CASES = [
-    FusedCase("adam-amsgrad-l2-f64", Adam, {"lr": 1e-2, "amsgrad": True, "weight_decay": 0.1}, skip_grads=True),
-    FusedCase("adamw-maximize-f64", AdamW, {"lr": 1e-2, "betas": (0.8, 0.99), "maximize": True}),
+    FusedCase("adam-amsgrad-l2-f64", Adam, fused_check(Adam), skip_grads=True),
+    FusedCase("adamw-maximize-f64", AdamW, fused_check(AdamW)),
     FusedCase("adamw-f32", AdamW, {"lr": 1e-2}, torch.float32, 1e-6),
-    FusedCase("sgd-nesterov-l2-f64", SGD, {"lr": 1e-2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
-    FusedCase("lion-decay-f64", Lion, {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1}),
-    FusedCase("adagrad-decay-f64", Adagrad, {"lr": 1e-1, "lr_decay": 0.01, "weight_decay": 0.01,
-                                             "initial_accumulator_value": 0.1}, skip_grads=True),
+    FusedCase("sgd-nesterov-l2-f64", SGD, fused_check(SGD)),
+    FusedCase("lion-decay-f64", Lion, fused_check(Lion)),
+    FusedCase("adagrad-decay-f64", Adagrad, fused_check(Adagrad), skip_grads=True),
 ]
 
 

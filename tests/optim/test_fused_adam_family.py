@@ -19,18 +19,16 @@ from optimlab.optim import _fused
 from optimlab.optim._fused import DISABLE_ENV
 from optimlab.optim.radam import _radam_step_size
 
-from .fused_harness import (FusedCase, assert_matches_reference, build, cross_load_and_continue, max_relative_error,
-                            needs_compiler, run_pair, set_grads, state_tensors)
+from .fused_harness import (FusedCase, assert_matches_reference, build, cross_load_and_continue, fused_check,
+                            max_relative_error, needs_compiler, run_pair, set_grads, state_tensors)
 
 RULES = {Adamax: "_adamax_tensor", NAdam: "_nadam_tensor", RAdam: "_radam_tensor"}
 
 F64_CASES = [
-    FusedCase("adamax-l2-maximize-skip-f64", Adamax, {"lr": 1e-2, "weight_decay": 0.1, "maximize": True},
+    FusedCase("adamax-l2-maximize-skip-f64", Adamax, fused_check(Adamax),
               skip_grads=True),
-    FusedCase("nadam-decoupled-maximize-skip-f64", NAdam, {"lr": 1e-2, "weight_decay": 0.1, "maximize": True,
-                                                           "decoupled_weight_decay": True}, skip_grads=True),
-    FusedCase("radam-decoupled-maximize-skip-f64", RAdam, {"lr": 1e-2, "weight_decay": 0.1, "maximize": True,
-                                                           "decoupled_weight_decay": True}, skip_grads=True),
+    FusedCase("nadam-decoupled-maximize-skip-f64", NAdam, fused_check(NAdam), skip_grads=True),
+    FusedCase("radam-decoupled-maximize-skip-f64", RAdam, fused_check(RAdam), skip_grads=True),
 ]
 F32_CASES = [
     FusedCase("adamax-f32", Adamax, {"lr": 1e-2, "betas": (0.8, 0.99)}, torch.float32, 1e-6),

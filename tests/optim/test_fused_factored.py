@@ -35,8 +35,8 @@ from optimlab.optim import Adafactor, AdamW, Muon, MuonWithAdamW
 from optimlab.optim import _fused
 from optimlab.optim._fused import DISABLE_ENV
 
-from .fused_harness import (FusedCase, assert_matches_reference, build, cross_load_and_continue, max_relative_error,
-                            needs_compiler, run_pair, set_grads, state_tensors)
+from .fused_harness import (FusedCase, assert_matches_reference, build, cross_load_and_continue, fused_check,
+                            max_relative_error, needs_compiler, run_pair, set_grads, state_tensors)
 
 
 def per_tensor_reference(cls: type[torch.optim.Optimizer]) -> Callable[..., torch.optim.Optimizer]:
@@ -76,15 +76,14 @@ def muon_layout(dtype: torch.dtype, generator: torch.Generator, *, shapes: tuple
 
 
 ADAFACTOR_F64 = FusedCase("adafactor-momentum-decay-f64", per_tensor_reference(Adafactor),
-                          {"lr": 5e-2, "beta1": 0.9, "weight_decay": 0.1, "d": 1.5}, skip_grads=True,
+                          fused_check(Adafactor), skip_grads=True,
                           groups=functools.partial(adafactor_layout, beta1=0.5, d=1.2, eps=(None, 1e-2),
                                                    beta2_decay=-0.6))
 ADAFACTOR_F32 = FusedCase("adafactor-absolute-step-f32", per_tensor_reference(Adafactor),
                           {"lr": 1e-2, "relative_step": False}, torch.float32, 1e-6,
                           groups=functools.partial(adafactor_layout, batched=False, d=1.2, eps=(None, 1e-1)))
 MUON_F64 = FusedCase("muon-nesterov-decay-f64", per_tensor_reference(Muon),
-                     {"lr": 2e-2, "weight_decay": 0.1, "momentum": 0.9, "ns_dtype": torch.float64,
-                      "adjust_lr_fn": "match_rms_adamw"},
+                     fused_check(Muon),
                      groups=functools.partial(muon_layout, shapes=((7, 5), (5, 9)), momentum=0.7))
 # MuonWithAdamW's defaults (no weight decay, Nesterov, a bfloat16 iteration), so that it shares this graph
 MUON_BF16 = FusedCase("muon-bf16-iteration-f32", per_tensor_reference(Muon), {"lr": 2e-2, "weight_decay": 0.0},

@@ -20,8 +20,8 @@ import torch
 from optimlab.optim import Adadelta, RMSprop
 from optimlab.optim import _fused
 
-from .fused_harness import (FusedCase, assert_matches_reference, build, cross_load_and_continue, max_relative_error,
-                            needs_compiler, run_pair, set_grads, state_tensors)
+from .fused_harness import (FusedCase, assert_matches_reference, build, cross_load_and_continue, fused_check,
+                            max_relative_error, needs_compiler, run_pair, set_grads, state_tensors)
 
 
 def layout(dtype: torch.dtype, generator: torch.Generator, *, with_complex: bool = False,
@@ -47,13 +47,12 @@ def layout(dtype: torch.dtype, generator: torch.Generator, *, with_complex: bool
 
 # few constant configurations (each compiles its own graphs): every flag of each rule on in float64, off in float32
 RMSPROP_ALL = FusedCase("rmsprop-centered-momentum-l2-maximize-f64", RMSprop,
-                        {"lr": 1e-2, "alpha": 0.9, "eps": 1e-6, "momentum": 0.9, "centered": True,
-                         "weight_decay": 0.1, "maximize": True}, skip_grads=True,
+                        fused_check(RMSprop), skip_grads=True,
                         groups=functools.partial(layout, with_complex=True, alpha=0.99, eps=1e-4, momentum=0.5))
 RMSPROP_F32 = FusedCase("rmsprop-plain-f32", RMSprop, {"lr": 1e-2}, torch.float32, 1e-6,
                         groups=functools.partial(layout, alpha=0.95, eps=1e-6))
 ADADELTA_ALL = FusedCase("adadelta-l2-maximize-f64", Adadelta,
-                         {"lr": 0.5, "rho": 0.8, "eps": 1e-5, "weight_decay": 0.1, "maximize": True},
+                         fused_check(Adadelta),
                          groups=functools.partial(layout, with_complex=True, rho=0.95, eps=1e-3))
 ADADELTA_F32 = FusedCase("adadelta-plain-f32", Adadelta, {"lr": 1.0}, torch.float32, 1e-6,
                          groups=functools.partial(layout, rho=0.95, eps=1e-5))

@@ -27,8 +27,8 @@ from optimlab.optim import _fused
 from optimlab.optim import schedule_free as schedule_free_module
 from optimlab.optim.modes import eval_weights, has_modes
 
-from .fused_harness import (STEPS, FusedCase, assert_matches_reference, build, max_relative_error, needs_compiler,
-                            param_groups, run_pair, set_grads, state_tensors)
+from .fused_harness import (STEPS, FusedCase, assert_matches_reference, build, fused_check, max_relative_error,
+                            needs_compiler, param_groups, run_pair, set_grads, state_tensors)
 from .harness import save_and_load
 
 
@@ -48,7 +48,7 @@ def with_float64_tensor(dtype: torch.dtype, generator: torch.Generator) -> list[
 
 
 # warmup (3 steps) and r > 0 make the learning rate and the averaging weight c_t change on the early steps
-DECAY = {"lr": 2e-2, "betas": (0.8, 0.99), "weight_decay": 0.05, "warmup_steps": 3, "r": 0.5}
+DECAY = fused_check(ScheduleFreeAdamW)
 SF_DECAY_F64 = FusedCase("sf-decay-skip-f64", ScheduleFreeAdamW, DECAY, skip_grads=True, groups=with_large_tensor)
 SF_DECAY_F32 = FusedCase("sf-decay-mixed-f32", ScheduleFreeAdamW, DECAY, torch.float32, 1e-6,
                          groups=with_float64_tensor)

@@ -23,7 +23,7 @@ from optimlab.optim._fused import DISABLE_ENV, fused_step
 from optimlab.optim.lamb import LARGE_TENSOR_BYTES, _lamb_tensor
 from optimlab.optim.lars import _lars_tensor, trust_ratio
 
-from .fused_harness import (STEPS, FusedCase, assert_matches_reference, build, cross_load_and_continue,
+from .fused_harness import (STEPS, FusedCase, assert_matches_reference, build, cross_load_and_continue, fused_check,
                             max_relative_error, needs_compiler, run_pair, set_grads)
 
 
@@ -54,11 +54,11 @@ LARS_F32 = case("lars-wd-exclude-f32", LARS, {"lr": 0.5, "trust_coefficient": 0.
                 torch.float32)
 CASES = [
     # a parameter skips steps: its step count (bias corrections) falls behind, so the group splits by step
-    case("lamb-wd-cap-skip-f64", LAMB, {"lr": 1e-2, "weight_decay": 0.1, "max_trust_ratio": 0.9}, skip_grads=True),
+    case("lamb-wd-cap-skip-f64", LAMB, fused_check(LAMB), skip_grads=True),
     case("lamb-no-bias-correction-maximize-f64", LAMB, {"lr": 1e-2, "betas": (0.8, 0.99), "eps": 1e-8,
                                                         "bias_correction": False, "maximize": True}),
     LAMB_F32,
-    case("lars-wd-exclude-f64", LARS, {"lr": 0.5, "trust_coefficient": 0.02, "weight_decay": 0.01}),
+    case("lars-wd-exclude-f64", LARS, fused_check(LARS)),
     case("lars-adapt-all-maximize-f64", LARS, {"lr": 0.2, "momentum": 0.5, "trust_coefficient": 0.05, "eps": 1e-6,
                                                "exclude_bias_and_norm": False, "maximize": True}),
     LARS_F32,
