@@ -15,6 +15,7 @@ import importlib.util
 import json
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -142,32 +143,44 @@ def compose(results: dict[str, Any], wall_seconds: dict[str, float] | None = Non
     return "\n".join(sections)
 
 
-def run_all(out: str | Path, quick: bool = False, *, merge: bool = False, **throughput_options: Any) -> dict[str, Any]:
-    """Run every benchmark, write their files and ``perf.md`` into ``out``; return ``{name: results}``.
+BENCHMARKS = ("step_throughput", "compile_time", "monitor_overhead", "guard_overhead", "store_scaleout")
+
+
+def run_all(out: str | Path, quick: bool = False, *, merge: bool = False, only: Iterable[str] | None = None,
+            **throughput_options: Any) -> dict[str, Any]:
+    """Run every benchmark (or those named in ``only``), write their files and ``perf.md`` into ``out``; return
+    ``{name: results}``.
 
     ``throughput_options`` go to the step-throughput benchmark (e.g. ``sizes``, ``names`` for a subset); with
     ``merge``, its rows replace those of the same configurations in the ``step_throughput.json`` already in
-    ``out`` and the other rows are kept, each with the date it was measured.
+    ``out`` and the other rows are kept, each with the date it was measured. A benchmark left out by ``only``
+    appears in ``perf.md`` from the JSON file a previous run left in ``out``, if there is one.
     """
     out = Path(out)
+    chosen = set(BENCHMARKS if only is None else only)
+    unknown = chosen - set(BENCHMARKS)
+    if unknown:
+        raise ValueError(f"Invalid benchmark name(s): {', '.join(sorted(unknown))} (accepted: {', '.join(BENCHMARKS)})")
     results: dict[str, Any] = {}
     wall_seconds: dict[str, float] = {}
-    throughput = load_benchmark("step_throughput")
-    assert throughput is not None
-    start = time.perf_counter()
-    results["step_throughput"] = throughput.run(quick, **throughput_options)
-    previous = out / "step_throughput.json"
-    if merge and previous.exists():
-        results["step_throughput"] = throughput.merge(json.loads(previous.read_text()), results["step_throughput"])
-    throughput.write(results["step_throughput"], out)
-    wall_seconds["step_throughput"] = time.perf_counter() - start
-    for name in ("compile_time", "monitor_overhead", "guard_overhead", "store_scaleout"):
+    for name in BENCHMARKS:
         module = load_benchmark(name)
-        if module is not None:
-            start = time.perf_counter()
+        if module is None:
+            continue
+        if name not in chosen:
+            if (out / f"{name}.json").exists():
+                results[name] = json.loads((out / f"{name}.json").read_text())
+            continue
+        start = time.perf_counter()
+        if name == "step_throughput":
+            results[name] = module.run(quick, **throughput_options)
+            previous = out / "step_throughput.json"
+            if merge and previous.exists():
+                results[name] = module.merge(json.loads(previous.read_text()), results[name])
+        else:
             results[name] = module.run(quick)
-            module.write(results[name], out)
-            wall_seconds[name] = time.perf_counter() - start
+        module.write(results[name], out)
+        wall_seconds[name] = time.perf_counter() - start
     atomic_write_text(out / "perf.md", compose(results, wall_seconds))
     return results
 
@@ -176,8 +189,7 @@ def render(out: str | Path) -> Path:
     """Rewrite ``perf.md`` in ``out`` from the JSON files a previous run left there (no measuring)."""
     out = Path(out)
     results = {name: json.loads((out / f"{name}.json").read_text())
-               for name in ("step_throughput", "compile_time", "monitor_overhead", "guard_overhead",
-                            "store_scaleout") if (out / f"{name}.json").exists()}
+               for name in BENCHMARKS if (out / f"{name}.json").exists()}
     atomic_write_text(out / "perf.md", compose(results))
     return out / "perf.md"
 
@@ -193,11 +205,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--algorithms", default=None, help="step throughput: comma-separated subset of the algorithms")
     parser.add_argument("--merge", action="store_true",
                         help="keep the step-throughput rows of --out's JSON for configurations not measured now")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated benchmarks to run (the others are shown from --out's JSON files): "
+                        + ",".join(BENCHMARKS))
     args = parser.parse_args(argv)
     if args.render_only:
         print(render(args.out))
         return
-    run_all(args.out, args.quick, merge=args.merge, sizes=args.sizes.split(",") if args.sizes else None,
+    only = args.only.split(",") if args.only else None
+    if only is not None and set(only) - set(BENCHMARKS):
+        parser.error(f"--only: unknown benchmark(s) {','.join(sorted(set(only) - set(BENCHMARKS)))} "
+                     f"(accepted: {','.join(BENCHMARKS)})")
+    run_all(args.out, args.quick, merge=args.merge, only=only, sizes=args.sizes.split(",") if args.sizes else None,
             names=args.algorithms.split(",") if args.algorithms else None)
     print(Path(args.out) / "perf.md")
 

@@ -142,6 +142,15 @@ def test_run_all_writes_perf_md_and_calls_monitor(monkeypatch: pytest.MonkeyPatc
     rendered = (tmp_path / "perf.md").read_text()
     assert "| adamw | torch fused |" in rendered and "| monitor | 1.5% |" in rendered
     assert calls == [True]
+    # only the step throughput again: the monitor is not run, its section comes from its JSON file
+    (tmp_path / "monitor_overhead.json").write_text('{"overhead_percent": {}}')
+    again = run_all.run_all(tmp_path, quick=True, only=["step_throughput"], merge=True, names=["lion"],
+                            include_compiled=False, quiet=True)
+    assert calls == [True] and again["monitor_overhead"] == {"overhead_percent": {}}
+    kept = {(row["algorithm"], row["impl"]) for row in again["step_throughput"]["rows"]}
+    assert ("adamw", "torch fused") in kept and ("lion", "lion-pytorch") in kept  # merged with the first run
+    with pytest.raises(ValueError, match="Invalid benchmark name"):
+        run_all.run_all(tmp_path, only=["step-throughput"])
 
 
 def test_gpt2_small_shapes(throughput: ModuleType) -> None:
