@@ -22,7 +22,7 @@ from typing import Any
 from optimlab.io import atomic_write_text
 
 # (algorithm registry name, flat mode): the fused paths of the performance issue's table
-CONFIGS = [("adamw", True), ("adamw", False), ("adam", True), ("sgd-momentum", True)]
+CONFIGS = [("adamw", True), ("adamw", False), ("sgd-momentum", True)]
 QUICK_CONFIGS = [("sgd-momentum", True)]
 
 _CHILD = """
