@@ -363,7 +363,10 @@ def default_plan(quick: bool) -> list[tuple[str, str, torch.dtype, list[str] | N
     plan += [("10k-small", name, torch.float32, None) for name in small]
     plan += [("200M", name, torch.float32, ["optimlab flat", "optimlab fused", "optimlab foreach", "torch fused"])
              for name in core]
-    plan += [("gpt2-small", name, torch.float32, None) for name in ("adamw", "adam", "sgd-momentum")]
+    # the table: flat and default paths against torch's fused step and its CPU default (no foreach rows:
+    # at 124M parameters they take seconds a step and are not in the table)
+    plan += [("gpt2-small", name, torch.float32, ["optimlab flat", "optimlab fused", "optimlab default", "torch fused",
+                                                  "torch for-loop"]) for name in ("adamw", "adam", "sgd-momentum")]
     return [entry for entry in plan if table[entry[1]].sizes is None or entry[0] in table[entry[1]].sizes]
 
 

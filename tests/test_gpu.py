@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from optimlab.clip import clip_grad_norm_
+from optimlab.optim import flatten_parameters
+from optimlab.optim.flat import ELEMENTWISE
 from tests.optim.cases import REFERENCE_CASES
 
 pytestmark = pytest.mark.gpu
@@ -24,9 +26,12 @@ def _params(device: str, dtype: torch.dtype) -> list[torch.Tensor]:
     return [torch.randn(shape, generator=generator, dtype=dtype).to(device).requires_grad_() for shape in shapes]
 
 
-def _train(optimizer_cls: type[torch.optim.Optimizer], kwargs: dict, device: str, dtype: torch.dtype) -> list[torch.Tensor]:
+def _train(optimizer_cls: type[torch.optim.Optimizer], kwargs: dict, device: str, dtype: torch.dtype,
+           flat: bool = False) -> list[torch.Tensor]:
     params = _params(device, dtype)
     optimizer = optimizer_cls(params, **{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kwargs.items()})
+    if flat:
+        flatten_parameters(optimizer)
     for step in range(STEPS):
         optimizer.zero_grad()
         loss = sum(((p - 0.1 * step) ** 2).sum() + torch.sin(3 * p).sum() for p in params)
@@ -79,3 +84,18 @@ def test_fused_triton_path_matches_reference_on_cuda(name: str) -> None:
     reference_kwargs = {**kwargs, "foreach": False} if "foreach" in inspect.signature(cls).parameters else kwargs
     reference = _train(cls, reference_kwargs, "cuda", torch.float32)
     assert _max_relative(fused, reference) <= 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(set(FUSED_KWARGS) & set(ELEMENTWISE)))
+def test_flat_fused_step_matches_reference_on_cuda(name: str) -> None:
+    """Flat-buffer mode with the fused step on the GPU: one Triton kernel per buffer, the reference's results."""
+    import inspect
+
+    import optimlab.optim as optim
+
+    cls = getattr(optim, name)
+    kwargs = FUSED_KWARGS[name]
+    flat = _train(cls, {**kwargs, "fused": True}, "cuda", torch.float32, flat=True)
+    reference_kwargs = {**kwargs, "foreach": False} if "foreach" in inspect.signature(cls).parameters else kwargs
+    reference = _train(cls, reference_kwargs, "cuda", torch.float32)
+    assert _max_relative(flat, reference) <= 1e-6
