@@ -186,6 +186,13 @@ def test_issue_table_and_default_verdict(throughput: ModuleType) -> None:
     assert "| 20M (100 tensors, 20M params) | 1.10 yes | – | 0.80 **no** | 0.55 | 0.95 |" in table
     default = [v for v in throughput.evaluate_targets(results) if v["ours"] == "optimlab default"]
     assert [(v["algorithm"], round(v["ratio"], 2), v["met"]) for v in default] == [("adamw", 0.95, False)]
+    # GPT-2 small's shapes are no small-tensor case (its name ends in "small"): the torch-fused target applies
+    results["rows"] += [_row("gpt2-small", "adamw", "optimlab flat", "optimlab", 50.0),
+                        _row("gpt2-small", "adamw", "torch fused", "torch", 60.0),
+                        _row("gpt2-small", "adamw", "torch foreach", "torch", 40.0)]
+    (gpt2,) = [v for v in throughput.evaluate_targets(results)
+               if v["size"] == "gpt2-small" and v["ours"] != "optimlab default"]
+    assert (gpt2["target"], gpt2["theirs"], gpt2["ratio"]) == (">= 1.0x torch fused", "torch fused", 1.2)
 
 
 
