@@ -62,23 +62,9 @@ def _quantize_reference(values: np.ndarray, signed: bool, dither: np.ndarray) ->
 
 
 def _bfloat16_reference(values: np.ndarray, dither: np.ndarray) -> np.ndarray:
-    """The documented rule on bit patterns: the two bf16 neighbours of |x| (its pattern truncated, and one unit
-    of the last place above), the nearest of them r (ties to the even pattern) and the other o; o when
-    dither < |x - r| / |o - r|, else r; the sign of x. Returns the bf16 bit patterns."""
-    bits = np.abs(values.astype(np.float32)).view(np.int32).astype(np.int64)
-    low = bits & ~0xFFFF
-    high = low + 0x10000
-    as_float = lambda pattern: pattern.astype(np.int32).view(np.float32).astype(np.float64)  # noqa: E731
-    x, below, above = np.abs(values.astype(np.float32)).astype(np.float64), as_float(low), as_float(high)
-    rest = bits & 0xFFFF
-    up_nearest = (rest > 0x8000) | ((rest == 0x8000) & ((low >> 16) & 1 == 1))
-    nearest, other = np.where(up_nearest, above, below), np.where(up_nearest, below, above)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        fraction = (np.abs(x - nearest) / np.abs(other - nearest)).astype(np.float32)
-    chosen = np.where(dither.reshape(values.shape) < fraction, np.where(up_nearest, low, high),
-                      np.where(up_nearest, high, low))
-    sign = (values.astype(np.float32).view(np.int32).astype(np.int64) < 0) & (values != 0)
-    return ((chosen >> 16) | (sign.astype(np.int64) << 15)).astype(np.uint16)  # the bf16 bit pattern
+    bits = values.astype(np.float32).view(np.int32).astype(np.int64)
+    noise = (dither.reshape(values.shape) * np.float32(65536.0)).astype(np.int64)
+    return (((bits + noise) & ~0xFFFF) >> 16).astype(np.uint16)  # the bf16 bit pattern
 
 
 def _moments(shape: tuple[int, ...], signed: bool, seed: int) -> torch.Tensor:

@@ -27,7 +27,8 @@ as usual; :func:`restore_state_dtypes` undoes the float cast that ``Optimizer.lo
 applies to every state tensor.
 
 Writing back rounds *stochastically*: to the upper neighbour with probability equal to the
-fractional position between the two neighbours, else to the lower one. A moving average :math:`m \leftarrow \beta m + (1-\beta) g`
+fractional position between the two neighbours (for bf16: the dropped low mantissa bits over their
+range), else to the lower one. A moving average :math:`m \leftarrow \beta m + (1-\beta) g`
 changes by a fraction :math:`1-\beta` per step (1 % for Lion's :math:`\beta_2 = 0.99`, 0.1 % for
 Adam's :math:`\beta_2 = 0.999`), less than half a quantisation step, so round-to-nearest leaves
 many entries stuck and the error builds up to about :math:`\tfrac{1}{1-\beta}` half-steps;
@@ -215,38 +216,22 @@ def _quantize_flat(flat: Tensor, signed: bool, block_size: int, uniform: Tensor 
 
 
 def round_to_bfloat16(values: Tensor, dither: Tensor | None = None) -> Tensor:
-    r"""``values`` as bfloat16: round-to-nearest, or stochastic rounding with ``dither`` (uniform [0, 1), one
-    per value).
-
-    With :math:`r` the nearest bf16 value to :math:`x` and :math:`o` its neighbour on the other side of
-    :math:`x`, the result is :math:`o` when ``dither`` :math:`< |x - r| / |o - r|` and :math:`r`
-    otherwise, so each of the two neighbours around :math:`x` is taken with probability equal to the
-    fractional position of :math:`x` between them (unbiased). Computed with float operations and
-    conversions only (no bit casts, which Inductor's CPU code does one value at a time).
-    """
+    """``values`` as bfloat16: round-to-nearest, or stochastic rounding with ``dither`` (uniform [0, 1),
+    one per value): the float32 bit pattern gets ``floor(dither * 2**16)`` added to its 16 low bits,
+    which are then dropped, so the magnitude rounds up with probability equal to the dropped fraction."""
     if dither is None:
         return values.to(torch.bfloat16)
     if dither.numel() != values.numel():
         raise ValueError(f"Invalid dither: {dither.numel()} values for {values.numel()} to round")
-    return _stochastic_bfloat16(values, dither.reshape(values.shape).to(torch.float32))
+    return _round_to_bfloat16_bits(values, (dither.reshape(values.shape).to(torch.float32) * 65536.0).to(torch.int32))
 
 
-_NEIGHBOUR_OFFSET = 45 / 8192
-"""0.703 bf16 spacings (2**-7 of a bf16 value's magnitude is 1 to 2 spacings): a bf16 value plus or minus this
-multiple of itself rounds to its neighbour on that side, also at a power of two, where the spacing below is half
-the spacing above; exact in float32 (45 has six significant bits)."""
-
-
-def _stochastic_bfloat16(values: Tensor, uniform: Tensor) -> Tensor:
-    # see round_to_bfloat16; the round trips through bf16 must be kept by the compiler (emulate_precision_casts)
-    x = values.detach().to(torch.float32)
-    nearest = x.to(torch.bfloat16).to(torch.float32)
-    magnitude, target = nearest.abs(), x.abs()
-    offset = magnitude * _NEIGHBOUR_OFFSET
-    other = torch.where(target >= magnitude, magnitude + offset, magnitude - offset).to(torch.bfloat16).float()
-    fraction = (target - magnitude) / (other - magnitude)  # in [0, 1/2]; NaN at 0 (which stays 0)
-    rounded = torch.where(uniform < fraction, other, magnitude)
-    return torch.where(x < 0, -rounded, rounded).to(torch.bfloat16)
+def _round_to_bfloat16_bits(values: Tensor, noise: Tensor) -> Tensor:
+    # noise: int32 in [0, 2**16) added to the float32 pattern before its 16 low bits are cleared
+    bits = values.detach().to(torch.float32, copy=True).contiguous().view(torch.int32)
+    bits += noise.view(bits.shape)
+    bits.bitwise_and_(-65536)  # clear the 16 low bits (two's complement ~0xFFFF)
+    return bits.view(torch.float32).to(torch.bfloat16)
 
 
 _MASK32 = 0xFFFFFFFF
@@ -375,9 +360,10 @@ def load_moments(states: Sequence[dict[str, Any]], key: str, params: Sequence[Te
 
 
 def _rounded_bfloat16(flat: Tensor, start: int | Tensor) -> Tensor:
-    """1-D ``flat`` rounded stochastically to bf16 (:func:`round_to_bfloat16`) with the dither of hash inputs
-    ``start + i`` (:func:`uniform_dither`'s numbers)."""
-    return _stochastic_bfloat16(flat, _bits_to_uniform(_hash_from(start, flat.numel(), flat.device)))
+    """1-D ``flat`` rounded stochastically to bf16 with the noise of hash inputs ``start + i`` (the 16
+    high hash bits are ``floor(uniform * 2**16)`` of :func:`uniform_dither`)."""
+    noise = _hash_from(start, flat.numel(), flat.device).bitwise_right_shift_(16).bitwise_and_(0xFFFF)
+    return _round_to_bfloat16_bits(flat, noise)
 
 
 def _rounded_int8(flat: Tensor, start: int | Tensor, signed: bool) -> tuple[Tensor, Tensor]:
@@ -522,16 +508,8 @@ def fused_lowp_step(
             if storage == "int8":  # made before tracing: the compiled step reads them as inputs
                 for signed in (True, False):
                     _code_tables(signed, device)
-            with _int8_inductor_options() if storage == "int8" else _bfloat16_inductor_options():
+            with _int8_inductor_options() if storage == "int8" else contextlib.nullcontext():
                 step_fn([[column[i] for i in indices] for column in lists], arguments)
-
-
-def _bfloat16_inductor_options() -> contextlib.AbstractContextManager[Any]:
-    # Inductor drops a float32 -> bf16 -> float32 round trip inside a kernel unless told to keep it; the
-    # stochastic rounding (_stochastic_bfloat16) is made of such round trips. Read when compiling.
-    from optimlab import _compat
-
-    return _compat.inductor_options(emulate_precision_casts=True)
 
 
 def _int8_inductor_options() -> contextlib.AbstractContextManager[Any]:
