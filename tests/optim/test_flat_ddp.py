@@ -19,7 +19,7 @@ def test_flat_optimizer_under_ddp_equals_the_ordinary_one(tmp_path: Path) -> Non
                str(HERE / "flat_ddp_worker.py"), str(tmp_path)]
     job = subprocess.run(command, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                          text=True, timeout=300)
-    assert job.returncode == 0, job.stderr[-4000:]
+    assert job.returncode == 0, f"stdout:\n{job.stdout[-2000:]}\nstderr:\n{job.stderr[-4000:]}"
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for rank in ranks:
         assert rank["equal"] and rank["still_flat"]
