@@ -63,47 +63,44 @@ tensors is slower than a loop whose tensor stays in cache between operations. Th
 not a default: its first steps compile (see *Compile time* below), and torch does not default to
 fused either. In the tables: *optimlab default*.
 
-## Findings (issue 17: the rows measured 2026-12-04 between 20:19 and 20:55 UTC)
+## Findings (issue 17)
 
-**Conditions.** The re-measured rows ran while seven other engineers tested on the same 2 cores: load
-average 4-13 (mostly 10-13) during the run, so every implementation got a fraction of its 2 threads.
-torch's fused CPU step opens one OpenMP parallel region (2 threads, a barrier) per tensor, its loop and
-foreach paths one per operation per tensor; on oversubscribed cores each barrier can wait a scheduler
-time slice, while flat mode opens one per step. The ratios below are therefore much larger than on a
-quiet machine and must not be read as speedups: they say that flat mode is the path least hurt by
-contention. On the quiet machine (load 0.9, 19:20 UTC, a separate interleaved script, 15 rounds, median
-of per-round ratios) flat mode against torch's fused step at 20M parameters in 100 tensors was **1.05x
-for AdamW (9.02 vs 9.45 ms) and 1.01x for SGD-momentum (5.77 vs 5.90 ms)**: parity, as expected for a
-step that moves 28 (16) bytes per parameter through memory in both implementations.
+**Conditions.** The machine's 2 cores were shared with seven other engineers. The 20M and 10,000-tensor
+rows were measured at 21:08 UTC with the machine quiet (load average about 1); the GPT-2-small rows at
+21:10-21:15 with the load back at about 3, which inflates optimlab's lead: torch's fused CPU step opens
+one OpenMP parallel region (a barrier for its 2 threads) per tensor and its loops one per operation per
+tensor, and on contended cores a barrier can wait a scheduler time slice, while flat mode opens one per
+step. (An earlier run at load 10-13 gave ratios of 4-370x for the same reason; it is not shown.)
 
-* **Flat mode (`flatten_parameters` + `fused=True`) >= torch's fused step:** met in every cell of the
-  issue's table in this run (GPT-2 small, 20M in 100 tensors, 10,000 small tensors; AdamW, Adam,
-  SGD-momentum; also 20M in bf16 parameters), with the caveat above. Without flat mode the fused step
-  was 0.72x torch's at 20M (AdamW) and ahead at GPT-2 small in this run, 0.77x at 20M in the earlier,
-  quieter run: per-tensor calls, packing copies and step counters are what flat mode removes.
-* **The default path** (`foreach=None`): on CPU the loop for large tensors, foreach for small ones.
-  Against torch's CPU default (its for-loop) it ranged from 0.29x to 3.3x across configurations in this
-  run, i.e. noise of the contended machine dominates; both are per-tensor Python loops over the same
-  operations at large sizes. Before this change the default was foreach everywhere: in an interleaved
-  check at 19:21 (load about 1.5) AdamW at 20M in 100 tensors took 676 ms with foreach against 188 ms
-  with the loop (torch's loop 112 ms, its foreach 566 ms); for 10,000 tensors of 64 values foreach won
-  (143 vs 200 ms), hence the size rule.
-* **Low-precision state:** not met. bf16-state AdamW (fused) against torch's fused fp32 AdamW: 0.14x
-  here (0.46x in the earlier, quieter run), int8 0.02x (0.06x before). The bf16 stochastic rounding now
-  uses float operations instead of float/int bit casts, which Inductor's CPU code did one value at a
-  time (the rounding alone: 2x faster in a same-process comparison, 21.2 -> 10.9 ms for 4M values and two
-  moments, one thread); what remains is the rounding's arithmetic (two bf16 round trips, a division and
-  selects per value and moment), more compute than the memory saving (20 instead of 28 bytes per
-  parameter) pays for. int8 is unchanged: its code search is scalar table gathers. The convergence table
-  (docs/modern_optimizers.md) holds: bf16 within 0.13% of float32 state, int8 within 1.01%.
-* **Monitor overhead:** not re-measured into this page: the run at 20:59 on the contended machine gave
-  +342% for every=10 and +237% for every=1 (more for the lighter mode: noise). The table below is the
-  earlier run's (every=10: +6.7% wall, +5.7% CPU); the monitor's code and torch's Adam it times did
-  not change in issue 17.
-* **Compile time** (section below): a cold first fused step compiles 15-18 s here, 2-5 s with the
-  cache warm (Dynamo still traces in every new process). That is why the compiled step is not a
-  default.
-
+* **Flat mode (`flatten_parameters` + `fused=True`) against torch's fused step** (the issue's table):
+  20M parameters in 100 tensors, quiet: **AdamW 1.06x, Adam 1.08x, SGD-momentum 1.10x** (met; 6.95 vs
+  7.36 ms for AdamW); 20M in bf16 parameters: AdamW 1.40x, SGD-momentum 1.03x. 10,000 tensors of 64
+  values: 21x / 18x / 7x (one kernel instead of 10,000 tensor updates). GPT-2 small: the table below
+  was measured under load (AdamW 1.50x, Adam 5.3x, SGD 7.9x: inflated); on the quiet machine minutes
+  earlier the same rows gave **AdamW 0.84x (54.5 vs 45.8 ms), Adam 1.00x (40.6 vs 40.5 ms), SGD-momentum
+  1.07x (43.0 vs 46.2 ms)**, and a separate interleaved check (7 rounds, median of per-round ratios)
+  1.03x / 1.07x / 1.00x: parity with torch's fused step, not a robust lead. Both move 28 (Adam) or 16
+  (SGD) bytes per parameter through memory, at 70-80% of the measured streaming bandwidth here. Without
+  flat mode the fused step is 0.76x (AdamW, 20M) and 0.73x (GPT-2 small, quiet): per-tensor calls,
+  packing copies and step counters are what flat mode removes.
+* **The default path** (`foreach=None`: on CPU the loop for large tensors, foreach for small ones)
+  against torch's CPU default, its for-loop, quiet: 0.97-0.99x at 20M (AdamW 19.8 vs 19.7 ms; the same
+  per-tensor operations), 1.11-1.22x at 10,000 small tensors (foreach), SGD-momentum 1.01x and AdamW
+  0.80x / Adam 0.93x at GPT-2 small (464 vs 370 ms, 280 vs 259 ms: the loop's per-tensor Python around
+  torch's operations; not met there). Before this change the default was foreach everywhere, 2.6x
+  slower than the loop at 20M (AdamW: 51.2 vs 19.8 ms in this run's foreach and default rows).
+* **Low-precision state: not met.** bf16-state AdamW (fused) 0.33x of torch's fused fp32 AdamW at 20M,
+  int8 0.05x (targets 1.2x and 1.0x). The bf16 stochastic rounding was rewritten with float operations
+  (Inductor's CPU code does float/int bit casts one value at a time): 2x faster in isolation, but the
+  whole compiled step got slower (44.1 -> 52.5 ms, same process, quiet) because the rewrite needs
+  Inductor's `emulate_precision_casts`; it was reverted. int8's code search is scalar table gathers.
+  Stored formats are unchanged, so no checkpoint migration was needed.
+* **Compile time** (section below): on the quiet machine a cold first fused step compiles in about 8 s,
+  2 s with the cache warm (Dynamo still traces in every new process); 15-18 s cold under load. That is
+  why the compiled step is not a default (torch does not default to fused either).
+* **Monitor overhead:** kept from the earlier run (every=10: +6.7% wall, +5.7% CPU); a re-run on the
+  contended machine gave noise (+342% for every=10). The monitor and the torch Adam it times did not
+  change in issue 17.
 
 ## Method
 
