@@ -52,8 +52,8 @@ and once a layout has passed Dynamo's guards its graph is called directly. Learn
 bias corrections are 0-dim float64 tensors (a schedule never recompiles). Kernels are cached in
 `~/.cache/optimlab/inductor/threads-N` (Inductor bakes the thread count into CPU kernels without
 keying its cache on it). Low-precision state (`state_dtype="bfloat16"` / `"int8"`) is decoded, updated
-and stochastically rounded back in one compiled function per tensor; bf16 rounding uses float
-operations and bf16 round trips (Inductor's CPU code does float/int bit casts one value at a time).
+and stochastically rounded back in one compiled function per tensor (the rounding noise a hash of
+step, moment and element index, computed in the kernel).
 
 **The default** (`fused=None`, `foreach=None`, `optimlab.optim._base.default_foreach`): the
 multi-tensor path on CUDA; on CPU the per-tensor loop, unless a group's tensors hold at most 32,768
