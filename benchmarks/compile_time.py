@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from optimlab.io import atomic_write_text
+from optimlab.io import write_json_and_markdown
 
 # (algorithm registry name, flat mode): the fused paths of the performance issue's table
 CONFIGS = [("adamw", True), ("adamw", False), ("sgd-momentum", True)]
@@ -84,11 +84,8 @@ def to_markdown(results: dict[str, Any]) -> str:
 
 
 def write(results: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
-    out = Path(out)
-    json_path, md_path = out / "compile_time.json", out / "compile_time.md"
-    atomic_write_text(json_path, json.dumps(results, indent=1))
-    atomic_write_text(md_path, to_markdown(results))
-    return json_path, md_path
+    """Write ``compile_time.json`` and ``compile_time.md`` into ``out`` (atomically); return both paths."""
+    return write_json_and_markdown(out, "compile_time", results, to_markdown(results))
 
 
 def main(argv: list[str] | None = None) -> None:

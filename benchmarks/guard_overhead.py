@@ -13,7 +13,6 @@ per-step wall and CPU time, and the overhead ``median(mode) / median(plain) - 1`
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from monitor_overhead import BATCH_SIZE, WARMUP_STEPS, WIDTHS, _time_block, build_mlp  # noqa: E402
 
 from optimlab.guard import NonFiniteGuard  # noqa: E402
-from optimlab.io import atomic_write_text  # noqa: E402
+from optimlab.io import write_json_and_markdown  # noqa: E402
 
 MODES: dict[str, dict[str, bool] | None] = {"optimizer.step": None, "guard": {"check_update": False},
                                            "guard, check_update": {"check_update": True}}
@@ -87,12 +86,8 @@ def to_markdown(results: dict[str, Any]) -> str:
 
 
 def write(results: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
-    """Write ``guard_overhead.json`` and ``guard_overhead.md`` into ``out`` (atomically)."""
-    out = Path(out)
-    json_path, markdown_path = out / "guard_overhead.json", out / "guard_overhead.md"
-    atomic_write_text(json_path, json.dumps(results, indent=2) + "\n")
-    atomic_write_text(markdown_path, to_markdown(results))
-    return json_path, markdown_path
+    """Write ``guard_overhead.json`` and ``guard_overhead.md`` into ``out`` (atomically); return both paths."""
+    return write_json_and_markdown(out, "guard_overhead", results, to_markdown(results))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,6 @@ time and for the process's CPU time (the latter is robust to other processes com
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from optimlab.io import atomic_write_text
+from optimlab.io import write_json_and_markdown
 from optimlab.monitor import MemorySink, OptimizerMonitor
 
 WIDTHS = (1024, 2304, 2304, 1024)  # three Linear layers: 10,032,640 parameters
@@ -147,12 +146,8 @@ def to_markdown(results: dict[str, Any]) -> str:
 
 
 def write(results: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
-    """Write ``monitor_overhead.json`` and ``monitor_overhead.md`` into ``out`` (atomically)."""
-    out = Path(out)
-    json_path, markdown_path = out / "monitor_overhead.json", out / "monitor_overhead.md"
-    atomic_write_text(json_path, json.dumps(results, indent=2) + "\n")
-    atomic_write_text(markdown_path, to_markdown(results))
-    return json_path, markdown_path
+    """Write ``monitor_overhead.json`` and ``monitor_overhead.md`` into ``out`` (atomically); return both paths."""
+    return write_json_and_markdown(out, "monitor_overhead", results, to_markdown(results))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import statistics
@@ -34,7 +33,7 @@ from typing import Any
 
 import torch
 
-from optimlab.io import atomic_write_text
+from optimlab.io import write_json_and_markdown
 from optimlab.optim import create_optimizer, state_bytes_per_param
 from optimlab.optim._fused import compile_stats
 from optimlab.progress import progress
@@ -572,11 +571,7 @@ def to_markdown(results: dict[str, Any]) -> str:
 
 def write(results: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
     """Write ``step_throughput.json`` and ``step_throughput.md`` into ``out`` (atomically); return both paths."""
-    out = Path(out)
-    json_path, md_path = out / "step_throughput.json", out / "step_throughput.md"
-    atomic_write_text(json_path, json.dumps(results, indent=1, default=str))
-    atomic_write_text(md_path, to_markdown(results))
-    return json_path, md_path
+    return write_json_and_markdown(out, "step_throughput", results, to_markdown(results))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -29,7 +28,7 @@ from typing import Any
 
 from optimlab.bench.pgtemp import TemporaryPostgres, find_server_binaries
 from optimlab.bench.store import Store, TrialRecord, worker_name
-from optimlab.io import atomic_write_text
+from optimlab.io import write_json_and_markdown
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 BENCH = ["--task", "digits-logreg,digits-mlp", "--optimizers", "sgd-momentum,adam", "--trials", "4", "--seeds", "2",
@@ -147,12 +146,9 @@ def to_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(results: dict[str, Any], out: str | Path) -> None:
-    """``store_scaleout.json`` and ``store_scaleout.md`` in ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "store_scaleout.json", json.dumps(results, indent=2) + "\n")
-    atomic_write_text(out / "store_scaleout.md", to_markdown(results))
+def write(results: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
+    """Write ``store_scaleout.json`` and ``store_scaleout.md`` into ``out`` (atomically); return both paths."""
+    return write_json_and_markdown(out, "store_scaleout", results, to_markdown(results))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,7 @@
+import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -26,3 +28,14 @@ def test_atomic_write_failure_keeps_previous_content(tmp_path):
             raise RuntimeError("boom")
     assert target.read_text() == "kept"
     assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
+
+
+def test_write_json_and_markdown_writes_both_files_into_a_new_folder(tmp_path):
+    from optimlab.io import write_json_and_markdown
+
+    out = tmp_path / "new" / "folder"
+    json_path, markdown_path = write_json_and_markdown(out, "bench", {"ms": 1.5, "where": Path("x")}, "| a |\n")
+    assert (json_path, markdown_path) == (out / "bench.json", out / "bench.md")
+    assert json.loads(json_path.read_text()) == {"ms": 1.5, "where": "x"}  # a Path is written as its str
+    assert markdown_path.read_text() == "| a |\n"
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.md"]  # no temporaries left

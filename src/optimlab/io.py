@@ -8,6 +8,7 @@ flushed and fsync'ed, then renamed over the destination, which POSIX guarantees 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "atomic_savefig",
-           "ensure_writable", "os_error_text"]
+           "ensure_writable", "os_error_text", "write_json_and_markdown"]
 
 
 def _current_umask() -> int:
@@ -65,6 +66,16 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_write(path, "w") as handle:
         handle.write(text)
+
+
+def write_json_and_markdown(out: str | os.PathLike[str], name: str, results: Any, markdown: str) -> tuple[Path, Path]:
+    """Write ``results`` as ``NAME.json`` and ``markdown`` as ``NAME.md`` into ``out`` (created if missing),
+    each atomically; return both paths. Values JSON cannot encode are written as their ``str``."""
+    folder = Path(out)
+    json_path, markdown_path = folder / f"{name}.json", folder / f"{name}.md"
+    atomic_write_text(json_path, json.dumps(results, indent=2, default=str) + "\n")
+    atomic_write_text(markdown_path, markdown)
+    return json_path, markdown_path
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
