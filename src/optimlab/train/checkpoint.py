@@ -34,6 +34,7 @@ import torch
 from torch.utils.serialization import config as serialization_config
 
 from optimlab.io import atomic_torch_save, os_error_text
+from optimlab.optim._dtensor import local
 
 __all__ = ["FORMAT", "LATEST_NAME", "CheckpointError", "CheckpointWriteError", "CheckpointFiles", "save_checkpoint",
            "load_checkpoint", "verify_checkpoint", "nonfinite_tensors", "capture_rng_state", "restore_rng_state",
@@ -85,6 +86,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Verify (:func:`verify_checkpoint`) and read a checkpoint onto the CPU; raise :class:`CheckpointError` if it
     is missing, damaged, not one of ours, or holds non-finite parameters or optimizer state."""
     file = Path(path)
+    if file.is_dir():
+        raise CheckpointError(f"{file} is a folder (a sharded checkpoint?), not a single-file checkpoint: convert it "
+                              f"with `optimlab checkpoint convert {file} FILE.pt`, or resume it with --fsdp")
     if not file.is_file():
         raise CheckpointError(f"No checkpoint to resume from at {file}")
     verify_checkpoint(file)
@@ -105,7 +109,8 @@ def nonfinite_tensors(model_state: dict[str, Any], optimizer_state: dict[str, An
                       param_names: list[str] | None = None) -> list[str]:
     """The names of the floating-point tensors holding NaN or inf: ``model.<name>`` for ``model_state`` entries,
     ``optimizer.<key> of <param>`` for the per-parameter optimizer state (``param_names[i]`` names the i-th
-    parameter of the optimizer's state dict when given)."""
+    parameter of the optimizer's state dict when given). Of sharded (DTensor) values only this rank's shard is
+    checked: agree across ranks by reducing the count."""
     bad = [f"model.{name}" for name, value in model_state.items() if _nonfinite(value)]
     for index, state in optimizer_state.get("state", {}).items():
         where = param_names[index] if param_names is not None and isinstance(index, int) and index < len(
@@ -115,7 +120,10 @@ def nonfinite_tensors(model_state: dict[str, Any], optimizer_state: dict[str, An
 
 
 def _nonfinite(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+    """Whether a floating-point tensor holds NaN/inf; of a sharded DTensor, this rank's shard (no collective)."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return False
+    return not bool(torch.isfinite(local(value)).all())
 
 
 def short_list(names: list[str], limit: int = 4) -> str:
