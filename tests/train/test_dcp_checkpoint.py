@@ -244,6 +244,26 @@ def test_a_checkpoint_of_another_model_is_refused(saved: Path) -> None:
         load_sharded(saved, model, torch.optim.AdamW(model.parameters()))
 
 
+def test_entries_the_model_lacks_are_refused_not_dropped(tmp_path: Path) -> None:
+    model, optimizer = _trained(1)
+    model.add_module("extra", torch.nn.Linear(2, 2))
+    save_sharded(tmp_path / "checkpoint.dcp", model, optimizer, {"step": 1})
+    assert _load_error(tmp_path / "checkpoint.dcp").endswith(
+        "does not fit this model and optimizer: the checkpoint holds model.extra.weight, model.extra.bias, which this "
+        "model and optimizer lack")
+
+
+def test_group_settings_the_template_lacks_are_loaded(tmp_path: Path) -> None:
+    """An LR schedule adds ``initial_lr`` to the param groups; a fresh optimizer has none, and still gets it."""
+    model, optimizer = _trained(1)
+    torch.optim.lr_scheduler.StepLR(optimizer, 5)
+    save_sharded(tmp_path / "checkpoint.dcp", model, optimizer, {"step": 1})
+    other, other_optimizer = _small()
+    load_sharded(tmp_path / "checkpoint.dcp", other, other_optimizer)
+    assert other_optimizer.param_groups[0]["initial_lr"] == 0.1
+    assert _equal_states(optimizer.state_dict(), other_optimizer.state_dict())
+
+
 def test_copying_the_run_folder_keeps_the_link(saved: Path, tmp_path: Path) -> None:
     moved = tmp_path / "moved"
     shutil.copytree(saved.parent, moved, symlinks=True)

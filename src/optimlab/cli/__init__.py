@@ -7,6 +7,7 @@ from optimlab.cli import analysis  # noqa: F401  (registers `optimlab lr-find`, 
 from optimlab.cli import stability  # noqa: F401  (registers `optimlab demo clipping`)
 from optimlab.cli import schedules  # noqa: F401  (registers `optimlab schedule`, `optimlab demo schedules`)
 from optimlab.cli import demo_functions  # noqa: F401  (registers `optimlab demo functions`)
+from optimlab.cli import checkpoint  # noqa: F401  (registers `optimlab checkpoint convert|verify`)
 from optimlab.cli.app import app, fail
 from optimlab.io import os_error_text
 

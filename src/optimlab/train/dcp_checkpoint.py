@@ -428,6 +428,27 @@ def _read_extra(directory: Path) -> dict[str, Any]:
     return extra
 
 
+def _make_room(state: dict[str, Any], directory: Path) -> str | None:
+    """DCP loads only the entries its template has: add the checkpoint's param-group settings the template lacks
+    (e.g. ``initial_lr``, set by an LR schedule), so they are not dropped; return what else has no place in it
+    (a message), or ``None``."""
+    metadata = FileSystemReader(str(directory)).read_metadata()
+    homeless = []
+    for key, path in (metadata.planner_data or {}).items():
+        node: Any = state
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else node[part] if isinstance(
+                node, list) and isinstance(part, int) and part < len(node) else None
+        if isinstance(node, dict) and path[-1] not in node:
+            if path[:2] == ("optimizer", "param_groups"):
+                node[path[-1]] = None  # replaced by the stored value
+            else:
+                homeless.append(key)
+        elif not isinstance(node, dict):
+            homeless.append(key)
+    return f"the checkpoint holds {short_list(homeless)}, which this model and optimizer lack" if homeless else None
+
+
 def read_sharded_extra(path: str | Path) -> dict[str, Any]:
     """Verify the sharded checkpoint ``path`` and return its ``extra`` (no tensors of the model are read): what
     the launcher checks before starting the workers. Not collective: call it in one process."""
@@ -449,12 +470,14 @@ def load_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.opti
     extra = _read_extra(directory)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    message = None
-    try:
-        with _single_process_quiet():
-            dcp.load(state, storage_reader=FileSystemReader(str(directory)), no_dist=not _distributed())
-    except (dcp.CheckpointException, RuntimeError, KeyError) as err:
-        message = f"Checkpoint {directory} does not fit this model and optimizer: {_dcp_failure(err)}"
+    homeless = _make_room(state, directory)
+    message = f"Checkpoint {directory} does not fit this model and optimizer: {homeless}" if homeless else None
+    if message is None:
+        try:
+            with _single_process_quiet():
+                dcp.load(state, storage_reader=FileSystemReader(str(directory)), no_dist=not _distributed())
+        except (dcp.CheckpointException, RuntimeError, KeyError) as err:
+            message = f"Checkpoint {directory} does not fit this model and optimizer: {_dcp_failure(err)}"
     _raise_agreed(message)
     local_state = {key: value.to_local() if is_dtensor(value) else value for key, value in model_state.items()}
     bad = nonfinite_tensors(local_state, state["optimizer"])
