@@ -150,7 +150,8 @@ def compose(results: dict[str, Any], wall_seconds: dict[str, float] | None = Non
     return "\n".join(sections)
 
 
-BENCHMARKS = ("step_throughput", "compile_time", "monitor_overhead", "guard_overhead", "store_scaleout")
+BENCHMARKS = ("step_throughput", "compile_time", "monitor_overhead", "guard_overhead", "store_scaleout",
+              "parallel_memory")
 
 
 def run_all(out: str | Path, quick: bool = False, *, merge: bool = False, only: Iterable[str] | None = None,

@@ -75,7 +75,8 @@ def test_the_sharded_checkpoint_loads_into_the_trainers_model_by_name(run: Path,
     settings = original["train_config"]
     model = GPT(GPTConfig(**original["model_config"]))
     groups = param_groups(model, settings["weight_decay"], layer_decay=settings["layer_decay"], lr=settings["lr"])
-    optimizer = create_optimizer(groups, settings["optimizer"], lr=settings["lr"], weight_decay=settings["weight_decay"])
+    optimizer = create_optimizer(groups, settings["optimizer"], lr=settings["lr"],
+                                 weight_decay=settings["weight_decay"])
     extra = load_sharded(converted[0], model, optimizer)
     assert extra["step"] == 2 and _same(extra["rng"], original["rng"])
     assert _same(model.state_dict(), original["model"])
@@ -97,7 +98,8 @@ def test_verify(run: Path, converted: tuple[Path, Path]) -> None:
     single = invoke("checkpoint", "verify", str(run / "checkpoint.pt"))
     assert single.exit_code == 0 and "is a single-file checkpoint of step 2" in single.stdout
     sharded = invoke("checkpoint", "verify", str(converted[0]))
-    assert sharded.exit_code == 0 and "is a sharded checkpoint of step 2, written by 1 rank(s); 3 files" in sharded.stdout
+    assert sharded.exit_code == 0
+    assert "is a sharded checkpoint of step 2, written by 1 rank(s); 3 files" in sharded.stdout
 
 
 def test_bad_sources_and_targets_are_one_line(run: Path, converted: tuple[Path, Path], tmp_path: Path) -> None:

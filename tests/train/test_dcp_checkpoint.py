@@ -198,7 +198,8 @@ def test_a_flipped_byte_is_refused_naming_the_file(saved: Path) -> None:
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
-    assert _load_error(saved.parent / "checkpoint.dcp") == f"Checkpoint file {shard} is damaged: it fails its CRC-32 checksum"
+    assert _load_error(saved.parent / "checkpoint.dcp") == (
+        f"Checkpoint file {shard} is damaged: it fails its CRC-32 checksum")
 
 
 def test_a_truncated_or_missing_file_is_refused(saved: Path) -> None:
