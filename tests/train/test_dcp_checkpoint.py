@@ -28,10 +28,13 @@ from dcp_worker import SAVE_AT, STEPS, single_from_sharded, single_process
 from optimlab.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from optimlab.train.dcp_checkpoint import (
     MANIFEST_NAME,
+    SHARDED_KEY,
     ShardedCheckpointFiles,
     checkpoint_layout,
+    intact_previous,
+    latest_checkpoint,
     load_sharded,
-    read_sharded_extra,
+    read_training_checkpoint,
     save_sharded,
     verify_sharded,
 )
@@ -108,7 +111,8 @@ def test_resume_on_another_number_of_ranks_reshards(scenarios: dict, optimizer: 
     assert extra["step"] == SAVE_AT
     torch.testing.assert_close(torch.tensor(from_sharded), torch.tensor(sharded[SAVE_AT:]), rtol=RESHARD_RTOL, atol=0)
     torch.testing.assert_close(torch.tensor(from_single), torch.tensor(single[SAVE_AT:]), rtol=RESHARD_RTOL, atol=0)
-    assert read_sharded_extra(scenario["root"] / "sharded" / "checkpoint.dcp")["step"] == SAVE_AT
+    payload = read_training_checkpoint(scenario["root"] / "sharded" / "checkpoint.dcp")
+    assert payload["step"] == SAVE_AT and payload[SHARDED_KEY] == str(Path(scenario["sharded"]["written"]))
     assert verify_sharded(scenario["root"] / "sharded" / "checkpoint.dcp")["world_size"] == 2
 
 
@@ -270,3 +274,36 @@ def test_copying_the_run_folder_keeps_the_link(saved: Path, tmp_path: Path) -> N
     shutil.copytree(saved.parent, moved, symlinks=True)
     shutil.rmtree(saved.parent / saved.name)
     assert verify_sharded(moved / "checkpoint.dcp")["step"] == 2
+
+
+# ---------------------------------------------------------------- 4. either layout, for the trainer
+
+
+def test_latest_checkpoint_is_the_one_written_last(saved: Path) -> None:
+    run = saved.parent
+    assert latest_checkpoint(run) == run / "checkpoint.dcp"
+    save_checkpoint(run / "checkpoint.pt", {"step": 3})
+    assert latest_checkpoint(run) == run / "checkpoint.pt"
+    os.utime(run / "checkpoint.pt", ns=(1, 1))  # written before the link was flipped
+    assert latest_checkpoint(run) == run / "checkpoint.dcp"
+    assert latest_checkpoint(run / "empty") == run / "empty" / "checkpoint.pt"
+
+
+def test_read_training_checkpoint_of_either_layout(saved: Path) -> None:
+    payload = read_training_checkpoint(saved.parent / "checkpoint.dcp")
+    assert payload == {"step": 2, SHARDED_KEY: str(saved)}
+    single = saved.parent / "single.pt"
+    save_checkpoint(single, {"step": 5, "model_config": {}, "vocab": [], "model": {}, "optimizer": {}})
+    assert read_training_checkpoint(single)["step"] == 5
+
+
+def test_a_damaged_checkpoint_names_the_newest_intact_previous(tmp_path: Path) -> None:
+    model, optimizer = _trained(1)
+    files = ShardedCheckpointFiles(tmp_path, keep=3)
+    for step in (1, 2, 3):
+        files.save(model, optimizer, {"step": step})
+    (tmp_path / "checkpoint.step2.dcp" / "extra.pt").write_bytes(b"x")
+    (tmp_path / "checkpoint.step3.dcp" / "extra.pt").write_bytes(b"x")
+    assert intact_previous(files.latest) == (1, tmp_path / "checkpoint.step1.dcp")
+    (tmp_path / "checkpoint.step1.dcp" / MANIFEST_NAME).unlink()
+    assert intact_previous(files.latest) is None

@@ -17,7 +17,7 @@ it, atomically (a new link renamed over the old). A write killed at any point le
 good checkpoint, and the temporary folder is removed by :meth:`ShardedCheckpointFiles.clean_temporaries`.
 The ``keep`` newest versions are kept; older ones are deleted after the flip.
 
-**Verified on read.** :func:`load_sharded` (and :func:`read_sharded_extra`, :func:`verify_sharded`) first
+**Verified on read.** :func:`load_sharded` (and :func:`read_training_checkpoint`, :func:`verify_sharded`) first
 checks every file against the manifest (present, same size, same CRC-32); a missing manifest (an interrupted
 or foreign write), a missing, truncated or altered file, or a single-file checkpoint given where a folder is
 expected is one line (:class:`~optimlab.train.checkpoint.CheckpointError`) naming the file, never a silent
@@ -52,16 +52,20 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from optimlab.io import atomic_write_text, os_error_text
 from optimlab.optim._dtensor import is_dtensor
 from optimlab.train.checkpoint import (
+    LATEST_NAME,
     CheckpointError,
+    CheckpointFiles,
     CheckpointWriteError,
     load_checkpoint,
     nonfinite_tensors,
     save_checkpoint,
     short_list,
+    verify_checkpoint,
 )
 
-__all__ = ["SHARDED_FORMAT", "SHARDED_LATEST_NAME", "MANIFEST_NAME", "ShardedCheckpointFiles", "save_sharded",
-           "load_sharded", "read_sharded_extra", "verify_sharded", "checkpoint_layout", "sharded_to_single",
+__all__ = ["SHARDED_FORMAT", "SHARDED_LATEST_NAME", "SHARDED_KEY", "MANIFEST_NAME", "ShardedCheckpointFiles",
+           "save_sharded", "load_sharded", "verify_sharded", "checkpoint_layout",
+           "latest_checkpoint", "read_training_checkpoint", "intact_previous", "sharded_to_single",
            "single_to_sharded"]
 
 SHARDED_FORMAT = "optimlab.train.sharded-checkpoint/1"
@@ -449,14 +453,6 @@ def _make_room(state: dict[str, Any], directory: Path) -> str | None:
     return f"the checkpoint holds {short_list(homeless)}, which this model and optimizer lack" if homeless else None
 
 
-def read_sharded_extra(path: str | Path) -> dict[str, Any]:
-    """Verify the sharded checkpoint ``path`` and return its ``extra`` (no tensors of the model are read): what
-    the launcher checks before starting the workers. Not collective: call it in one process."""
-    directory = _sharded_directory(path)
-    _verify_directory(directory)
-    return _read_extra(directory)
-
-
 def load_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Verify the sharded checkpoint ``path`` (a folder, or the link to one), load it into ``model`` and
     ``optimizer`` as they are sharded now (any number of ranks, or an unsharded model in one process: DCP
@@ -485,6 +481,53 @@ def load_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.opti
                   if bad else None)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return extra
+
+
+# ---------------------------------------------------------------------------------------------- either layout
+
+SHARDED_KEY = "sharded_checkpoint"
+"""In a payload of :func:`read_training_checkpoint` from a sharded checkpoint: its folder, for :func:`load_sharded`."""
+
+
+def latest_checkpoint(folder: str | Path) -> Path:
+    """The checkpoint a resume of the run ``folder`` continues: ``checkpoint.pt`` or ``checkpoint.dcp`` (the link to
+    the latest sharded version), the one written last when both exist; ``checkpoint.pt`` when neither does."""
+    run = Path(folder)
+    found = [path for path in (run / LATEST_NAME, run / SHARDED_LATEST_NAME) if path.exists()]
+    return max(found, key=lambda path: os.lstat(path).st_mtime_ns) if found else run / LATEST_NAME
+
+
+def read_training_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The trainer's checkpoint at ``path`` in either layout, verified: a single file's payload
+    (:func:`~optimlab.train.checkpoint.load_checkpoint`), or a sharded checkpoint's ``extra`` (the same entries but
+    the model and optimizer, which :func:`load_sharded` loads later into the sharded model) with
+    ``payload[SHARDED_KEY]`` its folder. Raises :class:`CheckpointError` (one line) otherwise. Not collective: the launcher calls it in one process."""
+    if checkpoint_layout(path) != "sharded":
+        return load_checkpoint(path)
+    directory = _sharded_directory(path)
+    _verify_directory(directory)
+    return {**_read_extra(directory), SHARDED_KEY: str(directory)}
+
+
+def intact_previous(path: str | Path) -> tuple[int, Path] | None:
+    """``(step, path)`` of the newest previous checkpoint of ``path``'s run folder, in ``path``'s layout, that passes
+    its checksums (what to resume from when ``path`` is damaged); ``None`` when there is none."""
+    target = Path(path)
+    damaged = target.resolve()
+    sharded = target.is_dir() or target.name.endswith(".dcp")
+    if sharded:
+        candidates: list[tuple[int, Path]] = ShardedCheckpointFiles(target.parent).versions()
+    else:
+        candidates = CheckpointFiles(target.parent).previous()
+    for step, candidate in candidates:
+        if candidate.resolve() == damaged:
+            continue
+        try:
+            verify_sharded(candidate) if sharded else verify_checkpoint(candidate)
+        except CheckpointError:
+            continue
+        return step, candidate
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- conversion
