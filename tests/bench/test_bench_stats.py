@@ -85,10 +85,26 @@ def test_ties_within_noise_and_identical_results():
     assert same.kind == "tie"
     one_seed = verdict("t", [row("a", [0.95]), row("b", [0.93])])
     assert one_seed.kind == "tie" and "single seed: noise unknown" in one_seed.text
-    exact = verdict("t", [row("a", [2e-3], deterministic=True, mode="min"),
-                          row("b", [1e-3], deterministic=True, mode="min")])
+    exact = verdict("t", [row("a", [0.2], deterministic=True, mode="min"),
+                          row("b", [0.15], deterministic=True, mode="min")])  # neither meets the target 0.1
     assert exact.kind == "winner" and exact.best["optimizer"] == "b" and "(deterministic)" in exact.text
     assert "±" not in exact.text
+
+
+def test_deterministic_gaps_below_the_target_tie():
+    """beale's 0 against 5e-7 (target: gap <= 1e-3) is no win; a configuration above the target still loses."""
+    def gap(optimizer, value):
+        return row(optimizer, [value], deterministic=True, mode="min", task="beale") | {"target": 1e-3}
+
+    both = verdict("beale", [gap("adam", 5e-7), gap("lion", 0.0), gap("sgd", 2e-3)])
+    assert both.kind == "tie" and [r["optimizer"] for r in both.tied] == ["lion", "adam"]
+    assert "tie: lion, adam (both meet the target)" in both.text
+    one = verdict("beale", [gap("adam", 1e-3 * (1 + 1e-3)), gap("lion", 0.0)])  # just above the target: real
+    assert one.kind == "winner" and one.best["optimizer"] == "lion"
+    accuracy = verdict("t", [row("a", [0.95], deterministic=True), row("b", [0.99], deterministic=True)])
+    assert accuracy.kind == "tie" and "both meet the target" in accuracy.text  # max mode: both >= 0.9
+    noisy = verdict("t", [row("a", [0.95, 0.951, 0.952]), row("b", [0.99, 0.991, 0.992])])
+    assert noisy.kind == "winner"  # the rule is for deterministic tasks only: seeds' noise decides elsewhere
 
 
 def test_nothing_reached_crowns_nobody():

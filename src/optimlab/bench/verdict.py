@@ -9,6 +9,10 @@ Per task (:func:`verdict`):
   from the runner-up beyond the noise (:func:`optimlab.bench.stats.significantly_different`: Welch's
   two-sided t-test at 5 % over seeds, or any difference beyond rounding on a deterministic task);
   else every configuration not distinguishable from the best is listed: "tie: A, B (within noise)".
+  On a deterministic task the rule is target-aware: two configurations whose final metrics both meet the
+  target tie whatever their gap (0 against 5e-7 when the target is a gap <= 1e-3: the target says what
+  matters, and rounding-level differences there only reflect where the iterates stopped), "tie: A, B
+  (both meet the target)".
 
 Also: :func:`lr_warnings` (a tuned learning rate within a factor 1.5 of its search bound),
 :func:`compare_groups` (for ``runs compare``) and :func:`performance_profile` (Dolan & Moré 2002, the
@@ -24,11 +28,12 @@ from typing import Any
 
 from optimlab.bench import stats
 
-__all__ = ["RULE", "BOUND_FACTOR", "Verdict", "config_label", "verdict", "verdicts", "lr_warnings", "compare_groups",
+__all__ = ["RULE", "BOUND_FACTOR", "Verdict", "config_label", "meets_target", "verdict", "verdicts", "lr_warnings", "compare_groups",
            "Profile", "performance_profile"]
 
 RULE = ("winner only when it beats the runner-up beyond the noise: Welch's two-sided t-test at 5 % over seeds; "
-        f"deterministic tasks: any difference beyond relative {stats.DETERMINISTIC_RTOL:g}")
+        f"deterministic tasks: any difference beyond relative {stats.DETERMINISTIC_RTOL:g}, and two configurations "
+        "that both meet the target tie")
 BOUND_FACTOR = 1.5
 _TINY = 1e-9  # seconds: a target met before the first step counts as this fast
 
@@ -55,6 +60,20 @@ def short_label(row: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
 def spread(row: dict[str, Any]) -> str:
     """The row's metric as ``mean ± std (n=N)`` (or deterministic / single seed forms)."""
     return stats.format_value(stats.describe(row["metric_values"]), row["deterministic"])
+
+
+def meets_target(row: dict[str, Any]) -> bool:
+    """Whether the row's mean final metric meets its task's target (``<=`` for min-mode, ``>=`` for max-mode)."""
+    mean = row["metric_mean"]
+    return mean is not None and (mean <= row["target"] if row["mode"] == "min" else mean >= row["target"])
+
+
+def _distinguishable(best: dict[str, Any], row: dict[str, Any]) -> bool | None:
+    """Whether ``row`` differs from ``best`` beyond the noise (``None``: unknown, a single seed); on a
+    deterministic task two configurations that both meet the target do not differ (module docstring)."""
+    if best["deterministic"] and meets_target(best) and meets_target(row):
+        return False
+    return stats.significantly_different(best["metric_values"], row["metric_values"], best["deterministic"])
 
 
 def _ranked(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -103,7 +122,7 @@ def verdict(task: str, rows: Sequence[dict[str, Any]]) -> Verdict:
     deterministic = best["deterministic"]
     tied, unknown = [best], False
     for row in ranked[1:]:
-        different = stats.significantly_different(best["metric_values"], row["metric_values"], deterministic)
+        different = _distinguishable(best, row)
         unknown |= different is None
         if not different:
             tied.append(row)
@@ -119,7 +138,8 @@ def verdict(task: str, rows: Sequence[dict[str, Any]]) -> Verdict:
         text = f"{task}: winner {config_label(best)}: {metric} {spread(best)}{against}"
         return Verdict(task, "winner", best, tied, runner_up, p_value, text)
     names = ", ".join(short_label(r, finished) for r in tied)
-    why = "a single seed: noise unknown" if unknown else "within noise"
+    why = ("a single seed: noise unknown" if unknown
+           else "both meet the target" if deterministic and all(meets_target(r) for r in tied) else "within noise")
     return Verdict(task, "tie", best, tied, runner_up, p_value,
                    f"{task}: tie: {names} ({why}); best mean {config_label(best)}: {metric} {spread(best)}")
 
