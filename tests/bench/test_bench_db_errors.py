@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
-from optimlab.bench.store import Store
+from optimlab.bench.store import SCHEMA_VERSION, Store
 from optimlab.cli import app
 
 LEGACY_V2 = Path(__file__).parent / "data" / "optimlab-v2.db"
@@ -143,7 +143,7 @@ def test_postgresql_problems_are_one_line_errors_without_the_password(postgres, 
         (unreachable, f"cannot open postgresql+psycopg://optimlab:***@127.0.0.1:{closed_port}/optimlab: "),
         (wrong_password, "password authentication failed"),
         (foreign_url, "is not an optimlab database (it has tables orders but no optimlab marker)"),
-        (newer_url, "has optimlab schema version 99, newer than this optimlab's 3"),
+        (newer_url, f"has optimlab schema version 99, newer than this optimlab's {SCHEMA_VERSION}"),
     ]
     for url, message in cases:
         for command in COMMANDS[:2] + COMMANDS[-1:]:
@@ -181,7 +181,7 @@ def test_urls_are_handed_to_sqlalchemy_and_credentials_may_come_from_libpq(postg
         conn.execute(sa.text("CREATE SCHEMA optimlab"))
     engine.dispose()
     with Store(no_password) as store:
-        assert store.schema_version == 3
+        assert store.schema_version == SCHEMA_VERSION
     with Store(f"{postgres_url}?options=-csearch_path%3Doptimlab", readonly=True) as store:
         assert store.runs() == []
     monkeypatch.delenv("PGOPTIONS")

@@ -32,16 +32,50 @@ def bits(value):
 
 def test_fresh_database_is_at_the_latest_schema(db_url):
     with Store(db_url) as store:
-        assert store.schema_version == SCHEMA_VERSION == 3
+        assert store.schema_version == SCHEMA_VERSION == 4
         names = {row[0] for row in store.execute(
             "SELECT name FROM sqlite_master" if store.dialect == "sqlite" else
             "SELECT tablename FROM pg_tables WHERE schemaname = 'public' UNION SELECT indexname FROM pg_indexes")}
         assert {"runs", "trials", "metrics", "artifacts", "claims", "optimlab_meta", "trials_by_task"} <= names
         assert {tuple(r) for r in store.execute("SELECT key, value FROM optimlab_meta")} == {
-            ("application", "optimlab"), ("schema_version", "3")}
+            ("application", "optimlab"), ("schema_version", "4")}
+        assert {"grad_evals", "grad_evals_to_target", "d_estimate"} <= _columns(store)
         if store.dialect == "sqlite":
-            assert store.execute("PRAGMA user_version")[0][0] == 3
+            assert store.execute("PRAGMA user_version")[0][0] == 4
             assert store.execute("PRAGMA journal_mode")[0][0] == "wal"
+
+
+def _columns(store):
+    import sqlalchemy
+
+    with store._reading() as conn:
+        return {column["name"] for column in sqlalchemy.inspect(conn).get_columns("trials")}
+
+
+def test_a_version_3_database_gains_the_trial_columns_of_version_4(db_url):
+    """Version 4's migration adds grad_evals, grad_evals_to_target and d_estimate to an existing trials table
+    (on both backends), keeps its rows (NULL there), and new trials store them."""
+    with Store(db_url) as store:
+        run_id = store.create_run("key", {"tasks": ["quadratic"]})
+        store.add_trial(run_id, make_record(0))
+    engine = sa.create_engine(Store(db_url).url)
+    with engine.begin() as conn:  # back to version 3: the trials table as it was
+        for name in ("grad_evals", "grad_evals_to_target", "d_estimate"):
+            conn.execute(sa.text(f"ALTER TABLE trials DROP COLUMN {name}"))
+        conn.execute(sa.text("UPDATE optimlab_meta SET value = '3' WHERE key = 'schema_version'"))
+        if engine.dialect.name == "sqlite":
+            conn.execute(sa.text("PRAGMA user_version = 3"))
+    engine.dispose()
+    with Store(db_url, readonly=True) as store:  # read as it is
+        assert store.schema_version == 3 and "grad_evals" not in store.trials(run_id)[0]
+    with Store(db_url) as store:
+        assert store.schema_version == 4
+        assert {"grad_evals", "grad_evals_to_target", "d_estimate"} <= _columns(store)
+        (old,) = store.trials(run_id)
+        assert (old["grad_evals"], old["grad_evals_to_target"], old["d_estimate"]) == (None, None, None)
+        store.add_trial(run_id, make_record(1, grad_evals=6, grad_evals_to_target=4, d_estimate=0.125))
+        new = store.trials(run_id)[1]
+        assert (new["grad_evals"], new["grad_evals_to_target"], new["d_estimate"]) == (6, 4, 0.125)
 
 
 def legacy_rows(path):
@@ -58,6 +92,9 @@ def test_a_database_written_by_the_previous_version_opens_and_migrates(tmp_path)
         assert store.schema_version == 2
         (run,) = store.runs()
         assert run["n_trials"] == len(before["trials"]) == 6 and run["config"]["tasks"] == ["rosenbrock"]
+        from optimlab.bench.runner import summarize  # the summary (and the report) read rows without v4's columns
+
+        assert {(row["grad_evals_per_step"], row["d_mean"]) for row in summarize(store, 1)} == {(None, None)}
     assert path.read_bytes() == raw
     with Store(path) as store:
         assert store.schema_version == SCHEMA_VERSION
@@ -68,7 +105,9 @@ def test_a_database_written_by_the_previous_version_opens_and_migrates(tmp_path)
         first = before["trials"][0][0]
         assert store.curve(first) == [tuple(r[1:]) for r in before["metrics"] if r[0] == first]
         assert store.artifact(before["artifacts"][0][1], before["artifacts"][0][2]) is not None
-    assert legacy_rows(path) == before  # the migration added tables, changed no row
+    after = legacy_rows(path)  # the migrations added tables and three trials columns (NULL), changed no row
+    assert {table: [row[:len(before[table][0])] for row in rows] for table, rows in after.items()} == before
+    assert {row[len(before["trials"][0]):] for row in after["trials"]} == {(None, None, None)}
 
 
 def test_a_version_1_database_gets_the_recommend_index(tmp_path):
@@ -87,10 +126,10 @@ def test_a_newer_database_is_refused(db_url):
     Store(db_url).close()
     engine = sa.create_engine(Store(db_url).url)
     with engine.begin() as conn:
-        conn.execute(sa.text("UPDATE optimlab_meta SET value = '4' WHERE key = 'schema_version'"))
+        conn.execute(sa.text("UPDATE optimlab_meta SET value = '5' WHERE key = 'schema_version'"))
     engine.dispose()
     for readonly in (False, True):
-        with pytest.raises(StoreError, match=r"has optimlab schema version 4, newer than this optimlab's 3: upgrade"):
+        with pytest.raises(StoreError, match=r"has optimlab schema version 5, newer than this optimlab's 4: upgrade"):
             Store(db_url, readonly=readonly)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from optimlab.guard import NonFiniteGuard
 from optimlab.monitor import MemorySink, OptimizerMonitor
-from optimlab.optim.registry import create_optimizer, list_optimizers
+from optimlab.optim.registry import create_optimizer, list_optimizers, needs_closure
 
 
 def tiny_model(dtype: torch.dtype) -> nn.Module:
@@ -157,9 +157,16 @@ def test_every_registered_optimizer_is_monitored(name: str) -> None:
     optimizer = create_optimizer(model.parameters(), name)
     monitor = OptimizerMonitor(optimizer, every=1)
     for _ in range(3):
-        optimizer.zero_grad()
-        model(torch.randn(5, 3)).pow(2).mean().backward()
-        optimizer.step()
+        inputs = torch.randn(5, 3)
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = model(inputs).pow(2).mean()
+            loss.backward()
+            return loss
+
+        closure()
+        optimizer.step(closure if needs_closure(name) else None)  # SAM evaluates it again (its second gradient)
     record = monitor.summary()
     assert record["step"] == 3
     assert all(math.isfinite(value) for value in record.values()), record

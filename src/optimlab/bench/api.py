@@ -82,6 +82,7 @@ def compare(
     tune: Sequence[str] = ("lr",),
     seed: int = 0,
     lr_range: tuple[float, float] | None = None,
+    tune_lr_free: bool = False,
     device: str = "cpu",
     db: str | Path = "optimlab.db",
     jobs: int = 1,
@@ -99,7 +100,7 @@ def compare(
     names, sources = _task_names(task)
     config = BenchConfig(tasks=names, optimizers=tuple(optimizers), schedules=tuple(schedules), clips=tuple(clips),
                          trials=trials, seeds=seeds, steps=steps, tune=tuple(tune), seed=seed, task_sources=sources,
-                         lr_range=lr_range, device=device)
+                         lr_range=lr_range, device=device, tune_lr_free=tune_lr_free)
     config.validate()
     outcome = run_bench(config, db, jobs=jobs, quiet=quiet, new_run=new_run, command="optimlab.bench.compare(...)")
     with Store(db) as store:

@@ -3,8 +3,8 @@
 Top: a summary (per task: the verdict, the tuned configuration, how much better than the runner-up and than
 plain AdamW at its tuned learning rate), a table of contents, and across several tasks a performance profile.
 Per task: the comparison table (best configuration per optimizer: hyperparameters, metric mean, sample std,
-95 % Student-t interval and seeds, steps and whole-step seconds to target, ms per optimizer step, state
-bytes per parameter), the sensitivity plot (metric against learning rate for every tuning trial), loss
+95 % Student-t interval and seeds, steps, gradient evaluations and whole-step seconds to target, ms per
+optimizer step, state bytes per parameter, the step size ``d`` a learning-rate-free optimizer found), the sensitivity plot (metric against learning rate for every tuning trial), loss
 curves (EMA-smoothed on noisy tasks, raw faint), steps/time-to-target bars when some seed reached the
 target (a sentence otherwise), the learning-rate curves when a schedule is not constant, and for test
 functions the 2-D trajectories or the final parameters against the minimiser. Every number cell carries
@@ -52,10 +52,12 @@ TABLE_COLUMNS: list[tuple[str, str]] = [
     ("final loss mean", "loss_mean"),
     ("seeds reaching target", "reached"),
     ("steps to target", "steps_to_target_mean"),
+    ("gradient evaluations to target", "grad_evals_to_target_mean"),
     ("time to target (s)", "time_to_target_mean"),
     ("ms / optimizer step", "ms_per_step"),
     ("state bytes / param", "state_bytes_per_param"),
     ("diverged tuning trials", "tune_diverged"),
+    ("d found (lr-free)", "d_mean"),
 ]
 
 _STYLE = """
@@ -84,7 +86,8 @@ def _cell(value: Any) -> str:
 def _cells(row: dict[str, Any]) -> dict[str, Any]:
     """The row plus its interval bounds; deterministic tasks have no spread (std and interval left empty)."""
     low, high = row["metric_ci"] or (None, None)
-    extended = {**row, "ci_low": low, "ci_high": high}
+    extended = {**row, "ci_low": low, "ci_high": high, "d_mean": row.get("d_mean"),
+                "grad_evals_to_target_mean": row.get("grad_evals_to_target_mean")}
     if row["deterministic"]:
         extended.update(metric_std=None, ci_low=None, ci_high=None)
     return extended
@@ -120,7 +123,10 @@ def _sensitivity(task: str, info: dict[str, Any], rows: Sequence[dict[str, Any]]
     metrics = [m for pairs in trials.values() for _, m in pairs if m is not None and m > 0]
     log_y = info["family"] == "function" and bool(metrics) and max(metrics) / max(min(metrics), 1e-300) > 100
     ranges = [r["lr_range"] for r in rows if r.get("lr_range")]
+    fixed = [lr for r in rows if not r.get("lr_range") for lr in [r["params"]["lr"]]]  # an lr-free optimizer's 1.0
     lr_range = (min(low for low, _ in ranges), max(high for _, high in ranges)) if ranges else None
+    if lr_range is not None and fixed:
+        lr_range = (min(lr_range[0], *fixed), max(lr_range[1], *fixed))
     plots.sensitivity_plot(trials, chosen, path, f"{task}: {info['metric']} after {info['steps']} steps vs learning "
                            "rate (every tuning trial, seed 0)", info["metric"], info["mode"], log_y=log_y,
                            lr_range=lr_range)

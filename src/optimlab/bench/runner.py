@@ -37,7 +37,7 @@ from optimlab.bench.store import Claim, DiskFullError, Store
 from optimlab.bench.tasks import TaskLoadError, fingerprint, get_task, load_tasks
 from optimlab.bench.tasks.loader import check_task
 from optimlab.bench.trial import TrialConfig, make_scheduler, parse_spec, run_trial
-from optimlab.bench.tuning import HistoryItem, best_index, lr_search_range, score, search_space, suggest
+from optimlab.bench.tuning import HistoryItem, best_index, fixed_params, lr_search_range, score, search_space, suggest
 from optimlab.bench.worker import DEFAULT_LEASE, check_lease, run_local_workers, work
 from optimlab.clip import make_clipper
 from optimlab.progress import progress
@@ -76,6 +76,8 @@ class BenchConfig:
         lr_range: ``(low, high)`` learning-rate search range for every optimizer alike, instead of the
             registry's per-optimizer bounds.
         device: where the tasks' models run (``"cpu"``, ``"cuda"``).
+        tune_lr_free: also search the ``lr`` (a multiplier of their own step size) of learning-rate-free
+            optimizers (Prodigy, D-Adapt Adam); by default it stays at 1.0 (:func:`~optimlab.bench.tuning.fixed_params`).
     """
 
     tasks: tuple[str, ...]
@@ -91,6 +93,7 @@ class BenchConfig:
     task_sources: tuple[str, ...] = ()
     lr_range: tuple[float, float] | None = None
     device: str = "cpu"
+    tune_lr_free: bool = False
 
     def load_sources(self) -> None:
         """Import :attr:`task_sources` (once per process), so their tasks are found by name."""
@@ -119,7 +122,7 @@ class BenchConfig:
                 raise ValueError(f"Invalid device for task {spec.name!r}: {self.device!r} (this built-in task runs "
                                  "on the CPU only; accepted: 'cpu')")
         for optimizer in self.optimizers:
-            search_space(optimizer, self.tune, lr_range=self.lr_range)
+            search_space(optimizer, self.tune, lr_range=self.lr_range, tune_lr_free=self.tune_lr_free)
         for schedule in self.schedules:
             _check_schedule(schedule)
         for clip in self.clips:
@@ -132,6 +135,19 @@ class BenchConfig:
         spec = get_task(task)
         return spec.quick_steps if self.quick else spec.steps
 
+    def search_space(self, study: Study) -> dict[str, Any]:
+        """The distributions a study searches (:func:`~optimlab.bench.tuning.search_space`)."""
+        return search_space(study.optimizer, self.tune, get_task(study.task).lr_widen, self.lr_range, self.tune_lr_free)
+
+    def tune_trials(self, study: Study) -> int:
+        """Tuning trials of a study: :attr:`trials`, or 1 when it has nothing to search (a learning-rate-free
+        optimizer's lr held fixed and no other hyperparameter tuned: every trial would be the same run)."""
+        return self.trials if self.search_space(study) else 1
+
+    def total_trials(self) -> int:
+        """Every trial of the bench: each study's tuning trials plus its final reruns."""
+        return sum(self.tune_trials(study) + self.seeds for study in self.studies())
+
     def studies(self) -> list[Study]:
         """Every task × optimizer × schedule × clip, in a fixed order."""
         return [Study(t, o, s, c) for t in self.tasks for o in self.optimizers for s in self.schedules
@@ -143,7 +159,7 @@ class BenchConfig:
         Fields added after the first release enter the hash only when set, so older runs keep their keys.
         """
         values = asdict(self)
-        for name, default in (("task_sources", ()), ("lr_range", None), ("device", "cpu")):
+        for name, default in (("task_sources", ()), ("lr_range", None), ("device", "cpu"), ("tune_lr_free", False)):
             if values[name] == default or values[name] == list(default or []):
                 del values[name]
         payload = json.dumps(values, sort_keys=True)
@@ -152,7 +168,7 @@ class BenchConfig:
     def to_json(self) -> dict[str, Any]:
         """The configuration plus each task's metadata (what a report needs from the store): metric, mode,
         target, steps, whether it is deterministic, where it comes from and its :func:`fingerprint`, and the
-        learning-rate range each optimizer searched."""
+        learning-rate range each optimizer searched (``None`` for a learning rate held fixed)."""
         tasks = {}
         for name in self.tasks:
             spec = get_task(name)
@@ -160,7 +176,8 @@ class BenchConfig:
                            "steps": self.steps_for(name), "family": spec.family, "description": spec.description,
                            "deterministic": spec.is_deterministic, "source": spec.source,
                            "fingerprint": fingerprint(spec),
-                           "lr_ranges": {o: list(lr_search_range(o, spec.lr_widen, self.lr_range))
+                           "lr_ranges": {o: None if "lr" in fixed_params(o, self.tune_lr_free)
+                                         else list(lr_search_range(o, spec.lr_widen, self.lr_range))
                                          for o in self.optimizers}}
         return {**asdict(self), "task_info": tasks}
 
@@ -263,17 +280,18 @@ def run_study(store: Store, run_id: int, config: BenchConfig, claim: Claim, repo
     config.load_sources()
     spec = get_task(study.task)
     steps = config.steps_for(study.task)
-    space = search_space(study.optimizer, config.tune, spec.lr_widen, config.lr_range)
+    space = config.search_space(study)
+    fixed = fixed_params(study.optimizer, config.tune_lr_free)
     label = f"{study.task}/{study.optimizer}"
     history = _history(store, run_id, study, spec.mode)
     if claim.unit == "tune":
         done_tune = {row["trial_index"] for row, _ in history}
-        for index in range(config.trials):
+        for index in range(config.tune_trials(study)):
             if index in done_tune:
                 continue
             if should_stop():
                 return False
-            params = suggest(space, [item for _, item in history], index, config.seed)
+            params = {**fixed, **suggest(space, [item for _, item in history], index, config.seed)}
             record = run_trial(TrialConfig(study.task, study.optimizer, params, steps, study.schedule, study.clip,
                                            seed=0, phase="tune", trial_index=index, device=config.device))
             store.add_trial(run_id, record, claim=claim, lease=lease)
@@ -328,7 +346,7 @@ def run_bench(config: BenchConfig, db_path: str | Path, *, jobs: int = 1, quiet:
         raise ValueError(f"Invalid jobs: {jobs} (accepted range: >= 1)")
     check_lease(lease)
     db_path = str(db_path)
-    total = len(config.studies()) * (config.trials + config.seeds)
+    total = config.total_trials()
     with Store(db_path) as store:
         existing = None if new_run else store.latest_run_with_key(config.key())
         if existing is not None:
@@ -405,8 +423,10 @@ def summarize(store: Store, run_id: int) -> list[dict[str, Any]]:
     Keys: task, optimizer, schedule, clip, params, metric, mode, target, deterministic, n_seeds, n_diverged,
     metric_values (the seeds' final metrics, diverged seeds excluded), metric_mean, metric_std (sample std,
     ``None`` below two values), metric_ci (95 % Student-t interval of the mean, or ``None``), loss_mean,
-    reached (seeds that met the target), steps_to_target_mean and time_to_target_mean (whole-step seconds;
-    both over the seeds that reached it), ms_per_step, state_bytes_per_param, tune_diverged (tuning trials
+    reached (seeds that met the target), steps_to_target_mean, time_to_target_mean (whole-step seconds) and
+    grad_evals_to_target_mean (gradient evaluations: twice the steps for SAM; all three over the seeds that
+    reached it), grad_evals_per_step (``None`` for trials stored before schema version 4), d_mean (the mean
+    step size a learning-rate-free optimizer ended with over the seeds, else ``None``), ms_per_step, state_bytes_per_param, tune_diverged (tuning trials
     that diverged), lr_range (the range searched, when stored), tune_trials (every tuning trial's
     ``(params, final_metric, status)``, for sensitivity plots).
     """
@@ -424,6 +444,9 @@ def summarize(store: Store, run_id: int) -> list[dict[str, Any]]:
         losses = [t["final_loss"] for t in trials if t["final_loss"] is not None]
         reached = [t for t in trials if t["steps_to_target"] is not None]
         ms = [t["ms_per_step"] for t in trials if t["ms_per_step"] is not None]
+        evals = [t["grad_evals"] / t["steps"] for t in trials if t.get("grad_evals") is not None and t["steps"]]
+        evals_to_target = [t["grad_evals_to_target"] for t in reached if t.get("grad_evals_to_target") is not None]
+        estimates = [t["d_estimate"] for t in trials if t.get("d_estimate") is not None]
         summary = stats.describe(values) if values else None
         tune_rows = tuning.get(key, [])
         rows.append({
@@ -439,6 +462,9 @@ def summarize(store: Store, run_id: int) -> list[dict[str, Any]]:
             "reached": len(reached),
             "steps_to_target_mean": statistics.fmean(t["steps_to_target"] for t in reached) if reached else None,
             "time_to_target_mean": statistics.fmean(t["time_to_target"] for t in reached) if reached else None,
+            "grad_evals_to_target_mean": statistics.fmean(evals_to_target) if evals_to_target else None,
+            "grad_evals_per_step": statistics.fmean(evals) if evals else None,
+            "d_mean": statistics.fmean(estimates) if estimates else None,
             "ms_per_step": statistics.median(ms) if ms else None,
             "state_bytes_per_param": trials[0]["state_bytes_per_param"],
             "tune_diverged": sum(t["status"] == "diverged" for t in tune_rows),

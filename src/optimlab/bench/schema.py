@@ -22,7 +22,10 @@ Real numbers are double precision on both backends (SQLite ``REAL``, PostgreSQL 
 result read back equals the float that was written, bit for bit; NaN and ±inf are stored as NULL.
 
 Versions: 1 the four result tables; 2 the ``trials_by_task`` index (``optimlab recommend``); 3 the
-``optimlab_meta`` marker and ``claims``. Versions 1 and 2 were SQLite-only and kept their version in
+``optimlab_meta`` marker and ``claims``; 4 three ``trials`` columns: ``grad_evals`` (gradient evaluations
+in the trial: one per step, two for SAM), ``grad_evals_to_target`` (those until the target was first met)
+and ``d_estimate`` (the step size a learning-rate-free optimizer ended with; NULL for the others). Rows
+stored before version 4 keep NULL there. Versions 1 and 2 were SQLite-only and kept their version in
 ``PRAGMA user_version`` (no marker): such a file opens and is migrated. SQLite files keep
 ``user_version`` equal to the schema version, so an older optimlab refuses a newer file.
 """
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-__all__ = ["SCHEMA_VERSION", "MIGRATIONS", "TRIAL_SUMMARY_FIELDS", "INTEGER_FIELDS", "RESULT_TABLES", "LEGACY_TABLES",
+__all__ = ["SCHEMA_VERSION", "MIGRATIONS", "TRIAL_SUMMARY_FIELDS", "INTEGER_FIELDS", "TRIAL_COLUMNS_V4", "RESULT_TABLES", "LEGACY_TABLES",
            "runs_table", "trials_table", "metrics_table",
            "artifacts_table", "meta_table", "claims_table"]
 
@@ -51,9 +54,11 @@ runs_table = sa.Table(
 
 TRIAL_SUMMARY_FIELDS = (
     "steps", "final_loss", "best_loss", "final_metric", "best_metric", "steps_to_target", "time_to_target",
-    "ms_per_step", "state_bytes_per_param", "wall_time",
+    "ms_per_step", "state_bytes_per_param", "wall_time", "grad_evals", "grad_evals_to_target", "d_estimate",
 )
-INTEGER_FIELDS = ("steps", "steps_to_target")
+INTEGER_FIELDS = ("steps", "steps_to_target", "grad_evals", "grad_evals_to_target")
+TRIAL_COLUMNS_V4 = ("grad_evals", "grad_evals_to_target", "d_estimate")
+"""The ``trials`` columns schema version 4 added."""
 
 def _study_columns() -> list[sa.Column]:
     """``id``, ``run_id`` and the study (task, optimizer, schedule, clip): the key columns trials and claims share."""
@@ -138,6 +143,15 @@ def _add_marker_and_claims(conn: sa.Connection) -> None:
     claims_table.create(conn)
 
 
-MIGRATIONS = [_create_result_tables, _add_trials_by_task, _add_marker_and_claims]
+def _add_trial_columns_v4(conn: sa.Connection) -> None:
+    # a database created at version >= 4 by _create_result_tables already has them
+    present = {column["name"] for column in sa.inspect(conn).get_columns(trials_table.name)}
+    for name in TRIAL_COLUMNS_V4:
+        if name not in present:
+            column_type = trials_table.c[name].type.compile(dialect=conn.dialect)
+            conn.exec_driver_sql(f"ALTER TABLE {trials_table.name} ADD COLUMN {name} {column_type}")
+
+
+MIGRATIONS = [_create_result_tables, _add_trials_by_task, _add_marker_and_claims, _add_trial_columns_v4]
 """Migration ``i`` takes a database from schema version ``i`` to ``i + 1`` (inside one transaction)."""
 SCHEMA_VERSION = len(MIGRATIONS)

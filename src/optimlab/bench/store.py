@@ -125,7 +125,9 @@ class TrialRecord:
     """Everything stored for one finished trial (the row, its per-step curve and its artifacts).
 
     ``curve`` holds ``(step, loss, metric or None, lr)`` tuples; ``artifacts`` maps a kind
-    (``"trajectory"``, ``"final_point"``) to any JSON-serialisable value.
+    (``"trajectory"``, ``"final_point"``) to any JSON-serialisable value. ``grad_evals`` counts the
+    gradient evaluations (forward + backward) of the trial, ``grad_evals_to_target`` those until the
+    target was first met, ``d_estimate`` is the step size a learning-rate-free optimizer ended with.
     """
 
     task: str
@@ -149,6 +151,9 @@ class TrialRecord:
     wall_time: float
     curve: list[tuple[int, float | None, float | None, float | None]] = field(default_factory=list)
     artifacts: dict[str, Any] = field(default_factory=dict)
+    grad_evals: int | None = None
+    grad_evals_to_target: int | None = None
+    d_estimate: float | None = None
 
     def summary(self) -> dict[str, Any]:
         """The row's values without the curve and artifacts."""
@@ -579,7 +584,7 @@ class Store:
                schedule: str | None = None, clip: str | None = None, phase: str | None = None) -> list[dict[str, Any]]:
         """A run's trials (optionally filtered), ordered by task, optimizer, schedule, clip, phase, index."""
         t = trials_table.c
-        query = sa.select(trials_table).where(t.run_id == run_id)
+        query = sa.select(*self._trial_columns()).where(t.run_id == run_id)
         for column, value in ((t.task, task), (t.optimizer, optimizer), (t.schedule, schedule), (t.clip, clip),
                               (t.phase, phase)):
             if value is not None:
@@ -587,6 +592,15 @@ class Store:
         query = query.order_by(t.task, t.optimizer, t.schedule, t.clip, t.phase.desc(), t.trial_index)
         with self._reading() as conn:
             return [self._trial_dict(row._mapping) for row in conn.execute(query)]
+
+    def _trial_columns(self) -> list[sa.Column[Any]]:
+        """The ``trials`` columns this database has: all of them, except in an older one opened read-only
+        (its rows then lack the newer keys, e.g. ``grad_evals`` before schema version 4)."""
+        if self.readonly and self.schema_version < SCHEMA_VERSION:
+            with self._reading() as conn:
+                present = {column["name"] for column in sa.inspect(conn).get_columns(trials_table.name)}
+            return [column for column in trials_table.c if column.name in present]
+        return list(trials_table.c)
 
     @staticmethod
     def _trial_dict(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -597,7 +611,7 @@ class Store:
     def final_trials_for_task(self, task: str) -> list[dict[str, Any]]:
         """Final-phase trials of ``task`` across every run (for recommendations)."""
         t = trials_table.c
-        query = (sa.select(trials_table).where(t.task == task, t.phase == "final")
+        query = (sa.select(*self._trial_columns()).where(t.task == task, t.phase == "final")
                  .order_by(t.run_id, t.optimizer, t.trial_index))
         with self._reading() as conn:
             return [self._trial_dict(row._mapping) for row in conn.execute(query)]

@@ -5,12 +5,16 @@ The loop per step is: training loss on the next batch → divergence check → `
 on the optimizer's evaluation weights for optimizers with ``train()``/``eval()`` modes (schedule-free:
 the average :math:`x_t`, see :mod:`optimlab.optim.modes`). A non-finite loss, or one above
 :data:`DIVERGENCE_FACTOR` times the initial loss, stops the trial and marks it ``diverged``: the
-bench records it and goes on.
+bench records it and goes on. An optimizer the registry marks ``needs_closure`` (SAM) gets
+``optimizer.step(closure)`` instead, the closure clearing the gradients and doing the loss, divergence
+check, backward and clipping on the step's batch as often as the optimizer calls it.
 
-Timing: ``optimizer.step()`` alone gives milliseconds per optimizer step; the whole step (fetching the
-batch, forward, backward, clipping, optimizer, scheduler) is timed too, and time-to-target is the sum of
-whole-step times until the evaluation that first meets the target (evaluations excluded). On CUDA the
-device is synchronised at each clock reading.
+Timing: ``optimizer.step()`` alone gives milliseconds per optimizer step (the closure's evaluations
+excluded); the whole step (fetching the batch, forward, backward, clipping, optimizer, scheduler; every
+evaluation of a closure) is timed too, and time-to-target is the sum of whole-step times until the
+evaluation that first meets the target (evaluations excluded). On CUDA the device is synchronised at each
+clock reading. Gradient evaluations (forward + backward) are counted: one per step, or one per closure
+call (SAM: two per step), in total and until the target was first met.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ import torch
 from optimlab.bench.store import TrialRecord
 from optimlab.bench.tasks import get_task
 from optimlab.clip import make_clipper
+from optimlab.optim.lr_free import step_size_estimate
 from optimlab.optim.modes import eval_weights, set_mode
-from optimlab.optim.registry import create_optimizer
+from optimlab.optim.registry import create_optimizer, needs_closure
 from optimlab.optim.state import state_bytes_per_param
 from optimlab.schedules import create_scheduler, step_scheduler
 
@@ -106,6 +111,14 @@ def _finite(value: float) -> bool:
     return not (math.isnan(value) or math.isinf(value))
 
 
+class _Diverged(Exception):
+    """The training loss of a step is non-finite or above the divergence limit (carries the loss)."""
+
+    def __init__(self, loss: float) -> None:
+        super().__init__(loss)
+        self.loss = loss
+
+
 def _clock(device: str) -> Callable[[], float]:
     """``time.perf_counter`` that first waits for queued CUDA work on a CUDA device."""
     if device.startswith("cuda"):
@@ -136,37 +149,70 @@ def run_trial(config: TrialConfig) -> TrialRecord:
     status = "complete"
     steps_to_target: int | None = None
     time_to_target: float | None = None
+    grad_evals_to_target: int | None = None
     loss_limit: float | None = None
+    grad_evals = 0
+    closure_seconds = 0.0
+    with_closure = needs_closure(optimizer)
 
     def evaluate() -> float:
         with eval_weights(optimizer):
             return float(instance.evaluate()[spec.metric])
 
+    def gradient(batch: Any) -> float:
+        """Loss, divergence check (raises :class:`_Diverged`), backward and clipping on ``batch``."""
+        nonlocal loss_limit, grad_evals
+        loss = instance.loss(batch)
+        loss_value = float(loss.detach())
+        if loss_limit is None:
+            loss_limit = DIVERGENCE_FACTOR * max(abs(loss_value), 1.0)
+        if not _finite(loss_value) or abs(loss_value) > loss_limit:
+            raise _Diverged(loss_value)
+        loss.backward()
+        grad_evals += 1
+        if clipper is not None:
+            clipper.step()
+        return loss_value
+
+    def closure_on(batch: Any) -> Callable[[], float]:
+        """The closure of one step: clear the gradients, then :func:`gradient` on the step's batch (timed)."""
+        def closure() -> float:
+            nonlocal closure_seconds
+            begin = clock()
+            optimizer.zero_grad(set_to_none=True)
+            value = gradient(batch)
+            closure_seconds += clock() - begin
+            return value
+        return closure
+
     start = time.perf_counter()
     train_seconds = 0.0
     initial_metric = evaluate()
     if spec.reached(initial_metric):
-        steps_to_target, time_to_target = 0, 0.0
+        steps_to_target, time_to_target, grad_evals_to_target = 0, 0.0, 0
     steps_done = 0
     for step in range(1, config.steps + 1):
         lr = float(optimizer.param_groups[0]["lr"])
         step_start = clock()
         optimizer.zero_grad(set_to_none=True)
-        loss = instance.loss(next(instance.batches))
-        loss_value = float(loss.detach())
-        if loss_limit is None:
-            loss_limit = DIVERGENCE_FACTOR * max(abs(loss_value), 1.0)
-        if not _finite(loss_value) or abs(loss_value) > loss_limit:
+        batch = next(instance.batches)
+        try:
+            if with_closure:
+                closure_seconds = 0.0
+                tick = clock()
+                loss_value = float(optimizer.step(closure_on(batch)))
+                tock = clock()
+                step_seconds.append(tock - tick - closure_seconds)
+            else:
+                loss_value = gradient(batch)
+                tick = clock()
+                optimizer.step()
+                tock = clock()
+                step_seconds.append(tock - tick)
+        except _Diverged as diverged:
             status = "diverged"
-            curve.append((step, loss_value, None, lr))
+            curve.append((step, diverged.loss, None, lr))
             break
-        loss.backward()
-        if clipper is not None:
-            clipper.step()
-        tick = clock()
-        optimizer.step()
-        tock = clock()
-        step_seconds.append(tock - tick)
         if scheduler is not None:
             step_scheduler(scheduler, loss_value)
         train_seconds += clock() - step_start
@@ -181,7 +227,7 @@ def run_trial(config: TrialConfig) -> TrialRecord:
                 break
             metrics.append(metric)
             if steps_to_target is None and spec.reached(metric):
-                steps_to_target, time_to_target = step, train_seconds
+                steps_to_target, time_to_target, grad_evals_to_target = step, train_seconds, grad_evals
         curve.append((step, loss_value, metric, lr))
         if trajectory is not None:
             trajectory.append(instance.point())
@@ -217,4 +263,7 @@ def run_trial(config: TrialConfig) -> TrialRecord:
         wall_time=wall_time,
         curve=curve,
         artifacts=artifacts,
+        grad_evals=grad_evals,
+        grad_evals_to_target=grad_evals_to_target,
+        d_estimate=step_size_estimate(optimizer),
     )

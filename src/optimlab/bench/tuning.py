@@ -1,8 +1,11 @@
 """Hyperparameter search with Optuna's TPE sampler (Bergstra et al., 2011), made exactly reproducible.
 
-The learning rate is always searched, log-uniformly within the optimizer's registry bounds
-(:attr:`optimlab.optim.registry.OptimizerSpec.lr_bounds`); other hyperparameters can be added from
-:data:`EXTRA_SEARCH_SPACE` when the optimizer accepts them.
+The learning rate is searched log-uniformly within the optimizer's registry bounds
+(:attr:`optimlab.optim.registry.OptimizerSpec.lr_bounds`), except for learning-rate-free optimizers
+(Prodigy, D-Adapt Adam: :func:`optimlab.optim.lr_free.is_learning_rate_free`), whose ``lr`` is a
+multiplier of their own step-size estimate and stays at its default 1.0 (:func:`fixed_params`) unless
+``tune_lr_free`` is set; other hyperparameters can be added from :data:`EXTRA_SEARCH_SPACE` when the
+optimizer accepts them. A study with nothing left to search needs a single tuning trial.
 
 Trial ``k``'s suggestion is a pure function of (seed, k, the results of trials ``0..k-1``): a fresh
 study is rebuilt from the stored history and a TPE sampler seeded with ``seed + k`` asks once. So a
@@ -25,9 +28,11 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution, FloatDistribution
 
+from optimlab.optim.lr_free import is_learning_rate_free
 from optimlab.optim.registry import get_spec
 
-__all__ = ["DIVERGED_SCORE", "EXTRA_SEARCH_SPACE", "HistoryItem", "lr_search_range", "search_space", "score", "suggest", "best_index"]
+__all__ = ["DIVERGED_SCORE", "EXTRA_SEARCH_SPACE", "HistoryItem", "fixed_params", "lr_search_range", "search_space",
+           "score", "suggest", "best_index"]
 
 DIVERGED_SCORE = 1e300
 
@@ -71,12 +76,23 @@ def lr_search_range(optimizer: str, lr_widen: float = 1.0,
     return low, high * lr_widen
 
 
+def fixed_params(optimizer: str, tune_lr_free: bool = False) -> dict[str, float]:
+    """Hyperparameters held fixed instead of searched: ``{"lr": 1.0}`` (the registry default) for a
+    learning-rate-free optimizer unless ``tune_lr_free``; ``{}`` otherwise."""
+    spec = get_spec(optimizer)
+    if not tune_lr_free and is_learning_rate_free(spec.resolve()):
+        return {"lr": spec.default_lr}
+    return {}
+
+
 def search_space(optimizer: str, tune: Sequence[str] = ("lr",), lr_widen: float = 1.0,
-                 lr_range: tuple[float, float] | None = None) -> dict[str, BaseDistribution]:
+                 lr_range: tuple[float, float] | None = None,
+                 tune_lr_free: bool = False) -> dict[str, BaseDistribution]:
     """The Optuna distributions searched for ``optimizer``.
 
     The learning rate is log-uniform on :func:`lr_search_range`: ``[low, high * lr_widen]`` with
-    ``(low, high)`` the registry bounds, or ``lr_range`` for every optimizer alike.
+    ``(low, high)`` the registry bounds, or ``lr_range`` for every optimizer alike; a learning-rate-free
+    optimizer's is left out (held at 1.0 by :func:`fixed_params`) unless ``tune_lr_free``.
 
     ``tune`` names what to search: ``"lr"`` plus any of :data:`EXTRA_SEARCH_SPACE`. An extra the optimizer's
     constructor does not accept, or that its registry preset fixes (e.g. SGD-momentum's ``momentum``),
@@ -88,7 +104,9 @@ def search_space(optimizer: str, tune: Sequence[str] = ("lr",), lr_widen: float 
         if name not in valid:
             raise ValueError(f"Invalid hyperparameter to tune: {name!r} (accepted: {', '.join(valid)})")
     low, high = lr_search_range(optimizer, lr_widen, lr_range)
-    space: dict[str, BaseDistribution] = {"lr": FloatDistribution(low, high, log=True)}
+    space: dict[str, BaseDistribution] = {}
+    if "lr" not in fixed_params(optimizer, tune_lr_free):
+        space["lr"] = FloatDistribution(low, high, log=True)
     accepted = _accepted_kwargs(optimizer)
     for name in tune:
         if name == "lr" or name in spec.preset or (accepted is not None and name not in accepted):
@@ -119,7 +137,8 @@ def suggest(space: dict[str, BaseDistribution], history: Sequence[HistoryItem], 
                                              multivariate=len(space) > 1)
         study = optuna.create_study(direction="minimize", sampler=sampler)
         for item in history:
-            study.add_trial(optuna.trial.create_trial(params=item.params, distributions=space, value=item.score))
+            params = {name: item.params[name] for name in space}  # fixed hyperparameters are stored, not searched
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=space, value=item.score))
         trial = study.ask(space)
     return {name: float(trial.params[name]) for name in space}
 

@@ -55,21 +55,26 @@ def _open_store(db: str, readonly: bool = True) -> Any:
 
 def _summary_table(rows: list[dict[str, Any]], title: str) -> Table:
     """Best configuration per study; the schedule and clip columns appear only when they vary.
-    The metric is mean ± sample std with the number of seeds (deterministic tasks: no spread)."""
+    The metric is mean ± sample std with the number of seeds (deterministic tasks: no spread); gradient
+    evaluations to target count SAM's two per step; the ``d`` column (the step size learning-rate-free
+    optimizers found, mean over seeds) appears when one is in the run."""
     from optimlab.bench.verdict import spread
 
     varying = [key for key in ("schedule", "clip") if len({row[key] for row in rows}) > 1]
     table = Table(title=title)
+    lr_free = any(row.get("d_mean") is not None for row in rows)
     for column in ("task", "optimizer", *varying, "best params", "metric (mean ± std, seeds)", "reached",
-                   "steps→target", "s→target", "ms/opt step", "state B/param", "diverged tune/final"):
+                   "steps→target", "grad evals→target", "s→target", "ms/opt step", "state B/param",
+                   *(("d (lr-free)",) if lr_free else ()), "diverged tune/final"):
         table.add_column(column)
     for row in rows:
         table.add_row(
             row["task"], row["optimizer"], *(row[key] for key in varying), _params(row["params"]),
             f"{row['metric']} {spread(row)}" if row["metric_values"] else "diverged",
             f"{row['reached']}/{row['n_seeds']}", _fmt(row["steps_to_target_mean"]),
-            _fmt(row["time_to_target_mean"], 3), _fmt(row["ms_per_step"], 3),
-            _fmt(row["state_bytes_per_param"], 3), f"{row['tune_diverged']}/{row['n_diverged']}",
+            _fmt(row.get("grad_evals_to_target_mean")), _fmt(row["time_to_target_mean"], 3),
+            _fmt(row["ms_per_step"], 3), _fmt(row["state_bytes_per_param"], 3),
+            *((_fmt(row.get("d_mean"), 3),) if lr_free else ()), f"{row['tune_diverged']}/{row['n_diverged']}",
         )
     return table
 
@@ -124,6 +129,9 @@ def bench_command(
                               "\\[default: 3; 2 with --quick]"),
     steps: int = typer.Option(None, help="Steps per trial. \\[default: each task's budget]"),
     tune: str = typer.Option("lr", help="Hyperparameters to search: lr plus any of weight_decay, momentum, eps."),
+    tune_lr_free: bool = typer.Option(False, "--tune-lr-free", help="Also search the lr of learning-rate-free "
+                                      "optimizers (prodigy, dadapt-adam: a multiplier of their own step size d). "
+                                      "\\[default: held at 1.0]"),
     quick: bool = typer.Option(False, "--quick", help="Test functions + digits, 4 optimizers, short budgets."),
     jobs: int = typer.Option(None, "--jobs", "-j", help="Parallel worker processes. \\[default: cores, max 4]"),
     seed: int = typer.Option(0, help="Seed of the tuning sampler."),
@@ -161,6 +169,7 @@ def bench_command(
         task_sources=sources,
         lr_range=_lr_range(lr_range),
         device=device or _auto_device(tasks),
+        tune_lr_free=tune_lr_free,
     )
     if jobs is not None and jobs < 1:
         raise fail(f"Invalid --jobs: {jobs} (accepted range: >= 1)")

@@ -6,7 +6,11 @@ norms reduced to two scalars), :math:`d` is updated from them, and a second pass
 with it. :class:`LRFreeOptimizer` runs the closure and hands both passes every group that has
 gradients at once (``_global_update``); the estimate and its statistics live in
 the param groups (as in the authors' packages), so ``state_dict`` carries them and
-``optimizer.d`` reports the :math:`d` found.
+``optimizer.d`` reports the :math:`d` found (:func:`step_size_estimate` also through a wrapper).
+
+The bench (:mod:`optimlab.bench.tuning`) keeps their lr at the default 1.0 instead of searching it
+(:func:`is_learning_rate_free`), unless asked to (``--tune-lr-free``), and stores the :math:`d` each
+trial ends with.
 
 The learning rate is a multiplier of :math:`d` (leave it at 1.0, the authors' advice). As in the
 authors' code, every param group must have the same ``lr`` or ``lr=0`` (a frozen group; no
@@ -26,7 +30,7 @@ from torch import Tensor
 
 from optimlab.optim._base import as_float
 
-__all__ = ["LRFreeOptimizer", "GroupBatch", "LR_FREE_BOUNDS"]
+__all__ = ["LRFreeOptimizer", "GroupBatch", "LR_FREE_BOUNDS", "is_learning_rate_free", "step_size_estimate"]
 
 LR_FREE_BOUNDS = (0.01, 10.0)
 """The lab's search range for the lr of a learning-rate-free optimizer: a multiplier of the estimated
@@ -52,6 +56,8 @@ class LRFreeOptimizer:
     per_parameter_update = False
     #: d's global sums over all parameters do not run on sharded (FSDP2) parameters yet: refused by name
     supports_dtensor = False
+    #: the step size is estimated (d); lr is a multiplier of it that the bench leaves at 1.0 by default
+    learning_rate_free = True
 
     @property
     def d(self) -> float:
@@ -88,3 +94,20 @@ class LRFreeOptimizer:
             batches.append((group, params, [p.grad for p in params], [self.state[p] for p in params]))
         self._global_update(batches)
         return loss
+
+
+def is_learning_rate_free(cls: type) -> bool:
+    """Whether optimizer class ``cls`` estimates its own step size (its ``learning_rate_free`` flag), so its
+    ``lr`` is a multiplier of that estimate rather than a learning rate."""
+    return bool(getattr(cls, "learning_rate_free", False))
+
+
+def step_size_estimate(optimizer: torch.optim.Optimizer) -> float | None:
+    """The :math:`d` a learning-rate-free optimizer has found (``LRFreeOptimizer.d``), also through a wrapper
+    that keeps it as ``base_optimizer`` (SAM); ``None`` for any other optimizer."""
+    while not is_learning_rate_free(type(optimizer)):
+        base = getattr(optimizer, "base_optimizer", None)
+        if not isinstance(base, torch.optim.Optimizer):
+            return None
+        optimizer = base
+    return optimizer.d  # type: ignore[attr-defined]

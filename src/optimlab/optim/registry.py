@@ -31,6 +31,7 @@ __all__ = [
     "get_registration",
     "get_spec",
     "list_optimizers",
+    "needs_closure",
     "preset",
     "register",
     "register_optimizer",
@@ -99,6 +100,7 @@ class Registration:
     matrices_only: bool
     matrix_exempt: str | None
     graph_breaks: str | None = None
+    needs_closure: bool = False
 
     @property
     def accepts_fused(self) -> bool:
@@ -133,6 +135,7 @@ def register(
     matrices_only: bool = False,
     matrix_exempt: str | None = None,
     graph_breaks: str | None = None,
+    needs_closure: bool = False,
 ) -> Callable[[OptimizerT], OptimizerT]:
     """Class decorator: register an optimizer class and everything the registry and the tests derive from it.
 
@@ -160,6 +163,9 @@ def register(
             class instead; required when ``checks`` is empty.
         graph_breaks: why ``torch.compile(opt.step)`` still breaks the graph (a known gap, checked to be still
             true); ``None`` (the default): the step must trace into one graph, which the tests check.
+        needs_closure: ``step`` must be given a closure that clears the gradients, recomputes the loss and calls
+            ``backward()`` (it may call it several times: SAM twice); the bench's trial loop and the trainer
+            pass one for such a class (:func:`needs_closure`).
     """
     low, high = lr_bounds
     if not (0 < low <= default_lr <= high):
@@ -172,7 +178,7 @@ def register(
             cls, entries, (float(low), float(high)), float(default_lr), reference, state_bytes, fused, complex,
             {key: dict(value) for key, value in checks.items()},
             dict(fused_check) if fused_check is not None else (dict(first_check) if first_check is not None else None),
-            matrices_only, matrix_exempt, graph_breaks,
+            matrices_only, matrix_exempt, graph_breaks, needs_closure,
         )
         _REGISTRATIONS[cls] = registration
         if complex == "rejected":
@@ -214,6 +220,18 @@ def get_registration(cls: type) -> Registration:
         return _REGISTRATIONS[cls]
     except KeyError:
         raise KeyError(f"{cls.__qualname__} is not registered (decorate it with optimlab.optim.registry.register)") from None
+
+
+def needs_closure(optimizer: str | torch.optim.Optimizer | type) -> bool:
+    """Whether ``optimizer`` (a registry name, an optimizer or its class) declared ``needs_closure`` when it was
+    registered: its ``step`` must be given a closure. Classes registered without it, and unregistered ones
+    (``torch.optim``'s), say ``False``."""
+    if isinstance(optimizer, str):
+        cls: type = get_spec(optimizer).resolve()
+    else:
+        cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+    registration = _REGISTRATIONS.get(cls)
+    return registration is not None and registration.needs_closure
 
 
 def register_optimizer(

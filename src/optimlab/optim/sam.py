@@ -25,6 +25,13 @@ Two ways to step:
   gradients before the call and calls the closure once; its ``first_step``/``second_step`` are the same
   as these, except that it sums the squared norms in float32 (here: in the parameters' dtype).
 
+Registry names (each searches its base optimizer's learning-rate range and uses its default lr, since
+``lr`` is the base optimizer's): ``sam`` (the class with its defaults: SGD-momentum as the base, any
+other through ``base_optimizer=``), ``sam-sgd`` and ``sam-adamw`` (SAM, rho 0.05, around ``sgd-momentum``
+/ ``adamw``), ``asam-sgd`` and ``asam-adamw`` (ASAM, rho 0.5 as in Kwon et al.). The registry marks SAM
+``needs_closure``, so the bench's trial loop and the trainer call ``step(closure)`` and count two
+gradient evaluations per step.
+
 A step costs two forward-backward passes. The parameter groups and state are the base optimizer's
 (``state_dict`` is the base optimizer's, with ``rho``/``adaptive`` in each group); the saved weights
 live only between ``first_step`` and ``second_step``. Memory: the base optimizer's state plus one
@@ -40,17 +47,14 @@ import torch
 from torch import Tensor
 
 from optimlab.optim._base import ParamsT, check_non_negative
-from optimlab.optim.registry import get_spec, register
+from optimlab.optim.registry import get_spec, register, register_optimizer
 
-__all__ = ["SAM"]
+__all__ = ["SAM", "SAM_NAMES"]
 
 
-# No registry names yet: the bench's trial loop, the trainer and the registry-wide tests (lr_find, monitor)
-# call step() without a closure, which SAM cannot serve (it needs a second gradient). Once they pass a
-# closure, add {"sam": ..., "asam": preset(..., adaptive=True, rho=0.5)} here.
 @register(
-    names={},
-    lr_bounds=(1e-4, 1.0), default_lr=1e-2, complex="rejected", checks={},
+    names={},  # registered below with their base optimizer's learning-rate range (SAM_NAMES)
+    lr_bounds=(1e-4, 1.0), default_lr=1e-2, complex="rejected", checks={}, needs_closure=True,
     matrix_exempt="a wrapper whose step needs a closure (two gradient evaluations), which the generic matrix does "
                   "not give; its properties and parity are checked in tests/optim/test_frontier_sam.py",
     graph_breaks="its closure recomputes the loss and calls backward() inside step (two gradient evaluations)",
@@ -154,3 +158,21 @@ class SAM(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's ``state_dict`` (its groups carry ``rho`` and ``adaptive``)."""
         return self.base_optimizer.state_dict()
+
+
+SAM_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
+    "sam": ("sgd-momentum", {}),
+    "sam-sgd": ("sgd-momentum", {"base_optimizer": "sgd-momentum"}),
+    "sam-adamw": ("adamw", {"base_optimizer": "adamw"}),
+    "asam-sgd": ("sgd-momentum", {"base_optimizer": "sgd-momentum", "adaptive": True, "rho": 0.5}),
+    "asam-adamw": ("adamw", {"base_optimizer": "adamw", "adaptive": True, "rho": 0.5}),
+}
+"""Registry name -> (base optimizer whose lr range and default lr the name takes, the name's fixed arguments)."""
+
+for _name, (_base, _preset) in SAM_NAMES.items():
+    _spec = get_spec(_base)
+    _kind = "ASAM" if _preset.get("adaptive") else "SAM"
+    register_optimizer(_name, f"{SAM.__module__}:{SAM.__qualname__}", preset=_preset, lr_bounds=_spec.lr_bounds,
+                       default_lr=_spec.default_lr,
+                       description=f"{_kind} (rho={_preset.get('rho', 0.05)}) around {_base}: two gradient "
+                                   "evaluations per step" + ("; base_optimizer=NAME for another" if not _preset else ""))

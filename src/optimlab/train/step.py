@@ -14,19 +14,25 @@ One optimizer step of :class:`StepPolicy` over ``accum`` micro-batches does, in 
    learning rate where it was, so a run with skips follows the same schedule in optimizer steps;
 6. zero the gradients and return the loss (averaged over micro-batches, and over ranks by ``reduce_mean``).
 
+An optimizer the registry marks ``needs_closure`` (SAM) gets ``step(closure)``: the closure's first call
+returns the loss of steps 1–3 (their gradients are in place), each later call zeroes the gradients and
+repeats steps 1 and 3 on the same micro-batches (SAM's second gradient, at the perturbed weights).
+
 Kept apart from the trainer so each rule can be tested on a small model (``tests/train/test_step.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from optimlab.guard import NonFiniteGuard
+from optimlab.guard import NonFiniteGuard, _replay_first
+from optimlab.optim.registry import needs_closure
 from optimlab.schedules import step_scheduler
 
 __all__ = ["StepPolicy", "StepOutcome"]
@@ -66,6 +72,10 @@ class StepPolicy:
         self.guard = guard
         self.scaler = scaler
         self.scheduler = scheduler
+        self.needs_closure = needs_closure(optimizer)
+        if self.needs_closure and scaler is not None:
+            raise ValueError(f"Invalid optimizer for fp16: {type(optimizer).__name__} steps with a closure, which "
+                             "torch's GradScaler refuses (accepted: bf16 or fp32 with it)")
 
     def step(self, batches: Iterable[Any], loss_of: Callable[[Any], torch.Tensor], *,
              no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
@@ -75,6 +85,33 @@ class StepPolicy:
         ``loss_of(batch)`` returns the micro-batch's mean loss (a scalar with a graph); ``no_sync()`` (DDP)
         wraps the non-final backward passes; ``reduce_mean`` averages the logged loss over ranks.
         """
+        batches = list(batches) if self.needs_closure else batches  # evaluated again at SAM's second pass
+        loss_sum = self._accumulate(batches, loss_of, no_sync)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        clip = self.clipper.step()
+        closure = None
+        if self.needs_closure:  # first call: the gradients above; later calls: zero, accumulate and clip again
+            closure = _replay_first(functools.partial(self._again, batches, loss_of, no_sync), loss_sum / self.accum)
+        if self.guard is not None:
+            self.guard.step(closure)  # skips the step on inf/NaN gradients (through the GradScaler under fp16)
+        elif self.scaler is not None:
+            self.scaler.step(self.optimizer)
+        else:
+            self.optimizer.step(closure)
+        if self.scaler is not None:
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        mean = loss_sum / self.accum
+        mean_loss = float(reduce_mean(mean) if reduce_mean is not None else mean)
+        skipped = self.guard is not None and self.guard.last_step_skipped
+        if self.scheduler is not None and not skipped:
+            step_scheduler(self.scheduler, metric=mean_loss)  # the loss is the metric of "plateau"
+        return StepOutcome(loss=mean_loss, grad_norm=clip.norm, clipped=clip.clipped, skipped=skipped)
+
+    def _accumulate(self, batches: Iterable[Any], loss_of: Callable[[Any], torch.Tensor],
+                    no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None) -> torch.Tensor:
+        """Backward of loss_i / accum over the micro-batches (rule 1); returns the sum of their losses."""
         loss_sum: torch.Tensor | None = None
         count = 0
         for batch in batches:
@@ -88,21 +125,12 @@ class StepPolicy:
             loss_sum = detached if loss_sum is None else loss_sum + detached
         if count != self.accum or loss_sum is None:
             raise ValueError(f"Invalid batches: got {count} micro-batches for accum={self.accum}")
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        clip = self.clipper.step()
-        if self.guard is not None:
-            self.guard.step()  # skips the step on inf/NaN gradients (through the GradScaler under fp16)
-        elif self.scaler is not None:
-            self.scaler.step(self.optimizer)
-        else:
-            self.optimizer.step()
-        if self.scaler is not None:
-            self.scaler.update()
+        return loss_sum
+
+    def _again(self, batches: list[Any], loss_of: Callable[[Any], torch.Tensor],
+               no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None) -> torch.Tensor:
+        """A closure's later evaluation: zero the gradients, accumulate and clip again; the mean loss."""
         self.optimizer.zero_grad(set_to_none=True)
-        mean = loss_sum / self.accum
-        mean_loss = float(reduce_mean(mean) if reduce_mean is not None else mean)
-        skipped = self.guard is not None and self.guard.last_step_skipped
-        if self.scheduler is not None and not skipped:
-            step_scheduler(self.scheduler, metric=mean_loss)  # the loss is the metric of "plateau"
-        return StepOutcome(loss=mean_loss, grad_norm=clip.norm, clipped=clip.clipped, skipped=skipped)
+        loss_sum = self._accumulate(batches, loss_of, no_sync)
+        self.clipper.step()
+        return loss_sum / self.accum

@@ -1,0 +1,62 @@
+"""The trainer's step policy with an optimizer that needs a closure (SAM): two gradient evaluations per step
+on the same micro-batches, equal to SAM's own two-pass API driven by hand, with and without the guard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_step import _data, _model  # the same small float64 model and data as the plain policy's tests
+
+from optimlab.clip import make_clipper
+from optimlab.guard import NonFiniteGuard
+from optimlab.optim import create_optimizer
+from optimlab.train.step import StepPolicy
+
+
+def _mse(model: torch.nn.Module, calls: list[int] | None = None):
+    def loss(batch):
+        if calls is not None:
+            calls.append(1)
+        return torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+    return loss
+
+
+def _by_hand(model: torch.nn.Module, optimizer, micro: list, clip: float) -> None:
+    """SAM's first_step/second_step around the accumulated, clipped gradients of the same micro-batches."""
+    for _ in range(2):
+        optimizer.zero_grad(set_to_none=True)
+        for batch in micro:
+            (_mse(model)(batch) / len(micro)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if optimizer._saved:
+            optimizer.second_step()
+        else:
+            optimizer.first_step()
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+@pytest.mark.parametrize("name", ["sam-sgd", "asam-adamw"])
+def test_sam_step_equals_the_two_pass_api_over_accumulated_micro_batches(name: str, guarded: bool) -> None:
+    k, steps, clip = 2, 4, 0.5
+    model, reference = _model(), _model()
+    optimizer = create_optimizer(model.parameters(), name, lr=0.05)
+    reference_optimizer = create_optimizer(reference.parameters(), name, lr=0.05)
+    guard = NonFiniteGuard(optimizer, log=False) if guarded else None
+    policy = StepPolicy(optimizer, make_clipper(f"norm:{clip}", model.parameters()), accum=k, guard=guard)
+    calls: list[int] = []
+    for inputs, targets in _data(steps, 4 * k):
+        micro = list(zip(inputs.chunk(k), targets.chunk(k)))
+        outcome = policy.step(iter(micro), _mse(model, calls))  # an iterator: the policy keeps the batches itself
+        _by_hand(reference, reference_optimizer, micro, clip)
+        assert not outcome.skipped
+    assert len(calls) == 2 * k * steps  # two gradient evaluations per step, each over the k micro-batches
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-14)
+
+
+def test_sam_with_fp16_grad_scaler_is_refused() -> None:
+    model = _model()
+    optimizer = create_optimizer(model.parameters(), "sam-sgd")
+    scaler = torch.amp.GradScaler("cpu")
+    with pytest.raises(ValueError, match="Invalid optimizer for fp16: SAM steps with a closure"):
+        StepPolicy(optimizer, make_clipper("none", model.parameters()), scaler=scaler)
