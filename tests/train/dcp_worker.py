@@ -5,7 +5,8 @@ every rank trains the same global batches (8
 sequences per step, rank r the r-th half) for ``STEPS`` steps, saving a sharded checkpoint at ``SAVE_AT``; then a
 fresh, differently initialised model loads it and trains the same steps again (same world size); then another one
 loads ``ROOT/single/checkpoint.dcp`` (written by one unsharded process, :func:`single_process`) and continues it
-(1 -> 2 ranks). Rank 0 writes ``ROOT/sharded.pt``: the losses of each continuation and the final full parameters.
+(1 -> 2 ranks). Rank 0 writes ``ROOT/sharded.pt``: the losses of each continuation, the final full parameters, and
+the whole model and optimizer state when saving and right after loading the single process's checkpoint.
 
 :func:`single_process` (run in the test's own process) trains the same steps unsharded on the whole batch, saving
 ``ROOT/single/checkpoint.dcp`` at ``SAVE_AT``; :func:`single_from_sharded` continues the 2-rank checkpoint in one
@@ -68,6 +69,23 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: range
     return losses
 
 
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Model and optimizer state as whole tensors, keyed by parameter name (a collective under FSDP2)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    def whole(value: object) -> object:  # (StateDictOptions(full_state_dict=True) fails on Muon's ns_dtype)
+        if isinstance(value, dict):
+            return {key: whole(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [whole(item) for item in value]
+        if isinstance(value, torch.Tensor):  # a copy (the full tensor of a replicated DTensor is its local one)
+            return (value.full_tensor() if hasattr(value, "full_tensor") else value).detach().clone()
+        return value
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return whole({"model": model_state, "optimizer": optimizer_state})
+
+
 def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
             for name, p in model.named_parameters()}
@@ -78,19 +96,23 @@ def extra(step: int) -> dict:
     return {"step": step, "rng": torch.get_rng_state(), "position": {"epoch": 1, "batch": 7 + step}}
 
 
-def single_process(root: Path, optimizer: str) -> list[float]:
-    """One unsharded process on the whole batch: the losses of the run, saving ROOT/single at SAVE_AT."""
+def single_process(root: Path, optimizer: str) -> tuple[list[float], dict]:
+    """One unsharded process on the whole batch: the losses of the run, saving ROOT/single at SAVE_AT, and its
+    state there."""
     model, opt = build(optimizer, 0, shard=False)
     head = train(model, opt, range(SAVE_AT))
     save_sharded(root / "single" / "checkpoint.dcp", model, opt, extra(SAVE_AT))
-    return head + train(model, opt, range(SAVE_AT, STEPS))
+    saved = full_state(model, opt)
+    return head + train(model, opt, range(SAVE_AT, STEPS)), saved
 
 
-def single_from_sharded(root: Path, optimizer: str) -> tuple[list[float], dict]:
-    """One unsharded process continuing the 2-rank checkpoint: its losses, and the extra state loaded."""
+def single_from_sharded(root: Path, optimizer: str) -> tuple[list[float], dict, dict]:
+    """One unsharded process continuing the 2-rank checkpoint: its losses, the extra state loaded, and the model
+    and optimizer state right after loading."""
     model, opt = build(optimizer, 5, shard=False)
     loaded = load_sharded(root / "sharded" / "checkpoint.dcp", model, opt)
-    return train(model, opt, range(SAVE_AT, STEPS)), loaded
+    state = full_state(model, opt)
+    return train(model, opt, range(SAVE_AT, STEPS)), loaded, state
 
 
 def main(root: Path, optimizers: list[str]) -> None:
@@ -106,6 +128,7 @@ def scenario(root: Path, optimizer: str) -> None:
     model, opt = build(optimizer, 0, shard=True)
     losses = train(model, opt, range(SAVE_AT), rank, world_size)
     written = save_sharded(root / "sharded" / "checkpoint.dcp", model, opt, extra(SAVE_AT))
+    saved = full_state(model, opt)
     losses += train(model, opt, range(SAVE_AT, STEPS), rank, world_size)
     reference = full_parameters(model)
 
@@ -116,9 +139,11 @@ def scenario(root: Path, optimizer: str) -> None:
 
     model, opt = build(optimizer, 2, shard=True)
     load_sharded(root / "single" / "checkpoint.dcp", model, opt)
+    loaded_from_single = full_state(model, opt)
     from_single = train(model, opt, range(SAVE_AT, STEPS), rank, world_size)
     if rank == 0:
-        torch.save({"losses": losses, "resumed": resumed, "from_single": from_single, "extra": loaded,
+        torch.save({"losses": losses, "resumed": resumed, "from_single": from_single, "extra": loaded, "saved": saved,
+                    "loaded_from_single": loaded_from_single,
                     "written": str(written), "parameters": reference, "resumed_parameters": resumed_parameters},
                    root / "sharded.pt")
 

@@ -4,13 +4,13 @@ Tolerances:
 
 * resume on the same number of ranks: **bit for bit** (losses and every parameter): DCP stores each shard's
   bytes, and the continued steps run the same kernels on the same shards.
-* resume on another number of ranks (2 -> 1, 1 -> 2): the continued losses equal within **1e-5 relative**. The
-  states load exactly (DCP reassembles the global tensors); what differs is float32 reduction order afterwards:
-  one process takes the mean over 8 sequences where two ranks average two means of 4, and FSDP2's reduce-scatter
-  averages two half-batch gradients. Over 3 steps that moved the losses (about 3.19) by at most 1.2e-6 (3.7e-7
-  relative, 5 float32 ulps); 1e-5 leaves room for the optimizer's amplification of a last-bit gradient difference
-  (Adam divides by sqrt(v)) without admitting a wrongly loaded state (a state from another step changes the loss
-  in the third digit).
+* resume on another number of ranks (2 -> 1, 1 -> 2): the loaded model and optimizer state equal the saved ones
+  **bit for bit** (DCP reassembles the global tensors from the other number of shards; without this check a lost
+  Adafactor state would pass, its losses after 3 steps moving by 4e-7 only), and the continued losses equal within
+  **1e-5 relative**. What differs is float32 reduction order afterwards: one process takes the mean over 8
+  sequences where two ranks average two means of 4, and FSDP2's reduce-scatter averages two half-batch gradients.
+  Over 3 steps that moved the losses (about 3.19) by at most 1.2e-6 (3.7e-7 relative, 5 float32 ulps); 1e-5
+  leaves room for the optimizer's amplification of a last-bit gradient difference (Adam divides by sqrt(v)).
 """
 
 from __future__ import annotations
@@ -64,11 +64,21 @@ def _trained(steps: int = 2) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     return model, optimizer
 
 
+def _differences(first: object, second: object, where: str = "") -> list[str]:
+    """Where two states differ (keys, values; tensors bit for bit), through nested dicts and lists."""
+    if isinstance(first, dict) and isinstance(second, dict):
+        if first.keys() != second.keys():
+            return [f"{where} keys {sorted(map(str, first.keys() ^ second.keys()))}"]
+        return [found for key in first for found in _differences(first[key], second[key], f"{where}.{key}")]
+    if isinstance(first, list) and isinstance(second, list) and len(first) == len(second):
+        return [found for i, pair in enumerate(zip(first, second)) for found in _differences(*pair, f"{where}[{i}]")]
+    if isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor):
+        return [] if torch.equal(first, second) else [where]
+    return [] if type(first) is type(second) and first == second else [where]
+
+
 def _equal_states(first: dict, second: dict) -> bool:
-    if first.keys() != second.keys():
-        return False
-    return all(_equal_states(a, b) if isinstance(a, dict) else torch.equal(a, b) if isinstance(a, torch.Tensor)
-               else a == b for a, b in ((first[k], second[k]) for k in first))
+    return not _differences(first, second)
 
 
 # ---------------------------------------------------------------- 1. exact resume and resharding (2 gloo ranks)
@@ -77,7 +87,7 @@ def _equal_states(first: dict, second: dict) -> bool:
 @pytest.fixture(scope="module")
 def scenarios(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("dcp")
-    single = {name: single_process(root / name, name) for name in OPTIMIZERS}
+    single = {name: single_process(root / name, name) for name in OPTIMIZERS}  # before the job, which loads it
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                str(HERE / "dcp_worker.py"), str(root), ",".join(OPTIMIZERS)]
     job = subprocess.run(command, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
@@ -105,10 +115,15 @@ def test_sharded_resume_on_the_same_ranks_is_bit_for_bit(scenarios: dict, optimi
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_resume_on_another_number_of_ranks_reshards(scenarios: dict, optimizer: str) -> None:
     scenario = scenarios[optimizer]
-    sharded, single = scenario["sharded"]["losses"], scenario["single"]
-    from_sharded, extra = scenario["from_sharded"]  # 2 ranks -> 1 unsharded process
+    sharded = scenario["sharded"]["losses"]
+    (single, single_saved), sharded_saved = scenario["single"], scenario["sharded"]["saved"]
+    from_sharded, extra, loaded_state = scenario["from_sharded"]  # 2 ranks -> 1 unsharded process
     from_single = scenario["sharded"]["from_single"]  # 1 unsharded process -> 2 ranks
     assert extra["step"] == SAVE_AT
+    # the states load exactly, whole tensors reassembled from the other number of shards...
+    assert _differences(loaded_state, sharded_saved) == []
+    assert _differences(scenario["sharded"]["loaded_from_single"], single_saved) == []
+    # ... and the runs continue to float32 reduction order
     torch.testing.assert_close(torch.tensor(from_sharded), torch.tensor(sharded[SAVE_AT:]), rtol=RESHARD_RTOL, atol=0)
     torch.testing.assert_close(torch.tensor(from_single), torch.tensor(single[SAVE_AT:]), rtol=RESHARD_RTOL, atol=0)
     payload = read_training_checkpoint(scenario["root"] / "sharded" / "checkpoint.dcp")
