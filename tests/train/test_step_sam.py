@@ -60,3 +60,21 @@ def test_sam_with_fp16_grad_scaler_is_refused() -> None:
     scaler = torch.amp.GradScaler("cpu")
     with pytest.raises(ValueError, match="Invalid optimizer for fp16: SAM steps with a closure"):
         StepPolicy(optimizer, make_clipper("none", model.parameters()), scaler=scaler)
+
+
+def test_trainer_runs_sam_by_name_and_resumes_bit_for_bit(tmp_path, text_file) -> None:
+    """The whole trainer with ``optimizer="asam-adamw"`` (accumulation, clipping, guard, schedule): the loss
+    falls, and stopping half-way and resuming gives the same losses and state bit for bit."""
+    from test_trainer import _assert_same_state, _train
+    from train_helpers import tiny_config
+
+    from optimlab.optim.sam import SAM
+
+    options = dict(steps=8, accum=2, clip="norm:1.0", schedule="warmup-cosine", optimizer="asam-adamw",
+                   skip_nonfinite=True, eval_every=4, checkpoint_every=4)
+    full, losses = _train(tiny_config(tmp_path / "full", text_file, **options))
+    assert isinstance(full.optimizer, SAM) and losses[-1] < losses[0]
+    _train(tiny_config(tmp_path / "split", text_file, **options), stop_at=4)
+    resumed, rest = _train(tiny_config(tmp_path / "split", text_file, **options), resume=True)
+    assert rest == losses[4:]
+    _assert_same_state(full, resumed)
