@@ -138,7 +138,8 @@ def compose(results: dict[str, Any], wall_seconds: dict[str, float] | None = Non
     titles = {"step_throughput": "Step throughput", "compile_time": "Compile time of a first fused step",
               "monitor_overhead": "Optimizer-state monitor overhead",
               "guard_overhead": "Non-finite guard overhead (NonFiniteGuard, check_update)",
-              "store_scaleout": "Bench workers on PostgreSQL: scale-out and store overhead"}
+              "store_scaleout": "Bench workers on PostgreSQL: scale-out and store overhead",
+              "frontier_step": "SOAP and Shampoo against pytorch-optimizer and heavyball"}
     for name, title in titles.items():
         module = load_benchmark(name) if name in results else None
         if module is None:
@@ -151,7 +152,7 @@ def compose(results: dict[str, Any], wall_seconds: dict[str, float] | None = Non
 
 
 BENCHMARKS = ("step_throughput", "compile_time", "monitor_overhead", "guard_overhead", "store_scaleout",
-              "parallel_memory")
+              "parallel_memory", "frontier_step")
 
 
 def run_all(out: str | Path, quick: bool = False, *, merge: bool = False, only: Iterable[str] | None = None,

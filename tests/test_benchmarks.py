@@ -127,7 +127,8 @@ def test_run_all_writes_perf_md_and_calls_monitor(monkeypatch: pytest.MonkeyPatc
                                    write=lambda results, out: (Path(out) / "compile_time.json").write_text("{}"))
     monkeypatch.setattr(run_all, "load_benchmark", lambda name: {"monitor_overhead": monitor,
                                                                  "compile_time": compile_time}.get(name)
-                        or (None if name in ("guard_overhead", "store_scaleout", "parallel_memory")  # own tests
+                        or (None if name in ("guard_overhead", "store_scaleout", "parallel_memory",
+                                          "frontier_step")  # own tests
                             else real_loader(name)))
     results = run_all.run_all(tmp_path, quick=True, names=["adamw"], include_compiled=False, quiet=True)
     assert calls == [True]

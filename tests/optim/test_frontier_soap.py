@@ -18,7 +18,7 @@ from pytorch_optimizer import SOAP as ReferenceSOAP
 
 from optimlab.optim.soap import SOAP, merged_shape
 
-from .frontier_helpers import (assert_close, assert_resumes_bit_for_bit, check_numpy_parity, numpy_grads,
+from .frontier_helpers import (Structure, assert_close, assert_resumes_bit_for_bit, check_numpy_parity, numpy_grads,
                               random_structure, run_torch, sample_problem)
 from .modern_helpers import random_configs
 
@@ -155,6 +155,19 @@ def test_state_dict_round_trip_resumes_bit_for_bit() -> None:
     assert any("Q1" in state for state in resumed.state.values())  # the bases are part of the comparison
 
 
+def test_gradients_are_left_unchanged() -> None:
+    """Unrotated tensors (a vector, a matrix with both sides above max_precondition_dim) once had their
+    gradient squared in place by the second-moment update."""
+    params = [torch.ones(3, requires_grad=True), torch.ones(3, 5, requires_grad=True), torch.ones(4, 4, requires_grad=True)]
+    optimizer = SOAP(params, max_precondition_dim=2)
+    for _ in range(3):
+        grads = [torch.full_like(p, -2.0) for p in params]
+        for param, grad in zip(params, grads):
+            param.grad = grad.clone()
+        optimizer.step()
+        assert all(torch.equal(param.grad, grad) for param, grad in zip(params, grads))
+
+
 def test_large_dimensions_are_never_factored() -> None:
     """A (3000, 4) weight with max_precondition_dim=1024: the 3000 side keeps the identity (no 3000 x 3000
     factor or eigendecomposition), the 4 side is rotated; a (3000,) vector is plain Adam even with precondition_1d."""
@@ -236,8 +249,6 @@ class SwitchingQuadratic:
 
 
 def test_basis_refresh_reorders_columns_and_second_moment() -> None:
-    from .frontier_helpers import Structure
-
     structure = Structure([(4, 4), (3, 2, 4), (5, 5)])
     kwargs = {"lr": 0.02, "betas": (0.9, 0.95), "shampoo_beta": 0.5, "eps": 1e-8, "weight_decay": 0.0,
               "precondition_frequency": 2, "max_precondition_dim": 10000, "correct_bias": True,

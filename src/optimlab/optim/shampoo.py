@@ -297,9 +297,8 @@ class Shampoo(OptimlabOptimizer):
             if t < start or any(root is None for root in roots):
                 continue
             shampoo = project(filtered[block], roots)
-            if group["grafting"] != "none":
+            if group["grafting"] != "none":  # a tensor-valued choice: no host synchronisation per block
                 shampoo_norm = shampoo.norm()
-                scale = graft[block].norm() / shampoo_norm if shampoo_norm > 0 else shampoo_norm
-                shampoo = shampoo * scale
+                shampoo = shampoo * torch.where(shampoo_norm > 0, graft[block].norm() / shampoo_norm, 0.0)
             direction[block] = shampoo
         return direction

@@ -28,7 +28,8 @@ them. The momentum :math:`m` of the paper lives in the original space and is pro
 basis each step; since the projection is linear and the bases orthogonal, ``exp_avg`` holds
 :math:`\mathcal{P}(m_t)` directly (updated with :math:`\mathcal{P}(G_t)`, which the second moment needs
 anyway) and is rotated into the new basis exactly when the basis changes (back with the old, forward
-with the new): the same iterates with one projection fewer per step. The update uses the factors of the previous step (the current
+with the new, or in one contraction by :math:`Q_{old}^\top Q_{new}` when the factors are small beside the
+tensor): the same iterates with one projection fewer per step. The update uses the factors of the previous step (the current
 gradient enters :math:`L_i` after the update, as in the paper). ``normalize_gradient`` divides
 :math:`N_t` by its RMS (plus :math:`\epsilon`).
 
@@ -125,6 +126,13 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _finite_basis(basis: Tensor) -> bool:
+    """Whether an orthonormal ``basis`` (entries bounded by 1 in magnitude) is finite: its sum is finite exactly
+    then (no overflow is possible), and one reduction is much cheaper than ``isfinite`` on LAPACK's
+    column-major output."""
+    return bool(torch.isfinite(basis.sum()))
+
+
 def _eigenbasis(factor: Tensor) -> Tensor | None:
     """Eigenvectors of the symmetric ``factor`` ordered by descending eigenvalue, or ``None`` on failure."""
     try:
@@ -132,7 +140,7 @@ def _eigenbasis(factor: Tensor) -> Tensor | None:
     except RuntimeError:  # LAPACK did not converge
         return None
     vectors = vectors.flip(-1)
-    return vectors.to(factor.dtype) if torch.isfinite(vectors).all() else None
+    return vectors.to(factor.dtype) if _finite_basis(vectors) else None
 
 
 @register(
@@ -243,15 +251,15 @@ class SOAP(OptimlabOptimizer):
                 state[f"Q{dim}"] = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device) \
                     if basis is None else basis
         elif step % group["precondition_frequency"] == 0:
-            order = len(grad.shape)
-            momentum = project(state["exp_avg"].view(grad.shape), self._bases(state, order), back=True)
-            self._refresh_basis(state, dims, grad.shape)
-            state["exp_avg"].copy_(project(momentum, self._bases(state, order)).reshape(state["exp_avg"].shape))
+            self._refresh_bases(state, dims, grad.shape)
 
-    @staticmethod
-    def _refresh_basis(state: dict[str, Any], dims: list[int], shape: torch.Size) -> None:
-        """One power-iteration step and QR per factor, columns sorted by estimated eigenvalue (descending),
-        ``exp_avg_sq`` permuted along; a failed or non-finite QR keeps that factor's previous basis."""
+    def _refresh_bases(self, state: dict[str, Any], dims: list[int], shape: torch.Size) -> None:
+        r"""One power-iteration step and QR per factor, columns sorted by estimated eigenvalue (descending),
+        ``exp_avg_sq`` permuted along; a failed or non-finite QR keeps that factor's previous basis. ``exp_avg``
+        moves from the old bases to the new ones: back with the old and forward with the new, or, when cheaper
+        (:math:`\sum_i n_i^3 < n \sum_i n_i` for the rotated sizes :math:`n_i` of a tensor of :math:`n` values:
+        factors small beside the tensor), in one contraction by :math:`Q_{i,\text{old}}^\top Q_{i,\text{new}}`."""
+        old_bases = self._bases(state, len(shape))
         exp_avg_sq = state["exp_avg_sq"].view(shape)
         for dim in dims:
             factor, basis = state[f"GG{dim}"], state[f"Q{dim}"]
@@ -261,11 +269,20 @@ class SOAP(OptimlabOptimizer):
                 new_basis, _ = torch.linalg.qr(product[:, order].to(_work_dtype(factor.dtype)))
             except RuntimeError:
                 continue
-            if not torch.isfinite(new_basis).all():
+            if not _finite_basis(new_basis):
                 continue
             exp_avg_sq = exp_avg_sq.index_select(dim, order)
             state[f"Q{dim}"] = new_basis.to(factor.dtype)
         state["exp_avg_sq"].copy_(exp_avg_sq.reshape(state["exp_avg_sq"].shape))
+        new_bases = self._bases(state, len(shape))
+        momentum = state["exp_avg"].view(shape)
+        sizes = [shape[dim] for dim in dims]
+        if sum(size**3 for size in sizes) < momentum.numel() * sum(sizes):
+            rotations = [None if old is None or old is new else old.T @ new for old, new in zip(old_bases, new_bases)]
+            momentum = project(momentum, rotations)
+        else:
+            momentum = project(project(momentum, old_bases, back=True), new_bases)
+        state["exp_avg"].copy_(momentum.reshape(state["exp_avg"].shape))
 
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
@@ -284,7 +301,9 @@ class SOAP(OptimlabOptimizer):
             exp_avg, exp_avg_sq = state["exp_avg"].view(shape), state["exp_avg_sq"].view(shape)
             rotated = project(grad, bases)
             exp_avg.lerp_(rotated, 1 - beta1)  # the momentum in the current basis: P(m) = beta1 P(m) + (1-beta1) P(g)
-            exp_avg_sq.lerp_(rotated.square_(), 1 - beta2)
+            # squared in place only when rotated: unrotated, ``rotated`` is (a view of) the caller's gradient
+            exp_avg_sq.lerp_(rotated.square_() if any(basis is not None for basis in bases) else rotated.square(),
+                             1 - beta2)
             direction = project(exp_avg / exp_avg_sq.sqrt().add_(eps), bases, back=True)
             if group["normalize_gradient"]:
                 direction.div_(direction.square().mean().sqrt().add_(eps))
