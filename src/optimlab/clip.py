@@ -46,6 +46,7 @@ from torch import Tensor
 
 from optimlab import _compat
 from optimlab.optim._base import group_by_device_and_dtype
+from optimlab.optim._dtensor import has_dtensor, local, whole_norms
 
 __all__ = [
     "CLIP_SPECS",
@@ -112,9 +113,25 @@ def _use_foreach(foreach: bool | None, device: torch.device, tensors: list[Tenso
 
 
 def _grouped(tensors: list[Tensor]) -> list[tuple[torch.device, list[Tensor]]]:
-    """``tensors`` split by (device, dtype), so that one multi-tensor kernel sees one kind."""
+    """``tensors`` split by (device, dtype), so that one multi-tensor kernel sees one kind. Sharded (DTensor)
+    gradients are replaced by this rank's shards, which in-place operations update."""
     return [(device, device_tensors) for (device, _), ([device_tensors], _) in
-            group_by_device_and_dtype([tensors]).items()]
+            group_by_device_and_dtype([[local(t) for t in tensors]]).items()]
+
+
+def _per_tensor_norms(tensors: list[Tensor], norm_type: float, foreach: bool | None) -> list[Tensor]:
+    """The ``norm_type``-norm of each tensor, in order; of a DTensor (an FSDP2 gradient), the norm of the whole
+    tensor: its shards' norms all-reduced across the ranks (:func:`optimlab.optim._dtensor.whole_norms`)."""
+    shards = [local(t) for t in tensors]
+    norms: list[Tensor | None] = [None] * len(shards)
+    for (device, _), ([device_tensors], indices) in group_by_device_and_dtype([shards]).items():
+        if _use_foreach(foreach, device, device_tensors):
+            device_norms = torch._foreach_norm(device_tensors, norm_type)
+        else:
+            device_norms = [torch.linalg.vector_norm(t, norm_type) for t in device_tensors]
+        for index, norm in zip(indices, device_norms):
+            norms[index] = norm
+    return whole_norms(norms, tensors, norm_type) if has_dtensor(tensors) else norms  # type: ignore[arg-type]
 
 
 @torch.no_grad()
@@ -126,7 +143,8 @@ def total_grad_norm(
     .. math:: \lVert g \rVert_p = \Big\lVert \big(\lVert g_1 \rVert_p, \dots, \lVert g_n \rVert_p\big) \Big\rVert_p
 
     (for :math:`p = \infty` the max of the per-tensor max-abs values). ``tensors`` are the gradients
-    themselves (not the parameters). Returns a 0-dim tensor on the first tensor's device;
+    themselves (not the parameters). Sharded gradients (DTensors, e.g. under FSDP2) count as whole tensors:
+    their shards' norms are all-reduced, so every rank gets the same total. Returns a 0-dim tensor on the first tensor's device;
     ``tensor(0.)`` for no tensors. With ``error_if_nonfinite`` a NaN/inf norm raises ``RuntimeError``.
     """
     tensor_list = [tensors] if isinstance(tensors, Tensor) else list(tensors)
@@ -134,12 +152,7 @@ def total_grad_norm(
     if not tensor_list:
         return torch.tensor(0.0)
     first_device = tensor_list[0].device
-    norms: list[Tensor] = []
-    for device, device_tensors in _grouped(tensor_list):
-        if _use_foreach(foreach, device, device_tensors):
-            norms.extend(torch._foreach_norm(device_tensors, norm_type))
-        else:
-            norms.extend(torch.linalg.vector_norm(t, norm_type) for t in device_tensors)
+    norms = _per_tensor_norms(tensor_list, norm_type, foreach)
     total = torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in norms]), norm_type)
     if error_if_nonfinite and bool(torch.logical_or(total.isnan(), total.isinf())):
         raise RuntimeError(
@@ -235,8 +248,12 @@ def adaptive_grad_clip_(parameters: TensorOrTensors, clipping: float = 0.01, eps
     eps = float(eps)
     if not (eps >= 0.0):
         raise ValueError(f"Invalid eps: {eps} (accepted range: >= 0)")
+    params = _as_list(parameters)
+    if has_dtensor(params):
+        raise NotImplementedError("adaptive_grad_clip_ (agc) does not support sharded (DTensor) parameters, e.g. "
+                                  "under FSDP2, yet: clip by global norm (norm:C) instead")
     clipped_units = 0
-    for param in _as_list(parameters):
+    for param in params:
         if param.grad is None:
             continue
         max_grad_norm = _unitwise_norm(param.detach()).clamp(min=eps).mul_(clipping)

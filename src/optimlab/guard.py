@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from optimlab.optim._dtensor import any_rank, local
+
 __all__ = ["ExplosionDetector", "ExplosionEvent", "NonFiniteGradientError", "NonFiniteGuard", "nonfinite_grads",
            "nonfinite_update"]
 
@@ -71,9 +73,10 @@ def _finite_flags(tensors: list[Tensor]) -> list[bool] | None:
 
 @torch.no_grad()
 def nonfinite_grads(optimizer: torch.optim.Optimizer) -> list[tuple[int, int]]:
-    """The ``(param group, index in group)`` of every gradient of ``optimizer`` holding a NaN or an infinity."""
+    """The ``(param group, index in group)`` of every gradient of ``optimizer`` holding a NaN or an infinity (of a
+    sharded (DTensor) gradient, in this rank's shard)."""
     located = _grads(optimizer)
-    flags = _finite_flags([grad for _, _, grad in located])
+    flags = _finite_flags([local(grad) for _, _, grad in located])
     if flags is None:
         return []
     return [(group_index, param_index) for (group_index, param_index, _), ok in zip(located, flags) if not ok]
@@ -135,14 +138,15 @@ def _put(container: dict[str, Any], key: str, value: Any) -> None:
 @torch.no_grad()
 def nonfinite_update(optimizer: torch.optim.Optimizer) -> list[tuple[int, int, str]]:
     """``(param group, index in group, "param" or the state key)`` of every parameter and floating-point state
-    tensor of ``optimizer`` holding a NaN or an infinity (what an optimizer step may have produced)."""
+    tensor of ``optimizer`` holding a NaN or an infinity (what an optimizer step may have produced; of a sharded
+    (DTensor) tensor, in this rank's shard)."""
     located = []
     for group_index, group in enumerate(optimizer.param_groups):
         for param_index, param in enumerate(group["params"]):
             located.append((group_index, param_index, "param", param))
             state = optimizer.state.get(param, {})
             located.extend((group_index, param_index, key, value) for key, value in state.items() if _floating(value))
-    flags = _finite_flags([t.detach() for *_, t in located])
+    flags = _finite_flags([local(t.detach()) for *_, t in located])
     if flags is None:
         return []
     return [(g, i, key) for (g, i, key, _), ok in zip(located, flags) if not ok]
@@ -174,6 +178,10 @@ class NonFiniteGuard:
     ``benchmarks/guard_overhead.py``). Not covered: state the optimizer keeps outside ``optimizer.state``
     and the param groups (e.g. a wrapped inner optimizer's own state), non-float state, and values that are
     finite but wrong; a ``ZeroRedundancyOptimizer`` is checked on this rank's shard only.
+
+    Sharded parameters (DTensors, e.g. under FSDP2's ``fully_shard``): each rank checks its shards, and the
+    decision to skip (or roll back) is or-ed across the ranks (one all-reduce of a flag per step), so an inf in
+    one rank's shard skips the step on every rank; every rank must call ``step``.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, max_consecutive_skips: int | None = 10,
@@ -215,14 +223,17 @@ class NonFiniteGuard:
                 with torch.enable_grad():
                     loss = closure()
             bad = nonfinite_grads(self.optimizer)
-            if not bad:
+            if not any_rank(bool(bad), _params(self.optimizer)):
                 self.optimizer.step(None if closure is None else _replay_first(closure, loss))
+            elif not bad:
+                where = "non-finite gradient in another rank's shard"
         if snapshot is not None and self._optimizer_stepped:
             overflowed = nonfinite_update(self.optimizer)
-            if overflowed:
+            if any_rank(bool(overflowed), _params(self.optimizer)):
                 snapshot.restore()
                 self._optimizer_stepped = False
-                where = "non-finite update: " + ", ".join(f"group {g} param {i} {key}" for g, i, key in overflowed[:4])
+                where = "non-finite update: " + (", ".join(f"group {g} param {i} {key}" for g, i, key in overflowed[:4])
+                                                 or "in another rank's shard")
         self.steps += 1
         self._record(skipped=not self._optimizer_stepped, bad=bad, where=where)
         return loss

@@ -42,3 +42,10 @@ DDP_STEPS = 26
 """Planned steps of the data-parallel scenarios (the schedule spans these)."""
 DDP_STOP = 20
 """Where the data-parallel scenarios stop and checkpoint, to be resumed elsewhere."""
+
+FSDP_OPTIMIZERS = ("adamw", "sgd-momentum", "lion", "muon", "adafactor", "lamb", "adamw-int8")
+"""The optimizers of the FSDP2-vs-one-process test (issue 16's test 1)."""
+FSDP_STEPS = 6
+"""Steps of the FSDP2 scenarios."""
+FSDP_STOP = 3
+"""Where the FSDP2 resume scenario stops and checkpoints."""

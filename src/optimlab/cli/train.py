@@ -32,7 +32,14 @@ from optimlab.train.distributed import (
     launch,
     shutdown,
 )
-from optimlab.train.trainer import CHECKPOINT_NAME, SUMMARY_NAME, Trainer, prepare_run, stored_config
+from optimlab.train.trainer import (
+    CHECKPOINT_NAME,
+    SUMMARY_NAME,
+    Trainer,
+    prepare_run,
+    read_resume_checkpoint,
+    stored_config,
+)
 
 __all__ = ["train_command", "demo_ddp_command", "worker_main"]
 
@@ -88,6 +95,8 @@ def train_command(
     compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model. \\[default: off]"),
     device: str = typer.Option(None, help="auto, cpu or cuda. \\[default: auto]"),
     zero: bool = typer.Option(None, "--zero/--no-zero", help="Shard optimizer state (ZeroRedundancyOptimizer)."),
+    fsdp: bool = typer.Option(None, "--fsdp/--no-fsdp", help="Shard parameters, gradients and optimizer state "
+                              "with FSDP2 (fully_shard per block and at the root); not with --zero."),
     seed: int = typer.Option(None, help="Seed of init, data order and dropout. \\[default: 0]"),
     log_every: int = typer.Option(None, help="Log every N steps. \\[default: 50]"),
     eval_every: int = typer.Option(None, help="Validate every N steps. \\[default: 250]"),
@@ -106,12 +115,12 @@ def train_command(
     master_port: int = typer.Option(29500, help="Rendezvous port for --nproc-per-node (0: pick a free one)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or console lines."),
 ) -> None:
-    """Train a character-level GPT; exact --resume; data-parallel with --nproc-per-node N (DDP, --zero)."""
+    """Train a character-level GPT; exact --resume; data-parallel with --nproc-per-node N (DDP, --zero, --fsdp)."""
     overrides = dict(out_dir=out, data=data, corpus_chars=corpus_chars, block_size=block_size, n_layer=n_layer,
                      n_head=n_head, n_embd=n_embd, dropout=dropout, batch_size=batch_size, accum=accum, steps=steps,
                      optimizer=optimizer, lr=lr, weight_decay=weight_decay, layer_decay=layer_decay,
                      schedule=schedule, clip=clip, skip_nonfinite=skip_nonfinite, check_update=check_update,
-                     precision=precision, compile=compile, device=device, zero=zero, seed=seed, log_every=log_every,
+                     precision=precision, compile=compile, device=device, zero=zero, fsdp=fsdp, seed=seed, log_every=log_every,
                      eval_every=eval_every, eval_batches=eval_batches, checkpoint_every=checkpoint_every,
                      monitor_every=monitor_every, sample_chars=sample_chars, tensorboard=tensorboard,
                      dist_timeout_s=dist_timeout, keep_checkpoints=keep_checkpoints, ema=ema)
@@ -120,19 +129,21 @@ def train_command(
         if stop_at is not None and stop_at < 1:
             raise ValueError(f"Invalid --stop-at: {stop_at} (accepted range: >= 1)")
         check_launch_options(nproc_per_node, master_port)
+        loaded = None  # the checkpoint to resume, read once here and handed on
         if config_file is not None:
             base = TrainConfig.load(config_file)
         elif resume:  # continue the stored run; the options given change it where a resume may (or are refused)
-            base = stored_config(out or TrainConfig.out_dir, resume_from)
+            loaded = read_resume_checkpoint(out or TrainConfig.out_dir, resume_from)
+            base = stored_config(out or TrainConfig.out_dir, loaded[1])
         else:
             base = TrainConfig.quick() if quick else TrainConfig()
         config = _build_config(base, overrides)
         if nproc_per_node > 1:
             _launch(config, nproc_per_node, master_addr, master_port, resume=resume, overwrite=overwrite,
-                    quiet=quiet, stop_at=stop_at, resume_from=resume_from)
+                    quiet=quiet, stop_at=stop_at, resume_from=resume_from, loaded=loaded)
         else:
             _run_worker(config, resume=resume, overwrite=overwrite, quiet=quiet, stop_at=stop_at,
-                        resume_from=resume_from)
+                        resume_from=resume_from, loaded=loaded)
 
 
 @contextlib.contextmanager
@@ -155,12 +166,14 @@ def _one_line_errors() -> Iterator[None]:
 
 
 def _launch(config: TrainConfig, nproc_per_node: int, master_addr: str, master_port: int, *, resume: bool,
-            overwrite: bool, quiet: bool, stop_at: int | None = None, resume_from: Path | None = None) -> None:
+            overwrite: bool, quiet: bool, stop_at: int | None = None, resume_from: Path | None = None,
+            loaded: tuple[Path, dict[str, Any]] | None = None) -> None:
     """Check the run, write its config for the workers, and start them."""
     if "WORLD_SIZE" in os.environ:
         raise ValueError("Invalid --nproc-per-node: already running under a launcher (torchrun); "
                          "drop --nproc-per-node")
-    plan = prepare_run(config, resume=resume, overwrite=overwrite, world_size=nproc_per_node, resume_from=resume_from)
+    plan = prepare_run(config, resume=resume, overwrite=overwrite, world_size=nproc_per_node, resume_from=resume_from,
+                       loaded=loaded)
     config_path = Path(config.out_dir) / "config.json"
     plan.config.save(config_path)
     flags = [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite), ("--quiet", quiet)) if on]
@@ -172,12 +185,14 @@ def _launch(config: TrainConfig, nproc_per_node: int, master_addr: str, master_p
 
 
 def _run_worker(config: TrainConfig, *, resume: bool, overwrite: bool, quiet: bool,
-                stop_at: int | None = None, resume_from: Path | None = None) -> None:
+                stop_at: int | None = None, resume_from: Path | None = None,
+                loaded: tuple[Path, dict[str, Any]] | None = None) -> None:
     """Train in this process (alone, or as one rank of a job described by the environment)."""
     context = init_distributed(config.device, config.dist_timeout_s)
     finished = False
     try:
-        trainer = Trainer(config, context, resume=resume, overwrite=overwrite, quiet=quiet, resume_from=resume_from)
+        trainer = Trainer(config, context, resume=resume, overwrite=overwrite, quiet=quiet, resume_from=resume_from,
+                          loaded=loaded)
         try:
             trainer.train(stop_at=stop_at)
         finally:

@@ -25,19 +25,28 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from optimlab.optim._base import group_by_device_and_dtype
+from optimlab.optim._dtensor import counted_once, has_dtensor, local, reduce_over_shards, whole_norms
 
 __all__ = ["combine_norms", "effective_lr_summary", "per_tensor_norms", "state_tensor_norms", "to_floats"]
 
 
-def per_tensor_norms(tensors: Sequence[Tensor], ord: float = 2.0) -> list[Tensor]:
+def per_tensor_norms(tensors: Sequence[Tensor], ord: float = 2.0, like: Sequence[Tensor] | None = None) -> list[Tensor]:
     """``ord``-norm of each tensor (``-inf`` gives the min-abs), in the order given; one multi-tensor
-    kernel per (device, dtype)."""
+    kernel per (device, dtype).
+
+    Sharded tensors (DTensors, e.g. under FSDP2) count whole: the norms of this rank's shards are all-reduced
+    across the ranks (one collective; every rank must call it). ``like[i]``, when given, is the DTensor whose
+    layout ``tensors[i]`` (a plain tensor shaped like its local shard, e.g. a parameter update) has.
+    """
     tensors = list(tensors)
     if not tensors:
         return []
+    layouts = tensors if like is None else list(like)
+    tensors = [local(t) for t in tensors]
     norms: list[Tensor | None] = [None] * len(tensors)
     for (device, _), ([group], indices) in group_by_device_and_dtype([tensors]).items():
         if device.type in ("cpu", "cuda"):
@@ -46,7 +55,7 @@ def per_tensor_norms(tensors: Sequence[Tensor], ord: float = 2.0) -> list[Tensor
             group_norms = [torch.linalg.vector_norm(t, ord) for t in group]
         for index, norm in zip(indices, group_norms):
             norms[index] = norm
-    return norms  # type: ignore[return-value]
+    return whole_norms(norms, layouts, ord) if has_dtensor(layouts) else norms  # type: ignore[arg-type]
 
 
 def combine_norms(norms: Sequence[float]) -> float:
@@ -77,7 +86,8 @@ def state_tensor_norms(params: Sequence[Tensor], states: Sequence[dict[str, Any]
         for key, value in state.items():
             if _is_moment(value, param):
                 by_key.setdefault(key, []).append(value)
-    return {key: per_tensor_norms([v if v.dtype in (torch.float32, torch.float64) else v.float() for v in values])
+    return {key: per_tensor_norms([v if v.dtype in (torch.float32, torch.float64) else v.float() for v in values],
+                                  like=values)
             for key, values in by_key.items()}
 
 
@@ -99,25 +109,29 @@ def _adam_second_moment(group: dict[str, Any], param: Tensor, state: dict[str, A
 def effective_lr_summary(group: dict[str, Any], params: Sequence[Tensor], states: Sequence[dict[str, Any]],
                          scratch: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
     r"""``(mean, min, max)`` of :math:`\eta / (\sqrt{\hat v} + \epsilon)` over every coordinate of the group's
-    Adam-family parameters, or ``None`` when the group has no Adam-family state.
+    Adam-family parameters, or ``None`` when the group has no Adam-family state. Sharded (DTensor) states count
+    whole: the sum, the count and the extremes of the shards are all-reduced across the ranks (every rank must
+    call it; ``scratch`` is then shaped like the local shards).
 
     The map :math:`v \mapsto \eta/(\sqrt{v/b}+\epsilon)` is decreasing, so the min and max come from one
     ``aminmax`` pass over :math:`v`; the mean needs the full map, computed in place in ``scratch`` (tensors
     shaped like ``params``, e.g. the monitor's parameter buffers) when given, else in fresh memory.
     """
-    moments, sqrt_bias_corrections, buffers, counts = [], [], [], 0
+    moments, sqrt_bias_corrections, buffers, counts, layouts = [], [], [], 0, []
     for index, (param, state) in enumerate(zip(params, states)):
         found = _adam_second_moment(group, param, state)
         if found is None:
             continue
         moment, bias_correction = found
+        layouts.append(moment)
+        moment = local(moment)
         moments.append(moment)
         sqrt_bias_corrections.append(math.sqrt(bias_correction))
         candidate = scratch[index] if scratch is not None else None
         usable = candidate is not None and candidate.shape == moment.shape and candidate.dtype == moment.dtype and (
             candidate.device == moment.device)
         buffers.append(candidate if usable else torch.empty_like(moment))
-        counts += moment.numel()
+        counts += moment.numel() if counted_once(layouts[-1]) else 0
     if not moments:
         return None
     lr, eps = float(group["lr"]), float(group["eps"])
@@ -126,8 +140,14 @@ def effective_lr_summary(group: dict[str, Any], params: Sequence[Tensor], states
         torch.sqrt(moment, out=buffer)
     torch._foreach_add_(buffers, [eps * c for c in sqrt_bias_corrections])
     torch._foreach_reciprocal_(buffers)
-    total = torch.stack([b.sum().to(torch.float64) * c for b, c in zip(buffers, sqrt_bias_corrections)]).sum()
-    extremes = [torch.aminmax(m) for m in moments]
+    total = torch.stack([b.sum().to(torch.float64) * c * counted_once(layout)
+                         for b, c, layout in zip(buffers, sqrt_bias_corrections, layouts)]).sum()
+    extremes = [torch.aminmax(m) if m.numel() else (m.new_full((), math.inf), m.new_zeros(())) for m in moments]
     smallest_moment = torch.stack([lo.to(torch.float64) / c ** 2 for (lo, _), c in zip(extremes, sqrt_bias_corrections)])
     largest_moment = torch.stack([hi.to(torch.float64) / c ** 2 for (_, hi), c in zip(extremes, sqrt_bias_corrections)])
-    return (lr * total / counts, lr / (largest_moment.max().sqrt() + eps), lr / (smallest_moment.min().sqrt() + eps))
+    smallest, largest = smallest_moment.min(), largest_moment.max()
+    if has_dtensor(layouts):  # sharded: sum and count over the ranks, the extremes' max (smallest negated)
+        sums = reduce_over_shards(torch.stack([total, total.new_tensor(float(counts))]), dist.ReduceOp.SUM, layouts)
+        extreme = reduce_over_shards(torch.stack([largest, -smallest]), dist.ReduceOp.MAX, layouts)
+        total, counts, largest, smallest = sums[0], sums[1], extreme[0], -extreme[1]
+    return (lr * total / counts, lr / (largest.sqrt() + eps), lr / (smallest.sqrt() + eps))

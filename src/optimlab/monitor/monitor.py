@@ -16,6 +16,7 @@ from optimlab.monitor.metrics import (
     to_floats,
 )
 from optimlab.monitor.sinks import Sink
+from optimlab.optim._dtensor import local
 from optimlab.optim.state import state_bytes
 
 __all__ = ["OptimizerMonitor"]
@@ -46,6 +47,11 @@ class OptimizerMonitor:
     clipping); for closure-driven optimizers (L-BFGS) that is the previous closure's gradient. A
     monitored step costs a copy of the parameters (kept in reusable buffers between records) and a few
     multi-tensor passes; the overhead is measured by ``benchmarks/monitor_overhead.py``.
+
+    Sharded parameters (DTensors, e.g. under FSDP2's ``fully_shard``): the monitor works on each rank's shards
+    and all-reduces the norms, sums and extremes, so every rank records the figures of the whole tensors (the
+    unsharded optimizer's, up to float rounding). Attach a monitor on every rank then (the reductions are
+    collectives), with sinks on one rank only; ``state_bytes`` counts the state of all ranks.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, every: int = 1, sinks: Sequence[Sink] | None = None,
@@ -80,17 +86,18 @@ class OptimizerMonitor:
             self._grad_norms = None
             return
         groups = optimizer.param_groups
+        shards = [[local(p.detach()) for p in group["params"]] for group in groups]  # a DTensor's local shard
         shapes_changed = len(self._before) != len(groups) or any(
-            len(buffers) != len(group["params"]) or any(b.shape != p.shape or b.dtype != p.dtype or b.device != p.device
-                                                        for b, p in zip(buffers, group["params"]))
-            for buffers, group in zip(self._before, groups))
+            len(buffers) != len(params) or any(b.shape != p.shape or b.dtype != p.dtype or b.device != p.device
+                                               for b, p in zip(buffers, params))
+            for buffers, params in zip(self._before, shards))
         if shapes_changed:
-            self._before = [[torch.empty_like(p, memory_format=torch.preserve_format) for p in group["params"]]
-                            for group in groups]
+            self._before = [[torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
+                            for params in shards]
         self._grad_norms = []
-        for buffers, group in zip(self._before, groups):
-            if group["params"]:
-                torch._foreach_copy_(buffers, [p.detach() for p in group["params"]])
+        for buffers, group, params in zip(self._before, groups, shards):
+            if params:
+                torch._foreach_copy_(buffers, params)
             with_grad = [i for i, p in enumerate(group["params"]) if p.grad is not None]
             grads = [group["params"][i].grad for i in with_grad]
             grads = [g.coalesce().values() if g.is_sparse else g for g in grads]
@@ -108,9 +115,9 @@ class OptimizerMonitor:
             params = [p.detach() for p in group["params"]]
             states = [optimizer.state.get(p, {}) for p in group["params"]]
             if params:
-                torch._foreach_sub_(buffers, params)  # buffers now hold theta_before - theta_after
+                torch._foreach_sub_(buffers, [local(p) for p in params])  # buffers: theta_before - theta_after
             param_norms = to_floats(per_tensor_norms(params))
-            update_norms = to_floats(per_tensor_norms(buffers))
+            update_norms = to_floats(per_tensor_norms(buffers, like=params))
             grad_norms = to_floats(grad_norm_tensors)
             grad_total += grad_norms
             update_total += update_norms

@@ -27,13 +27,14 @@ scatter), with the matrices distributed round-robin as in sharded Shampoo implem
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_dtensor_support", "has_dtensor", "host_values", "is_dtensor", "local", "local_lists",
-           "owner_compute"]
+__all__ = ["any_rank", "check_dtensor_support", "counted_once", "has_dtensor", "host_values", "is_dtensor", "local",
+           "local_lists", "owner_compute", "reduce_over_shards", "sharded_refusal", "whole_norms"]
 
 try:  # torch.distributed is optional (some builds lack it): then no parameter can be a DTensor
     import torch.distributed as dist
@@ -68,6 +69,82 @@ def host_values(tensor: Tensor) -> list[float]:
     """``tensor.tolist()`` for a plain tensor or a DTensor (e.g. stacked trust-ratio norms, which DTensor has
     all-reduced over the shards: every rank gets the same values)."""
     return (tensor.full_tensor() if is_dtensor(tensor) else tensor).tolist()
+
+
+def _shared_mesh(tensors: Iterable[object]) -> object | None:
+    """The device mesh of the DTensors among ``tensors`` (``None`` when there are none); raises
+    ``NotImplementedError`` for several meshes or a layout other than one :class:`Shard` or :class:`Replicate`
+    placement on a 1-D mesh (what ``fully_shard`` over one process group makes)."""
+    mesh = None
+    for tensor in tensors:
+        if not is_dtensor(tensor):
+            continue
+        placement = tensor.placements[0]
+        if tensor.device_mesh.ndim != 1 or not (type(placement) is Shard or placement.is_replicate()):
+            raise NotImplementedError(
+                f"a DTensor on a {tensor.device_mesh.ndim}-D mesh with placements {tensor.placements}: reductions over "
+                "shards support one Shard or Replicate placement on a 1-D mesh (fully_shard over one process group)")
+        if mesh is None:
+            mesh = tensor.device_mesh
+        elif tensor.device_mesh != mesh:
+            raise NotImplementedError("DTensors on several device meshes: reductions over shards take one mesh")
+    return mesh
+
+
+def counted_once(tensor: Tensor) -> bool:
+    """Whether this rank's part of ``tensor`` enters a sum over the ranks: always for a plain tensor or a shard,
+    on the mesh's first rank only for a replicated DTensor (every rank holds the whole)."""
+    return not (is_dtensor(tensor) and tensor.placements[0].is_replicate()
+                and tensor.device_mesh.get_local_rank() != 0)
+
+
+def reduce_over_shards(values: Tensor, op: object, like: Iterable[object]) -> Tensor:
+    """All-reduce ``values`` in place with ``op`` (a ``torch.distributed.ReduceOp``) over the ranks of the mesh of
+    the DTensors in ``like``; unchanged when ``like`` holds none. Every rank of the mesh must call it."""
+    mesh = _shared_mesh(like)
+    if mesh is not None:
+        dist.all_reduce(values, op=op, group=mesh.get_group())
+    return values
+
+
+def any_rank(flag: bool, like: Iterable[object]) -> bool:
+    """``flag`` or-ed over the ranks that shard the DTensors in ``like`` (``flag`` itself when there are none):
+    a decision every rank takes the same way, e.g. to skip a step whose gradient is non-finite on one shard."""
+    tensors = list(like)
+    mesh = _shared_mesh(tensors)
+    if mesh is None:
+        return flag
+    device = next(local(t) for t in tensors if is_dtensor(t)).device
+    value = torch.tensor([float(flag)], device=device)
+    return bool(reduce_over_shards(value, dist.ReduceOp.MAX, tensors).item())
+
+
+def whole_norms(norms: Sequence[Tensor], like: Sequence[Tensor], ord: float) -> list[Tensor]:
+    r"""The ``ord``-norm of each whole tensor from the norms of this rank's parts: ``norms[i]`` is the norm of
+    ``local(like[i])``. Plain and replicated tensors keep their norm; the norms of shards are combined, with one
+    all-reduce for all of them: :math:`(\sum_r n_r^p)^{1/p}` (a sum of the :math:`p`-th powers, in float64),
+    the max for :math:`p = \infty`, the min for :math:`-\infty`, the sum for :math:`p = 0` (a count). An empty
+    shard (fewer rows than ranks) contributes nothing. Every rank of the mesh must call it."""
+    ord = float(ord)
+    sharded = [i for i, tensor in enumerate(like) if is_dtensor(tensor) and not tensor.placements[0].is_replicate()]
+    if not sharded:
+        return list(norms)
+    if ord == math.inf or ord == -math.inf:
+        op, empty = (dist.ReduceOp.MAX, 0.0) if ord > 0 else (dist.ReduceOp.MIN, math.inf)
+        powers = [norms[i].double() if local(like[i]).numel() else torch.tensor(empty, dtype=torch.float64)
+                  for i in sharded]
+    else:
+        op = dist.ReduceOp.SUM
+        powers = [(norms[i].double() if ord == 0 else norms[i].double() ** ord) if local(like[i]).numel()
+                  else torch.tensor(0.0, dtype=torch.float64) for i in sharded]
+    device = norms[sharded[0]].device
+    combined = reduce_over_shards(torch.stack([value.to(device) for value in powers]), op, [like[i] for i in sharded])
+    if ord not in (0.0, math.inf, -math.inf):
+        combined = combined ** (1.0 / ord)
+    result = list(norms)
+    for i, value in zip(sharded, combined):
+        result[i] = value.to(norms[i].dtype)
+    return result
 
 
 def _gather_to_owner(shard: Tensor, layout: Tensor, owner: int) -> Tensor | None:
@@ -128,21 +205,28 @@ def owner_compute(shards: Sequence[Tensor], like: Sequence[Tensor], compute: Cal
             for result, layout, owner in zip(results, like, owners)]
 
 
+def sharded_refusal(optimizer_class: type, state_dtype: object = None) -> str | None:
+    """Why ``optimizer_class`` (with ``state_dtype``) cannot update sharded (DTensor) parameters, or ``None`` when
+    it can: its class declares ``supports_dtensor = False`` (its rule would compute on each shard alone, which is
+    not the rule applied to the matrix), or its state is stored in low precision (bf16/int8: the block-wise
+    codecs take plain tensors). What :func:`check_dtensor_support` raises, and what ``optimlab train --fsdp``
+    checks before it starts."""
+    name = optimizer_class.__name__
+    if state_dtype not in (None, "float32", torch.float32):
+        return (f"{name}(state_dtype={state_dtype!r}) cannot update sharded (DTensor) parameters, e.g. under FSDP2's "
+                "fully_shard: low-precision states have no sharded path yet; pass state_dtype=None")
+    if not getattr(optimizer_class, "supports_dtensor", True):
+        return (f"{name} cannot update sharded (DTensor) parameters, e.g. under FSDP2's fully_shard: its rule needs "
+                "whole tensors and has no sharded path yet; use an elementwise optimizer (adamw, sgd, lion, ...), "
+                f"muon, adafactor or lamb, or train {name} without FSDP")
+    return None
+
+
 def check_dtensor_support(optimizer: torch.optim.Optimizer, group: dict) -> None:
     """Raise ``NotImplementedError`` naming the optimizer when ``group``'s parameters hold a DTensor (a sharded
-    parameter, e.g. under FSDP2) that it cannot update: its class declares ``supports_dtensor = False`` (its rule
-    would compute on each shard alone, which is not the rule applied to the matrix), or the group stores its
-    state in low precision (``state_dtype`` bf16/int8: the block-wise codecs take plain tensors)."""
+    parameter, e.g. under FSDP2) that it cannot update (:func:`sharded_refusal`)."""
     if not has_dtensor(group["params"]):
         return
-    name = type(optimizer).__name__
-    state_dtype = group.get("state_dtype")
-    if state_dtype not in (None, "float32", torch.float32):
-        raise NotImplementedError(
-            f"{name}(state_dtype={state_dtype!r}) cannot update sharded (DTensor) parameters, e.g. under FSDP2's "
-            "fully_shard: low-precision states have no sharded path yet; pass state_dtype=None")
-    if not getattr(type(optimizer), "supports_dtensor", True):
-        raise NotImplementedError(
-            f"{name} cannot update sharded (DTensor) parameters, e.g. under FSDP2's fully_shard: its rule needs whole "
-            "tensors and has no sharded path yet; use an elementwise optimizer (adamw, sgd, lion, ...), muon, "
-            f"adafactor or lamb, or train {name} without FSDP")
+    reason = sharded_refusal(type(optimizer), group.get("state_dtype"))
+    if reason is not None:
+        raise NotImplementedError(reason)

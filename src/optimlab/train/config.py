@@ -54,6 +54,9 @@ class TrainConfig:
         compile: wrap the model in ``torch.compile``.
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
         zero: shard optimizer state across ranks (``ZeroRedundancyOptimizer``); needs more than one process.
+        fsdp: shard parameters, gradients and optimizer state across ranks with FSDP2 (``fully_shard`` per
+            transformer block and at the root, :mod:`optimlab.train.fsdp`); one process is allowed (a one-rank
+            group, for debugging or to resume a sharded run); excludes ``zero``, ``ema``, ``fp16`` and ``agc``.
         seed: seeds model init, data order and dropout.
         log_every, eval_every, eval_batches, checkpoint_every, monitor_every: intervals in optimizer steps
             (``eval_batches`` global batches of validation windows per evaluation).
@@ -89,6 +92,7 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"
     zero: bool = False
+    fsdp: bool = False
     seed: int = 0
     log_every: int = 50
     eval_every: int = 250
@@ -126,6 +130,23 @@ class TrainConfig:
             raise ValueError(f"Invalid ema: {self.ema} (accepted range: (0, 1), e.g. 0.999; or None for no EMA)")
         if not (self.dist_timeout_s > 0):
             raise ValueError(f"Invalid dist_timeout_s: {self.dist_timeout_s} (accepted range: > 0)")
+        if self.fsdp:
+            self._check_fsdp()
+
+    def _check_fsdp(self) -> None:
+        """The options ``fsdp`` cannot be combined with, each refused by name."""
+        if self.zero:
+            raise ValueError("Invalid fsdp: --fsdp and --zero are mutually exclusive (FSDP2 already shards the "
+                             "optimizer state, with the parameters and gradients); drop one of them")
+        if self.ema is not None:
+            raise ValueError("Invalid ema: --ema is not supported with --fsdp yet (the averaged copy of the weights "
+                             "is not sharded); drop --ema or --fsdp")
+        if self.precision == "fp16":
+            raise ValueError("Invalid precision: 'fp16' is not supported with --fsdp (its GradScaler does not "
+                             "agree across shards); use --precision bf16")
+        if self.clip.strip().lower().startswith("agc"):
+            raise ValueError(f"Invalid clip: {self.clip!r} is not supported with --fsdp (unit-wise clipping has no "
+                             "sharded path yet); use norm:C, value:C, adaptive:P, autoclip:P or none")
 
     @classmethod
     def quick(cls, **overrides: Any) -> TrainConfig:
@@ -161,9 +182,9 @@ class TrainConfig:
 
 RESUME_SAFE = frozenset({"out_dir", "log_every", "eval_every", "eval_batches", "checkpoint_every", "monitor_every",
                          "sample_chars", "tensorboard", "dist_timeout_s", "device", "compile", "zero",
-                         "keep_checkpoints", "check_update"})
+                         "fsdp", "keep_checkpoints", "check_update"})
 """Fields a resume may change: they steer logging, outputs and where the run executes, not what it computes
-(``zero`` shards the same optimizer state; the checkpoint stores it consolidated)."""
+(``zero`` and ``fsdp`` shard the same state; the checkpoint stores it whole)."""
 
 
 def resume_config(stored: TrainConfig, requested: TrainConfig, *, step: int, global_batch: int,

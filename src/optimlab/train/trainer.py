@@ -8,7 +8,8 @@ Read top to bottom, :class:`Trainer` does this:
    build the optimizer by registry name (sharded with ``ZeroRedundancyOptimizer`` under ``--zero``),
    the LR schedule, the gradient clipper, the non-finite-step guard, the GradScaler (fp16) and the
    optimizer-state monitor; load a checkpoint when resuming (after checking that it fits this model);
-   wrap the model in ``DistributedDataParallel`` when there are several processes. Every check that can
+   wrap the model in ``DistributedDataParallel`` when there are several processes, or, under ``--fsdp``,
+   shard it with FSDP2 before the optimizer is built (:mod:`optimlab.train.fsdp`). Every check that can
    fail runs before the first file is written.
 2. **Loop** (:meth:`Trainer.train`): each optimizer step takes ``accum`` micro-batches from the sharded
    epoch stream (:class:`optimlab.train.data.EpochBatches`) and hands them to the step policy
@@ -33,8 +34,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import inspect
 import io
 import json
+import math
 import sys
 import time
 import warnings
@@ -51,6 +54,7 @@ from optimlab.guard import NonFiniteGuard
 from optimlab.io import atomic_write_text, ensure_writable
 from optimlab.monitor import CSVSink, OptimizerMonitor, TensorBoardSink
 from optimlab.optim.groups import param_groups
+from optimlab.optim._dtensor import sharded_refusal
 from optimlab.optim.modes import eval_weights
 from optimlab.optim.registry import create_optimizer, get_spec
 from optimlab.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -80,11 +84,19 @@ from optimlab.train.data import (
     stdlib_corpus,
 )
 from optimlab.train.distributed import DistContext, all_gather_objects, all_reduce_sum, pick_device
+from optimlab.train.fsdp import (
+    full_model_state,
+    full_optimizer_state,
+    local_state,
+    one_rank_group,
+    shard_model,
+    shard_optimizer_state,
+)
 from optimlab.train.model import GPT, GPTConfig
 from optimlab.train.plots import plot_training
 from optimlab.train.step import StepPolicy
 
-__all__ = ["Trainer", "TrainResult", "RunPlan", "prepare_run", "stored_config", "CHECKPOINT_NAME", "METRICS_NAME",
+__all__ = ["Trainer", "TrainResult", "RunPlan", "prepare_run", "read_resume_checkpoint", "stored_config", "CHECKPOINT_NAME", "METRICS_NAME",
            "SUMMARY_NAME"]
 
 CHECKPOINT_NAME = LATEST_NAME
@@ -113,7 +125,8 @@ class RunPlan:
 
 
 def prepare_run(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, world_size: int = 1,
-                rank: int = 0, resume_from: str | Path | None = None) -> RunPlan:
+                rank: int = 0, resume_from: str | Path | None = None,
+                loaded: tuple[Path, dict[str, Any]] | None = None) -> RunPlan:
     """Every check that can reject a run, done before anything is written.
 
     Refuses to start over an existing checkpoint unless ``resume`` or ``overwrite``; reads the text
@@ -123,7 +136,9 @@ def prepare_run(config: TrainConfig, *, resume: bool = False, overwrite: bool = 
     checks that it was written for this model and vocabulary and that ``config`` differs from the stored
     run only where a resume may change it (:func:`optimlab.train.config.resume_config`); builds this rank's
     batch stream (too large a batch for the corpus raises); finally proves that ``out_dir`` is writable.
-    The launcher runs it once before starting the workers.
+    Under ``fsdp`` an optimizer that cannot update sharded parameters is refused by name. ``loaded`` is the
+    ``(path, payload)`` of the checkpoint to resume when the caller has read it already
+    (:func:`read_resume_checkpoint`), so it is read once. The launcher runs it once before starting the workers.
     """
     files = CheckpointFiles(config.out_dir, config.keep_checkpoints)
     if resume_from is not None:
@@ -131,7 +146,10 @@ def prepare_run(config: TrainConfig, *, resume: bool = False, overwrite: bool = 
     if files.latest.exists() and not (resume or overwrite):
         raise FileExistsError(f"{files.latest} already exists: pass --resume to continue that run, "
                               "--overwrite to start afresh over it, or another --out folder")
-    get_spec(config.optimizer)
+    spec = get_spec(config.optimizer)
+    refusal = sharded_refusal(spec.resolve(), spec.preset.get("state_dtype")) if config.fsdp else None
+    if refusal is not None:
+        raise ValueError(f"Invalid optimizer: {config.optimizer!r} with --fsdp: {refusal}")
     if config.schedule != "none" and config.schedule.lower() not in list_schedules():
         raise ValueError(f"Unknown schedule {config.schedule!r} (valid: none, {', '.join(list_schedules())})")
     make_clipper(config.clip, [])
@@ -141,8 +159,11 @@ def prepare_run(config: TrainConfig, *, resume: bool = False, overwrite: bool = 
     batches = EpochBatches(train_windows, config.batch_size, world_size=world_size, rank=rank, seed=config.seed)
     model_config = GPTConfig(vocab_size=len(corpus.vocab), block_size=config.block_size, n_layer=config.n_layer,
                              n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout)
-    checkpoint_path = Path(resume_from) if resume_from is not None else files.latest if resume else None
-    checkpoint = _load_for_resume(checkpoint_path, files) if checkpoint_path is not None else None
+    if loaded is not None:
+        checkpoint_path, checkpoint = loaded
+    else:
+        checkpoint_path = Path(resume_from) if resume_from is not None else files.latest if resume else None
+        checkpoint = _load_for_resume(checkpoint_path, files) if checkpoint_path is not None else None
     changes: dict[str, tuple[Any, Any]] = {}
     if checkpoint is not None:
         check_compatible(checkpoint, model_config.to_dict(), corpus.vocab.chars, checkpoint_path)
@@ -155,11 +176,17 @@ def prepare_run(config: TrainConfig, *, resume: bool = False, overwrite: bool = 
                    val_windows=WindowDataset(corpus.val, config.block_size), batches=batches)
 
 
-def stored_config(out_dir: str | Path, resume_from: str | Path | None = None) -> TrainConfig:
-    """The configuration stored in the checkpoint a resume of ``out_dir`` would load (``resume_from``, default
-    ``out_dir/checkpoint.pt``): what ``optimlab train --resume`` continues, flags given on resume aside."""
+def read_resume_checkpoint(out_dir: str | Path, resume_from: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """``(path, payload)`` of the checkpoint a resume of ``out_dir`` would load (``resume_from``, default
+    ``out_dir/checkpoint.pt``), verified; hand it to :func:`prepare_run` (``loaded``) to read it only once."""
     files = CheckpointFiles(out_dir)
-    saved = _load_for_resume(Path(resume_from) if resume_from is not None else files.latest, files)
+    path = Path(resume_from) if resume_from is not None else files.latest
+    return path, _load_for_resume(path, files)
+
+
+def stored_config(out_dir: str | Path, saved: dict[str, Any]) -> TrainConfig:
+    """The configuration stored in ``saved`` (a checkpoint of :func:`read_resume_checkpoint`), in ``out_dir``: what
+    ``optimlab train --resume`` continues, flags given on resume aside."""
     return TrainConfig.from_dict({**saved["train_config"], "out_dir": str(out_dir)})
 
 
@@ -210,17 +237,20 @@ class Trainer:
         resume: continue from ``out_dir/checkpoint.pt`` (it must exist and fit the model).
         overwrite: allow starting afresh over an existing checkpoint in ``out_dir``.
         quiet: no progress bar and no console lines.
+        resume_from: resume from this checkpoint file instead of ``out_dir/checkpoint.pt``.
+        loaded: ``(path, payload)`` of the checkpoint to resume, already read (:func:`read_resume_checkpoint`).
     """
 
     def __init__(self, config: TrainConfig, context: DistContext | None = None, *, resume: bool = False,
-                 overwrite: bool = False, quiet: bool = False, resume_from: str | Path | None = None) -> None:
+                 overwrite: bool = False, quiet: bool = False, resume_from: str | Path | None = None,
+                 loaded: tuple[Path, dict[str, Any]] | None = None) -> None:
         self.context = context or DistContext(device=pick_device(config.device))
         self.quiet = quiet or not self.context.is_main
         device = self.context.device
 
         # Data and model shape; the checkpoint to resume from, checked against them; the configuration to run.
         plan = prepare_run(config, resume=resume, overwrite=overwrite, world_size=self.context.world_size,
-                           rank=self.context.rank, resume_from=resume_from)
+                           rank=self.context.rank, resume_from=resume_from, loaded=loaded)
         self.config = config = plan.config
         self.out_dir = Path(config.out_dir)
         self.files = CheckpointFiles(self.out_dir, config.keep_checkpoints)
@@ -235,13 +265,20 @@ class Trainer:
         self.train_windows, self.val_windows, self.batches = plan.train_windows, plan.val_windows, plan.batches
         saved = plan.checkpoint
 
-        # Model: identical initial weights on every rank (DDP also broadcasts rank 0's).
+        # Model: identical initial weights on every rank (DDP also broadcasts rank 0's). Under FSDP2 the whole
+        # weights are loaded when resuming, then sharded: the optimizer is built on the shards (DTensors).
         torch.manual_seed(config.seed)
         self.model = GPT(self.model_config).to(device)
+        self._own_group = False
+        if config.fsdp:
+            self._own_group = one_rank_group(device)
+            if saved is not None:
+                self.model.load_state_dict(saved["model"])
+            shard_model(self.model, list(self.model.blocks), config.precision)
 
         # Optimization: param groups, optimizer (maybe sharded), schedule, clipper, guard, scaler.
         groups = param_groups(self.model, config.weight_decay, layer_decay=config.layer_decay, lr=config.lr)
-        self.optimizer = _build_optimizer(groups, config)
+        self.optimizer = _build_optimizer(groups, config, note=self._print)
         self.scheduler = _build_scheduler(config, self.optimizer)
         self.clipper = make_clipper(config.clip, self.model.parameters())
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
@@ -270,7 +307,7 @@ class Trainer:
             self._print(_resume_line(plan.checkpoint_path, self.step, config.steps, plan.changes))
 
         self.ddp_model: torch.nn.Module = self.model
-        if self.context.is_distributed:
+        if self.context.is_distributed and not config.fsdp:
             device_ids = [device.index] if device.type == "cuda" else None
             self.ddp_model = DistributedDataParallel(self.model, device_ids=device_ids)
         self.forward_model = torch.compile(self.ddp_model) if config.compile else self.ddp_model
@@ -280,6 +317,10 @@ class Trainer:
         self.monitor: OptimizerMonitor | None = None
         if self.context.is_main:
             self._open_outputs(saved)
+        elif config.fsdp:  # the monitor all-reduces its norms over the shards: every rank takes part, rank 0 writes
+            self.monitor = OptimizerMonitor(self.optimizer, every=config.monitor_every)
+            if saved is not None and saved.get("monitor") is not None:
+                self.monitor.load_state_dict(saved["monitor"])
 
     # ------------------------------------------------------------------ the loop
 
@@ -333,10 +374,11 @@ class Trainer:
                        "tokens_per_s": result.tokens_per_s, "world_size": self.context.world_size,
                        "tokens_seen": self.tokens_seen, "resumes": self.resumes}
             atomic_write_text(self.out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
-        if self.step == config.steps and config.sample_chars > 0 and self.context.is_main:
-            result.sample = self.sample(config.sample_chars)
-            atomic_write_text(self.out_dir / "sample.txt", result.sample + "\n")
-            self._print(f"--- sample after {self.step} steps ---\n{result.sample}\n---")
+        if self.step == config.steps and config.sample_chars > 0 and (self.context.is_main or config.fsdp):
+            result.sample = self.sample(config.sample_chars)  # FSDP2: every rank runs the (same) forwards
+            if self.context.is_main:
+                atomic_write_text(self.out_dir / "sample.txt", result.sample + "\n")
+                self._print(f"--- sample after {self.step} steps ---\n{result.sample}\n---")
         if self.context.is_main:
             self._metrics.flush()
             if self._writer is not None:
@@ -358,7 +400,9 @@ class Trainer:
         """One optimizer step over ``accum`` micro-batches (:class:`~optimlab.train.step.StepPolicy`); returns
         (mean loss over ranks, grad norm, clipped)."""
         self.forward_model.train()
-        no_sync = self.ddp_model.no_sync if self.context.is_distributed else None
+        # FSDP2 reduce-scatters every micro-batch's gradients into the sharded ones (no no_sync: keeping whole
+        # gradients between micro-batches would give up the sharding of the gradients)
+        no_sync = self.ddp_model.no_sync if self.context.is_distributed and not self.config.fsdp else None
         outcome = self.policy.step(self._micro_batches(), self._loss, no_sync=no_sync,
                                    reduce_mean=self._mean_over_ranks)
         if self.ema is not None and not outcome.skipped:
@@ -390,14 +434,17 @@ class Trainer:
         config = self.config
         count = min(len(self.val_windows), config.eval_batches * config.batch_size * self.context.world_size)
         mine = list(range(self.context.rank, count, self.context.world_size))
+        most = math.ceil(count / self.context.world_size) if config.fsdp else len(mine)
+        chunks = math.ceil(most / config.batch_size)  # FSDP2 all-gathers in each forward: every rank runs as many
+        # (rank 0's count); a rank with no windows left runs one and weighs it 0
         totals = torch.zeros(2, dtype=torch.float64, device=self.context.device)
         model = self.model if model is None else model
         model.eval()
         weights = eval_weights(self.optimizer) if model is self.model else contextlib.nullcontext()
         with weights:  # schedule-free optimizers: the averaged weights
-            for start in range(0, len(mine), config.batch_size):
+            for start in range(0, chunks * config.batch_size, config.batch_size):
                 chunk = mine[start:start + config.batch_size]
-                inputs, targets = self.val_windows.batch(chunk)
+                inputs, targets = self.val_windows.batch(chunk or [0])
                 with self._autocast():
                     _, loss = model(inputs.to(self.context.device), targets.to(self.context.device))
                 windows = torch.tensor(float(len(chunk)), dtype=torch.float64, device=self.context.device)
@@ -431,8 +478,12 @@ class Trainer:
         if self.config.zero:
             self.optimizer.consolidate_state_dict(to=0)
         rng_states = all_gather_objects(capture_rng_state(), self.context)
+        if self.config.fsdp:  # whole tensors (collectives: every rank), the same checkpoint as without FSDP
+            model_state, optimizer_state = full_model_state(self.model), full_optimizer_state(self.optimizer)
         if not self.context.is_main:
             return
+        if not self.config.fsdp:
+            model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
         payload = {
             "step": self.step,
             "epoch": self.epoch,
@@ -443,8 +494,8 @@ class Trainer:
             "model_config": self.model_config.to_dict(),
             "train_config": self.config.to_dict(),
             "vocab": self.vocab.chars,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "clipper": self.clipper.state_dict(),
             "guard": self.guard.state_dict() if self.guard is not None else None,
@@ -464,7 +515,7 @@ class Trainer:
         if not self.config.zero:
             by_id = {id(p): name for name, p in self.model.named_parameters()}
             names = [by_id.get(id(p), "?") for group in local.param_groups for p in group["params"]]
-        bad = nonfinite_tensors(self.model.state_dict(), local.state_dict(), names)
+        bad = nonfinite_tensors(local_state(self.model.state_dict()), local_state(local.state_dict()), names)
         total = int(all_reduce_sum(torch.tensor([float(len(bad))], device=self.context.device), self.context).item())
         if total == 0:
             return
@@ -475,8 +526,11 @@ class Trainer:
                               f"{kept}")
 
     def _restore(self, saved: dict[str, Any], rebuild_schedule: bool = False) -> None:
-        self.model.load_state_dict(saved["model"])
+        if not self.config.fsdp:  # under FSDP2 the whole weights were loaded before sharding
+            self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
+        if self.config.fsdp:
+            shard_optimizer_state(self.optimizer)
         for name in ("guard", "scaler"):
             component = getattr(self, name)
             if component is not None and saved.get(name) is not None:
@@ -552,7 +606,8 @@ class Trainer:
         return _CSV_FIELDS + ((_EMA_FIELD,) if self.ema is not None else ())
 
     def close(self) -> None:
-        """Detach the monitor and close the log files (rank 0)."""
+        """Detach the monitor, close the log files (rank 0) and leave the one-rank process group that ``--fsdp``
+        in a single process created."""
         if self.monitor is not None:
             self.monitor.remove()
             self.monitor = None
@@ -562,6 +617,9 @@ class Trainer:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+        if self._own_group:
+            torch.distributed.destroy_process_group()
+            self._own_group = False
 
     def _validation_row(self, step: int) -> dict[str, float]:
         """``val_loss`` (and ``ema_val_loss``, the EMA weights', with ``--ema``), printed."""
@@ -620,16 +678,24 @@ def _truncate_csv(path: Path, step: int) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
-def _build_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer by registry name; under ``zero`` the same class sharded by ZeroRedundancyOptimizer."""
+def _build_optimizer(groups: list[dict[str, Any]], config: TrainConfig,
+                     note: Any = print) -> torch.optim.Optimizer:
+    """The optimizer by registry name; under ``zero`` the same class sharded by ZeroRedundancyOptimizer.
+    ``weight_decay`` is passed only to an optimizer that takes it (Rprop does not: ``note`` says it is not
+    applied, unless it is 0)."""
+    spec = get_spec(config.optimizer)
+    parameters = inspect.signature(spec.resolve().__init__).parameters
+    takes_decay = "weight_decay" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    decay = {"weight_decay": config.weight_decay} if takes_decay else {}
+    if not takes_decay and config.weight_decay:
+        note(f"note: {config.optimizer} takes no weight decay; --weight-decay {config.weight_decay:g} is not applied")
     if not config.zero:
-        return create_optimizer(groups, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
+        return create_optimizer(groups, config.optimizer, lr=config.lr, **decay)
     with warnings.catch_warnings():  # torch.distributed.optim's TorchScript helpers warn on import (torch >= 2.9);
         warnings.simplefilter("ignore", DeprecationWarning)  # imported here as it takes seconds
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
-    spec = get_spec(config.optimizer)
-    options = {**spec.preset, "lr": config.lr, "weight_decay": config.weight_decay}
+    options = {**spec.preset, "lr": config.lr, **decay}
     return ZeroRedundancyOptimizer(groups, optimizer_class=spec.resolve(), **options)
 
 
