@@ -1,7 +1,7 @@
 """The fast low-precision state paths (int32 in-place hash, bucketed code search) against NumPy references, bit for bit.
 
-The references are the definitions: the dither is ``_mix32((i + _mix32(seed)) mod 2**32) >> 8`` over
-``2**24`` computed in uint64, int8 stochastic rounding uses ``np.searchsorted`` on the float32 code,
+The references are the definitions: the dither is ``mix((_mix32(seed) + i * WEYL) mod 2**32) >> 8`` over
+``2**24`` computed in uint64 (``mix``: xor-shift 16, multiply, xor-shift 15), int8 stochastic rounding uses ``np.searchsorted`` on the float32 code,
 and bf16 stochastic rounding adds ``floor(dither * 2**16)`` to the float32 bits. Stored moments must
 not change when the implementation gets faster: checkpoints and the determinism tests depend on it.
 """
@@ -40,8 +40,12 @@ def _mix32_reference(x: np.ndarray) -> np.ndarray:
 
 
 def _dither_reference(numel: int, seed: int) -> np.ndarray:
+    mask = np.uint64(0xFFFFFFFF)
     start = _mix32_reference(np.array([seed & 0xFFFFFFFF], dtype=np.uint64))
-    mixed = _mix32_reference((np.arange(numel, dtype=np.uint64) + start) & np.uint64(0xFFFFFFFF))
+    mixed = (np.arange(numel, dtype=np.uint64) * np.uint64(0x9E3779B9) + start) & mask
+    mixed = mixed ^ (mixed >> np.uint64(16))
+    mixed = (mixed * np.uint64(0x21F0AAAD)) & mask
+    mixed = mixed ^ (mixed >> np.uint64(15))
     return (mixed >> np.uint64(8)).astype(np.float32) / np.float32(1 << 24)
 
 

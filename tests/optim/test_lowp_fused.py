@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 
-from optimlab.optim import Adam, AdamW, Lion, _fused
+from optimlab.optim import Adam, AdamW, Lion, _fused, _lowp_native
 from optimlab.optim.lowp_state import BLOCK_SIZE, _hash_bits, _hash_from, _hash_start, lowp_rule
 
 from .fused_harness import max_relative_error, needs_compiler, set_grads
@@ -53,7 +54,11 @@ CASES: list[tuple[str, Callable[..., torch.optim.Optimizer], dict[str, Any]]] = 
     ("adam-decoupled", Adam, {"lr": 1e-2, "betas": (0.8, 0.99), "weight_decay": 0.1,
                               "decoupled_weight_decay": True}),
     ("lion", Lion, {"lr": 1e-3, "weight_decay": 0.1}),
+    # the native kernel's other branches: L2 weight decay, maximize, a lerp weight >= 0.5 (native only: the
+    # compiled wrapper would compile one more graph for these constants)
+    ("adam-l2-maximize", Adam, {"lr": 1e-2, "betas": (0.3, 0.99), "weight_decay": 0.1, "maximize": True}),
 ]
+_NATIVE_ONLY = ("adam-l2-maximize",)
 
 
 def _build(cls: Callable[..., torch.optim.Optimizer], kwargs: dict[str, Any], state_dtype: str, fused: bool
@@ -91,11 +96,24 @@ def _stored_differences(fused: torch.optim.Optimizer, fused_params: list[torch.T
 
 
 @needs_compiler
+@pytest.mark.parametrize("native", [True, False], ids=["native", "compiled"])
 @pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
 @pytest.mark.parametrize("name, cls, kwargs", CASES, ids=[case[0] for case in CASES])
 def test_fused_matches_eager_low_precision_step_by_step(
-    name: str, cls: Callable[..., torch.optim.Optimizer], kwargs: dict[str, Any], state_dtype: str
+    name: str, cls: Callable[..., torch.optim.Optimizer], kwargs: dict[str, Any], state_dtype: str, native: bool,
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The fused step (the native kernel for bf16-state Adam/AdamW, else the compiled wrapper) against eager."""
+    takes_native = cls is not Lion and state_dtype == "bfloat16"
+    if native and not takes_native:
+        pytest.skip("only bf16-state Adam/AdamW have a native kernel")
+    if name in _NATIVE_ONLY and not native:
+        pytest.skip("a case for the native kernel's branches")
+    if takes_native and not native:
+        monkeypatch.setenv("OPTIMLAB_DISABLE_NATIVE", "1")
+    native_calls = []
+    kernel = _lowp_native._adam_bfloat16
+    monkeypatch.setattr(_lowp_native, "_adam_bfloat16", lambda *a, **k: native_calls.extend(a[0]) or kernel(*a, **k))
     fused, fused_params = _build(cls, kwargs, state_dtype, fused=True)
     reference, reference_params = _build(cls, kwargs, state_dtype, fused=False)
     initial = [p.detach().clone() for p in fused_params]
@@ -118,8 +136,11 @@ def test_fused_matches_eager_low_precision_step_by_step(
     assert total > 0 and max_relative_error(fused_params, initial) > 1e-3  # the parameters moved
     skipped = fused.state[fused_params[1]]["step"]
     assert float(skipped) < STEPS == float(fused.state[fused_params[0]]["step"])  # a param skipped steps
-    stats = _fused.compile_stats()[f"{'lion_tensor' if cls is Lion else '_adam_tensor'}_{state_dtype}_state"]
-    assert stats["compiles"] >= 1  # the compiled path ran (not only the uncompiled tensors)
+    if native:  # the native kernel ran (on the contiguous float32 tensors)
+        assert len(native_calls) >= 3 * STEPS
+    else:
+        stats = _fused.compile_stats()[f"{'lion_tensor' if cls is Lion else '_adam_tensor'}_{state_dtype}_state"]
+        assert stats["compiles"] >= 1 and not native_calls  # the compiled path ran (not only the uncompiled tensors)
     # eager -> fused: the fused optimizer resumes from the eager one's checkpoint and matches it
     fused.load_state_dict(copy.deepcopy(reference.state_dict()))
     for group in fused.param_groups:
@@ -167,6 +188,21 @@ def test_compiled_int32_hash_wraps_like_eager() -> None:
         expected = _hash_bits(begin, begin + count, seed, "cpu")
         assert torch.equal(compiled(torch.tensor(float(start), dtype=torch.float64)), expected)
     assert math.prod(expected.shape) == count and bool((expected < 0).any())  # the sign bit is exercised
+
+
+def test_native_kernel_falls_back_with_one_warning_without_a_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No C++ compiler: ``adam_bfloat16_kernel`` says why once and returns None (the compiled wrapper is used)."""
+    monkeypatch.setenv("CXX", "/nonexistent/optimlab-test-cxx")
+    monkeypatch.setattr(_lowp_native, "_warned", set())
+    _lowp_native._library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"native bf16-state Adam kernel is unavailable \(no C\+\+ compiler"):
+            assert _lowp_native.adam_bfloat16_kernel() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _lowp_native.adam_bfloat16_kernel() is None  # warned once
+    finally:
+        _lowp_native._library.cache_clear()
 
 
 def test_lowp_rule_rejects_unknown_storage() -> None:

@@ -25,6 +25,7 @@ variants (e.g. low-precision moments) can wrap them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ from optimlab.optim._base import (
     reject_unsupported,
 )
 from optimlab.optim._fused import fused_step, resolve_fused, split_by_value
+from optimlab.optim._lowp_native import adam_bfloat16_kernel
 from optimlab.optim.cautious import cautious_
 from optimlab.optim.lowp_state import (
     fused_lowp_step,
@@ -185,6 +187,13 @@ def _adam_static(weight_decay: float, amsgrad: bool, maximize: bool, decoupled_w
     static = {"weight_decay": weight_decay, "amsgrad": amsgrad, "maximize": maximize,
               "decoupled_weight_decay": decoupled_weight_decay}
     return {**static, "cautious": True} if cautious else static  # absent when off: the rule's default
+
+
+def _native_kernel(group: dict[str, Any]) -> Callable[..., None] | None:
+    # the hand-written bf16-state kernel covers the plain rule: no amsgrad maximum, no cautious mask
+    if group["state_dtype"] != "bfloat16" or group["amsgrad"] or group["cautious"]:
+        return None
+    return adam_bfloat16_kernel()
 
 
 def _adam_scalars(lr: float, beta1: float, beta2: float, eps: float, step: float) -> dict[str, float]:
@@ -365,7 +374,8 @@ class Adam(OptimlabOptimizer):
                 _adam_static(group["weight_decay"], group["amsgrad"], group["maximize"],
                              group["decoupled_weight_decay"], bool(group["cautious"])),
                 moments, group["state_dtype"], params, grads, states, increment_steps(states),
-                lambda step: _adam_scalars(lr, beta1, beta2, eps, step))
+                lambda step: _adam_scalars(lr, beta1, beta2, eps, step),
+                native=_native_kernel(group))
             return
         if fused:
             rule = _adam_fused

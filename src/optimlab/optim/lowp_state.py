@@ -60,6 +60,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from optimlab.optim._lowp_native import NOISE_MULTIPLIER, WEYL
+
 __all__ = [
     "BLOCK_SIZE",
     "dynamic_code",
@@ -236,10 +238,12 @@ def _round_to_bfloat16_bits(values: Tensor, noise: Tensor) -> Tensor:
 
 _MASK32 = 0xFFFFFFFF
 _HASH_MULTIPLIERS = (0x7FEB352D, 0x5BD1E995)
+_WEYL_INT32 = WEYL - (1 << 32)  # WEYL as the int32 value with the same bits
+_NOISE_MULTIPLIER = NOISE_MULTIPLIER
 
 
 def _mix32(x: int) -> int:
-    # the integer hash of one value < 2**32
+    # the integer hash of one value < 2**32 (once per step and moment: the start of its noise sequence)
     for multiplier in _HASH_MULTIPLIERS:
         x ^= x >> 16
         x = (x * multiplier) & _MASK32
@@ -247,31 +251,38 @@ def _mix32(x: int) -> int:
 
 
 def _hash_start(seed: int, begin: int) -> int:
-    """``(_mix32(seed) + begin) mod 2**32`` as a signed int32 value: where element ``begin``'s hash input starts."""
-    start = (_mix32(seed & _MASK32) + begin) & _MASK32
+    """``(_mix32(seed) + begin * WEYL) mod 2**32`` as a signed int32 value: element ``begin``'s noise bits."""
+    start = (_mix32(seed & _MASK32) + begin * WEYL) & _MASK32
     return start - (1 << 32) if start >= 1 << 31 else start
 
 
 def _hash_from(start: int | Tensor, count: int, device: torch.device | str) -> Tensor:
-    """``_mix32((start + i) mod 2**32)`` for ``0 <= i < count``, as int32 holding the 32 hash bits.
+    r"""``mix((start + i * WEYL) mod 2**32)`` for ``0 <= i < count``, as int32 holding the 32 noise bits.
 
-    ``start`` is a signed int32 value (:func:`_hash_start`), a Python int or a 0-dim tensor (the
-    compiled step passes it as data, so a new step is no recompile). int32 arithmetic wraps modulo
-    2**32, so products and sums equal the unsigned hash's bits; the logical right shift is an
-    arithmetic shift with the sign copies masked off. In place, and traceable by ``torch.compile``.
+    Counter-based noise: element :math:`i` of a moment gets :math:`\mathrm{mix}(s + iW \bmod 2^{32})`,
+    with :math:`s` a well-mixed hash of (step, moment) (:func:`_hash_start`), :math:`W` the odd golden-ratio
+    constant (a Weyl sequence over the elements) and :math:`\mathrm{mix}(h)`: :math:`h \mathrel{\oplus}=
+    h \gg 16`, :math:`h \mathrel{*}= M`, :math:`h \mathrel{\oplus}= h \gg 15` (one multiply; the
+    full :func:`_mix32` per element, two multiplies, made the store compute-bound). The Weyl input alone is
+    uniform per element over steps but makes two moments' noise in one step shifted copies of each other
+    (correlation 0.47 over the elements); the mixer removes that (``test_dither_is_deterministic_...``).
+
+    ``start`` is a signed int32 value (:func:`_hash_start`), a Python int or a 0-dim tensor (the compiled
+    step passes it as data, so a new step is no recompile). int32 arithmetic wraps modulo 2**32, so products
+    and sums equal the unsigned computation's bits; the logical right shift is an arithmetic shift with the
+    sign copies masked off. In place, and traceable by ``torch.compile``.
     """
-    hashed = torch.arange(count, dtype=torch.int32, device=device)
-    hashed += start.to(torch.int32) if isinstance(start, Tensor) else start
+    hashed = torch.arange(count, dtype=torch.int32, device=device).mul_(_WEYL_INT32)
+    hashed.add_(start.to(torch.int32) if isinstance(start, Tensor) else start)
     shifted = torch.empty_like(hashed)  # one scratch buffer for the shifts (eager: no temporaries)
-    for multiplier in _HASH_MULTIPLIERS:
-        torch.bitwise_right_shift(hashed, 16, out=shifted).bitwise_and_(0xFFFF)
-        hashed.bitwise_xor_(shifted).mul_(multiplier)
+    torch.bitwise_right_shift(hashed, 16, out=shifted).bitwise_and_(0xFFFF)
+    hashed.bitwise_xor_(shifted).mul_(_NOISE_MULTIPLIER)
     torch.bitwise_right_shift(hashed, 15, out=shifted).bitwise_and_(0x1FFFF)
     return hashed.bitwise_xor_(shifted)
 
 
 def _hash_bits(begin: int, end: int, seed: int, device: torch.device | str) -> Tensor:
-    """``_mix32((i + _mix32(seed)) mod 2**32)`` for ``begin <= i < end``, as int32 holding the 32 hash bits."""
+    """The noise bits of elements ``begin <= i < end`` for ``seed`` (:func:`_hash_from` from :func:`_hash_start`)."""
     return _hash_from(_hash_start(seed, begin), end - begin, device)
 
 
@@ -470,6 +481,7 @@ def fused_lowp_step(
     states: Sequence[dict[str, Any]],
     steps: Sequence[float],
     scalars: Callable[[float], Mapping[str, float]],
+    native: Callable[..., None] | None = None,
 ) -> None:
     """One fused step of ``rule`` on moments stored as ``storage`` (``"bfloat16"`` or ``"int8"``).
 
@@ -484,6 +496,11 @@ def fused_lowp_step(
     every operation), non-contiguous
     ones, single values and, for int8, single blocks (a one-element scale would specialise the
     graph). ``steps`` are the already incremented step counts.
+
+    ``native``: a hand-written kernel of the same rule and rounding
+    (:func:`optimlab.optim._lowp_native.adam_bfloat16_kernel`), called once per step count as
+    ``native(params, grads, *stored, starts, **scalars(step), **static)`` (parallel lists) on the tensors that
+    it takes (contiguous float32 CPU parameters with contiguous moments) instead of the compiled wrapper.
     """
     from optimlab.optim._fused import fused_step, split_by_value
 
@@ -494,14 +511,20 @@ def fused_lowp_step(
         [state[key + suffix] for state in states] for key, _ in moments for suffix in suffixes]
     smallest = BLOCK_SIZE + 1 if storage == "int8" else 2
     for step, lists in split_by_value(tensor_lists, steps):
-        arguments = dict(scalars(step))
-        arguments.update({_start_name(key): _hash_start(dither_seed(int(step), key), 0) for key, _ in moments})
+        step_scalars = dict(scalars(step))
+        starts = tuple(_hash_start(dither_seed(int(step), key), 0) for key, _ in moments)
+        arguments = dict(step_scalars, **{_start_name(key): start for (key, _), start in zip(moments, starts)})
         compiled: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        natively: list[int] = []
         for index, param in enumerate(lists[0]):
-            if param.dtype in _COMPILED_DTYPES and param.numel() >= smallest:
+            if native is not None and _native_takes([column[index] for column in lists]):
+                natively.append(index)
+            elif param.dtype in _COMPILED_DTYPES and param.numel() >= smallest:
                 compiled.setdefault((param.device, param.dtype), []).append(index)
             else:
                 update(*[column[index] for column in lists], **arguments, **static)
+        if natively:
+            native(*[[column[i] for i in natively] for column in lists], starts, **step_scalars, **static)
         # one call per device and dtype: FusedStep then needs no regrouping (torch's foreach grouping
         # would reject int8 codes and float32 scales next to float64 parameters)
         for (device, _dtype), indices in compiled.items():
@@ -510,6 +533,11 @@ def fused_lowp_step(
                     _code_tables(signed, device)
             with _int8_inductor_options() if storage == "int8" else contextlib.nullcontext():
                 step_fn([[column[i] for i in indices] for column in lists], arguments)
+
+
+def _native_takes(tensors: Sequence[Tensor]) -> bool:
+    # the native kernel's contract: a float32 CPU parameter, every tensor contiguous and on the CPU
+    return tensors[0].dtype == torch.float32 and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
 def _int8_inductor_options() -> contextlib.AbstractContextManager[Any]:
