@@ -16,10 +16,10 @@ import pytest
 import torch
 from pytorch_optimizer import SOAP as ReferenceSOAP
 
-from optimlab.optim.soap import SOAP, merged_shape
+from optimlab.optim.soap import SOAP, load_pytorch_optimizer_state, merged_shape
 
-from .frontier_helpers import (Structure, assert_close, assert_resumes_bit_for_bit, check_numpy_parity, numpy_grads,
-                              random_structure, run_torch, sample_problem)
+from .frontier_helpers import (Structure, assert_close, assert_resumes_bit_for_bit, check_numpy_parity, continue_run,
+                              numpy_grads, random_structure, run_torch, sample_problem)
 from .modern_helpers import random_configs
 
 STEPS = 25
@@ -166,6 +166,32 @@ def test_gradients_are_left_unchanged() -> None:
             param.grad = grad.clone()
         optimizer.step()
         assert all(torch.equal(param.grad, grad) for param, grad in zip(params, grads))
+
+
+def test_pytorch_optimizer_checkpoint_continues_here() -> None:
+    """A run of pytorch-optimizer's SOAP stopped after 7 steps (bases refreshed at steps 3 and 6), its
+    state_dict loaded here, continued to 15: equal to pytorch-optimizer's own continuation to its float32-QR
+    accuracy, with rotated, one-sided and unrotated (1-D) parameters in two groups."""
+    structure = Structure([(4, 4), (3, 2, 4), (40, 6), (7,), (5, 5)], two_groups=True,
+                          group_options={"lr": 0.004, "weight_decay": 0.05})
+    kwargs = {"lr": 0.01, "betas": (0.9, 0.95), "shampoo_beta": 0.9, "precondition_frequency": 3,
+              "max_precondition_dim": 10}
+    problem = sample_problem(31, structure)
+    theirs_full, _ = run_torch(lambda groups: ReferenceSOAP(groups, **kwargs), problem, structure, 15)
+    params, theirs = run_torch(lambda groups: ReferenceSOAP(groups, **kwargs), problem, structure, 7)
+    ours = SOAP(structure.param_groups(params), **{**kwargs, "lr": 0.5, "weight_decay": 0.3})
+    load_pytorch_optimizer_state(ours, theirs.state_dict())
+    assert ours.param_groups[0]["lr"] == 0.01 and ours.param_groups[1]["weight_decay"] == 0.05  # theirs restored
+    continue_run(ours, problem, structure, params, 8, 15)
+    assert_close(params, theirs_full, PO_TOLERANCE)
+    assert {key for state in ours.state.values() for key in state} >= {"GG0", "Q0", "GG1", "Q1", "GG2", "Q2"}
+
+
+def test_pytorch_optimizer_checkpoint_with_merged_dims_is_refused() -> None:
+    param = torch.zeros(3, 4, requires_grad=True)
+    theirs = ReferenceSOAP([param], merge_dims=True)
+    with pytest.raises(ValueError, match="merge_dims"):
+        load_pytorch_optimizer_state(SOAP([param]), theirs.state_dict())
 
 
 def test_large_dimensions_are_never_factored() -> None:

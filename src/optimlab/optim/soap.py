@@ -71,7 +71,7 @@ from optimlab.optim._base import (
 )
 from optimlab.optim.registry import register
 
-__all__ = ["SOAP", "factor_outer", "merged_shape", "project"]
+__all__ = ["SOAP", "factor_outer", "load_pytorch_optimizer_state", "merged_shape", "project"]
 
 
 def merged_shape(shape: tuple[int, ...], max_dim: int) -> list[int]:
@@ -314,3 +314,39 @@ class SOAP(OptimlabOptimizer):
             if group["weight_decay"] != 0:
                 param.mul_(1 - lr * group["weight_decay"])
             self._update_preconditioner(grad, state, step, group)
+
+
+def load_pytorch_optimizer_state(optimizer: SOAP, state_dict: dict[str, Any]) -> None:
+    """Load a state_dict of pytorch-optimizer's ``SOAP`` into ``optimizer`` (built on the same parameters, in
+    the same groups), so a run started there continues here.
+
+    Its layout differs: the step count is in each param group (here: per parameter; equal when every
+    parameter had a gradient at every step), the factors and bases are lists ``GG``/``Q`` with ``[]`` for an
+    unrotated dimension (here: ``GG<i>``/``Q<i>`` per rotated one), and ``exp_avg`` is in the parameter's
+    space (here: in the eigenbasis, so it is projected). The group hyperparameters it saved replace the
+    optimizer's, as ``load_state_dict`` does. Refused (``ValueError``): a checkpoint with ``merge_dims``
+    (its ``merge_small_dims`` rule merges differently from the authors' ``merge_dims`` used here)."""
+    theirs_groups = state_dict["param_groups"]
+    if len(theirs_groups) != len(optimizer.param_groups):
+        raise ValueError(f"state_dict: {len(theirs_groups)} param groups, the optimizer has "
+                         f"{len(optimizer.param_groups)}")
+    groups, state = [], {}
+    for ours, theirs in zip(optimizer.param_groups, theirs_groups):
+        if theirs.get("merge_dims"):
+            raise ValueError("state_dict: merge_dims=True is not accepted (pytorch-optimizer merges dimensions "
+                             "with another rule); only checkpoints with merge_dims=False load")
+        groups.append({**{key: value for key, value in ours.items() if key != "params"},
+                       **{key: theirs[key] for key in ours if key in theirs and key != "params"},
+                       "params": list(theirs["params"])})
+        for index in theirs["params"]:
+            saved = state_dict["state"].get(index)
+            if not saved:
+                continue
+            bases = [basis if len(basis) > 0 else None for basis in saved["Q"]]
+            state[index] = {"step": new_step_tensor(float(theirs.get("step", 0))),
+                            "exp_avg": project(saved["exp_avg"], bases).reshape(saved["exp_avg"].shape),
+                            "exp_avg_sq": saved["exp_avg_sq"].clone()}
+            for dim, (factor, basis) in enumerate(zip(saved["GG"], saved["Q"])):
+                if len(factor) > 0:
+                    state[index][f"GG{dim}"], state[index][f"Q{dim}"] = factor.clone(), basis.clone()
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
