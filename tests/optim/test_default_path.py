@@ -1,4 +1,5 @@
-"""The path ``foreach=None`` takes per device (optimlab.optim._base.default_foreach), and that the optimizers follow it."""
+"""The path ``foreach=None`` takes per device (optimlab.optim._base.default_foreach), that the optimizers follow it,
+and the per-tensor path's slices of large tensors (loop_pieces), which must not change a result."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import optimlab.optim._base as base_module
 import optimlab.optim.adam as adam_module
-from optimlab.optim import Adam
-from optimlab.optim._base import FOREACH_CPU_MAX_MEAN_NUMEL, default_foreach
+import optimlab.optim.sgd as sgd_module
+from optimlab.optim import SGD, Adam, AdamW
+from optimlab.optim._base import FOREACH_CPU_MAX_MEAN_NUMEL, default_foreach, loop_pieces
 
 
 def _fake(device: str, numel: int) -> SimpleNamespace:
@@ -48,3 +51,62 @@ def test_adam_takes_the_chosen_path(monkeypatch: pytest.MonkeyPatch, numel: int,
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_default_is_foreach() -> None:
     assert default_foreach([torch.zeros(FOREACH_CPU_MAX_MEAN_NUMEL * 4, device="cuda")]) is True
+
+
+def test_loop_pieces_slices_large_cpu_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(base_module, "LOOP_CHUNK_NUMEL", 1000)
+    param, grad = torch.randn(7, 301), torch.randn(7, 301)  # 2107 values: slices of 1000, 1000, 107
+    with torch.no_grad():
+        pieces = loop_pieces(param, grad, None)
+    assert [tuple(t.numel() for t in piece[:2]) for piece in pieces] == [(1000, 1000), (1000, 1000), (107, 107)]
+    assert all(piece[2] is None for piece in pieces)
+    flat = param.view(-1)
+    assert [p.data_ptr() for p, *_ in pieces] == [flat[i].data_ptr() for i in (0, 1000, 2000)]  # views, in order
+    with torch.no_grad():
+        assert loop_pieces(torch.randn(1000), torch.randn(1000))[0][0].shape == (1000,)  # small: whole
+        assert len(loop_pieces(param.t(), grad.t())) == 1  # not contiguous: whole
+        assert len(loop_pieces(param, torch.randn(2107))) == 3  # same number of values, other shape: sliced
+        assert len(loop_pieces(param, torch.randn(2108))) == 1  # sizes differ: whole
+    assert len(loop_pieces(param, grad)) == 1  # autograd on (differentiable=True): whole
+
+
+_SLICED_CASES = {
+    "adamw": (AdamW, torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.1}),
+    "adam-amsgrad-maximize": (Adam, torch.optim.Adam, {"lr": 0.01, "amsgrad": True, "maximize": True,
+                                                       "weight_decay": 0.05}),
+    "sgd-nesterov": (SGD, torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
+    "sgd-dampening": (SGD, torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "dampening": 0.3}),
+}
+
+
+@pytest.mark.parametrize("chunk", [None, 999])
+@pytest.mark.parametrize("case", list(_SLICED_CASES))
+def test_sliced_loop_equals_torch_loop(monkeypatch: pytest.MonkeyPatch, case: str, chunk: int | None) -> None:
+    """The per-tensor path updates large tensors slice by slice: bit for bit torch.optim's for-loop, at the real
+    slice size (a tensor of two slices and a remainder) and at an odd one (999: slice edges inside the vector
+    loops' blocks)."""
+    ours_cls, torch_cls, options = _SLICED_CASES[case]
+    if chunk is not None:
+        monkeypatch.setattr(base_module, "LOOP_CHUNK_NUMEL", chunk)
+    size = 2 * base_module.LOOP_CHUNK_NUMEL + 37
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(size,), (3, 5)]  # one sliced tensor, one small one
+    ours = [torch.randn(shape, generator=generator, requires_grad=True) for shape in shapes]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opt_ours, opt_theirs = ours_cls(ours, foreach=False, **options), torch_cls(theirs, foreach=False, **options)
+    sliced: list[int] = []
+    real = base_module.loop_pieces
+    monkeypatch.setattr(sgd_module if ours_cls is SGD else adam_module, "loop_pieces",
+                        lambda *tensors: sliced.append(len(pieces := real(*tensors))) or pieces)
+    for _ in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, generator=generator)
+            q.grad = p.grad.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    assert max(sliced) == -(-size // base_module.LOOP_CHUNK_NUMEL)  # the large tensor did go in slices
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p, q)
+    for p, q in zip(ours, theirs):
+        for key, value in opt_theirs.state[q].items():
+            assert torch.equal(opt_ours.state[p][key], value), key

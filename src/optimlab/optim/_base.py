@@ -17,7 +17,7 @@ re-implements them: :func:`prepare_grad` / :func:`prepare_grads` (``maximize`` a
 decoupled weight decay), :func:`increment_steps` (the ``step`` counters), :func:`real_views` (complex
 parameters as real pairs), :func:`zeros_state` (lazy moment buffers) and :func:`foreach_groups`
 (multi-tensor batches of one device and dtype); :func:`default_foreach` is the path ``foreach=None``
-takes. ``lr`` may be a float or a 0-dim tensor;
+takes and :func:`loop_pieces` the slices the per-tensor path updates a large tensor in. ``lr`` may be a float or a 0-dim tensor;
 :func:`as_float` reads either.
 """
 
@@ -49,6 +49,8 @@ __all__ = [
     "foreach_groups",
     "default_foreach",
     "FOREACH_CPU_MAX_MEAN_NUMEL",
+    "LOOP_CHUNK_NUMEL",
+    "loop_pieces",
     "as_float",
     "scalar_hyperparameter",
     "new_step_tensor",
@@ -321,6 +323,39 @@ def default_foreach(params: Sequence[Tensor]) -> bool:
     if devices == {"cuda"}:
         return True
     return sum(p.numel() for p in params) <= FOREACH_CPU_MAX_MEAN_NUMEL * len(params)
+
+
+LOOP_CHUNK_NUMEL = 1 << 20
+"""The per-tensor path updates a CPU tensor of more values than this in consecutive slices of this many values
+(see :func:`loop_pieces`): 4 MB per float32 slice, so a rule's half-dozen slices and temporaries stay in the
+last-level cache between its operations."""
+
+
+def loop_pieces(*tensors: Tensor | None) -> list[tuple[Tensor | None, ...]]:
+    """The pieces in which the per-tensor path applies an *elementwise* rule to one parameter's tensors
+    (parameter, gradient, state buffers; ``None`` for an absent buffer): the tensors whole, or, for a CPU
+    tensor of more than :data:`LOOP_CHUNK_NUMEL` values, consecutive 1-D slices of that many values of each.
+
+    An elementwise rule gives every element the same operations whatever slice it is in, so updating the
+    slices in turn equals updating the whole tensors bit for bit (tested against torch.optim's loop). What
+    changes is the memory traffic: a whole-tensor rule streams the tensor through memory once per operation
+    and allocates each temporary (``sqrt``, a quotient) at full size, which for tensors of tens of MB means
+    fresh pages every step; a slice stays in cache across the rule's operations and its temporaries are
+    reused by the allocator. Slicing applies only to plain dense contiguous CPU tensors of one size with
+    autograd off (``differentiable=True`` keeps whole tensors); anything else is returned whole.
+    """
+    first = tensors[0]
+    assert first is not None
+    numel = first.numel()
+    if numel <= LOOP_CHUNK_NUMEL or first.device.type != "cpu" or torch.is_grad_enabled():
+        return [tensors]
+    for tensor in tensors:
+        if tensor is not None and (type(tensor) not in (Tensor, torch.nn.Parameter) or tensor.layout != torch.strided
+                                   or not tensor.is_contiguous() or tensor.numel() != numel):
+            return [tensors]
+    flats = [None if tensor is None else tensor.view(-1) for tensor in tensors]
+    return [tuple(None if flat is None else flat[begin:begin + LOOP_CHUNK_NUMEL] for flat in flats)
+            for begin in range(0, numel, LOOP_CHUNK_NUMEL)]
 
 
 def _fresh_state_tensors(states: Sequence[dict[str, Any]]) -> None:

@@ -41,6 +41,7 @@ from optimlab.optim._base import (
     check_non_negative,
     foreach_groups,
     increment_steps,
+    loop_pieces,
     new_step_tensor,
     prepare_grad,
     prepare_grads,
@@ -85,13 +86,16 @@ def _adam_single_tensor(
     cautious: bool = False,
 ) -> None:
     """Per-tensor reference path of the Adam rule (module docstring). ``steps`` are the already
-    incremented step counts; ``max_exp_avg_sqs`` is empty unless ``amsgrad``."""
+    incremented step counts; ``max_exp_avg_sqs`` is empty unless ``amsgrad``. Large tensors are updated
+    in slices (:func:`optimlab.optim._base.loop_pieces`; not with ``cautious``, whose mask reduces over
+    the tensor)."""
     for i, param in enumerate(params):
-        _adam_tensor(param, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None,
-                     lr=lr, beta1=beta1, beta2=beta2, eps=eps, bias_correction1=1 - beta1 ** steps[i],
-                     bias_correction2_sqrt=(1 - beta2 ** steps[i]) ** 0.5, weight_decay=weight_decay,
-                     amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
-                     cautious=cautious)
+        tensors = (param, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i] if amsgrad else None)
+        bias_correction1, bias_correction2_sqrt = 1 - beta1 ** steps[i], (1 - beta2 ** steps[i]) ** 0.5
+        for piece in [tensors] if cautious else loop_pieces(*tensors):
+            _adam_tensor(*piece, lr=lr, beta1=beta1, beta2=beta2, eps=eps, bias_correction1=bias_correction1,
+                         bias_correction2_sqrt=bias_correction2_sqrt, weight_decay=weight_decay, amsgrad=amsgrad,
+                         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay, cautious=cautious)
 
 
 def _adam_tensor(

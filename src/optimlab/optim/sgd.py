@@ -30,6 +30,7 @@ from optimlab.optim._base import (
     check_lr,
     check_non_negative,
     foreach_groups,
+    loop_pieces,
     prepare_grad,
     prepare_grads,
     real_views,
@@ -57,13 +58,17 @@ def _sgd_single_tensor(
     maximize: bool,
 ) -> None:
     """Per-tensor reference path of the SGD rule (module docstring). Missing momentum buffers
-    (``None``) are created from the first gradient and written back into ``momentum_buffers``."""
+    (``None``) are created from the first gradient and written back into ``momentum_buffers``. Large
+    tensors are updated in slices (:func:`optimlab.optim._base.loop_pieces`) once their buffer exists."""
     for i, param in enumerate(params):
-        buf = _sgd_tensor(param, grads[i], momentum_buffers[i] if momentum != 0 else None, lr=lr,
-                          weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
-                          maximize=maximize)
-        if momentum != 0:
-            momentum_buffers[i] = buf
+        if momentum != 0 and momentum_buffers[i] is None:
+            momentum_buffers[i] = _sgd_tensor(param, grads[i], None, lr=lr, weight_decay=weight_decay,
+                                              momentum=momentum, dampening=dampening, nesterov=nesterov,
+                                              maximize=maximize)
+            continue
+        for piece in loop_pieces(param, grads[i], momentum_buffers[i] if momentum != 0 else None):
+            _sgd_tensor(*piece, lr=lr, weight_decay=weight_decay, momentum=momentum, dampening=dampening,
+                        nesterov=nesterov, maximize=maximize)
 
 
 def _sgd_tensor(
