@@ -101,6 +101,8 @@ def test_deterministic_gaps_below_the_target_tie():
     assert "tie: lion, adam (both meet the target)" in both.text
     one = verdict("beale", [gap("adam", 1e-3 * (1 + 1e-3)), gap("lion", 0.0)])  # just above the target: real
     assert one.kind == "winner" and one.best["optimizer"] == "lion"
+    three = verdict("beale", [gap("adam", 5e-7), gap("lion", 0.0), gap("sgd", 1e-4)])
+    assert "tie: lion, adam, sgd (all meet the target)" in three.text
     accuracy = verdict("t", [row("a", [0.95], deterministic=True), row("b", [0.99], deterministic=True)])
     assert accuracy.kind == "tie" and "both meet the target" in accuracy.text  # max mode: both >= 0.9
     noisy = verdict("t", [row("a", [0.95, 0.951, 0.952]), row("b", [0.99, 0.991, 0.992])])

@@ -139,7 +139,8 @@ def verdict(task: str, rows: Sequence[dict[str, Any]]) -> Verdict:
         return Verdict(task, "winner", best, tied, runner_up, p_value, text)
     names = ", ".join(short_label(r, finished) for r in tied)
     why = ("a single seed: noise unknown" if unknown
-           else "both meet the target" if deterministic and all(meets_target(r) for r in tied) else "within noise")
+           else f"{'both' if len(tied) == 2 else 'all'} meet the target" if deterministic
+           and all(meets_target(r) for r in tied) else "within noise")
     return Verdict(task, "tie", best, tied, runner_up, p_value,
                    f"{task}: tie: {names} ({why}); best mean {config_label(best)}: {metric} {spread(best)}")
 
