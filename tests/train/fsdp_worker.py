@@ -2,9 +2,12 @@
 
 Usage: ``torchrun --nproc-per-node 2 fsdp_worker.py ROOT DATA``. Joins one gloo group, then
 
-* trains the tiny GPT with ``fsdp=True`` (per-rank batch 4) for each optimizer of :data:`OPTIMIZERS`, in
-  ``ROOT/<name>``; an optimizer refused under FSDP leaves ``error.txt`` there instead;
-* trains ``adamw`` and ``adafactor`` again, stopped at step :data:`STOP` and resumed (``ROOT/<name>-resumed``);
+* trains the tiny GPT with ``fsdp=True`` (per-rank batch 4, sharded checkpoints at steps 3 and 6) for each
+  optimizer of ``FSDP_OPTIMIZERS``, in ``ROOT/<name>``; an optimizer refused under FSDP leaves ``error.txt``
+  there instead;
+* trains ``adamw`` and ``adafactor`` again, stopped at step ``FSDP_STOP`` and resumed (``ROOT/<name>-resumed``);
+* resumes the one-process run ``ROOT/single-adamw``'s single-file checkpoint of step 3 (written by the test)
+  under FSDP2 (``ROOT/adamw-from-single``);
 * checks clipping, the non-finite guard and the optimizer-state monitor on a sharded 2-layer MLP against an
   unsharded copy (:func:`agreement`), and writes ``ROOT/agreement-rank<r>.json``.
 """
@@ -105,7 +108,8 @@ def main(root: Path, data: Path) -> None:
     context = init_distributed("cpu", timeout_s=120)
     try:
         for name in FSDP_OPTIMIZERS:
-            config = tiny_config(root / name, data, batch_size=4, steps=FSDP_STEPS, fsdp=True, optimizer=name)
+            config = tiny_config(root / name, data, batch_size=4, steps=FSDP_STEPS, fsdp=True, optimizer=name,
+                                 checkpoint_every=FSDP_STOP)
             try:
                 trainer = Trainer(config, context, quiet=True)
             except ValueError as error:  # refused under FSDP (checked before any work)
@@ -125,6 +129,10 @@ def main(root: Path, data: Path) -> None:
                 trainer.train(stop_at=stop_at)
                 trainer.close()
                 dist.barrier()  # rank 0 has written the checkpoint that the other ranks resume from
+        config = tiny_config(root / "adamw-from-single", data, batch_size=4, steps=FSDP_STEPS, fsdp=True)
+        trainer = Trainer(config, context, quiet=True, resume_from=root / "single-adamw" / f"checkpoint.step{FSDP_STOP}.pt")
+        trainer.train()
+        trainer.close()
         (root / f"agreement-rank{context.rank}.json").write_text(json.dumps(agreement(context.rank)))
     finally:
         shutdown(context)

@@ -123,11 +123,14 @@ def test_bad_sources_and_targets_are_one_line(run: Path, converted: tuple[Path, 
     assert not new.exists()
 
 
-def test_a_sharded_checkpoint_given_to_a_single_file_resume_is_one_line(run: Path, converted: tuple[Path, Path],
+def test_a_sharded_checkpoint_resumes_without_fsdp_as_its_single_file(run: Path, converted: tuple[Path, Path],
                                                                        tmp_path: Path) -> None:
-    line = _one_line_error(invoke("train", "--out", str(tmp_path / "other"), "--resume-from", str(converted[0])))
-    assert line == (f"error: {converted[0]} is a folder (a sharded checkpoint?), not a single-file checkpoint: convert "
-                    f"it with `optimlab checkpoint convert {converted[0]} FILE.pt`, or resume it with --fsdp")
+    # the trainer reads either layout: the sharded copy continues the run exactly like the file it came from
+    for name, source in (("from-file", run / "checkpoint.pt"), ("from-sharded", converted[0])):
+        result = invoke("train", "--out", str(tmp_path / name), "--resume-from", str(source), "-q")
+        assert result.exit_code == 0, result.output
+    models = [load_checkpoint(tmp_path / name / "checkpoint.pt")["model"] for name in ("from-file", "from-sharded")]
+    assert _same(*models)
 
 
 def test_a_damaged_sharded_checkpoint_is_refused_by_convert(converted: tuple[Path, Path], tmp_path: Path) -> None:

@@ -31,10 +31,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import FSDP_OPTIMIZERS, FSDP_STEPS, invoke, tiny_config
+from train_helpers import FSDP_OPTIMIZERS, FSDP_STEPS, FSDP_STOP, invoke, tiny_config
 
 from optimlab.train import trainer as trainer_module
 from optimlab.train.checkpoint import load_checkpoint
+from optimlab.train.dcp_checkpoint import SHARDED_LATEST_NAME, sharded_to_single
 from optimlab.train.trainer import CHECKPOINT_NAME, Trainer
 
 HERE = Path(__file__).resolve().parent
@@ -56,7 +57,8 @@ def fsdp_runs(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> Path
     per rank) of fsdp_worker.py."""
     root = tmp_path_factory.mktemp("fsdp")
     for name in FSDP_OPTIMIZERS:
-        losses = _train(tiny_config(root / f"single-{name}", text_file, batch_size=8, steps=FSDP_STEPS, optimizer=name))
+        losses = _train(tiny_config(root / f"single-{name}", text_file, batch_size=8, steps=FSDP_STEPS, optimizer=name,
+                                    checkpoint_every=FSDP_STOP))
         (root / f"single-{name}" / "losses.json").write_text(json.dumps(losses))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                str(HERE / "fsdp_worker.py"), str(root), str(text_file)]
@@ -67,6 +69,9 @@ def fsdp_runs(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> Path
 
 
 def _checkpoint(folder: Path) -> dict:
+    """The run's latest checkpoint; a sharded one (``--fsdp``) read whole (``optimlab checkpoint convert``'s way)."""
+    if (folder / SHARDED_LATEST_NAME).exists():
+        return sharded_to_single(folder / SHARDED_LATEST_NAME, folder / "whole.pt")
     return load_checkpoint(folder / CHECKPOINT_NAME)
 
 
@@ -99,6 +104,25 @@ def test_fsdp_resume_continues_bit_for_bit(fsdp_runs: Path, name: str) -> None:
     for index, state in straight["optimizer"]["state"].items():
         for key, value in state.items():
             assert torch.equal(resumed["optimizer"]["state"][index][key], value), (index, key)
+
+
+@pytest.mark.slow
+def test_single_file_checkpoint_resumes_under_fsdp(fsdp_runs: Path) -> None:
+    # single-adamw's step-3 checkpoint continued on 2 ranks under FSDP2 = single-adamw's own steps 4-6
+    resumed, single = _checkpoint(fsdp_runs / "adamw-from-single"), _checkpoint(fsdp_runs / "single-adamw")
+    assert resumed["step"] == FSDP_STEPS and resumed["resumes"][0]["step"] == FSDP_STOP
+    assert _largest_difference(resumed["model"], single["model"]) <= REDUCTION_ORDER[1]
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_resumes_in_one_process(fsdp_runs: Path, tmp_path: Path, text_file: Path) -> None:
+    # the 2-rank FSDP2 run's sharded step-3 checkpoint continued in one process without FSDP (resharded by DCP)
+    config = tiny_config(tmp_path, text_file, batch_size=8, steps=FSDP_STEPS)
+    losses = _train(config, resume_from=fsdp_runs / "adamw" / f"checkpoint.step{FSDP_STOP}.dcp")
+    single = json.loads((fsdp_runs / "single-adamw" / "losses.json").read_text())
+    assert max(abs(a - b) for a, b in zip(losses, single[FSDP_STOP:])) <= REDUCTION_ORDER[0]
+    assert _largest_difference(_checkpoint(tmp_path)["model"], _checkpoint(fsdp_runs / "single-adamw")["model"]) <= (
+        REDUCTION_ORDER[1])
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +200,8 @@ def test_resume_reads_the_checkpoint_once(tmp_path: Path, text_file: Path, monke
             "cpu", "-q"]
     assert invoke(*args, "--stop-at", "1").exit_code == 0
     reads = []
-    load = trainer_module.load_checkpoint
-    monkeypatch.setattr(trainer_module, "load_checkpoint", lambda path: reads.append(path) or load(path))
+    read = trainer_module.read_training_checkpoint
+    monkeypatch.setattr(trainer_module, "read_training_checkpoint", lambda path: reads.append(path) or read(path))
     assert invoke("train", "--out", str(tmp_path), "--resume", "-q").exit_code == 0
     assert reads == [tmp_path / CHECKPOINT_NAME]
     assert _checkpoint(tmp_path)["step"] == 2

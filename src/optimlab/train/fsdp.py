@@ -18,11 +18,9 @@ the all-gathers move bf16 parameters (half the bytes) and the forward/backward c
 gradients are reduce-scattered in float32 and the optimizer updates float32 shards. The trainer's autocast
 stays on for the operations it keeps in float32 (the loss).
 
-The whole-tensor helpers (:func:`full_model_state`, :func:`full_optimizer_state`,
-:func:`shard_optimizer_state`) give the single-file checkpoint the same content with and without FSDP, so a
-run sharded over W ranks resumes on any number of ranks, with or without ``--fsdp``. They gather every tensor
-on every rank (an all-gather per tensor): fine for the models of this trainer; the sharded checkpoint of
-``torch.distributed.checkpoint`` avoids that for large ones.
+Checkpoints under FSDP2 are sharded (:mod:`optimlab.train.dcp_checkpoint`). A single-file checkpoint (of a run
+without ``--fsdp``) resumes under it too: the trainer loads its whole weights before :func:`shard_model`, and
+:func:`shard_optimizer_state` lays the loaded whole optimizer state out on the shards.
 """
 
 from __future__ import annotations
@@ -36,8 +34,7 @@ from torch.distributed.tensor import Replicate, distribute_tensor
 
 from optimlab.optim._dtensor import is_dtensor, local
 
-__all__ = ["full_model_state", "full_optimizer_state", "local_state", "one_rank_group", "shard_model",
-           "shard_optimizer_state"]
+__all__ = ["local_state", "one_rank_group", "shard_model", "shard_optimizer_state"]
 
 
 def one_rank_group(device: torch.device) -> bool:
@@ -60,24 +57,6 @@ def shard_model(model: torch.nn.Module, blocks: list[torch.nn.Module], precision
     for index, block in enumerate(blocks):
         fully_shard(block, mp_policy=policy, reshard_after_forward=index < len(blocks) - 1)
     fully_shard(model, mp_policy=policy)
-
-
-def _full(value: Any) -> Any:
-    return value.full_tensor() if is_dtensor(value) else value
-
-
-def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with every sharded tensor gathered whole (a collective: every rank calls it)."""
-    return {name: _full(value) for name, value in model.state_dict().items()}
-
-
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with every sharded state tensor gathered whole: exactly the state dict of the
-    same optimizer on the unsharded model (a collective: every rank calls it)."""
-    state_dict = optimizer.state_dict()
-    state = {index: {key: _full(value) for key, value in values.items()}
-             for index, values in state_dict["state"].items()}
-    return {**state_dict, "state": state}
 
 
 def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:

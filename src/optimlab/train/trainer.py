@@ -67,11 +67,17 @@ from optimlab.train.checkpoint import (
     CheckpointFiles,
     capture_rng_state,
     check_compatible,
-    load_checkpoint,
     nonfinite_tensors,
     restore_rng_state,
     short_list,
-    verify_checkpoint,
+)
+from optimlab.train.dcp_checkpoint import (
+    SHARDED_KEY,
+    ShardedCheckpointFiles,
+    intact_previous,
+    latest_checkpoint,
+    load_sharded,
+    read_training_checkpoint,
 )
 from optimlab.train.config import TrainConfig, resume_config
 from optimlab.train.data import (
@@ -84,14 +90,7 @@ from optimlab.train.data import (
     stdlib_corpus,
 )
 from optimlab.train.distributed import DistContext, all_gather_objects, all_reduce_sum, pick_device
-from optimlab.train.fsdp import (
-    full_model_state,
-    full_optimizer_state,
-    local_state,
-    one_rank_group,
-    shard_model,
-    shard_optimizer_state,
-)
+from optimlab.train.fsdp import local_state, one_rank_group, shard_model, shard_optimizer_state
 from optimlab.train.model import GPT, GPTConfig
 from optimlab.train.plots import plot_training
 from optimlab.train.step import StepPolicy
@@ -140,11 +139,11 @@ def prepare_run(config: TrainConfig, *, resume: bool = False, overwrite: bool = 
     ``(path, payload)`` of the checkpoint to resume when the caller has read it already
     (:func:`read_resume_checkpoint`), so it is read once. The launcher runs it once before starting the workers.
     """
-    files = CheckpointFiles(config.out_dir, config.keep_checkpoints)
+    latest = latest_checkpoint(config.out_dir)
     if resume_from is not None:
         resume = True
-    if files.latest.exists() and not (resume or overwrite):
-        raise FileExistsError(f"{files.latest} already exists: pass --resume to continue that run, "
+    if latest.exists() and not (resume or overwrite):
+        raise FileExistsError(f"{latest} already exists: pass --resume to continue that run, "
                               "--overwrite to start afresh over it, or another --out folder")
     spec = get_spec(config.optimizer)
     refusal = sharded_refusal(spec.resolve(), spec.preset.get("state_dtype")) if config.fsdp else None
@@ -162,9 +161,12 @@ def prepare_run(config: TrainConfig, *, resume: bool = False, overwrite: bool = 
     if loaded is not None:
         checkpoint_path, checkpoint = loaded
     else:
-        checkpoint_path = Path(resume_from) if resume_from is not None else files.latest if resume else None
-        checkpoint = _load_for_resume(checkpoint_path, files) if checkpoint_path is not None else None
+        checkpoint_path = Path(resume_from) if resume_from is not None else latest if resume else None
+        checkpoint = _load_for_resume(checkpoint_path) if checkpoint_path is not None else None
     changes: dict[str, tuple[Any, Any]] = {}
+    if checkpoint is not None and SHARDED_KEY in checkpoint and config.zero:
+        raise ValueError(f"Invalid zero: {checkpoint_path} is a sharded checkpoint, which --zero cannot load; resume "
+                         "it with --fsdp or without --zero, or convert it with `optimlab checkpoint convert`")
     if checkpoint is not None:
         check_compatible(checkpoint, model_config.to_dict(), corpus.vocab.chars, checkpoint_path)
         stored = TrainConfig.from_dict({**checkpoint["train_config"], "out_dir": config.out_dir})
@@ -177,11 +179,10 @@ def prepare_run(config: TrainConfig, *, resume: bool = False, overwrite: bool = 
 
 
 def read_resume_checkpoint(out_dir: str | Path, resume_from: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
-    """``(path, payload)`` of the checkpoint a resume of ``out_dir`` would load (``resume_from``, default
-    ``out_dir/checkpoint.pt``), verified; hand it to :func:`prepare_run` (``loaded``) to read it only once."""
-    files = CheckpointFiles(out_dir)
-    path = Path(resume_from) if resume_from is not None else files.latest
-    return path, _load_for_resume(path, files)
+    """``(path, payload)`` of the checkpoint a resume of ``out_dir`` would load (``resume_from``, default the run's
+    latest: ``checkpoint.pt``, or ``checkpoint.dcp`` under ``--fsdp``), verified; hand it to :func:`prepare_run` (``loaded``) to read it only once."""
+    path = Path(resume_from) if resume_from is not None else latest_checkpoint(out_dir)
+    return path, _load_for_resume(path)
 
 
 def stored_config(out_dir: str | Path, saved: dict[str, Any]) -> TrainConfig:
@@ -190,23 +191,21 @@ def stored_config(out_dir: str | Path, saved: dict[str, Any]) -> TrainConfig:
     return TrainConfig.from_dict({**saved["train_config"], "out_dir": str(out_dir)})
 
 
-def _load_for_resume(path: Path, files: CheckpointFiles) -> dict[str, Any]:
-    """Load the checkpoint to resume; when it is damaged, the error names the newest intact previous one."""
+def _load_for_resume(path: Path) -> dict[str, Any]:
+    """Read the checkpoint to resume, in either layout (a single file, or a sharded folder whose model and
+    optimizer state :func:`~optimlab.train.dcp_checkpoint.load_sharded` reads later); when it is damaged, the
+    error names the newest intact previous one of the same layout."""
     try:
-        return load_checkpoint(path)
+        return read_training_checkpoint(path)
     except CheckpointError as error:
-        if not path.is_file():
+        if not path.exists():
             raise
-        for step, previous in files.previous():
-            if previous.resolve() == path.resolve():
-                continue
-            try:
-                verify_checkpoint(previous)
-            except CheckpointError:
-                continue
-            raise CheckpointError(f"{error}; the previous checkpoint {previous.name} (step {step}) passes its "
-                                  f"checksums: resume from it with --resume-from {previous}") from None
-        raise
+        found = intact_previous(path)
+        if found is None:
+            raise
+        step, previous = found
+        raise CheckpointError(f"{error}; the previous checkpoint {previous.name} (step {step}) passes its "
+                              f"checksums: resume from it with --resume-from {previous}") from None
 
 
 @dataclass
@@ -254,6 +253,7 @@ class Trainer:
         self.config = config = plan.config
         self.out_dir = Path(config.out_dir)
         self.files = CheckpointFiles(self.out_dir, config.keep_checkpoints)
+        self.sharded_files = ShardedCheckpointFiles(self.out_dir, config.keep_checkpoints)  # --fsdp's checkpoints
         self.checkpoint_path = self.files.latest
         if config.zero and not self.context.is_distributed:
             raise ValueError("Invalid zero: ZeroRedundancyOptimizer shards state across processes; "
@@ -265,14 +265,15 @@ class Trainer:
         self.train_windows, self.val_windows, self.batches = plan.train_windows, plan.val_windows, plan.batches
         saved = plan.checkpoint
 
-        # Model: identical initial weights on every rank (DDP also broadcasts rank 0's). Under FSDP2 the whole
-        # weights are loaded when resuming, then sharded: the optimizer is built on the shards (DTensors).
+        # Model: identical initial weights on every rank (DDP also broadcasts rank 0's). Under FSDP2 the model is
+        # sharded before the optimizer is built on its shards (DTensors); the whole weights of a single-file
+        # checkpoint are loaded before sharding, a sharded checkpoint after (by DCP, into the shards).
         torch.manual_seed(config.seed)
         self.model = GPT(self.model_config).to(device)
         self._own_group = False
         if config.fsdp:
             self._own_group = one_rank_group(device)
-            if saved is not None:
+            if saved is not None and SHARDED_KEY not in saved:
                 self.model.load_state_dict(saved["model"])
             shard_model(self.model, list(self.model.blocks), config.precision)
 
@@ -468,7 +469,9 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self) -> None:
-        """Write ``out_dir/checkpoint.pt`` atomically (rank 0), keeping the previous ``keep_checkpoints - 1``.
+        """Write ``out_dir/checkpoint.pt`` atomically (rank 0), keeping the previous ``keep_checkpoints - 1``; under
+        ``--fsdp`` the sharded ``out_dir/checkpoint.dcp`` instead (:mod:`optimlab.train.dcp_checkpoint`: each rank
+        writes its shards, rank 0 the rest; atomic, the previous versions kept likewise).
 
         Every rank must call it: the parameters and optimizer state are first checked for NaN/inf on every
         rank (a non-finite checkpoint is never written: :class:`CheckpointError` names the tensors and the
@@ -478,12 +481,8 @@ class Trainer:
         if self.config.zero:
             self.optimizer.consolidate_state_dict(to=0)
         rng_states = all_gather_objects(capture_rng_state(), self.context)
-        if self.config.fsdp:  # whole tensors (collectives: every rank), the same checkpoint as without FSDP
-            model_state, optimizer_state = full_model_state(self.model), full_optimizer_state(self.optimizer)
-        if not self.context.is_main:
+        if not (self.context.is_main or self.config.fsdp):
             return
-        if not self.config.fsdp:
-            model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
         payload = {
             "step": self.step,
             "epoch": self.epoch,
@@ -494,8 +493,6 @@ class Trainer:
             "model_config": self.model_config.to_dict(),
             "train_config": self.config.to_dict(),
             "vocab": self.vocab.chars,
-            "model": model_state,
-            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "clipper": self.clipper.state_dict(),
             "guard": self.guard.state_dict() if self.guard is not None else None,
@@ -505,7 +502,11 @@ class Trainer:
             "resumes": self.resumes,
             "ema": self.ema.state_dict() if self.ema is not None else None,
         }
-        self.files.save(payload, self._latest_step)
+        if self.config.fsdp:  # each rank writes its shards (torch.distributed.checkpoint); rank 0 the rest
+            self.sharded_files.save(self.model, self.optimizer, payload)
+        else:
+            self.files.save({**payload, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()},
+                            self._latest_step)
         self._latest_step = self.step
 
     def _check_finite(self) -> None:
@@ -526,11 +527,14 @@ class Trainer:
                               f"{kept}")
 
     def _restore(self, saved: dict[str, Any], rebuild_schedule: bool = False) -> None:
-        if not self.config.fsdp:  # under FSDP2 the whole weights were loaded before sharding
-            self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        if self.config.fsdp:
-            shard_optimizer_state(self.optimizer)
+        if SHARDED_KEY in saved:  # into the model and optimizer as they are sharded now (DCP reshards)
+            load_sharded(saved[SHARDED_KEY], self.model, self.optimizer)
+        else:
+            if not self.config.fsdp:  # under FSDP2 the whole weights were loaded before sharding
+                self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            if self.config.fsdp:
+                shard_optimizer_state(self.optimizer)
         for name in ("guard", "scaler"):
             component = getattr(self, name)
             if component is not None and saved.get(name) is not None:
@@ -574,11 +578,12 @@ class Trainer:
         """Config, metrics CSV, TensorBoard writer and the optimizer-state monitor with its sinks.
         When resuming, rows logged after the checkpoint by the interrupted run are dropped."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        stale = self.files.clean_temporaries()  # left by a write that was killed
+        stale = self.files.clean_temporaries() + self.sharded_files.clean_temporaries()  # of writes that were killed
         if stale:
             self._print(f"removed {len(stale)} temporary file(s) of an interrupted checkpoint write")
         if saved is None:
             self.files.remove_all()  # --overwrite: the old run's checkpoints go
+            self.sharded_files.remove_all()
         self.config.save(self.out_dir / "config.json")
         metrics = self.out_dir / METRICS_NAME
         monitor_csv = self.out_dir / MONITOR_NAME
