@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from optimlab.optim.shampoo import Shampoo, inverse_root
+from optimlab.optim.shampoo import Shampoo, block_slices, inverse_root
 from optimlab.optim.soap import merged_shape
 
 from .frontier_helpers import (assert_resumes_bit_for_bit, check_numpy_parity, numpy_grads, random_structure,
@@ -168,6 +168,15 @@ def test_large_dimensions_are_blocked() -> None:
     assert {key[1:]: tuple(value.shape) for key, value in matrix.items() if key[0] == "L"} == expected
     assert {key[1:]: tuple(value.shape) for key, value in matrix.items() if key[0] == "P"} == expected
     assert set(vector) == set(scalar) == {"step", "exp_avg", "graft_sq"}
+
+
+def test_gpt2_token_embedding_blocks() -> None:
+    """GPT-2's 50257 x 768 token embedding with the default block_size (1024): 50 blocks of at most
+    1024 x 768 (the last one 81 rows), so no factor is larger than 1024 x 1024."""
+    blocks = block_slices([50257, 768], 1024)
+    sides = [tuple(chunk.stop - chunk.start for chunk in block) for block in blocks]
+    assert len(sides) == 50 and set(sides[:-1]) == {(1024, 768)} and sides[-1] == (81, 768)
+    assert Shampoo([torch.zeros(1, 1, requires_grad=True)]).defaults["block_size"] == 1024
 
 
 def test_rank_deficient_gradients_never_produce_nan() -> None:

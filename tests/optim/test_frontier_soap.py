@@ -209,6 +209,18 @@ def test_large_dimensions_are_never_factored() -> None:
     assert set(vector) == {"step", "exp_avg", "exp_avg_sq"}
 
 
+def test_gpt2_token_embedding_is_one_sided_with_the_defaults() -> None:
+    """GPT-2's 50257-row token embedding (8 columns here instead of 768, to stay small) with the default
+    max_precondition_dim (10000): only the column side gets a factor and a basis."""
+    param = torch.randn(50257, 8, requires_grad=True)
+    optimizer = SOAP([param])
+    for _ in range(2):
+        param.grad = torch.randn_like(param)
+        optimizer.step()
+    state = optimizer.state[param]
+    assert {key: tuple(value.shape) for key, value in state.items() if key[0] in "GQ"} == {"GG1": (8, 8), "Q1": (8, 8)}
+
+
 def test_rank_deficient_gradients_stay_finite() -> None:
     """Rank-1 gradients (outer products, and an all-zero step) for 40 steps, bases refreshed every 2: the
     factors are singular throughout; parameters and state stay finite."""
