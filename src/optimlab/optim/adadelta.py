@@ -30,6 +30,7 @@ from optimlab.optim._base import (
     check_non_negative,
     foreach_groups,
     increment_steps,
+    loop_pieces,
     prepare_grad,
     prepare_grads,
     real_views,
@@ -55,8 +56,9 @@ def _adadelta_single_tensor(
 ) -> None:
     """Per-tensor reference path of the Adadelta rule (module docstring)."""
     for i, param in enumerate(params):
-        _adadelta_tensor(param, grads[i], square_avgs[i], acc_deltas[i], lr=lr, rho=rho, eps=eps,
-                         weight_decay=weight_decay, maximize=maximize)
+        for piece in loop_pieces(param, grads[i], square_avgs[i], acc_deltas[i]):
+            _adadelta_tensor(*piece, lr=lr, rho=rho, eps=eps,
+                             weight_decay=weight_decay, maximize=maximize)
 
 
 def _adadelta_tensor(

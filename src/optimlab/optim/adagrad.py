@@ -29,6 +29,7 @@ from optimlab.optim._base import (
     check_non_negative,
     foreach_groups,
     increment_steps,
+    loop_pieces,
     new_step_tensor,
     prepare_grad,
     prepare_grads,
@@ -73,8 +74,9 @@ def _adagrad_single_tensor(
 ) -> None:
     """Per-tensor reference path of the AdaGrad rule (module docstring); handles sparse gradients."""
     for i, param in enumerate(params):
-        _adagrad_tensor(param, grads[i], state_sums[i], decayed_lr=_decayed_lr(lr, lr_decay, steps[i]), eps=eps,
-                        weight_decay=weight_decay, maximize=maximize)
+        for piece in loop_pieces(param, grads[i], state_sums[i]):
+            _adagrad_tensor(*piece, decayed_lr=_decayed_lr(lr, lr_decay, steps[i]), eps=eps,
+                            weight_decay=weight_decay, maximize=maximize)
 
 
 def _adagrad_tensor(

@@ -29,6 +29,7 @@ from optimlab.optim._base import (
     check_non_negative,
     foreach_groups,
     increment_steps,
+    loop_pieces,
     prepare_grad,
     prepare_grads,
     real_views,
@@ -56,8 +57,9 @@ def _adamax_single_tensor(
 ) -> None:
     """Per-tensor reference path of the Adamax rule (module docstring): :func:`_adamax_tensor` per tensor."""
     for i, param in enumerate(params):
-        _adamax_tensor(param, grads[i], exp_avgs[i], exp_infs[i], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                       bias_correction1=1 - beta1 ** steps[i], weight_decay=weight_decay, maximize=maximize)
+        for piece in loop_pieces(param, grads[i], exp_avgs[i], exp_infs[i]):
+            _adamax_tensor(*piece, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                           bias_correction1=1 - beta1 ** steps[i], weight_decay=weight_decay, maximize=maximize)
 
 
 def _adamax_tensor(

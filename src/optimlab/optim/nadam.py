@@ -35,6 +35,7 @@ from optimlab.optim._base import (
     check_non_negative,
     foreach_groups,
     increment_steps,
+    loop_pieces,
     prepare_grad,
     prepare_grads,
     real_views,
@@ -93,10 +94,11 @@ def _nadam_single_tensor(
         grad_coefficient, exp_avg_coefficient = _nadam_step_sizes(
             mu_products[i], steps[i], lr=lr, beta1=beta1, momentum_decay=momentum_decay
         )
-        _nadam_tensor(param, grads[i], exp_avgs[i], exp_avg_sqs[i], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                      bias_correction2=1 - beta2 ** steps[i], grad_coefficient=grad_coefficient,
-                      exp_avg_coefficient=exp_avg_coefficient, weight_decay=weight_decay,
-                      decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+        for piece in loop_pieces(param, grads[i], exp_avgs[i], exp_avg_sqs[i]):
+            _nadam_tensor(*piece, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                          bias_correction2=1 - beta2 ** steps[i], grad_coefficient=grad_coefficient,
+                          exp_avg_coefficient=exp_avg_coefficient, weight_decay=weight_decay,
+                          decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
 
 
 def _nadam_tensor(

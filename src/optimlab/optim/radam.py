@@ -35,6 +35,7 @@ from optimlab.optim._base import (
     check_non_negative,
     foreach_groups,
     increment_steps,
+    loop_pieces,
     prepare_grad,
     prepare_grads,
     real_views,
@@ -85,9 +86,10 @@ def _radam_single_tensor(
     """Per-tensor reference path of the RAdam rule (module docstring): :func:`_radam_tensor` per tensor."""
     for i, param in enumerate(params):
         step_size, adaptive = _radam_step_size(steps[i], lr=lr, beta1=beta1, beta2=beta2)
-        _radam_tensor(param, grads[i], exp_avgs[i], exp_avg_sqs[i], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                      step_size=step_size, adaptive=adaptive, weight_decay=weight_decay,
-                      decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+        for piece in loop_pieces(param, grads[i], exp_avgs[i], exp_avg_sqs[i]):
+            _radam_tensor(*piece, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                          step_size=step_size, adaptive=adaptive, weight_decay=weight_decay,
+                          decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
 
 
 def _radam_tensor(

@@ -34,6 +34,7 @@ from optimlab.optim._base import (
     check_non_negative,
     foreach_groups,
     increment_steps,
+    loop_pieces,
     prepare_grad,
     prepare_grads,
     real_views,
@@ -63,9 +64,10 @@ def _rmsprop_single_tensor(
     """Per-tensor reference path of the RMSprop rule (module docstring). ``grad_avgs`` is empty
     unless ``centered``; ``momentum_buffers`` is empty unless ``momentum > 0``."""
     for i, param in enumerate(params):
-        _rmsprop_tensor(param, grads[i], square_avgs[i], grad_avgs[i] if centered else None,
-                        momentum_buffers[i] if momentum > 0 else None, lr=lr, alpha=alpha, eps=eps,
-                        momentum=momentum, weight_decay=weight_decay, centered=centered, maximize=maximize)
+        for piece in loop_pieces(param, grads[i], square_avgs[i], grad_avgs[i] if centered else None,
+                                 momentum_buffers[i] if momentum > 0 else None):
+            _rmsprop_tensor(*piece, lr=lr, alpha=alpha, eps=eps,
+                            momentum=momentum, weight_decay=weight_decay, centered=centered, maximize=maximize)
 
 
 def _rmsprop_tensor(
