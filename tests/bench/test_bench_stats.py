@@ -168,3 +168,17 @@ def test_recommend_snippet_runs_and_builds_the_configuration():
     plain = snippet(Recommendation("sgd", {"lr": 0.1}, "constant", "none", "acc", "max", 0.9, None, 1, 0, 1, 50))
     assert plain == ("from optimlab.optim import create_optimizer\noptimizer = create_optimizer(model, 'sgd', lr=0.1)\n"
                      "# each step: loss.backward(); optimizer.step(); optimizer.zero_grad()")
+
+
+def test_recommend_snippet_for_sam_steps_with_a_closure():
+    import torch
+
+    from optimlab.bench.recommend import Recommendation, snippet
+
+    code = snippet(Recommendation("sam-adamw", {"lr": 0.001}, "constant", "norm:1.0", "acc", "max", 0.9, None, 1, 0,
+                                  1, 50))
+    namespace = {"model": torch.nn.Linear(3, 1)}
+    exec(code, namespace)
+    assert type(namespace["optimizer"]).__name__ == "SAM"
+    assert code.endswith("# each step: optimizer.step(closure) where closure() does optimizer.zero_grad(); loss = ...; "
+                         "loss.backward(); clipper.step(); return loss (called twice per step: SAM's two gradients)")

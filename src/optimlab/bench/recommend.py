@@ -10,6 +10,7 @@ from typing import Any
 from optimlab.bench import stats
 from optimlab.bench.store import Store
 from optimlab.bench.trial import parse_spec
+from optimlab.optim.registry import needs_closure
 
 __all__ = ["Recommendation", "recommend", "snippet"]
 
@@ -91,10 +92,16 @@ def snippet(best: Recommendation) -> str:
         lines[:0] = ["from optimlab.clip import make_clipper"]
         lines.append(f"clipper = make_clipper({best.clip!r}, model.parameters())")
         loop.append("clipper.step()")
-    loop.append("optimizer.step()")
+    closure = needs_closure(best.optimizer)
+    if closure:  # SAM: the gradient work goes into a closure that the optimizer calls (twice)
+        loop = [f"optimizer.step(closure) where closure() does optimizer.zero_grad(); loss = ...; {'; '.join(loop)}; "
+                "return loss (called twice per step: SAM's two gradients)"]
+    else:
+        loop.append("optimizer.step()")
     if best.schedule != "constant":
         loop.append("scheduler.step()" if not best.schedule.startswith("plateau") else "scheduler.step(val_loss)")
-    loop.append("optimizer.zero_grad()")
+    if not closure:
+        loop.append("optimizer.zero_grad()")
     lines.append("# each step: " + "; ".join(loop))
     if best.optimizer.startswith("schedule-free"):
         lines.append("# schedule-free: optimizer.train() before training steps, optimizer.eval() before evaluating")
