@@ -39,18 +39,28 @@ CONFIGS = {
     "soap": ("soap", {}),
     "prodigy": ("prodigy", {}),
     "dadapt-adam": ("dadapt-adam", {}),
-    "adamw-int8": ("adamw-int8", {}),
+    # low-precision state on shards (wide model: tensors of several int8 blocks, shard boundaries inside blocks)
+    "adamw-bf16": ("adamw-bf16", {"foreach": False, "weight_decay": 0.1, "wide": True}),
+    "adamw-bf16-fused": ("adamw-bf16", {"fused": True, "weight_decay": 0.1, "wide": True}),
+    "adamw-int8": ("adamw-int8", {"weight_decay": 0.1, "wide": True}),
+    "adamw-int8-foreach": ("adamw-int8", {"foreach": True, "wide": True}),
+    "lion-int8": ("lion", {"state_dtype": "int8", "wide": True}),
 }
 
 
-def model() -> torch.nn.Module:
+def model(wide: bool = False) -> torch.nn.Module:
+    """The 3-layer MLP; ``wide``: 40 and 30 hidden units, so that the weights (480, 1200 and 270 values) span
+    several int8 blocks of 256 and their 2-rank shards start inside a block (offsets 240, 600, 150)."""
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
-                               torch.nn.Linear(16, 9))
+    hidden = (40, 30) if wide else (16, 16)
+    return torch.nn.Sequential(torch.nn.Linear(12, hidden[0]), torch.nn.Tanh(), torch.nn.Linear(*hidden),
+                               torch.nn.Tanh(), torch.nn.Linear(hidden[1], 9))
 
 
 def deviation(name: str, options: dict, rank: int) -> float:
-    reference, sharded = model(), model()
+    options = dict(options)
+    wide = options.pop("wide", False)
+    reference, sharded = model(wide), model(wide)
     for layer in sharded:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer)
@@ -104,6 +114,21 @@ def owner_compute_layouts() -> dict:
     return {"equal": equal, "computed": computed}
 
 
+def unsupported_layout_error() -> str:
+    """Low-precision state on a column-sharded (Shard(1)) parameter: its shard is not one range of the flattened
+    tensor, so the global noise index and int8 blocks are undefined; the step must refuse by name."""
+    from optimlab.optim import AdamW
+
+    mesh = init_device_mesh("cpu", (2,))
+    param = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+    param.grad = distribute_tensor(torch.ones(4, 6), mesh, [Shard(1)])
+    try:
+        AdamW([param], state_dtype="int8").step()
+    except NotImplementedError as error:
+        return str(error)
+    return "no error"
+
+
 def main(out: Path) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -125,7 +150,8 @@ def main(out: Path) -> None:
     # every call of the "muon" configuration: the unsharded copy's 3 matrices a step, plus the sharded one's owned
     (out / f"rank{rank}.json").write_text(json.dumps({"results": results, "ns_calls": calls,
                                                       "per_shard": per_shard_deviation(),
-                                                      "layouts": owner_compute_layouts()}))
+                                                      "layouts": owner_compute_layouts(),
+                                                      "unsupported_layout": unsupported_layout_error()}))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -4,7 +4,9 @@ Each configuration trains the same 3-layer MLP wrapped with ``fully_shard`` besi
 gradient is the mean of the two ranks' batch gradients. Tolerances:
 
 * elementwise rules (any path, the fused one included) and Muon's owner-rank Newton–Schulz: **bit for bit**
-  (0). The forward/backward of a gathered layer is the unsharded one's (same shapes, same kernels, one
+  (0). So are bf16 and int8 state (eager, foreach, and bf16's native fused kernel): the rounding noise is keyed
+  by each element's global index and the int8 block scales are all-reduced (MAX) over the ranks that share a
+  block, so every rank stores exactly its part of what the unsharded run stores. The forward/backward of a gathered layer is the unsharded one's (same shapes, same kernels, one
   thread), FSDP2's reduce-scatter of two gradients is order-free (``a + b == b + a``) and halving is exact,
   so every rank's shard update sees the reference's numbers; Muon's owner computes on the very matrix an
   unsharded run orthogonalises.
@@ -25,12 +27,12 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-BITWISE = ("adamw", "adamw-foreach", "adamw-fused", "sgd-momentum", "lion", "schedule-free-adamw", "muon", "muon-float32", "lars")
+BITWISE = ("adamw", "adamw-foreach", "adamw-fused", "sgd-momentum", "lion", "schedule-free-adamw", "muon", "muon-float32",
+           "lars", "adamw-bf16", "adamw-bf16-fused", "adamw-int8", "adamw-int8-foreach", "lion-int8")
 REDUCTION_ORDER = {"adafactor": 2e-7, "adafactor-fused": 2e-7, "lamb": 2e-7, "lamb-fused": 2e-7}
 REFUSED = {"soap": "SOAP cannot update sharded (DTensor) parameters",
            "prodigy": "Prodigy cannot update sharded (DTensor) parameters",
-           "dadapt-adam": "DAdaptAdam cannot update sharded (DTensor) parameters",
-           "adamw-int8": "AdamW(state_dtype='int8') cannot update sharded (DTensor) parameters"}
+           "dadapt-adam": "DAdaptAdam cannot update sharded (DTensor) parameters"}
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +87,10 @@ def test_owner_compute_takes_every_layout(ranks: list[dict]) -> None:
     assert [rank["layouts"]["computed"] for rank in ranks] == [[[7, 10], [7, 10]], [[7, 10]]]
     for rank in ranks:
         assert rank["layouts"]["equal"] == [True, True, True]
+
+
+@pytest.mark.slow
+def test_low_precision_state_refuses_a_layout_without_global_indices(ranks: list[dict]) -> None:
+    for rank in ranks:
+        assert rank["unsupported_layout"].startswith("low-precision optimizer state on a DTensor laid out as "
+                                                     "(Shard(dim=1),) on a 1-D mesh: only Shard(0)"), rank

@@ -1,5 +1,6 @@
 """Convergence evidence for memory-light state: on the bench's digits MLP (64-128-10, batch 64) the
-bfloat16 and int8 state variants reach a final loss within 2 % of float32 state over the same steps.
+bfloat16 and int8 state variants reach a final loss within 1 % of float32 state over the same steps (issue 17's bound;
+measured: at most 0.35 %, docs/modern_optimizers.md).
 
 Protocol: 300 steps (the task's quick budget), seeds 0-2, the mean over seeds of the final training
 loss (full training set) and of the task's validation loss. Run with ``-s`` to print the table that
@@ -21,7 +22,7 @@ from optimlab.optim import AdamW, Lion
 
 STEPS = 300
 SEEDS = (0, 1, 2)
-TOLERANCE = 0.02
+TOLERANCE = 0.01
 
 
 def _final_losses(make_optimizer: Callable, seed: int) -> tuple[float, float]:

@@ -174,7 +174,6 @@ def test_fsdp_in_one_process_equals_the_unsharded_run(tmp_path: Path, text_file:
     (["--clip", "agc:0.01"], "error: Invalid clip: 'agc:0.01' is not supported with --fsdp"),
     (["--optimizer", "soap", "--nproc-per-node", "2"],
      "error: Invalid optimizer: 'soap' with --fsdp: SOAP cannot update sharded (DTensor) parameters"),
-    (["--optimizer", "adamw-int8"], "error: Invalid optimizer: 'adamw-int8' with --fsdp: AdamW(state_dtype='int8')"),
 ])
 def test_bad_fsdp_combinations_are_one_line_errors_before_any_work(tmp_path: Path, text_file: Path,
                                                                  options: list[str], message: str) -> None:

@@ -208,13 +208,11 @@ def owner_compute(shards: Sequence[Tensor], like: Sequence[Tensor], compute: Cal
 def sharded_refusal(optimizer_class: type, state_dtype: object = None) -> str | None:
     """Why ``optimizer_class`` (with ``state_dtype``) cannot update sharded (DTensor) parameters, or ``None`` when
     it can: its class declares ``supports_dtensor = False`` (its rule would compute on each shard alone, which is
-    not the rule applied to the matrix), or its state is stored in low precision (bf16/int8: the block-wise
-    codecs take plain tensors). What :func:`check_dtensor_support` raises, and what ``optimlab train --fsdp``
-    checks before it starts."""
+    not the rule applied to the matrix). Low-precision state (``state_dtype`` bf16/int8) is supported on shards
+    (:mod:`optimlab.optim.lowp_state`: noise keyed by global index, int8 block scales all-reduced). What
+    :func:`check_dtensor_support` raises, and what ``optimlab train --fsdp`` checks before it starts."""
     name = optimizer_class.__name__
-    if state_dtype not in (None, "float32", torch.float32):
-        return (f"{name}(state_dtype={state_dtype!r}) cannot update sharded (DTensor) parameters, e.g. under FSDP2's "
-                "fully_shard: low-precision states have no sharded path yet; pass state_dtype=None")
+    del state_dtype  # every storage has a sharded path (kept in the signature for the trainer's pre-check)
     if not getattr(optimizer_class, "supports_dtensor", True):
         return (f"{name} cannot update sharded (DTensor) parameters, e.g. under FSDP2's fully_shard: its rule needs "
                 "whole tensors and has no sharded path yet; use an elementwise optimizer (adamw, sgd, lion, ...), "

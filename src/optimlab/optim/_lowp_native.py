@@ -106,8 +106,8 @@ template <bool maximize, bool coupled, bool small_weight>
 static void adam_bf16_tensors(int64_t count, const int64_t* sizes, float* const* params, const float* const* grads,
                               uint16_t* const* exp_avgs, uint16_t* const* exp_avg_sqs, float decay,
                               float weight_decay, float lerp_coefficient, float beta2, float one_minus_beta2,
-                              float bias_correction2_sqrt, float eps, float step_size, uint32_t start_avg,
-                              uint32_t start_avg_sq, int threads) {
+                              float bias_correction2_sqrt, float eps, float step_size, const uint32_t* starts_avg,
+                              const uint32_t* starts_avg_sq, int threads) {
   const int64_t grain = 1 << 15;
 #pragma omp parallel num_threads(threads)
   {
@@ -126,7 +126,7 @@ static void adam_bf16_tensors(int64_t count, const int64_t* sizes, float* const*
         adam_bf16_range<maximize, coupled, small_weight>(begin, end, params[t], grads[t], exp_avgs[t],
                                                          exp_avg_sqs[t], decay, weight_decay, lerp_coefficient,
                                                          beta2, one_minus_beta2, bias_correction2_sqrt, eps,
-                                                         step_size, start_avg, start_avg_sq);
+                                                         step_size, starts_avg[t], starts_avg_sq[t]);
     }
   }
 }
@@ -134,15 +134,15 @@ static void adam_bf16_tensors(int64_t count, const int64_t* sizes, float* const*
 extern "C" void adam_bf16(int64_t count, const int64_t* sizes, float* const* params, const float* const* grads,
                           uint16_t* const* exp_avgs, uint16_t* const* exp_avg_sqs, float decay, float weight_decay,
                           int coupled, int maximize, float lerp_weight, float beta2, float one_minus_beta2,
-                          float bias_correction2_sqrt, float eps, float step_size, uint32_t start_avg,
-                          uint32_t start_avg_sq, int threads) {
+                          float bias_correction2_sqrt, float eps, float step_size, const uint32_t* starts_avg,
+                          const uint32_t* starts_avg_sq, int threads) {
   const bool small = std::fabs(lerp_weight) < 0.5f;
   const float coefficient = small ? lerp_weight : lerp_weight - 1.0f;
 #define OPTIMLAB_ADAM_BF16(MAXIMIZE, COUPLED, SMALL)                                                          \
   adam_bf16_tensors<MAXIMIZE, COUPLED, SMALL>(count, sizes, params, grads, exp_avgs, exp_avg_sqs, decay,     \
                                               weight_decay, coefficient, beta2, one_minus_beta2,             \
-                                              bias_correction2_sqrt, eps, step_size, start_avg, start_avg_sq,\
-                                              threads)
+                                              bias_correction2_sqrt, eps, step_size, starts_avg,            \
+                                              starts_avg_sq, threads)
   if (maximize) {
     if (coupled) { if (small) OPTIMLAB_ADAM_BF16(true, true, true); else OPTIMLAB_ADAM_BF16(true, true, false); }
     else { if (small) OPTIMLAB_ADAM_BF16(true, false, true); else OPTIMLAB_ADAM_BF16(true, false, false); }
@@ -205,7 +205,7 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     function = library.adam_bf16
     function.restype = None
     function.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 5, ctypes.c_float, ctypes.c_float, ctypes.c_int,
-                         ctypes.c_int, *[ctypes.c_float] * 6, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int]
+                         ctypes.c_int, *[ctypes.c_float] * 6, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     return library, None
 
 
@@ -223,8 +223,9 @@ def adam_bfloat16_kernel() -> Callable[..., None] | None:
     ``kernel(params, grads, exp_avgs, exp_avg_sqs, starts, lr=, beta1=, beta2=, eps=, bias_correction1=,
     bias_correction2_sqrt=, weight_decay=, maximize=, decoupled_weight_decay=)`` updates lists of contiguous
     float32 CPU parameters and their contiguous bf16 moments in place, all of them in one parallel region (one
-    call per step, no synchronisation between tensors); ``starts`` are the two moments' noise starts (int32
-    values, :func:`optimlab.optim.lowp_state._hash_start`): element ``i`` of every tensor gets noise ``i``.
+    call per step, no synchronisation between tensors); ``starts`` are, per moment, each tensor's noise start
+    (int32 values, :func:`optimlab.optim.lowp_state._hash_start` of the global index of its first element: 0,
+    or a shard's offset in its whole tensor).
     """
     reason = native_unavailable_reason()
     if reason is not None:
@@ -237,7 +238,7 @@ def adam_bfloat16_kernel() -> Callable[..., None] | None:
 
 
 def _adam_bfloat16(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
-                   exp_avg_sqs: Sequence[Tensor], starts: tuple[int, int], *, lr: float, beta1: float, beta2: float,
+                   exp_avg_sqs: Sequence[Tensor], starts: Sequence[Sequence[int]], *, lr: float, beta1: float, beta2: float,
                    eps: float, bias_correction1: float, bias_correction2_sqrt: float, weight_decay: float,
                    maximize: bool, decoupled_weight_decay: bool, amsgrad: bool = False) -> None:
     if amsgrad:
@@ -255,6 +256,7 @@ def _adam_bfloat16(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
     sizes = (ctypes.c_int64 * len(params))(*[param.numel() for param in params])
     coupled = weight_decay != 0 and not decoupled_weight_decay
     decay = 1 - lr * weight_decay if weight_decay != 0 and decoupled_weight_decay else 1.0
+    noise = [(ctypes.c_uint32 * len(params))(*[start & 0xFFFFFFFF for start in moment]) for moment in starts]
     library.adam_bf16(len(params), sizes, *columns, decay, weight_decay, int(coupled), int(maximize), 1 - beta1,
-                      beta2, 1 - beta2, bias_correction2_sqrt, eps, -(lr / bias_correction1),
-                      starts[0] & 0xFFFFFFFF, starts[1] & 0xFFFFFFFF, torch.get_num_threads())
+                      beta2, 1 - beta2, bias_correction2_sqrt, eps, -(lr / bias_correction1), *noise,
+                      torch.get_num_threads())

@@ -60,7 +60,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from optimlab.optim._dtensor import is_dtensor, local
 from optimlab.optim._lowp_native import NOISE_MULTIPLIER, WEYL
+
+try:  # torch.distributed is optional (some builds lack it): then no parameter can be a DTensor
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # pragma: no cover - builds without torch.distributed
+    DTensor = None  # type: ignore[assignment,misc]
 
 __all__ = [
     "BLOCK_SIZE",
@@ -196,25 +203,30 @@ def _searchsorted_code(normalized: Tensor, signed: bool) -> Tensor:
     return index
 
 
-def _quantize_flat(flat: Tensor, signed: bool, block_size: int, uniform: Tensor | None) -> tuple[Tensor, Tensor]:
+def _quantize_flat(flat: Tensor, signed: bool, block_size: int, uniform: Tensor | None, lead: int = 0,
+                   absmax: Tensor | None = None) -> tuple[Tensor, Tensor]:
     # flat: 1-D float32; uniform: None (round to nearest) or 1-D float32 numbers in [0, 1), one per value
-    # (no branch on the sizes: a compiled step keeps one graph whether or not numel fills the last block)
+    # (no branch on the sizes: a compiled step keeps one graph whether or not numel fills the last block).
+    # A shard of a larger tensor: `flat` starts `lead` values into its first block, and `absmax` holds the
+    # maxima of the whole blocks it touches (some of their values live on other ranks).
     numel = flat.numel()
-    n_blocks = -(-numel // block_size)
-    padded = torch.nn.functional.pad(flat, (0, n_blocks * block_size - numel)).view(n_blocks, block_size)
-    absmax = padded.abs().amax(dim=1)
+    n_blocks = -(-(lead + numel) // block_size)
+    padded = torch.nn.functional.pad(flat, (lead, n_blocks * block_size - numel - lead)).view(n_blocks, block_size)
+    if absmax is None:
+        absmax = padded.abs().amax(dim=1)
     normalized = padded / absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)
     code = _code_tables(signed, flat.device)[0]
     if uniform is None:
         index = torch.bucketize(normalized, (code[1:] + code[:-1]) / 2)
     else:
-        upper = _searchsorted_code(normalized.view(-1)[:numel], signed).clamp_(1, code.numel() - 1)
+        upper = _searchsorted_code(normalized.view(-1)[lead:lead + numel], signed).clamp_(1, code.numel() - 1)
         lower = upper - 1
         lower_value = code.index_select(0, lower)
-        position = (normalized.view(-1)[:numel] - lower_value).div_(code.index_select(0, upper).sub_(lower_value))
+        position = (normalized.view(-1)[lead:lead + numel] - lower_value).div_(
+            code.index_select(0, upper).sub_(lower_value))
         index = lower.add_(uniform < position)
-    codes = index.sub_(_code_offset(signed)).to(torch.int8).reshape(-1)[:numel]
-    return codes, absmax
+    codes = index.sub_(_code_offset(signed)).to(torch.int8).reshape(-1)
+    return codes[lead:lead + numel] if uniform is None else codes, absmax
 
 
 def round_to_bfloat16(values: Tensor, dither: Tensor | None = None) -> Tensor:
@@ -306,18 +318,24 @@ def dequantize_blockwise(
     codes: Tensor, absmax: Tensor, signed: bool, dtype: torch.dtype = torch.float32, block_size: int = BLOCK_SIZE
 ) -> Tensor:
     r""":math:`\hat x_i = a_b\, Q_{\mathrm{code}_i}`: the inverse of :func:`quantize_blockwise`, in ``dtype``."""
-    code = _code_tables(signed, codes.device)[0]
     numel = codes.numel()
     n_blocks = absmax.numel()
     if not (n_blocks - 1) * block_size < numel <= n_blocks * block_size:
         raise ValueError(
             f"Invalid absmax: {n_blocks} blocks of {block_size} do not match {numel} codes"
         )
-    index = codes.reshape(-1).to(torch.int32).add_(_code_offset(signed))
+    return _dequantize_range(codes.reshape(-1), absmax, signed, block_size, 0).view(codes.shape).to(dtype)
+
+
+def _dequantize_range(codes: Tensor, absmax: Tensor, signed: bool, block_size: int, lead: int) -> Tensor:
+    # 1-D codes starting `lead` values into the first of the blocks whose scales `absmax` holds -> float32 values
+    code = _code_tables(signed, codes.device)[0]
+    numel, n_blocks = codes.numel(), absmax.numel()
+    index = codes.to(torch.int32).add_(_code_offset(signed))
     # padded up to whole blocks without a branch on the sizes (one compiled graph for any numel)
-    index = torch.nn.functional.pad(index, (0, n_blocks * block_size - numel), value=_code_offset(signed))
+    index = torch.nn.functional.pad(index, (lead, n_blocks * block_size - numel - lead), value=_code_offset(signed))
     decoded = code.index_select(0, index).view(n_blocks, block_size).mul_(absmax.to(torch.float32).unsqueeze(1))
-    return decoded.reshape(-1)[:numel].view(codes.shape).to(dtype)
+    return decoded.reshape(-1)[lead:lead + numel]
 
 
 def resolve_state_dtype(state_dtype: str | torch.dtype | None) -> str | None:
@@ -347,9 +365,74 @@ def init_moment(state: dict[str, Any], key: str, param: Tensor, state_dtype: str
         state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
     elif state_dtype == "bfloat16":
         state[key] = torch.zeros_like(param, dtype=torch.bfloat16, memory_format=torch.preserve_format)
+    elif is_dtensor(param):  # the codes sharded like the parameter, the block scales replicated (see _local_range)
+        zero_code = int(quantize_blockwise(torch.zeros(1), signed)[0][0])
+        state[key] = torch.zeros_like(param, dtype=torch.int8).fill_(zero_code)
+        scales = torch.zeros(-(-param.numel() // BLOCK_SIZE), dtype=torch.float32, device=param.to_local().device)
+        state[key + _ABSMAX_SUFFIX] = DTensor.from_local(scales, param.device_mesh, [Replicate()], run_check=False)
     else:
         codes, absmax = quantize_blockwise(torch.zeros_like(param), signed)
         state[key], state[key + _ABSMAX_SUFFIX] = codes, absmax
+
+
+def _local_range(tensor: Tensor) -> tuple[Tensor, int]:
+    """``(local values, global flat index of the first)``: ``(tensor, 0)`` for a plain tensor; for a DTensor
+    (an FSDP2 parameter or its state) its local shard and where that shard starts in the whole tensor.
+
+    Low-precision state is keyed by the global element index (the rounding noise) and, for int8, by global
+    blocks of :data:`BLOCK_SIZE` values, so that a sharded run stores what the unsharded run stores. That needs
+    the local shard to be one contiguous range of the flattened tensor: ``Shard(0)`` (FSDP2's layout, rows split
+    as ``torch.chunk`` splits them) or ``Replicate`` on a 1-D mesh; other layouts raise ``NotImplementedError``.
+    """
+    if not is_dtensor(tensor):
+        return tensor, 0
+    mesh, placements = tensor.device_mesh, tensor.placements
+    placement = placements[0]
+    if mesh.ndim != 1 or not (placement.is_replicate() or (type(placement) is Shard and placement.dim == 0)):
+        raise NotImplementedError(
+            f"low-precision optimizer state on a DTensor laid out as {placements} on a {mesh.ndim}-D mesh: only "
+            "Shard(0) (FSDP2's fully_shard) or Replicate on a 1-D mesh are supported; pass state_dtype=None")
+    if placement.is_replicate() or tensor.dim() == 0:
+        return tensor.to_local(), 0
+    rows = [len(chunk) for chunk in torch.empty(tensor.shape[0], device="meta").chunk(mesh.size())]
+    row_numel = math.prod(tensor.shape[1:])
+    return tensor.to_local(), sum(rows[:mesh.get_local_rank()]) * row_numel
+
+
+def _load_sharded_int8(codes: Tensor, absmax: Tensor, signed: bool, dtype: torch.dtype) -> Tensor:
+    # a DTensor of codes and its replicated scales -> the decoded DTensor (this rank's shard decoded locally)
+    local, offset = _local_range(codes)
+    lead, first = offset % BLOCK_SIZE, offset // BLOCK_SIZE
+    n_blocks = -(-(lead + local.numel()) // BLOCK_SIZE)
+    decoded = _dequantize_range(local.reshape(-1), absmax.to_local()[first:first + n_blocks], signed, BLOCK_SIZE, lead)
+    return DTensor.from_local(decoded.view(local.shape).to(dtype), codes.device_mesh, codes.placements,
+                              shape=codes.shape, stride=codes.stride(), run_check=False)
+
+
+def _store_sharded(state: dict[str, Any], key: str, value: Tensor, signed: bool, seed: int) -> None:
+    """Store a sharded moment: this rank's values rounded with the noise of their global indices; for int8 each
+    block's scale is the maximum over the whole block, all-reduced (MAX, exact) over the ranks sharing it."""
+    local, offset = _local_range(value)
+    flat = local.detach().reshape(-1).to(torch.float32)
+    start = _hash_start(seed, offset)
+    if key + _ABSMAX_SUFFIX not in state:
+        state[key].to_local().copy_(_rounded_bfloat16(flat, start).view(local.shape))
+        return
+    _check_sign(local, signed)
+    scales = state[key + _ABSMAX_SUFFIX].to_local()
+    lead, first = offset % BLOCK_SIZE, offset // BLOCK_SIZE
+    n_blocks = -(-(lead + flat.numel()) // BLOCK_SIZE) if flat.numel() else 0
+    maxima = torch.zeros_like(scales)
+    if n_blocks:
+        padded = torch.nn.functional.pad(flat.abs(), (lead, n_blocks * BLOCK_SIZE - flat.numel() - lead))
+        maxima[first:first + n_blocks] = padded.view(n_blocks, BLOCK_SIZE).amax(dim=1)
+    if not value.placements[0].is_replicate():
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=value.device_mesh.get_group())
+    if n_blocks:
+        uniform = _bits_to_uniform(_hash_from(start, flat.numel(), flat.device))
+        codes, _ = _quantize_flat(flat, signed, BLOCK_SIZE, uniform, lead, maxima[first:first + n_blocks])
+        state[key].to_local().copy_(codes.view(local.shape))
+    scales.copy_(maxima)
 
 
 def load_moments(states: Sequence[dict[str, Any]], key: str, params: Sequence[Tensor], *, signed: bool) -> list[Tensor]:
@@ -361,7 +444,9 @@ def load_moments(states: Sequence[dict[str, Any]], key: str, params: Sequence[Te
     loaded = []
     for state, param in zip(states, params):
         stored = state[key]
-        if key + _ABSMAX_SUFFIX in state:
+        if key + _ABSMAX_SUFFIX in state and is_dtensor(stored):
+            loaded.append(_load_sharded_int8(stored, state[key + _ABSMAX_SUFFIX], signed, param.dtype))
+        elif key + _ABSMAX_SUFFIX in state:
             loaded.append(dequantize_blockwise(stored, state[key + _ABSMAX_SUFFIX], signed, param.dtype))
         elif stored.dtype != param.dtype:
             loaded.append(stored.to(param.dtype))
@@ -394,6 +479,9 @@ def store_moments(
         if value is stored:
             continue
         seed = dither_seed(int(step), key)
+        if is_dtensor(value):
+            _store_sharded(state, key, value, signed, seed)
+            continue
         flat = value.detach().reshape(-1)
         numel = flat.numel()
         # in chunks of whole blocks: the same numbers, but temporaries that stay small
@@ -501,6 +589,10 @@ def fused_lowp_step(
     (:func:`optimlab.optim._lowp_native.adam_bfloat16_kernel`), called once per step count as
     ``native(params, grads, *stored, starts, **scalars(step), **static)`` (parallel lists) on the tensors that
     it takes (contiguous float32 CPU parameters with contiguous moments) instead of the compiled wrapper.
+
+    Sharded (DTensor, FSDP2) parameters: the native kernel updates the local shards with the noise of their
+    global indices; otherwise the rule runs uncompiled on the DTensors and the moments are stored by
+    :func:`store_moments` (int8 block scales all-reduced), so that the result equals the unsharded run's.
     """
     from optimlab.optim._fused import fused_step, split_by_value
 
@@ -510,21 +602,30 @@ def fused_lowp_step(
     tensor_lists = [list(params), list(grads)] + [
         [state[key + suffix] for state in states] for key, _ in moments for suffix in suffixes]
     smallest = BLOCK_SIZE + 1 if storage == "int8" else 2
-    for step, lists in split_by_value(tensor_lists, steps):
+    for step, lists in split_by_value([*tensor_lists, list(range(len(params)))], steps):  # type: ignore[list-item]
+        positions: list[int] = lists.pop()  # type: ignore[assignment]
         step_scalars = dict(scalars(step))
-        starts = tuple(_hash_start(dither_seed(int(step), key), 0) for key, _ in moments)
-        arguments = dict(step_scalars, **{_start_name(key): start for (key, _), start in zip(moments, starts)})
+        seeds = [dither_seed(int(step), key) for key, _ in moments]
+        arguments = dict(step_scalars, **{_start_name(key): _hash_start(seed, 0) for (key, _), seed in zip(moments, seeds)})
         compiled: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        natively: list[int] = []
+        natively: list[tuple[list[Tensor], int]] = []
         for index, param in enumerate(lists[0]):
-            if native is not None and _native_takes([column[index] for column in lists]):
-                natively.append(index)
+            row = [column[index] for column in lists]
+            if native is not None and _native_takes([local(t) for t in row]):
+                natively.append(([local(t) for t in row], _local_range(param)[1]))
+            elif is_dtensor(param):  # sharded: keyed by global indices and blocks (communication for int8)
+                state = states[positions[index]]
+                working = _load_all(state, moments, param)
+                rule(param, row[1], *working, **step_scalars, **static)
+                for (key, signed), value, seed in zip(moments, working, seeds):
+                    _store_sharded(state, key, value, signed, seed)
             elif param.dtype in _COMPILED_DTYPES and param.numel() >= smallest:
                 compiled.setdefault((param.device, param.dtype), []).append(index)
             else:
-                update(*[column[index] for column in lists], **arguments, **static)
+                update(*row, **arguments, **static)
         if natively:
-            native(*[[column[i] for i in natively] for column in lists], starts, **step_scalars, **static)
+            starts = [[_hash_start(seed, offset) for _, offset in natively] for seed in seeds]
+            native(*[list(column) for column in zip(*[row for row, _ in natively])], starts, **step_scalars, **static)
         # one call per device and dtype: FusedStep then needs no regrouping (torch's foreach grouping
         # would reject int8 codes and float32 scales next to float64 parameters)
         for (device, _dtype), indices in compiled.items():
@@ -533,6 +634,11 @@ def fused_lowp_step(
                     _code_tables(signed, device)
             with _int8_inductor_options() if storage == "int8" else contextlib.nullcontext():
                 step_fn([[column[i] for i in indices] for column in lists], arguments)
+
+
+def _load_all(state: dict[str, Any], moments: Sequence[tuple[str, bool]], param: Tensor) -> list[Tensor]:
+    """Every moment of ``moments`` of one parameter's ``state``, decoded (:func:`load_moments`)."""
+    return [load_moments([state], key, [param], signed=signed)[0] for key, signed in moments]
 
 
 def _native_takes(tensors: Sequence[Tensor]) -> bool:
