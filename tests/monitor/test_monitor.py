@@ -175,3 +175,28 @@ def test_every_registered_optimizer_is_monitored(name: str) -> None:
                 for key, value in optimizer.state[p].items()
                 if torch.is_tensor(value) and value.is_floating_point() and value.dim() > 0}
     assert expected <= set(record)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_effective_lr_of_large_moments_taken_in_slices(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """Moments larger than a slice are mapped slice by slice (here slices of 1,000 values): the mean, min and max
+    equal a NumPy computation over all coordinates, with the extremes placed in the last slices."""
+    import optimlab.optim._base as base_module
+    from optimlab.monitor.metrics import effective_lr_summary
+
+    monkeypatch.setattr(base_module, "LOOP_CHUNK_NUMEL", 1000)
+    generator = torch.Generator().manual_seed(0)
+    moments = [torch.rand(2500, generator=generator, dtype=dtype), torch.rand(3, 7, generator=generator, dtype=dtype),
+               torch.rand(1001, generator=generator, dtype=dtype)]
+    moments[0][2400], moments[2][1000] = 50.0, 1e-12  # the smallest and largest effective lr, in last slices
+    steps = [3.0, 5.0, 2.0]
+    group = {"lr": 0.01, "eps": 1e-8, "betas": (0.9, 0.999)}
+    params = [torch.zeros_like(m) for m in moments]
+    states = [{"step": torch.tensor(t), "exp_avg_sq": m} for t, m in zip(steps, moments)]
+    mean, smallest, largest = effective_lr_summary(group, params, states)
+    effective = np.concatenate([group["lr"] / (np.sqrt(m.double().numpy().ravel() / (1 - 0.999 ** t)) + 1e-8)
+                                for m, t in zip(moments, steps)])
+    rtol = 1e-6 if dtype == torch.float32 else 1e-12
+    assert float(mean) == pytest.approx(effective.mean(), rel=rtol)
+    assert float(smallest) == pytest.approx(effective.min(), rel=rtol)
+    assert float(largest) == pytest.approx(effective.max(), rel=rtol)

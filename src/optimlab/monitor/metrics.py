@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from optimlab.optim._base import group_by_device_and_dtype
+from optimlab.optim._base import group_by_device_and_dtype, loop_pieces
 from optimlab.optim._dtensor import counted_once, has_dtensor, local, reduce_over_shards, whole_norms
 
 __all__ = ["combine_norms", "effective_lr_summary", "per_tensor_norms", "state_tensor_norms", "to_floats"]
@@ -106,19 +106,21 @@ def _adam_second_moment(group: dict[str, Any], param: Tensor, state: dict[str, A
 
 
 @torch.no_grad()
-def effective_lr_summary(group: dict[str, Any], params: Sequence[Tensor], states: Sequence[dict[str, Any]],
-                         scratch: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
+def effective_lr_summary(group: dict[str, Any], params: Sequence[Tensor], states: Sequence[dict[str, Any]]
+                         ) -> tuple[Tensor, Tensor, Tensor] | None:
     r"""``(mean, min, max)`` of :math:`\eta / (\sqrt{\hat v} + \epsilon)` over every coordinate of the group's
     Adam-family parameters, or ``None`` when the group has no Adam-family state. Sharded (DTensor) states count
     whole: the sum, the count and the extremes of the shards are all-reduced across the ranks (every rank must
-    call it; ``scratch`` is then shaped like the local shards).
+    call it).
 
-    The map :math:`v \mapsto \eta/(\sqrt{v/b}+\epsilon)` is decreasing, so the min and max come from one
-    ``aminmax`` pass over :math:`v`; the mean needs the full map, computed in place in ``scratch`` (tensors
-    shaped like ``params``, e.g. the monitor's parameter buffers) when given, else in fresh memory.
+    The map :math:`v \mapsto \eta/(\sqrt{v/b}+\epsilon)` is decreasing, so the min and max come from
+    ``aminmax`` over :math:`v`; the mean needs the full map. A large CPU moment is taken in slices
+    (:func:`optimlab.optim._base.loop_pieces`), each mapped, summed and scanned for its extremes while it is in
+    cache, so :math:`v` is read from memory once instead of once per operation; small moments are mapped
+    together with multi-tensor kernels.
     """
-    moments, sqrt_bias_corrections, buffers, counts, layouts = [], [], [], 0, []
-    for index, (param, state) in enumerate(zip(params, states)):
+    moments, sqrt_bias_corrections, counts, layouts = [], [], 0, []
+    for param, state in zip(params, states):
         found = _adam_second_moment(group, param, state)
         if found is None:
             continue
@@ -127,27 +129,40 @@ def effective_lr_summary(group: dict[str, Any], params: Sequence[Tensor], states
         moment = local(moment)
         moments.append(moment)
         sqrt_bias_corrections.append(math.sqrt(bias_correction))
-        candidate = scratch[index] if scratch is not None else None
-        usable = candidate is not None and candidate.shape == moment.shape and candidate.dtype == moment.dtype and (
-            candidate.device == moment.device)
-        buffers.append(candidate if usable else torch.empty_like(moment))
         counts += moment.numel() if counted_once(layouts[-1]) else 0
     if not moments:
         return None
     lr, eps = float(group["lr"]), float(group["eps"])
-    # 1/(sqrt(v)/c + eps) = c / (sqrt(v) + c*eps): three in-place passes, no division pass
-    for moment, buffer in zip(moments, buffers):
-        torch.sqrt(moment, out=buffer)
-    torch._foreach_add_(buffers, [eps * c for c in sqrt_bias_corrections])
-    torch._foreach_reciprocal_(buffers)
-    total = torch.stack([b.sum().to(torch.float64) * c * counted_once(layout)
-                         for b, c, layout in zip(buffers, sqrt_bias_corrections, layouts)]).sum()
-    extremes = [torch.aminmax(m) if m.numel() else (m.new_full((), math.inf), m.new_zeros(())) for m in moments]
-    smallest_moment = torch.stack([lo.to(torch.float64) / c ** 2 for (lo, _), c in zip(extremes, sqrt_bias_corrections)])
-    largest_moment = torch.stack([hi.to(torch.float64) / c ** 2 for (_, hi), c in zip(extremes, sqrt_bias_corrections)])
-    smallest, largest = smallest_moment.min(), largest_moment.max()
+    sums: list[Tensor] = []
+    extremes: list[tuple[Tensor, Tensor, float]] = []  # (min, max) of v over a piece, and its bias correction
+
+    def add(pieces: list[Tensor], corrections: list[float], counted: list[bool]) -> None:
+        # 1/(sqrt(v)/c + eps) = c / (sqrt(v) + c*eps): three in-place passes over each piece, no division pass
+        buffers = [torch.sqrt(piece) for piece in pieces]
+        torch._foreach_add_(buffers, [eps * c for c in corrections])
+        torch._foreach_reciprocal_(buffers)
+        sums.extend(b.sum().to(torch.float64) * c * once for b, c, once in zip(buffers, corrections, counted))
+        extremes.extend((*torch.aminmax(piece), c) for piece, c in zip(pieces, corrections) if piece.numel())
+
+    whole: tuple[list[Tensor], list[float], list[bool]] = ([], [], [])
+    for moment, c, layout in zip(moments, sqrt_bias_corrections, layouts):
+        pieces = [piece for piece, in loop_pieces(moment)]
+        if len(pieces) == 1:
+            for batch, value in zip(whole, (moment, c, counted_once(layout))):
+                batch.append(value)  # type: ignore[attr-defined]
+            continue
+        for piece in pieces:
+            add([piece], [c], [counted_once(layout)])
+    if whole[0]:
+        add(*whole)
+    total = torch.stack(sums).sum()
+    if extremes:
+        smallest = torch.stack([lo.to(torch.float64) / c ** 2 for lo, _, c in extremes]).min()
+        largest = torch.stack([hi.to(torch.float64) / c ** 2 for _, hi, c in extremes]).max()
+    else:  # only empty shards here
+        smallest, largest = total.new_tensor(math.inf), total.new_tensor(0.0)
     if has_dtensor(layouts):  # sharded: sum and count over the ranks, the extremes' max (smallest negated)
-        sums = reduce_over_shards(torch.stack([total, total.new_tensor(float(counts))]), dist.ReduceOp.SUM, layouts)
+        reduced = reduce_over_shards(torch.stack([total, total.new_tensor(float(counts))]), dist.ReduceOp.SUM, layouts)
         extreme = reduce_over_shards(torch.stack([largest, -smallest]), dist.ReduceOp.MAX, layouts)
-        total, counts, largest, smallest = sums[0], sums[1], extreme[0], -extreme[1]
+        total, counts, largest, smallest = reduced[0], reduced[1], extreme[0], -extreme[1]
     return (lr * total / counts, lr / (largest.sqrt() + eps), lr / (smallest.sqrt() + eps))

@@ -130,7 +130,7 @@ class OptimizerMonitor:
             record[f"update_ratio/group{g}"] = group_update_norm / group_param_norm if group_param_norm else 0.0
             for key, norms in state_tensor_norms(params, states).items():
                 record[f"{key}_norm/group{g}"] = combine_norms(to_floats(norms))
-            effective = effective_lr_summary(group, params, states, scratch=buffers)  # buffers are free now
+            effective = effective_lr_summary(group, params, states)
             if effective is not None:
                 mean, smallest, largest = to_floats(list(effective))
                 record[f"eff_lr_mean/group{g}"] = mean
