@@ -1,6 +1,6 @@
-"""A sharded-checkpoint write killed with SIGKILL at one point (test_dcp_checkpoint.py).
+"""A sharded-checkpoint write killed with SIGKILL at one point (test_dcp_checkpoint.py forks a process for it).
 
-``python dcp_kill.py DIR POINT``: one process saves a small model as ``DIR/checkpoint.dcp`` at step 1, trains a
+``main(DIR, POINT)`` (or ``python dcp_kill.py DIR POINT``): the process saves a small model as ``DIR/checkpoint.dcp`` at step 1, trains a
 step, then saves step 2 and kills itself (SIGKILL) at POINT: ``write`` (the shards written, no manifest yet),
 ``rename`` (the temporary folder complete, not yet renamed) or ``flip`` (the version renamed, the link not yet
 flipped). Before that it writes ``DIR/step1.pt``: the parameters saved at step 1.

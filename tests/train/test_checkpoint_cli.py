@@ -83,15 +83,18 @@ def test_the_sharded_checkpoint_loads_into_the_trainers_model_by_name(run: Path,
     assert _same(optimizer.state_dict(), original["optimizer"])
 
 
-def test_the_converted_file_resumes_like_the_original(run: Path, converted: tuple[Path, Path], text_file: Path,
-                                                       tmp_path: Path) -> None:
-    losses = []
-    for name, source in (("original", run / "checkpoint.pt"), ("converted", converted[1])):
-        trainer = Trainer(tiny_config(tmp_path / name, text_file, steps=4, checkpoint_every=2, layer_decay=0.8),
-                          quiet=True, resume_from=source)
-        losses.append(trainer.train().losses)
+def test_the_converted_file_resumes_like_the_original_with_and_without_fsdp(
+        run: Path, converted: tuple[Path, Path], text_file: Path, tmp_path: Path) -> None:
+    """The single file, its conversion back and the sharded folder, resumed without and with --fsdp (one process: a
+    one-rank group, bit for bit the unsharded run): the same losses."""
+    losses = {}
+    for name, source, fsdp in (("original", run / "checkpoint.pt", False), ("converted", converted[1], False),
+                               ("single-fsdp", run / "checkpoint.pt", True), ("sharded-fsdp", converted[0], True)):
+        trainer = Trainer(tiny_config(tmp_path / name, text_file, steps=4, checkpoint_every=2, layer_decay=0.8,
+                                      fsdp=fsdp), quiet=True, resume_from=source)
+        losses[name] = trainer.train().losses
         trainer.close()
-    assert len(losses[0]) == 2 and losses[0] == losses[1]
+    assert len(losses["original"]) == 2 and all(value == losses["original"] for value in losses.values()), losses
 
 
 def test_verify(run: Path, converted: tuple[Path, Path]) -> None:

@@ -36,6 +36,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import uuid
 import warnings
 import zlib
@@ -65,7 +66,7 @@ from optimlab.train.checkpoint import (
 
 __all__ = ["SHARDED_FORMAT", "SHARDED_LATEST_NAME", "SHARDED_KEY", "MANIFEST_NAME", "ShardedCheckpointFiles",
            "save_sharded", "load_sharded", "verify_sharded", "checkpoint_layout",
-           "latest_checkpoint", "read_training_checkpoint", "intact_previous", "sharded_to_single",
+           "latest_checkpoint", "read_training_checkpoint", "intact_previous", "whole_checkpoint", "sharded_to_single",
            "single_to_sharded"]
 
 SHARDED_FORMAT = "optimlab.train.sharded-checkpoint/1"
@@ -574,29 +575,39 @@ def optimizer_parameter_names(payload: dict[str, Any]) -> list[str]:
     return names
 
 
-def sharded_to_single(source: str | Path, target: str | Path) -> dict[str, Any]:
-    """Write the sharded checkpoint ``source`` as one single-file checkpoint ``target`` (atomically, CRC-32 per
-    record), loadable in one process by :func:`optimlab.train.checkpoint.load_checkpoint`; returns the payload.
-    Reads the whole model and optimizer state into this process's memory."""
+def whole_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The trainer's checkpoint at ``path`` as one payload with whole tensors, whichever its layout: a single file's
+    (:func:`~optimlab.train.checkpoint.load_checkpoint`), or a sharded checkpoint's model and optimizer state
+    gathered into this process's memory (numbered like ``torch.optim``'s state dict) beside its ``extra``."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    directory = _sharded_directory(source)
+    if checkpoint_layout(path) != "sharded":
+        return load_checkpoint(path)
+    directory = _sharded_directory(path)
     _verify_directory(directory)
     extra = _read_extra(directory)
-    out = Path(target)
-    flat = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
+    flat = Path(tempfile.mkdtemp(prefix="optimlab-whole-")) / "state.pt"
     try:
         with _single_process_quiet():
             dcp_to_torch_save(str(directory), str(flat))
         state = torch.load(flat, map_location="cpu", weights_only=False)
     finally:
-        flat.unlink(missing_ok=True)
+        shutil.rmtree(flat.parent, ignore_errors=True)
     payload = {key: value for key, value in extra.items() if key != "format"}
     payload.update(model=state["model"], optimizer=_optimizer_to_numbers(state["optimizer"]))
     bad = nonfinite_tensors(payload["model"], payload["optimizer"])
     if bad:
         raise CheckpointError(f"Checkpoint {directory} holds non-finite values in {short_list(bad)}")
-    save_checkpoint(out, payload)
+    return payload
+
+
+def sharded_to_single(source: str | Path, target: str | Path) -> dict[str, Any]:
+    """Write the sharded checkpoint ``source`` as one single-file checkpoint ``target`` (atomically, CRC-32 per
+    record), loadable in one process by :func:`optimlab.train.checkpoint.load_checkpoint`; returns the payload.
+    Reads the whole model and optimizer state into this process's memory (:func:`whole_checkpoint`)."""
+    _sharded_directory(source)  # a one-line error for another layout
+    payload = whole_checkpoint(source)
+    save_checkpoint(target, payload)
     return payload
 
 
