@@ -295,7 +295,9 @@ def measure(algorithm: Algorithm, total: int, count: int, dtype: torch.dtype, *,
         except Exception as error:  # a peer or path that cannot run this configuration is reported, not fatal
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}"
     times: dict[str, list[float]] = {label: [] for label in optimizers}
+    per_round: dict[str, list[float]] = {label: [] for label in optimizers}
     labels = list(optimizers)
+    load_before = os.getloadavg()[0]
     for round_index in range(rounds):
         shift = round_index % max(len(labels), 1)
         for label in labels[shift:] + labels[:shift]:
@@ -304,12 +306,16 @@ def measure(algorithm: Algorithm, total: int, count: int, dtype: torch.dtype, *,
                 optimizers[label].step()
                 times[label].append(time.perf_counter() - start)
                 restore_grads()
+            per_round[label].append(1e3 * statistics.mean(times[label][-steps:]))
+    load_after = os.getloadavg()[0]
     for label, optimizer in optimizers.items():
         seconds = statistics.median(times[label])
         state_per_param = state_bytes_per_param(optimizer)
         moved = step_bytes_per_param(params[0].element_size(), state_per_param)
         rows[label].update({
             "ms_per_step": 1e3 * seconds,
+            "round_ms": per_round[label],
+            "load": [load_before, load_after],
             "gparams_per_s": numel / seconds / 1e9,
             "state_bytes_per_param": state_per_param,
             "bytes_per_param_moved": moved,
@@ -435,6 +441,26 @@ def _best(rows: list[dict[str, Any]], predicate: Callable[[dict[str, Any]], bool
     return min(candidates, key=lambda r: r["ms_per_step"]) if candidates else None
 
 
+def paired_ratio(theirs: dict[str, Any], ours: dict[str, Any]) -> tuple[float, float | None, float | None]:
+    """``theirs`` time over ``ours`` as ``(ratio, lowest, highest)``: with per-round times from the same interleaved
+    run (``round_ms``), the median of the rounds' ratios and their range (each round times both side by side,
+    so a load change between rounds cancels out); otherwise the ratio of the medians and no range."""
+    mine, other = ours.get("round_ms"), theirs.get("round_ms")
+    if mine and other and len(mine) == len(other):
+        ratios = [a / b for a, b in zip(other, mine)]
+        return statistics.median(ratios), min(ratios), max(ratios)
+    return theirs["ms_per_step"] / ours["ms_per_step"], None, None
+
+
+def _ratio_cell(ratio: float | None, low: float | None = None, high: float | None = None, required: float | None = None,
+                suffix: str = "") -> str:
+    """``1.04x (0.97-1.12) yes``: the ratio, its range over the rounds when known, and the verdict when required."""
+    if ratio is None:
+        return "–"
+    text = f"{ratio:.2f}{suffix}" + ("" if low is None else f" ({low:.2f}-{high:.2f})")
+    return text if required is None else text + (" yes" if ratio >= required else " **no**")
+
+
 def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target of the performance issue as ``{"target", "size", "ratio", "required", "met", "detail"}``."""
     rows = results["rows"]
@@ -468,9 +494,10 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             required, label = 3.0, ">= 3x best torch/peer"
         if theirs is None:
             continue
-        ratio = theirs["ms_per_step"] / ours["ms_per_step"]
+        ratio, low, high = paired_ratio(theirs, ours)
         verdict = {"target": label, "algorithm": name, "size": size, "dtype": dtype, "ours": ours["impl"],
-                   "theirs": theirs["impl"], "ratio": ratio, "required": required, "met": ratio >= required}
+                   "theirs": theirs["impl"], "ratio": ratio, "range": [low, high], "required": required,
+                   "met": ratio >= required}
         if kind == "3x" and elementwise.get(name, True) and size not in SMALL_TENSOR_SIZES:
             verdict["bandwidth_fraction"] = ours["bandwidth_fraction"]
             verdict["met"] = verdict["met"] and ours["bandwidth_fraction"] >= 0.8
@@ -478,49 +505,57 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         default = _best(here, lambda r: r["impl"] == "optimlab default")
         torch_default = _best(here, lambda r: r["impl"] == TORCH_CPU_DEFAULT)
         if default is not None and torch_default is not None:
-            ratio = torch_default["ms_per_step"] / default["ms_per_step"]
+            ratio, low, high = paired_ratio(torch_default, default)
             verdicts.append({"target": "default: >= torch's default (CPU: for-loop)", "algorithm": name, "size": size,
                              "dtype": dtype, "ours": default["impl"], "theirs": torch_default["impl"],
-                             "ratio": ratio, "required": 1.0, "met": ratio >= 1.0})
+                             "ratio": ratio, "range": [low, high], "required": 1.0, "met": ratio >= 1.0})
     return verdicts
 
 
 TORCH_CPU_DEFAULT = "torch for-loop"
 """torch.optim's path with no foreach/fused argument on CPU (foreach kernels are its default on CUDA only)."""
 
-ISSUE_COLUMNS = (("AdamW flat", "adamw", "optimlab flat"), ("Adam flat", "adam", "optimlab flat"),
-                 ("SGD-momentum flat", "sgd-momentum", "optimlab flat"), ("AdamW default", "adamw", "optimlab default"))
+ISSUE_COLUMNS = (("AdamW flat", "adamw", "optimlab flat", "torch fused", 1.0),
+                 ("Adam flat", "adam", "optimlab flat", "torch fused", 1.0),
+                 ("SGD-momentum flat", "sgd-momentum", "optimlab flat", "torch fused", 1.0),
+                 ("AdamW default vs torch fused", "adamw", "optimlab default", "torch fused", None),
+                 ("AdamW default vs torch's default", "adamw", "optimlab default", TORCH_CPU_DEFAULT, 1.0),
+                 ("Adam default vs torch's default", "adam", "optimlab default", TORCH_CPU_DEFAULT, 1.0),
+                 ("SGD-momentum default vs torch's default", "sgd-momentum", "optimlab default", TORCH_CPU_DEFAULT, 1.0))
+"""The issue's table: (column, algorithm, optimlab path, torch path it is divided into, ratio required or None)."""
 
 
 def issue_table(results: dict[str, Any]) -> list[str]:
-    """The performance issue's table: torch's fused step time over optimlab's (flat mode, and the default path),
-    per shape set; empty when no row of it was measured."""
+    """The performance issue's table: torch's step time over optimlab's (flat mode against torch's fused step, the
+    default path against torch's fused step and against torch's default), per shape set, each cell the median of
+    the rounds' paired ratios with their range and the verdict; empty when no row of it was measured."""
     rows = results["rows"]
 
-    def ratio(size: str, algorithm: str, impl: str, against: str = "torch fused") -> float | None:
-        ours = _best(rows, lambda r: (r["size"], r["algorithm"], r["impl"], r["dtype"]) == (size, algorithm, impl,
-                                                                                             "float32"))
-        theirs = _best(rows, lambda r: (r["size"], r["algorithm"], r["impl"], r["dtype"]) == (size, algorithm,
-                                                                                               against, "float32"))
-        return None if ours is None or theirs is None else theirs["ms_per_step"] / ours["ms_per_step"]
+    def row(size: str, algorithm: str, impl: str) -> dict[str, Any] | None:
+        return _best(rows, lambda r: (r["size"], r["algorithm"], r["impl"], r["dtype"]) == (size, algorithm, impl,
+                                                                                            "float32"))
 
-    lines = []
+    lines, loads = [], []
     for size in ("gpt2-small", "20M", "200M", "10k-small"):
-        cells = [ratio(size, algorithm, impl) for _, algorithm, impl in ISSUE_COLUMNS]
+        cells = []
+        for _, algorithm, impl, against, required in ISSUE_COLUMNS:
+            ours, theirs = row(size, algorithm, impl), row(size, algorithm, against)
+            cells.append(None if ours is None or theirs is None else (*paired_ratio(theirs, ours), required))
+            loads += [value for r in (ours, theirs) if r is not None for value in r.get("load", [])]
         if all(cell is None for cell in cells):
             continue
-        default = ratio(size, "adamw", "optimlab default", TORCH_CPU_DEFAULT)
         total, count = SIZES[size]
-        verdicts = [_fmt(cell, ".2f") + ("" if cell is None else (" yes" if cell >= 1.0 else " **no**"))
-                    for cell in cells[:3]]
-        lines.append(f"| {size} ({count} tensors, {total / 1e6:.0f}M params) | " + " | ".join(verdicts)
-                     + f" | {_fmt(cells[3], '.2f')} | {_fmt(default, '.2f')} |")
+        lines.append(f"| {size} ({count} tensors, {total / 1e6:.0f}M params) | "
+                     + " | ".join("–" if cell is None else _ratio_cell(*cell) for cell in cells) + " |")
     if not lines:
         return []
-    header = ["#### The issue's table (torch fused ms / optimlab ms; flat cells: met when >= 1.0)", "",
-              "| shapes | AdamW flat | Adam flat | SGD-momentum flat | AdamW default (vs torch fused) "
-              "| AdamW default vs torch's default (for-loop) |", "|---|---:|---:|---:|---:|---:|"]
-    return header + lines + [""]
+    header = ["#### The issue's table (torch ms / optimlab ms: median of the rounds' paired ratios, their range, and "
+              "the verdict where a target applies: >= 1.0)", "",
+              "| shapes | " + " | ".join(column for column, *_ in ISSUE_COLUMNS) + " |",
+              "|---|" + "---:|" * len(ISSUE_COLUMNS)]
+    footer = [f"Load average (1 min, `os.getloadavg`) before/after these configurations: {min(loads):.1f}-"
+              f"{max(loads):.1f} on {os.cpu_count()} cores." if loads else "", ""]
+    return header + lines + [""] + footer
 
 
 def _fmt(value: Any, digits: str = ".3g") -> str:
@@ -546,7 +581,10 @@ def to_markdown(results: dict[str, Any]) -> str:
         groups.setdefault((row["size"], row["dtype"]), []).append(row)
     for (size, dtype), rows in groups.items():
         dates = sorted({row.get("measured") or "an earlier run" for row in rows})
-        lines += [f"#### {size} parameters ({rows[0]['tensors']} tensors), {dtype} (measured: {', '.join(dates)})", "",
+        loads = [value for row in rows for value in row.get("load", [])]
+        load = f"; load average {min(loads):.1f}-{max(loads):.1f}" if loads else ""
+        lines += [f"#### {size} parameters ({rows[0]['tensors']} tensors), {dtype} (measured: {', '.join(dates)}{load})",
+                  "",
                   "| algorithm | implementation | G params/s | ms/step | fraction of bandwidth | state B/param "
                   "| compile s |", "|---|---|---:|---:|---:|---:|---:|"]
         for row in rows:
@@ -563,7 +601,8 @@ def to_markdown(results: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|---:|---:|---|"]
         for v in verdicts:
             lines.append(f"| {v['algorithm']} | {v['size']} | {v['dtype']} | {v['target']} | {v['ours']} | "
-                         f"{v['theirs']} | {_fmt(v['ratio'], '.2f')}x | {_fmt(v.get('bandwidth_fraction'), '.0%')} | "
+                         f"{v['theirs']} | {_ratio_cell(v['ratio'], *v.get('range', [None, None]), suffix='x')} | "
+                         f"{_fmt(v.get('bandwidth_fraction'), '.0%')} | "
                          f"{'yes' if v['met'] else '**no**'} |")
         lines.append("")
     return "\n".join(lines)

@@ -185,7 +185,7 @@ def test_issue_table_and_default_verdict(throughput: ModuleType) -> None:
     results = {"rows": rows, "config": {"targets": {"adamw": "torch-fused", "sgd-momentum": "torch-fused"},
                                         "elementwise": {}}}
     table = "\n".join(throughput.issue_table(results))
-    assert "| 20M (100 tensors, 20M params) | 1.10 yes | – | 0.80 **no** | 0.55 | 0.95 |" in table
+    assert "| 20M (100 tensors, 20M params) | 1.10 yes | – | 0.80 **no** | 0.55 | 0.95 **no** | – | – |" in table
     default = [v for v in throughput.evaluate_targets(results) if v["ours"] == "optimlab default"]
     assert [(v["algorithm"], round(v["ratio"], 2), v["met"]) for v in default] == [("adamw", 0.95, False)]
     # GPT-2 small's shapes are no small-tensor case (its name ends in "small"): the torch-fused target applies
@@ -195,6 +195,24 @@ def test_issue_table_and_default_verdict(throughput: ModuleType) -> None:
     (gpt2,) = [v for v in throughput.evaluate_targets(results)
                if v["size"] == "gpt2-small" and v["ours"] != "optimlab default"]
     assert (gpt2["target"], gpt2["theirs"], gpt2["ratio"]) == (">= 1.0x torch fused", "torch fused", 1.2)
+
+
+def test_ratios_are_paired_by_round(throughput: ModuleType) -> None:
+    """With per-round times, a ratio is the median of the rounds' ratios (not the ratio of the medians: 1.2 here),
+    shown with its range; the load average measured around the rows is printed under the issue's table."""
+    flat = dict(_row("gpt2-small", "adamw", "optimlab flat", "optimlab", 10.0), round_ms=[9.0, 10.0, 13.0],
+                load=[3.5, 4.25])
+    fused = dict(_row("gpt2-small", "adamw", "torch fused", "torch", 12.0), round_ms=[10.0, 30.0, 12.0], load=[3.0, 4.0])
+    ratio, low, high = throughput.paired_ratio(fused, flat)
+    assert (ratio, low, high) == (pytest.approx(10 / 9), pytest.approx(12 / 13), pytest.approx(3.0))
+    assert throughput.paired_ratio(fused, dict(flat, round_ms=[9.0, 10.0])) == (1.2, None, None)  # not paired
+    results = {"rows": [flat, fused], "config": {"targets": {"adamw": "torch-fused"}, "elementwise": {}}}
+    table = "\n".join(throughput.issue_table(results))
+    assert "| gpt2-small (148 tensors, 124M params) | 1.11 (0.92-3.00) yes | – |" in table
+    assert "before/after these configurations: 3.0-4.2 on" in table
+    (verdict,) = throughput.evaluate_targets(results)
+    assert (round(verdict["ratio"], 3), verdict["met"]) == (1.111, True)
+    assert throughput._ratio_cell(verdict["ratio"], *verdict["range"], suffix="x") == "1.11x (0.92-3.00)"
 
 
 
