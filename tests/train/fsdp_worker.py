@@ -8,6 +8,8 @@ Usage: ``torchrun --nproc-per-node 2 fsdp_worker.py ROOT DATA``. Joins one gloo 
 * trains ``adamw`` and ``adafactor`` again, stopped at step ``FSDP_STOP`` and resumed (``ROOT/<name>-resumed``);
 * resumes the one-process run ``ROOT/single-adamw``'s single-file checkpoint of step 3 (written by the test)
   under FSDP2 (``ROOT/adamw-from-single``);
+* trains one step on ``ROOT/small.txt``, whose 9 validation windows split 5/4 over the ranks
+  (``ROOT/small-eval``);
 * checks clipping, the non-finite guard and the optimizer-state monitor on a sharded 2-layer MLP against an
   unsharded copy (:func:`agreement`), and writes ``ROOT/agreement-rank<r>.json``.
 """
@@ -131,6 +133,10 @@ def main(root: Path, data: Path) -> None:
                 dist.barrier()  # rank 0 has written the checkpoint that the other ranks resume from
         config = tiny_config(root / "adamw-from-single", data, batch_size=4, steps=FSDP_STEPS, fsdp=True)
         trainer = Trainer(config, context, quiet=True, resume_from=root / "single-adamw" / f"checkpoint.step{FSDP_STOP}.pt")
+        trainer.train()
+        trainer.close()
+        trainer = Trainer(tiny_config(root / "small-eval", root / "small.txt", batch_size=4, steps=1, fsdp=True),
+                          context, quiet=True)
         trainer.train()
         trainer.close()
         (root / f"agreement-rank{context.rank}.json").write_text(json.dumps(agreement(context.rank)))

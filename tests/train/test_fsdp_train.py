@@ -56,6 +56,9 @@ def fsdp_runs(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> Path
     """One-process references (batch 8, no FSDP) in ROOT/single-<name>, then the 2-process FSDP2 job (batch 4
     per rank) of fsdp_worker.py."""
     root = tmp_path_factory.mktemp("fsdp")
+    small = root / "small.txt"  # 1500 characters: 9 validation windows of 16
+    small.write_text(text_file.read_text(encoding="utf-8")[:1500], encoding="utf-8")
+    _train(tiny_config(root / "single-small-eval", small, batch_size=8, steps=1))
     for name in FSDP_OPTIMIZERS:
         losses = _train(tiny_config(root / f"single-{name}", text_file, batch_size=8, steps=FSDP_STEPS, optimizer=name,
                                     checkpoint_every=FSDP_STOP))
@@ -104,6 +107,15 @@ def test_fsdp_resume_continues_bit_for_bit(fsdp_runs: Path, name: str) -> None:
     for index, state in straight["optimizer"]["state"].items():
         for key, value in state.items():
             assert torch.equal(resumed["optimizer"]["state"][index][key], value), (index, key)
+
+
+@pytest.mark.slow
+def test_fsdp_evaluation_runs_the_same_forwards_on_every_rank(fsdp_runs: Path) -> None:
+    # 9 validation windows: rank 0 evaluates 5 (2 batches of 4), rank 1 only 4, yet both must run the same
+    # forwards (FSDP2 all-gathers in each; one rank short would hang the other); the padding forward weighs 0
+    losses = [json.loads((fsdp_runs / name / "summary.json").read_text())["val_loss"] for name in
+              ("small-eval", "single-small-eval")]
+    assert losses[0] == pytest.approx(losses[1], abs=REDUCTION_ORDER[0])
 
 
 @pytest.mark.slow
