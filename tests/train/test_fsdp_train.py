@@ -15,10 +15,10 @@ Tolerances of "2 processes with batch B under FSDP2 = 1 process with batch 2B" (
   step of lr = 3e-3); the same runs with a float32 Newton–Schulz deviate by 4.8e-7 / 6.7e-8, i.e. the
   difference is bf16 rounding, not the sharding (the owner-rank Newton–Schulz itself is bit for bit:
   tests/optim/test_fsdp.py).
-* **int8-state adamw: waiting** for low-precision state on shards (engineer ``lowp``, issue 16): refused
-  today (``error.txt``), the test reports it as an expected failure; once it runs, its row is compared with a
-  tolerance of 1e-3 (the int8 state's block quantisation, ~1/127 of a block's largest value, on shards whose
-  blocks need not be the unsharded tensor's).
+* **int8-state adamw: losses 1e-5, parameters 1e-4.** Its shards store exactly what one process stores
+  (tests/optim/test_fsdp.py), but a last-bit difference of a moment can move it across an int8 rounding
+  boundary (one code is 1/127 of its 256-value block's largest entry), which changes that coordinate's update
+  by up to ~lr·1e-2; the margin allows a few such flips. Measured 4.8e-7 / 4.6e-7 (none in these 6 steps).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from optimlab.train.dcp_checkpoint import SHARDED_LATEST_NAME, sharded_to_single
 from optimlab.train.trainer import CHECKPOINT_NAME, Trainer
 
 HERE = Path(__file__).resolve().parent
-TOLERANCES = {"muon": (1e-4, 1e-3), "adamw-int8": (1e-3, 1e-3)}  # (losses, parameters); see the docstring
+TOLERANCES = {"muon": (1e-4, 1e-3), "adamw-int8": (1e-5, 1e-4)}  # (losses, parameters); see the docstring
 REDUCTION_ORDER = (2e-6, 2e-6)
 
 
@@ -86,9 +86,6 @@ def _largest_difference(a: dict, b: dict) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FSDP_OPTIMIZERS)
 def test_fsdp_two_processes_equal_one_process_with_twice_the_batch(fsdp_runs: Path, name: str) -> None:
-    refused = fsdp_runs / name / "error.txt"
-    if name == "adamw-int8" and refused.exists():
-        pytest.xfail(f"waiting for int8 state on FSDP2 shards (engineer lowp): {refused.read_text()}")
     losses = [json.loads((fsdp_runs / folder / "losses.json").read_text()) for folder in (name, f"single-{name}")]
     sharded, single = _checkpoint(fsdp_runs / name), _checkpoint(fsdp_runs / f"single-{name}")
     assert len(losses[0]) == len(losses[1]) == FSDP_STEPS == sharded["step"] and sharded["world_size"] == 2

@@ -205,14 +205,13 @@ def owner_compute(shards: Sequence[Tensor], like: Sequence[Tensor], compute: Cal
             for result, layout, owner in zip(results, like, owners)]
 
 
-def sharded_refusal(optimizer_class: type, state_dtype: object = None) -> str | None:
-    """Why ``optimizer_class`` (with ``state_dtype``) cannot update sharded (DTensor) parameters, or ``None`` when
-    it can: its class declares ``supports_dtensor = False`` (its rule would compute on each shard alone, which is
-    not the rule applied to the matrix). Low-precision state (``state_dtype`` bf16/int8) is supported on shards
+def sharded_refusal(optimizer_class: type) -> str | None:
+    """Why ``optimizer_class`` cannot update sharded (DTensor) parameters, or ``None`` when it can: its class
+    declares ``supports_dtensor = False`` (its rule would compute on each shard alone, which is not the rule
+    applied to the matrix). Low-precision state (``state_dtype`` bf16/int8) is supported on shards
     (:mod:`optimlab.optim.lowp_state`: noise keyed by global index, int8 block scales all-reduced). What
     :func:`check_dtensor_support` raises, and what ``optimlab train --fsdp`` checks before it starts."""
     name = optimizer_class.__name__
-    del state_dtype  # every storage has a sharded path (kept in the signature for the trainer's pre-check)
     if not getattr(optimizer_class, "supports_dtensor", True):
         return (f"{name} cannot update sharded (DTensor) parameters, e.g. under FSDP2's fully_shard: its rule needs "
                 "whole tensors and has no sharded path yet; use an elementwise optimizer (adamw, sgd, lion, ...), "
@@ -225,6 +224,6 @@ def check_dtensor_support(optimizer: torch.optim.Optimizer, group: dict) -> None
     parameter, e.g. under FSDP2) that it cannot update (:func:`sharded_refusal`)."""
     if not has_dtensor(group["params"]):
         return
-    reason = sharded_refusal(type(optimizer), group.get("state_dtype"))
+    reason = sharded_refusal(type(optimizer))
     if reason is not None:
         raise NotImplementedError(reason)

@@ -146,7 +146,7 @@ def prepare_run(config: TrainConfig, *, resume: bool = False, overwrite: bool = 
         raise FileExistsError(f"{latest} already exists: pass --resume to continue that run, "
                               "--overwrite to start afresh over it, or another --out folder")
     spec = get_spec(config.optimizer)
-    refusal = sharded_refusal(spec.resolve(), spec.preset.get("state_dtype")) if config.fsdp else None
+    refusal = sharded_refusal(spec.resolve()) if config.fsdp else None
     if refusal is not None:
         raise ValueError(f"Invalid optimizer: {config.optimizer!r} with --fsdp: {refusal}")
     if config.schedule != "none" and config.schedule.lower() not in list_schedules():
