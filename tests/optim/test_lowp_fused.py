@@ -104,16 +104,16 @@ def test_fused_matches_eager_low_precision_step_by_step(
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The fused step (the native kernel for bf16-state Adam/AdamW, else the compiled wrapper) against eager."""
-    takes_native = cls is not Lion and state_dtype == "bfloat16"
+    takes_native = cls is not Lion
     if native and not takes_native:
-        pytest.skip("only bf16-state Adam/AdamW have a native kernel")
-    if name in _NATIVE_ONLY and not native:
-        pytest.skip("a case for the native kernel's branches")
+        pytest.skip("only Adam/AdamW have a native kernel")
+    if name in _NATIVE_ONLY and not (native and state_dtype == "bfloat16"):
+        pytest.skip("a case for the native kernel's branches (shared by bf16 and int8)")
     if takes_native and not native:
         monkeypatch.setenv("OPTIMLAB_DISABLE_NATIVE", "1")
     native_calls = []
-    kernel = _lowp_native._adam_bfloat16
-    monkeypatch.setattr(_lowp_native, "_adam_bfloat16", lambda *a, **k: native_calls.extend(a[0]) or kernel(*a, **k))
+    kernel = _lowp_native._adam_lowp
+    monkeypatch.setattr(_lowp_native, "_adam_lowp", lambda *a, **k: native_calls.extend(a[1]) or kernel(*a, **k))
     fused, fused_params = _build(cls, kwargs, state_dtype, fused=True)
     reference, reference_params = _build(cls, kwargs, state_dtype, fused=False)
     initial = [p.detach().clone() for p in fused_params]
@@ -191,16 +191,16 @@ def test_compiled_int32_hash_wraps_like_eager() -> None:
 
 
 def test_native_kernel_falls_back_with_one_warning_without_a_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No C++ compiler: ``adam_bfloat16_kernel`` says why once and returns None (the compiled wrapper is used)."""
+    """No C++ compiler: ``adam_lowp_kernel`` says why once and returns None (the compiled wrapper is used)."""
     monkeypatch.setenv("CXX", "/nonexistent/optimlab-test-cxx")
     monkeypatch.setattr(_lowp_native, "_warned", set())
     _lowp_native._library.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match=r"native bf16-state Adam kernel is unavailable \(no C\+\+ compiler"):
-            assert _lowp_native.adam_bfloat16_kernel() is None
+        with pytest.warns(RuntimeWarning, match=r"native low-precision Adam kernel is unavailable \(no C\+\+ compiler"):
+            assert _lowp_native.adam_lowp_kernel("int8") is None
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert _lowp_native.adam_bfloat16_kernel() is None  # warned once
+            assert _lowp_native.adam_lowp_kernel("bfloat16") is None  # warned once
     finally:
         _lowp_native._library.cache_clear()
 

@@ -26,7 +26,7 @@ The library is compiled on first use with the C++ compiler that the fused path n
 home directory shared by different machines never loads a foreign build), and loaded with ``ctypes``; the
 calls release the GIL. It links OpenMP like Inductor's kernels: the ``libgomp`` that torch has loaded is the
 one used, so its threads are torch's (``torch.get_num_threads()``). When it cannot be built,
-:func:`adam_bfloat16_kernel` returns ``None`` (one warning) and the optimizer keeps the compiled wrapper.
+:func:`adam_lowp_kernel` returns ``None`` (one warning) and the optimizer keeps the compiled wrapper.
 """
 
 from __future__ import annotations
@@ -41,12 +41,13 @@ import subprocess
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["adam_bfloat16_kernel", "native_unavailable_reason"]
+__all__ = ["adam_lowp_kernel", "native_unavailable_reason"]
 
 WEYL = 0x9E3779B9
 """The odd step of the noise counter (``floor(2**32 / golden ratio)``); see ``lowp_state._hash_from``."""
@@ -74,83 +75,203 @@ static inline uint16_t round_bf16(float x, uint32_t noise) {
   return (uint16_t)((float_to_bits(x) + noise) >> 16);
 }
 
-// one contiguous range [begin, end) of the tensor; the options are template arguments so that the loop has no
-// branch and vectorises (16 floats per AVX-512 instruction)
+struct Adam {  // the step's constants, as float32 (what ATen uses for a float32 tensor's scalars)
+  float decay, weight_decay, lerp_coefficient, beta2, one_minus_beta2, bias_correction2_sqrt, eps, step_size;
+};
+
+// the Adam rule on one element, in the eager path's operation order (_adam_tensor on float32 tensors)
 template <bool maximize, bool coupled, bool small_weight>
-static void adam_bf16_range(int64_t begin, int64_t end, float* __restrict__ param, const float* __restrict__ grad,
-                            uint16_t* __restrict__ exp_avg, uint16_t* __restrict__ exp_avg_sq, float decay,
-                            float weight_decay, float lerp_coefficient, float beta2, float one_minus_beta2,
-                            float bias_correction2_sqrt, float eps, float step_size, uint32_t start_avg,
-                            uint32_t start_avg_sq) {
+static inline void adam_element(const Adam& a, float& p, float grad, float& m, float& v) {
+  float g = maximize ? -grad : grad;
+  if (coupled) g = g + a.weight_decay * p;     // grad.add(param, alpha=weight_decay)
+  else p = p * a.decay;                         // param.mul_(1 - lr * weight_decay) (decay 1: no decay)
+  m = std::fma(a.lerp_coefficient, g - m, small_weight ? m : g);   // ATen's vectorised lerp
+  v = v * a.beta2;
+  v = v + a.one_minus_beta2 * g * g;           // addcmul_(g, g, value=1 - beta2)
+  float denom = std::sqrt(v) / a.bias_correction2_sqrt + a.eps;
+  p = p + a.step_size * (m / denom);           // addcdiv_(m, denom, value=-lr / bias_correction1)
+}
+
+struct Tensors {  // parallel arrays over the step's tensors
+  const int64_t* sizes;
+  float* const* params;
+  const float* const* grads;
+  void* const* exp_avgs;        // uint16 (bf16 patterns) or int8 codes
+  float* const* exp_avg_scales;  // int8: one float32 scale per block of 256
+  void* const* exp_avg_sqs;
+  float* const* exp_avg_sq_scales;
+  const uint32_t* starts_avg;    // per tensor: the noise start of its first element
+  const uint32_t* starts_avg_sq;
+};
+
+// bf16 moments: [begin, end) of tensor t, one vectorised loop
+template <bool maximize, bool coupled, bool small_weight>
+static void bf16_range(const Adam& a, const Tensors& x, int64_t t, int64_t begin, int64_t end) {
+  float* __restrict__ param = x.params[t];
+  const float* __restrict__ grad = x.grads[t];
+  uint16_t* __restrict__ exp_avg = (uint16_t*)x.exp_avgs[t];
+  uint16_t* __restrict__ exp_avg_sq = (uint16_t*)x.exp_avg_sqs[t];
+  const uint32_t start_avg = x.starts_avg[t], start_avg_sq = x.starts_avg_sq[t];
   for (int64_t i = begin; i < end; i++) {
     float p = param[i];
-    float g = maximize ? -grad[i] : grad[i];
-    if (coupled) g = g + weight_decay * p;      // grad.add(param, alpha=weight_decay)
-    else p = p * decay;                          // param.mul_(1 - lr * weight_decay) (decay 1: no decay)
     float m = bits_to_float((uint32_t)exp_avg[i] << 16);
     float v = bits_to_float((uint32_t)exp_avg_sq[i] << 16);
-    m = std::fma(lerp_coefficient, g - m, small_weight ? m : g);   // ATen's vectorised lerp
-    v = v * beta2;
-    v = v + one_minus_beta2 * g * g;            // addcmul_(g, g, value=1 - beta2)
-    float denom = std::sqrt(v) / bias_correction2_sqrt + eps;
-    param[i] = p + step_size * (m / denom);     // addcdiv_(m, denom, value=-lr / bias_correction1)
+    adam_element<maximize, coupled, small_weight>(a, p, grad[i], m, v);
+    param[i] = p;
     uint32_t index = (uint32_t)i * 0x9E3779B9u;
     exp_avg[i] = round_bf16(m, mix(start_avg + index) >> 16);
     exp_avg_sq[i] = round_bf16(v, mix(start_avg_sq + index) >> 16);
   }
 }
 
-// every tensor of a step in one parallel region: each thread takes its share of each tensor (no barrier between
-// tensors); a tensor below `grain` values per thread is split over fewer threads
+struct Code {  // the dynamic code (lowp_state.dynamic_code) and its bucket tables (lowp_state._code_buckets_cpu)
+  const float* values;  // sorted code, `offset` + stored int8 = index
+  const int32_t* base;  // per 16 high bits of a float32: the count of code entries below the bucket
+  const float* padded;  // the code followed by +inf
+  int32_t width, offset, size;
+};
+
+static const int64_t BLOCK = 256;
+
+// the largest |x| of a block, as the float32 pattern of a non-negative float (whose integer order is the float
+// order): an integer max reduction, which the compiler vectorises (a float one it may not reorder)
+static inline float block_absmax(const float* __restrict__ values, int64_t count) {
+  uint32_t largest = 0;
+  for (int64_t j = 0; j < count; j++) {
+    const uint32_t magnitude = float_to_bits(values[j]) & 0x7FFFFFFFu;
+    largest = magnitude > largest ? magnitude : largest;
+  }
+  return bits_to_float(largest);
+}
+
+// codes of one block: the index of the code entry at or below x / scale (searchsorted, clamped to [1, size - 1],
+// minus 1) or the next one, the next with probability equal to x's position between them (a dither of the 24 high
+// noise bits): lowp_state._quantize_flat. The bucket of a float's 16 high bits holds at most one code entry
+// (width 1, checked when the tables are passed), so one comparison completes the search. Written to int32 first:
+// every step of the loop is then a vector operation (gathers from the tables included).
+static inline void encode_block(const Code code, const float* __restrict__ x, int64_t count, float scale,
+                                uint32_t start, uint32_t begin, int32_t* __restrict__ out) {
+  const float* __restrict__ values = code.values;
+  const int32_t* __restrict__ base = code.base;
+  const float* __restrict__ padded = code.padded;
+  const int32_t last = code.size - 1, offset = code.offset;
+  const float tiny = 1.17549435e-38f;  // torch.finfo(float32).tiny: the clamp of an all-zero block's scale
+  const float divisor = scale < tiny ? tiny : scale;
+  for (int64_t j = 0; j < count; j++) {
+    const float normalized = x[j] / divisor;
+    const int32_t first = base[(float_to_bits(normalized) >> 16) & 0xFFFF];
+    int32_t upper = first + (padded[first] < normalized ? 1 : 0);
+    upper = upper < 1 ? 1 : upper;
+    upper = upper > last ? last : upper;
+    const float low = values[upper - 1];
+    const float position = (normalized - low) / (values[upper] - low);
+    const uint32_t noise = mix(start + (begin + (uint32_t)j) * 0x9E3779B9u);
+    const float uniform = (float)(noise >> 8) * (1.0f / 16777216.0f);
+    out[j] = upper - 1 + (uniform < position ? 1 : 0) - offset;
+  }
+}
+
+// int8 moments: blocks [first_block, last_block) of tensor t: decode and update, block maxima, encode. The
+// constants are passed by value (an int8 store may alias anything: values read through pointers would be
+// reloaded after every store)
 template <bool maximize, bool coupled, bool small_weight>
-static void adam_bf16_tensors(int64_t count, const int64_t* sizes, float* const* params, const float* const* grads,
-                              uint16_t* const* exp_avgs, uint16_t* const* exp_avg_sqs, float decay,
-                              float weight_decay, float lerp_coefficient, float beta2, float one_minus_beta2,
-                              float bias_correction2_sqrt, float eps, float step_size, const uint32_t* starts_avg,
-                              const uint32_t* starts_avg_sq, int threads) {
+static void int8_blocks(const Adam a, const Tensors& x, const Code signed_code, const Code unsigned_code, int64_t t,
+                        int64_t first_block, int64_t last_block) {
+  const int64_t n = x.sizes[t];
+  float* __restrict__ param = x.params[t];
+  const float* __restrict__ grad = x.grads[t];
+  int8_t* __restrict__ codes_avg = (int8_t*)x.exp_avgs[t];
+  int8_t* __restrict__ codes_avg_sq = (int8_t*)x.exp_avg_sqs[t];
+  float* __restrict__ scales_avg = x.exp_avg_scales[t];
+  float* __restrict__ scales_avg_sq = x.exp_avg_sq_scales[t];
+  const float* __restrict__ values_avg = signed_code.values + signed_code.offset;
+  const float* __restrict__ values_avg_sq = unsigned_code.values + unsigned_code.offset;
+  const uint32_t start_avg = x.starts_avg[t], start_avg_sq = x.starts_avg_sq[t];
+  float m[BLOCK], v[BLOCK];
+  int32_t index_avg[BLOCK], index_avg_sq[BLOCK];
+  for (int64_t block = first_block; block < last_block; block++) {
+    const int64_t begin = block * BLOCK, count = n - begin < BLOCK ? n - begin : BLOCK;
+    const float scale_avg = scales_avg[block], scale_avg_sq = scales_avg_sq[block];
+    for (int64_t j = 0; j < count; j++) {
+      index_avg[j] = codes_avg[begin + j];
+      index_avg_sq[j] = codes_avg_sq[begin + j];
+    }
+    for (int64_t j = 0; j < count; j++) {  // decoded (gathers) apart from the update, which then vectorises
+      m[j] = values_avg[index_avg[j]] * scale_avg;
+      v[j] = values_avg_sq[index_avg_sq[j]] * scale_avg_sq;
+    }
+    for (int64_t j = 0; j < count; j++) {
+      float p = param[begin + j], mj = m[j], vj = v[j];
+      adam_element<maximize, coupled, small_weight>(a, p, grad[begin + j], mj, vj);
+      param[begin + j] = p;
+      m[j] = mj;
+      v[j] = vj;
+    }
+    const float max_avg = block_absmax(m, count), max_avg_sq = block_absmax(v, count);
+    encode_block(signed_code, m, count, max_avg, start_avg, (uint32_t)begin, index_avg);
+    encode_block(unsigned_code, v, count, max_avg_sq, start_avg_sq, (uint32_t)begin, index_avg_sq);
+    for (int64_t j = 0; j < count; j++) {
+      codes_avg[begin + j] = (int8_t)index_avg[j];
+      codes_avg_sq[begin + j] = (int8_t)index_avg_sq[j];
+    }
+    scales_avg[block] = max_avg;
+    scales_avg_sq[block] = max_avg_sq;
+  }
+}
+
+// every tensor of a step in one parallel region: each thread takes its share of each tensor (no barrier between
+// tensors; int8 shares are whole blocks); a tensor below `grain` values per thread is split over fewer threads
+template <bool maximize, bool coupled, bool small_weight>
+static void adam_tensors(const Adam& a, const Tensors& x, int64_t count, const Code* codes, int threads) {
   const int64_t grain = 1 << 15;
 #pragma omp parallel num_threads(threads)
   {
     const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
     for (int64_t t = 0; t < count; t++) {
-      const int64_t n = sizes[t];
+      const int64_t n = x.sizes[t], units = codes ? (n + BLOCK - 1) / BLOCK : n;
       int64_t used = (n + grain - 1) / grain;
       used = used < team ? used : team;
       used = used < 1 ? 1 : used;
-      // tensor t goes to threads (t + k) mod team, k < used: small tensors spread over the team
-      const int64_t k = ((thread - t) % team + team) % team;
+      const int64_t k = ((thread - t) % team + team) % team;  // tensor t goes to threads t, t+1, ... (mod team)
       if (k >= used) continue;
-      const int64_t per = (n + used - 1) / used;
-      const int64_t begin = per * k, end = begin + per < n ? begin + per : n;
-      if (begin < end)
-        adam_bf16_range<maximize, coupled, small_weight>(begin, end, params[t], grads[t], exp_avgs[t],
-                                                         exp_avg_sqs[t], decay, weight_decay, lerp_coefficient,
-                                                         beta2, one_minus_beta2, bias_correction2_sqrt, eps,
-                                                         step_size, starts_avg[t], starts_avg_sq[t]);
+      const int64_t per = (units + used - 1) / used;
+      const int64_t begin = per * k, end = begin + per < units ? begin + per : units;
+      if (begin >= end) continue;
+      if (codes) int8_blocks<maximize, coupled, small_weight>(a, x, codes[0], codes[1], t, begin, end);
+      else bf16_range<maximize, coupled, small_weight>(a, x, t, begin, end);
     }
   }
 }
 
-extern "C" void adam_bf16(int64_t count, const int64_t* sizes, float* const* params, const float* const* grads,
-                          uint16_t* const* exp_avgs, uint16_t* const* exp_avg_sqs, float decay, float weight_decay,
-                          int coupled, int maximize, float lerp_weight, float beta2, float one_minus_beta2,
-                          float bias_correction2_sqrt, float eps, float step_size, const uint32_t* starts_avg,
-                          const uint32_t* starts_avg_sq, int threads) {
+// codes: null for bf16 moments, else {signed code, unsigned code} for int8 moments
+extern "C" void adam_lowp(int64_t count, const int64_t* sizes, float* const* params, const float* const* grads,
+                          void* const* exp_avgs, float* const* exp_avg_scales, void* const* exp_avg_sqs,
+                          float* const* exp_avg_sq_scales, const uint32_t* starts_avg, const uint32_t* starts_avg_sq,
+                          float decay, float weight_decay, int coupled, int maximize, float lerp_weight, float beta2,
+                          float one_minus_beta2, float bias_correction2_sqrt, float eps, float step_size,
+                          const Code* codes, int threads) {
   const bool small = std::fabs(lerp_weight) < 0.5f;
-  const float coefficient = small ? lerp_weight : lerp_weight - 1.0f;
-#define OPTIMLAB_ADAM_BF16(MAXIMIZE, COUPLED, SMALL)                                                          \
-  adam_bf16_tensors<MAXIMIZE, COUPLED, SMALL>(count, sizes, params, grads, exp_avgs, exp_avg_sqs, decay,     \
-                                              weight_decay, coefficient, beta2, one_minus_beta2,             \
-                                              bias_correction2_sqrt, eps, step_size, starts_avg,            \
-                                              starts_avg_sq, threads)
+  const Adam a{decay, weight_decay, small ? lerp_weight : lerp_weight - 1.0f, beta2, one_minus_beta2,
+               bias_correction2_sqrt, eps, step_size};
+  const Tensors x{sizes, params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_avg_sq_scales, starts_avg,
+                  starts_avg_sq};
   if (maximize) {
-    if (coupled) { if (small) OPTIMLAB_ADAM_BF16(true, true, true); else OPTIMLAB_ADAM_BF16(true, true, false); }
-    else { if (small) OPTIMLAB_ADAM_BF16(true, false, true); else OPTIMLAB_ADAM_BF16(true, false, false); }
+    if (coupled) {
+      if (small) adam_tensors<true, true, true>(a, x, count, codes, threads);
+      else adam_tensors<true, true, false>(a, x, count, codes, threads);
+    } else {
+      if (small) adam_tensors<true, false, true>(a, x, count, codes, threads);
+      else adam_tensors<true, false, false>(a, x, count, codes, threads);
+    }
   } else {
-    if (coupled) { if (small) OPTIMLAB_ADAM_BF16(false, true, true); else OPTIMLAB_ADAM_BF16(false, true, false); }
-    else { if (small) OPTIMLAB_ADAM_BF16(false, false, true); else OPTIMLAB_ADAM_BF16(false, false, false); }
+    if (coupled) {
+      if (small) adam_tensors<false, true, true>(a, x, count, codes, threads);
+      else adam_tensors<false, true, false>(a, x, count, codes, threads);
+    } else {
+      if (small) adam_tensors<false, false, true>(a, x, count, codes, threads);
+      else adam_tensors<false, false, false>(a, x, count, codes, threads);
+    }
   }
-#undef OPTIMLAB_ADAM_BF16
 }
 """
 
@@ -202,10 +323,10 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", b"") or b""
         return None, f"building it failed ({error}; {detail.decode(errors='replace').strip()[:300]})"
-    function = library.adam_bf16
+    function = library.adam_lowp
     function.restype = None
-    function.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 5, ctypes.c_float, ctypes.c_float, ctypes.c_int,
-                         ctypes.c_int, *[ctypes.c_float] * 6, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    function.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 9, ctypes.c_float, ctypes.c_float, ctypes.c_int,
+                         ctypes.c_int, *[ctypes.c_float] * 6, ctypes.c_void_p, ctypes.c_int]
     return library, None
 
 
@@ -217,46 +338,86 @@ def native_unavailable_reason() -> str | None:
     return _library()[1]
 
 
-def adam_bfloat16_kernel() -> Callable[..., None] | None:
-    """The native Adam step on bf16 moments, or ``None`` (with one warning) when it cannot be built.
+class _Code(ctypes.Structure):
+    # the C struct Code: the dynamic code and its bucket tables (kept alive by _CODES)
+    _fields_ = [("values", ctypes.c_void_p), ("base", ctypes.c_void_p), ("padded", ctypes.c_void_p),
+                ("width", ctypes.c_int32), ("offset", ctypes.c_int32), ("size", ctypes.c_int32)]
 
-    ``kernel(params, grads, exp_avgs, exp_avg_sqs, starts, lr=, beta1=, beta2=, eps=, bias_correction1=,
-    bias_correction2_sqrt=, weight_decay=, maximize=, decoupled_weight_decay=)`` updates lists of contiguous
-    float32 CPU parameters and their contiguous bf16 moments in place, all of them in one parallel region (one
-    call per step, no synchronisation between tensors); ``starts`` are, per moment, each tensor's noise start
-    (int32 values, :func:`optimlab.optim.lowp_state._hash_start` of the global index of its first element: 0,
-    or a shard's offset in its whole tensor).
+
+_CODES: list[tuple[ctypes.Array, list[Tensor]]] = []
+
+
+def _int8_codes() -> ctypes.Array:
+    """``Code[2]`` (signed, unsigned) for the kernel, from :func:`optimlab.optim.lowp_state._code_tables`."""
+    if not _CODES:
+        from optimlab.optim.lowp_state import _code_offset, _code_tables
+
+        tables, keep = [], []
+        for signed in (True, False):
+            code, base, padded, width = _code_tables(signed, "cpu")
+            if width != 1:  # the kernel's search makes one comparison per bucket
+                raise RuntimeError(f"native int8 kernel: the code's buckets hold up to {width} entries (expected 1)")
+            keep += [code, base, padded]
+            tables.append(_Code(code.data_ptr(), base.data_ptr(), padded.data_ptr(), width, _code_offset(signed),
+                                code.numel()))
+        _CODES.append(((_Code * 2)(*tables), keep))
+    return _CODES[0][0]
+
+
+def adam_lowp_kernel(storage: str) -> Callable[..., None] | None:
+    """The native Adam step on ``storage`` (``"bfloat16"`` or ``"int8"``) moments, or ``None`` (with one
+    warning) when it cannot be built.
+
+    ``kernel(params, grads, *stored, starts, lr=, beta1=, beta2=, eps=, bias_correction1=, bias_correction2_sqrt=,
+    weight_decay=, maximize=, decoupled_weight_decay=)`` updates lists of contiguous float32 CPU parameters and
+    their contiguous moments in place (``stored``: the exp_avg and exp_avg_sq lists, for int8 each followed by its
+    block scales), all of them in one parallel region (one call per step, no synchronisation between tensors);
+    ``starts`` are, per moment, each tensor's noise start (int32 values,
+    :func:`optimlab.optim.lowp_state._hash_start` of the global index of its first element: 0, or a shard's offset
+    in its whole tensor). int8 moments must be whole tensors (their blocks start at the tensor's first value).
     """
+    if storage not in ("bfloat16", "int8"):
+        raise ValueError(f"Invalid storage: {storage!r} (accepted: 'bfloat16', 'int8')")
     reason = native_unavailable_reason()
     if reason is not None:
         if not reason.startswith("disabled") and reason not in _warned:
             _warned.add(reason)
-            warnings.warn(f"optimlab: the native bf16-state Adam kernel is unavailable ({reason}); using the "
+            warnings.warn(f"optimlab: the native low-precision Adam kernel is unavailable ({reason}); using the "
                           "compiled low-precision step instead", RuntimeWarning, stacklevel=2)
         return None
-    return _adam_bfloat16
+    return functools.partial(_adam_lowp, storage)
 
 
-def _adam_bfloat16(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
-                   exp_avg_sqs: Sequence[Tensor], starts: Sequence[Sequence[int]], *, lr: float, beta1: float, beta2: float,
-                   eps: float, bias_correction1: float, bias_correction2_sqrt: float, weight_decay: float,
-                   maximize: bool, decoupled_weight_decay: bool, amsgrad: bool = False) -> None:
+def _pointers(tensors: Sequence[Tensor], dtype: torch.dtype) -> ctypes.Array:
+    for tensor in tensors:
+        if tensor.dtype != dtype or tensor.device.type != "cpu" or not tensor.is_contiguous():
+            raise ValueError(f"native low-precision Adam: expected contiguous {dtype} CPU tensors, got {tensor.dtype} "
+                             f"on {tensor.device} (contiguous: {tensor.is_contiguous()})")
+    return (ctypes.c_void_p * len(tensors))(*[tensor.data_ptr() for tensor in tensors])
+
+
+def _adam_lowp(storage: str, params: Sequence[Tensor], grads: Sequence[Tensor], *stored_and_starts: Any, lr: float,
+               beta1: float, beta2: float, eps: float, bias_correction1: float, bias_correction2_sqrt: float,
+               weight_decay: float, maximize: bool, decoupled_weight_decay: bool, amsgrad: bool = False) -> None:
     if amsgrad:
-        raise ValueError("native bf16 Adam: amsgrad is not supported (the compiled step handles it)")
+        raise ValueError("native low-precision Adam: amsgrad is not supported (the compiled step handles it)")
     library, _ = _library()
     assert library is not None
-    columns = []
-    for tensors, dtype in ((params, torch.float32), (grads, torch.float32), (exp_avgs, torch.bfloat16),
-                           (exp_avg_sqs, torch.bfloat16)):
-        for tensor in tensors:
-            if tensor.dtype != dtype or tensor.device.type != "cpu" or not tensor.is_contiguous():
-                raise ValueError(f"native bf16 Adam: expected contiguous {dtype} CPU tensors, got {tensor.dtype} on "
-                                 f"{tensor.device} (contiguous: {tensor.is_contiguous()})")
-        columns.append((ctypes.c_void_p * len(tensors))(*[tensor.data_ptr() for tensor in tensors]))
-    sizes = (ctypes.c_int64 * len(params))(*[param.numel() for param in params])
+    *stored, starts = stored_and_starts
+    count = len(params)
+    if storage == "int8":
+        avg, avg_scales, avg_sq, avg_sq_scales = stored
+        moments = [_pointers(avg, torch.int8), _pointers(avg_scales, torch.float32), _pointers(avg_sq, torch.int8),
+                   _pointers(avg_sq_scales, torch.float32)]
+        codes = _int8_codes()
+    else:
+        avg, avg_sq = stored
+        moments = [_pointers(avg, torch.bfloat16), None, _pointers(avg_sq, torch.bfloat16), None]
+        codes = None
+    sizes = (ctypes.c_int64 * count)(*[param.numel() for param in params])
+    noise = [(ctypes.c_uint32 * count)(*[start & 0xFFFFFFFF for start in moment]) for moment in starts]
     coupled = weight_decay != 0 and not decoupled_weight_decay
     decay = 1 - lr * weight_decay if weight_decay != 0 and decoupled_weight_decay else 1.0
-    noise = [(ctypes.c_uint32 * len(params))(*[start & 0xFFFFFFFF for start in moment]) for moment in starts]
-    library.adam_bf16(len(params), sizes, *columns, decay, weight_decay, int(coupled), int(maximize), 1 - beta1,
-                      beta2, 1 - beta2, bias_correction2_sqrt, eps, -(lr / bias_correction1), *noise,
-                      torch.get_num_threads())
+    library.adam_lowp(count, sizes, _pointers(params, torch.float32), _pointers(grads, torch.float32), *moments,
+                      *noise, decay, weight_decay, int(coupled), int(maximize), 1 - beta1, beta2, 1 - beta2,
+                      bias_correction2_sqrt, eps, -(lr / bias_correction1), codes, torch.get_num_threads())

@@ -49,7 +49,7 @@ from optimlab.optim._base import (
     reject_unsupported,
 )
 from optimlab.optim._fused import fused_step, resolve_fused, split_by_value
-from optimlab.optim._lowp_native import adam_bfloat16_kernel
+from optimlab.optim._lowp_native import adam_lowp_kernel
 from optimlab.optim.cautious import cautious_
 from optimlab.optim.lowp_state import (
     fused_lowp_step,
@@ -194,10 +194,10 @@ def _adam_static(weight_decay: float, amsgrad: bool, maximize: bool, decoupled_w
 
 
 def _native_kernel(group: dict[str, Any]) -> Callable[..., None] | None:
-    # the hand-written bf16-state kernel covers the plain rule: no amsgrad maximum, no cautious mask
-    if group["state_dtype"] != "bfloat16" or group["amsgrad"] or group["cautious"]:
+    # the hand-written low-precision kernel covers the plain rule: no amsgrad maximum, no cautious mask
+    if group["amsgrad"] or group["cautious"]:
         return None
-    return adam_bfloat16_kernel()
+    return adam_lowp_kernel(group["state_dtype"])
 
 
 def _adam_scalars(lr: float, beta1: float, beta2: float, eps: float, step: float) -> dict[str, float]:

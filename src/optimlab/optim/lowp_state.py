@@ -586,12 +586,12 @@ def fused_lowp_step(
     graph). ``steps`` are the already incremented step counts.
 
     ``native``: a hand-written kernel of the same rule and rounding
-    (:func:`optimlab.optim._lowp_native.adam_bfloat16_kernel`), called once per step count as
+    (:func:`optimlab.optim._lowp_native.adam_lowp_kernel`), called once per step count as
     ``native(params, grads, *stored, starts, **scalars(step), **static)`` (parallel lists) on the tensors that
     it takes (contiguous float32 CPU parameters with contiguous moments) instead of the compiled wrapper.
 
-    Sharded (DTensor, FSDP2) parameters: the native kernel updates the local shards with the noise of their
-    global indices; otherwise the rule runs uncompiled on the DTensors and the moments are stored by
+    Sharded (DTensor, FSDP2) parameters: the native bf16 kernel updates the local shards with the noise of
+    their global indices; otherwise (int8, or no native kernel) the rule runs uncompiled on the DTensors and the moments are stored by
     :func:`store_moments` (int8 block scales all-reduced), so that the result equals the unsharded run's.
     """
     from optimlab.optim._fused import fused_step, split_by_value
@@ -611,7 +611,9 @@ def fused_lowp_step(
         natively: list[tuple[list[Tensor], int]] = []
         for index, param in enumerate(lists[0]):
             row = [column[index] for column in lists]
-            if native is not None and _native_takes([local(t) for t in row]):
+            # int8 blocks of a shard may continue on another rank: sharded int8 goes to _store_sharded
+            if native is not None and not (storage == "int8" and is_dtensor(param)) and _native_takes(
+                    [local(t) for t in row]):
                 natively.append(([local(t) for t in row], _local_range(param)[1]))
             elif is_dtensor(param):  # sharded: keyed by global indices and blocks (communication for int8)
                 state = states[positions[index]]
