@@ -15,12 +15,17 @@ context 64, 96 characters: 25.3M parameters) is trained with optimlab's AdamW on
   (``Shard(0)``), each rank holding 1/W of every tensor; a block is gathered only around its forward/backward.
 
 Memory is **measured from the tensors** after a step (before ``zero_grad``): the bytes of this rank's parameters,
-gradients and optimizer-state tensors (``to_local()`` of a DTensor: its shard; the tied embedding counted once),
-plus the process's peak resident set (``ru_maxrss``: everything, the Python/torch runtime, activations and FSDP2's
-transiently gathered blocks included). The *expected* bytes are derived from the one-process measurement
-(P, G, S: parameters, gradients, state): DDP P + G + S; ZeRO-1 P + G + S/W; FSDP2 (P + G + S)/W.
+gradients and optimizer-state tensors (``to_local()`` of a DTensor: its shard; the tied embedding counted once).
+The *expected* bytes are derived from the one-process measurement (P, G, S: parameters, gradients, state): DDP
+P + G + S; ZeRO-1 P + G + S/W; FSDP2 (P + G + S)/W. Beside them, the process's peak resident set (``ru_maxrss``):
+everything, i.e. the Python/torch runtime (about 300 MiB), the activations (the per-rank batch is 8/W sequences)
+and the transient buffers (FSDP2's gathered blocks and unsharded gradients before the reduce-scatter, DDP's and
+gloo's copies); under FSDP2 the model is built on the meta device and each rank materialises only its shards, as
+large models must be.
 Tokens/s: the global batch's tokens over the median wall time of the timed steps (rank 0, after a barrier), one
-warm-up step first; each process runs cores/W intra-op threads (at least 1).
+warm-up step first; each process runs one intra-op thread (two threads in one process on this shared 2-core machine
+ran several times slower than one, see train.md), so W processes use up to W cores: compare strategies at the same
+W, not W against W.
 """
 
 from __future__ import annotations
@@ -72,6 +77,24 @@ def _state_tensors(optimizer: Any) -> list[Any]:
             if isinstance(value, torch.Tensor)]
 
 
+def _initialise_shards(model: Any) -> None:
+    """GPT's initialisation, drawn per shard (the values need not match an unsharded model's: only memory and
+    speed are measured): N(0, 0.02) for matrices and embeddings, 1 for LayerNorm weights, 0 for biases."""
+    import torch
+
+    from optimlab.optim._dtensor import local
+
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            shard = local(parameter)
+            if name.endswith("bias"):
+                shard.zero_()
+            elif parameter.dim() == 1:
+                shard.fill_(1.0)
+            else:
+                shard.normal_(0.0, 0.02)
+
+
 def _measure(strategy: str, shape: dict[str, Any]) -> dict[str, Any]:
     """Train the model under ``strategy`` for 1 + timed steps; this rank's bytes and rank 0's step times."""
     import torch
@@ -84,16 +107,22 @@ def _measure(strategy: str, shape: dict[str, Any]) -> dict[str, Any]:
     from optimlab.train.model import GPT, GPTConfig
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=shape["vocab_size"], block_size=shape["block_size"], n_layer=shape["n_layer"],
-                          n_head=shape["n_head"], n_embd=shape["n_embd"]))
-    parameter_count = model.num_parameters()
-    forward: torch.nn.Module = model
-    if strategy == "fsdp2":
+    torch.manual_seed(rank)
+    config = GPTConfig(vocab_size=shape["vocab_size"], block_size=shape["block_size"], n_layer=shape["n_layer"],
+                       n_head=shape["n_head"], n_embd=shape["n_embd"])
+    if strategy == "fsdp2":  # built on the meta device, sharded, then each rank materialises its shards only
+        with torch.device("meta"):
+            model = GPT(config)
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)
-    elif strategy == "ddp":
+        model.to_empty(device="cpu")
+        _initialise_shards(model)
+    else:
+        model = GPT(config)
+    parameter_count = model.num_parameters()
+    forward: torch.nn.Module = model
+    if strategy == "ddp":
         forward = DistributedDataParallel(model, gradient_as_bucket_view=True)
     groups = param_groups(model, 0.1, lr=1e-3)
     if strategy == "zero1":
@@ -132,15 +161,17 @@ def worker(result: Path, strategy: str, quick: bool) -> None:
     if dist.get_rank() == 0:
         result.write_text(json.dumps(rows))
     dist.barrier()
-    dist.destroy_process_group()
+    # no destroy_process_group: gloo's teardown aborted one rank of four here ("terminate called without an active
+    # exception", after the results were written; see optimlab.train.distributed.shutdown); leave at once instead
+    sys.stdout.flush()
+    os._exit(0)
 
 
 # ---------------------------------------------------------------------------------------------- the run
 
 def _launch(world_size: int, strategy: str, quick: bool, folder: Path) -> list[dict[str, Any]]:
     result = folder / f"{strategy}-{world_size}.json"
-    threads = str(max(1, (os.cpu_count() or 1) // world_size))
-    env = {**os.environ, "OMP_NUM_THREADS": threads,
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH", "")) if p)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world_size),
                str(Path(__file__).resolve()), "--worker", str(result), "--strategy", strategy,
@@ -179,8 +210,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                 "expected_state_bytes": expected[2], "step_s": step_s,
                 "tokens_per_s": shape["global_batch"] * shape["block_size"] / step_s,
             })
-    return {"shape": shape, "parameters": single["parameters"], "threads_per_process": {
-        w: max(1, (os.cpu_count() or 1) // w) for w in WORLD_SIZES}, "cores": os.cpu_count(),
+    return {"shape": shape, "parameters": single["parameters"], "cores": os.cpu_count(),
         "load_before": load_before, "load_after": _load(), "quick": quick,
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
 
@@ -202,14 +232,14 @@ def to_markdown(results: dict[str, Any]) -> str:
         f"context {shape['block_size']}, vocabulary {shape['vocab_size']}: {results['parameters']:,} parameters; "
         f"optimlab AdamW (8 B of state per parameter); global batch {shape['global_batch']} sequences. "
         f"Measured {results['measured_at']} on {results['cores']} shared CPU cores (load average "
-        f"{results['load_before']} before, {results['load_after']} after; 1/5/15 min), gloo, intra-op threads per "
-        f"process {', '.join(f'{w}: {t}' for w, t in results['threads_per_process'].items())}"
-        + (" (--quick: a tiny model, plumbing only)" if results["quick"] else "") + ".",
+        f"{results['load_before']} before, {results['load_after']} after; 1/5/15 min), gloo, one intra-op thread per "
+        "process" + (" (--quick: a tiny model, plumbing only)" if results["quick"] else "") + ".",
         "",
         "| processes | strategy | params MiB/rank | grads MiB/rank | state MiB/rank | state expected | "
         "P+G+S MiB/rank | P+G+S expected | measured/expected | peak RSS MiB/rank | tokens/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    ratios = []
     for row in results["rows"]:
         total = [p + g + s for p, g, s in zip(row["param_bytes"], row["grad_bytes"], row["state_bytes"])]
         expected_total = row["expected_param_bytes"] + row["expected_grad_bytes"] + row["expected_state_bytes"]
@@ -218,6 +248,9 @@ def to_markdown(results: dict[str, Any]) -> str:
             f"{_mib(row['state_bytes'])} | {row['expected_state_bytes'] / MIB:.1f} | {_mib(total)} | "
             f"{expected_total / MIB:.1f} | {max(total) / expected_total:.3f} | {_mib(row['peak_rss_bytes'])} | "
             f"{row['tokens_per_s']:,.0f} |")
+        ratios.append(max(total) / expected_total)
+    lines += ["", f"Largest rank's parameters + gradients + state against the expected bytes: {min(ratios):.4f} to "
+              f"{max(ratios):.4f} over the {len(ratios)} configurations."]
     return "\n".join(lines) + "\n"
 
 

@@ -59,7 +59,7 @@ def test_markdown_shows_measured_against_expected(bench: ModuleType, tmp_path: P
            "state_bytes": [2 * mib, 2 * mib], "peak_rss_bytes": [300 * mib, 300 * mib],
            "expected_param_bytes": 2 * mib, "expected_grad_bytes": mib, "expected_state_bytes": 2 * mib,
            "step_s": 0.5, "tokens_per_s": 1024.0}
-    results = {"shape": bench.QUICK, "parameters": 1000, "threads_per_process": {1: 2, 2: 1, 4: 1}, "cores": 2,
+    results = {"shape": bench.QUICK, "parameters": 1000, "cores": 2,
                "load_before": "1.0 / 1.0 / 1.0", "load_after": "1.0 / 1.0 / 1.0", "quick": True,
                "measured_at": "2026-12-04 23:00 UTC", "rows": [row]}
     table = bench.to_markdown(results)
