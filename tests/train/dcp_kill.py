@@ -1,10 +1,10 @@
-"""A sharded-checkpoint write killed with SIGKILL at one point (test_dcp_checkpoint.py forks a process for it).
+"""A sharded-checkpoint write killed with SIGKILL at one point (test_dcp_checkpoint.py forks a process to run it).
 
-``main(DIR, POINT)`` (or ``python dcp_kill.py DIR POINT``): the process saves a small model as ``DIR/checkpoint.dcp`` at step 1, trains a
-step, then saves step 2 and kills itself (SIGKILL) at POINT: ``write`` (the shards written, no manifest yet),
-``rename`` (the temporary folder complete, not yet renamed) or ``flip`` (the version renamed, the link not yet
-flipped). Before that it writes ``DIR/step1.pt``: the parameters saved at step 1.
-"""
+``main(DIR, POINT)`` (or ``python dcp_kill.py DIR POINT``): the process saves a small model as
+``DIR/checkpoint.dcp`` at step 1, trains a step, then saves step 2 and kills itself (SIGKILL) at POINT: ``write``
+(the shards written, no manifest yet), ``rename`` (the temporary folder complete, not yet renamed) or ``flip``
+(the version renamed, the link not yet flipped). Before that it writes ``DIR/step1.pt``: the parameters saved at
+step 1."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ Tolerances:
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -27,7 +28,7 @@ import pytest
 import torch
 from dcp_worker import SAVE_AT, STEPS, single_from_sharded, single_process
 
-from optimlab.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from optimlab.train.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint, save_checkpoint
 from optimlab.train.dcp_checkpoint import (
     MANIFEST_NAME,
     SHARDED_KEY,
@@ -191,6 +192,26 @@ def test_a_write_killed_at_any_point_keeps_the_last_good_checkpoint(tmp_path: Pa
     assert not list(tmp_path.glob(".checkpoint.dcp.*"))
     if point == "flip":  # the new version was complete: it is kept as a previous one, intact
         assert [(step, verify_sharded(path)["step"]) for step, path in files.previous()] == [(2, 2)]
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    model, optimizer = _trained(1)
+    files = ShardedCheckpointFiles(tmp_path)
+    files.save(model, optimizer, {"step": 1})
+
+    def full(descriptor: int) -> None:  # DCP fsyncs every file it writes
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(CheckpointWriteError) as caught:
+        files.save(model, optimizer, {"step": 2})
+    monkeypatch.undo()
+    assert str(caught.value) == (f"cannot write checkpoint to {tmp_path}: rank 0: no space left on device; the "
+                                 "previous checkpoint checkpoint.step1.dcp is intact")
+    assert os.readlink(files.latest) == "checkpoint.step1.dcp" and [s for s, _ in files.versions()] == [1]
+    assert not list(tmp_path.glob(".checkpoint.dcp.*"))  # the temporary folder is gone
+    assert load_sharded(files.latest, *_small()) == {"step": 1}
 
 
 def test_extra_must_name_its_step(tmp_path: Path) -> None:

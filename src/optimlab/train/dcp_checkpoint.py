@@ -335,19 +335,27 @@ class ShardedCheckpointFiles:
                 message = f"cannot write checkpoint to {self.folder}: {os_error_text(err)}"
         message = _from_rank0(message)
         if message is not None:
-            raise CheckpointWriteError(message)
+            raise CheckpointWriteError(f"{message}; {self._intact()}")
         try:
             model_state, optimizer_state = get_state_dict(model, optimizer)
             _write_folder(temporary, {"model": model_state, "optimizer": optimizer_state}, extra,
                           distributed=distributed)
             outcome = self._publish(temporary, step) if _rank() == 0 else None
             outcome = _from_rank0(outcome)
+        except CheckpointWriteError as error:
+            raise CheckpointWriteError(f"{error}; {self._intact()}") from None
         finally:
             if _rank() == 0:
                 shutil.rmtree(temporary, ignore_errors=True)
         if isinstance(outcome, str):
-            raise CheckpointWriteError(outcome)
+            raise CheckpointWriteError(f"{outcome}; {self._intact()}")
         return Path(outcome[0])
+
+    def _intact(self) -> str:
+        current = self.current()
+        if current is None:
+            return "no checkpoint was written"
+        return f"the previous checkpoint {current.name} is intact"
 
     def _publish(self, temporary: Path, step: int) -> tuple[str] | str:
         """Rank 0: rename the finished folder to its version name, flip the link, prune. Returns ``(the version's
@@ -368,9 +376,7 @@ class ShardedCheckpointFiles:
             os.replace(link, self.latest)
             _fsync_folder(self.folder)
         except OSError as err:
-            intact = (f"the previous checkpoint {current.name} is intact" if current is not None
-                      else "no checkpoint was written")
-            return f"cannot write checkpoint to {self.folder}: {os_error_text(err)}; {intact}"
+            return f"cannot write checkpoint to {self.folder}: {os_error_text(err)}"
         for _, old in self.previous()[self.keep - 1:]:
             shutil.rmtree(old, ignore_errors=True)
         return (str(version),)
@@ -502,7 +508,8 @@ def read_training_checkpoint(path: str | Path) -> dict[str, Any]:
     """The trainer's checkpoint at ``path`` in either layout, verified: a single file's payload
     (:func:`~optimlab.train.checkpoint.load_checkpoint`), or a sharded checkpoint's ``extra`` (the same entries but
     the model and optimizer, which :func:`load_sharded` loads later into the sharded model) with
-    ``payload[SHARDED_KEY]`` its folder. Raises :class:`CheckpointError` (one line) otherwise. Not collective: the launcher calls it in one process."""
+    ``payload[SHARDED_KEY]`` its folder. Raises :class:`CheckpointError` (one line) otherwise. Not collective: the
+    launcher calls it in one process."""
     if checkpoint_layout(path) != "sharded":
         return load_checkpoint(path)
     directory = _sharded_directory(path)
