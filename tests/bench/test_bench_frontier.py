@@ -75,6 +75,18 @@ def test_sam_in_a_bench_stores_and_summarises_gradient_evaluations(tmp_path) -> 
     assert rows["asam-sgd"]["grad_evals_per_step"] == 2.0 and rows["sgd-momentum"]["grad_evals_per_step"] == 1.0
     reached = rows["asam-sgd"]
     assert reached["reached"] and reached["grad_evals_to_target_mean"] == 2 * reached["steps_to_target_mean"]
+    from optimlab.bench.report import write_report
+
+    with Store(tmp_path / "sam.db", readonly=True) as store:
+        write_report(store, result.run_id, tmp_path / "report")
+    assert (tmp_path / "report" / "quadratic-grad-evals-to-target.png").is_file()  # a chart of its own for SAM
+    assert "quadratic: gradient evaluations until gap" in (tmp_path / "report" / "index.html").read_text()
+    plain = run_bench(tiny_config(optimizers=("sgd-momentum",), trials=2, seeds=2, steps=120), tmp_path / "sam.db",
+                      quiet=True)  # one gradient evaluation per step: no such chart
+    with Store(tmp_path / "sam.db", readonly=True) as store:
+        write_report(store, plain.run_id, tmp_path / "plain")
+    assert (tmp_path / "plain" / "quadratic-steps-to-target.png").is_file()
+    assert not list((tmp_path / "plain").glob("*grad-evals*"))
 
 
 def test_learning_rate_free_optimizers_keep_lr_one_unless_asked() -> None:
@@ -147,3 +159,4 @@ def test_report_shows_gradient_evaluations_and_d(tmp_path) -> None:
     page = (tmp_path / "report" / "index.html").read_text()
     assert "<th>d found (lr-free)</th>" in page and "<th>gradient evaluations to target</th>" in page
     assert f'data-value="{rows["prodigy"]["d_mean"]!r}"' in page
+

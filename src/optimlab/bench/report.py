@@ -6,7 +6,8 @@ Per task: the comparison table (best configuration per optimizer: hyperparameter
 95 % Student-t interval and seeds, steps, gradient evaluations and whole-step seconds to target, ms per
 optimizer step, state bytes per parameter, the step size ``d`` a learning-rate-free optimizer found), the sensitivity plot (metric against learning rate for every tuning trial), loss
 curves (EMA-smoothed on noisy tasks, raw faint), steps/time-to-target bars when some seed reached the
-target (a sentence otherwise), the learning-rate curves when a schedule is not constant, and for test
+target (a sentence otherwise; gradient evaluations to target too when an optimizer takes more than one per
+step, as SAM does), the learning-rate curves when a schedule is not constant, and for test
 functions the 2-D trajectories or the final parameters against the minimiser. Every number cell carries
 its exact stored value in a ``data-value`` attribute.
 """
@@ -161,11 +162,14 @@ def _task_figures(store: Store, run_id: int, task: str, info: dict[str, Any], ro
 
     target = f"{info['metric']} {'<=' if info['mode'] == 'min' else '>='} {info['target']:g}"
     if any(row["reached"] for row in rows):
-        for key, label_text, ylabel_text in (("steps_to_target", "steps", "optimizer steps"),
-                                             ("time_to_target", "seconds", "whole-step wall time (s)")):
+        charts = [("steps_to_target", "steps", "optimizer steps"),
+                  ("time_to_target", "seconds", "whole-step wall time (s)")]
+        if any((row.get("grad_evals_per_step") or 1.0) > 1.0 for row in rows):  # SAM: two per step
+            charts.insert(1, ("grad_evals_to_target", "gradient evaluations", "forward + backward passes"))
+        for key, label_text, ylabel_text in charts:
             values = {}
             for label, trials in finals.items():
-                reached = [t[key] for t in trials if t[key] is not None]
+                reached = [t[key] for t in trials if t.get(key) is not None]
                 mean = float(np.mean(reached)) if reached else None
                 std = float(np.std(reached, ddof=1)) if len(reached) > 1 else None
                 values[label] = (mean, std, f"{len(reached)}/{len(trials)} reached")
