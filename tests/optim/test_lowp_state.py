@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from optimlab.optim.lowp_state import (
     dequantize_blockwise,
     dither_seed,
     dynamic_code,
+    load_moments,
     quantize_blockwise,
     resolve_state_dtype,
     round_to_bfloat16,
@@ -359,3 +361,29 @@ def test_adam_state_dtype_group_key_is_validated() -> None:
         Adam(_adam_group([torch.nn.Parameter(torch.ones(3, dtype=torch.complex64))], "bfloat16"))
     optimizer = AdamW(_adam_group([torch.nn.Parameter(torch.ones(3))], "bf16"))
     assert optimizer.param_groups[0]["state_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_checkpoint_of_the_previous_code_loads_unchanged(state_dtype: str, fused: bool) -> None:
+    """``data/lowp_state_0c15a26.pt`` was written by commit 0c15a26's code (AdamW, 3 eager steps, a 7x60 and a
+    300-value parameter: int8 blocks that end inside a row, a partial last block), before the native kernels and
+    the counter-based rounding noise. The stored format did not change (bf16 moments; int8 indices into the
+    dynamic tree code over flat 256-value blocks with float32 scales), so no migration is needed: today's
+    optimizer loads it, decodes exactly the moments the old code decoded, and keeps training (eager and fused)."""
+    saved = torch.load(Path(__file__).with_name("data") / "lowp_state_0c15a26.pt")[state_dtype]
+    params = [p.clone() for p in saved["params"]]
+    optimizer = AdamW(params, lr=1e-2, weight_decay=0.1, state_dtype=state_dtype,
+                      **({"fused": True} if fused else {"foreach": False}))
+    optimizer.load_state_dict(saved["state_dict"])
+    for index, param in enumerate(params):
+        state = optimizer.state[param]
+        assert state["exp_avg"].dtype == (torch.bfloat16 if state_dtype == "bfloat16" else torch.int8)
+        for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+            decoded = load_moments([state], key, [param], signed=signed)[0]
+            assert torch.equal(decoded, saved["decoded"][key][index]), (key, index)
+    for param in params:
+        param.grad = torch.ones_like(param)
+    optimizer.step()
+    assert all(torch.isfinite(p).all() and not torch.equal(p, q) for p, q in zip(params, saved["params"]))
+    assert float(optimizer.state[params[0]]["step"]) == 4
