@@ -255,23 +255,13 @@ extern "C" void adam_lowp(int64_t count, const int64_t* sizes, float* const* par
                bias_correction2_sqrt, eps, step_size};
   const Tensors x{sizes, params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_avg_sq_scales, starts_avg,
                   starts_avg_sq};
-  if (maximize) {
-    if (coupled) {
-      if (small) adam_tensors<true, true, true>(a, x, count, codes, threads);
-      else adam_tensors<true, true, false>(a, x, count, codes, threads);
-    } else {
-      if (small) adam_tensors<true, false, true>(a, x, count, codes, threads);
-      else adam_tensors<true, false, false>(a, x, count, codes, threads);
-    }
-  } else {
-    if (coupled) {
-      if (small) adam_tensors<false, true, true>(a, x, count, codes, threads);
-      else adam_tensors<false, true, false>(a, x, count, codes, threads);
-    } else {
-      if (small) adam_tensors<false, false, true>(a, x, count, codes, threads);
-      else adam_tensors<false, false, false>(a, x, count, codes, threads);
-    }
-  }
+  // the eight instantiations, indexed by (maximize, coupled, small)
+  using Step = void (*)(const Adam&, const Tensors&, int64_t, const Code*, int);
+  static const Step steps[8] = {
+      adam_tensors<false, false, false>, adam_tensors<false, false, true>, adam_tensors<false, true, false>,
+      adam_tensors<false, true, true>,   adam_tensors<true, false, false>, adam_tensors<true, false, true>,
+      adam_tensors<true, true, false>,   adam_tensors<true, true, true>};
+  steps[(maximize ? 4 : 0) + (coupled ? 2 : 0) + (small ? 1 : 0)](a, x, count, codes, threads);
 }
 """
 

@@ -34,9 +34,10 @@ Adam's :math:`\beta_2 = 0.999`), less than half a quantisation step, so round-to
 many entries stuck and the error builds up to about :math:`\tfrac{1}{1-\beta}` half-steps;
 stochastic rounding is unbiased, so it does not. On the digits MLP round-to-nearest left int8 Lion
 about 8 % above, and int8 AdamW about 5 % below, the final loss of float32 state; with stochastic
-rounding both are within 1 % (``docs/modern_optimizers.md``). The random numbers are a hash of
-(step, element index, moment name), so runs are deterministic and every path (per-tensor, foreach,
-param groups, a resumed checkpoint) rounds identically.
+rounding both are within 1 % (``docs/modern_optimizers.md``). The random numbers are counter-based
+noise of (step, moment name, global element index) (:func:`_hash_from`), so runs are deterministic and
+every path (per-tensor, foreach, fused, native, param groups, a resumed checkpoint, FSDP2 shards)
+rounds identically.
 
 The fused path (``fused=True`` with a low-precision ``state_dtype``, :func:`fused_lowp_step`) does not
 decode into working copies and store them back as separate passes over memory: the optimizer's
@@ -45,7 +46,16 @@ and ``torch.compile`` turns the whole wrapper into one compiled function per ten
 single loop), the hash computed in the kernel from the element index and a per-step start passed
 as data. It writes the same numbers as the
 eager path, except where the compiled rule rounds an fp32 intermediate differently (one stored step,
-on a small fraction of the values; ``tests/optim/test_lowp_fused.py`` bounds both).
+on a small fraction of the values; ``tests/optim/test_lowp_fused.py`` bounds both). Adam and AdamW
+(without amsgrad or the cautious mask) take a hand-written vectorised C++ kernel instead
+(:mod:`optimlab.optim._lowp_native`: Inductor's CPU code does float/int bit casts one value at a time),
+one call per step for all their tensors.
+
+Sharded parameters (FSDP2's DTensors, ``Shard(0)`` or ``Replicate`` on a 1-D mesh): each rank stores its
+part of exactly what the unsharded optimizer stores. The noise of a local element uses its global index
+(the shard's offset, :func:`_local_range`); int8 keeps the flat 256-value blocks of the whole tensor,
+the codes sharded like the parameter and the block scales a replicated DTensor: a block split between
+ranks gets the maximum of the ranks' partial maxima (one MAX all-reduce per moment and tensor, exact).
 """
 
 from __future__ import annotations
