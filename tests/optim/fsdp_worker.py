@@ -4,7 +4,8 @@ Usage: ``torchrun --nproc-per-node 2 fsdp_worker.py OUT``. For each optimizer co
 a small MLP wrapped with ``fully_shard`` per layer and at the root (its parameters become DTensors sharded
 over the 2 gloo ranks, one of them unevenly: 9 rows) on its own batches, and beside it an unsharded copy with
 the same optimizer whose gradient is the mean of both ranks' batch gradients (what FSDP2's reduce-scatter
-computes). Writes ``OUT/rank{r}.json``: per configuration the largest deviation of the full parameters from
+computes). Writes ``OUT/rank{r}.json``: per configuration the largest deviation of the full parameters (and, for the
+low-precision configurations, of the gathered stored moments: bf16 values, int8 codes and block scales) from
 the unsharded copy's (or the error raised), Newton-Schulz calls per rank, and the deviation of a per-shard
 orthogonalisation from the full matrix's.
 """
@@ -81,7 +82,16 @@ def deviation(name: str, options: dict, rank: int) -> float:
             optimizer.step()
             optimizer.zero_grad()
     with torch.no_grad():
-        return max(float((a - b.full_tensor()).abs().max()) for a, b in zip(reference.parameters(), sharded.parameters()))
+        worst = max(float((a - b.full_tensor()).abs().max()) for a, b in zip(reference.parameters(), sharded.parameters()))
+        if wide:  # low-precision state: the gathered stored moments (bf16 values, int8 codes, block scales) too
+            for a, b in zip(reference.parameters(), sharded.parameters()):
+                whole, shards = optimizers[0].state[a], optimizers[1].state[b]
+                assert whole.keys() == shards.keys(), (whole.keys(), shards.keys())
+                for key, stored in whole.items():
+                    gathered = shards[key].full_tensor() if hasattr(shards[key], "full_tensor") else shards[key]
+                    assert gathered.dtype == stored.dtype and gathered.shape == stored.shape, key
+                    worst = max(worst, float((gathered.double() - stored.double()).abs().max()))
+        return worst
 
 
 def per_shard_deviation() -> float:
