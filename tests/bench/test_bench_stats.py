@@ -107,6 +107,9 @@ def test_deterministic_gaps_below_the_target_tie():
     assert accuracy.kind == "tie" and "both meet the target" in accuracy.text  # max mode: both >= 0.9
     noisy = verdict("t", [row("a", [0.95, 0.951, 0.952]), row("b", [0.99, 0.991, 0.992])])
     assert noisy.kind == "winner"  # the rule is for deterministic tasks only: seeds' noise decides elsewhere
+    runs = compare_groups(gap("adam", 5e-7), gap("adam", 0.0))  # `runs compare`: the same rule
+    assert runs == ("both meet the target", None)
+    assert compare_groups(gap("adam", 2e-3), gap("adam", 0.0))[0] == "b"
 
 
 def test_nothing_reached_crowns_nobody():

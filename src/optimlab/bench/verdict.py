@@ -170,7 +170,8 @@ def lr_warnings(rows: Sequence[dict[str, Any]], factor: float = BOUND_FACTOR) ->
 
 def compare_groups(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, float | None]:
     """Which of two summary rows of the same configuration is better beyond the noise:
-    ``("a" | "b" | "within noise" | "noise unknown", Welch p or None)``."""
+    ``("a" | "b" | "within noise" | "both meet the target" | "noise unknown", Welch p or None)``; on a
+    deterministic task two different results that both meet the target are not ranked (as in :func:`verdict`)."""
     if not a["metric_values"] or not b["metric_values"]:
         return "—", None
     deterministic = a["deterministic"] and b["deterministic"]
@@ -181,6 +182,8 @@ def compare_groups(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, float | N
         return "noise unknown", p
     if not different:
         return "within noise", p
+    if deterministic and meets_target(a) and meets_target(b):
+        return "both meet the target", None
     sign = 1.0 if a["mode"] == "min" else -1.0
     return ("a" if sign * a["metric_mean"] < sign * b["metric_mean"] else "b"), p
 
