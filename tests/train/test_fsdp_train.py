@@ -168,10 +168,20 @@ def test_monitor_records_the_whole_tensors_figures(agreement: list[dict]) -> Non
     assert agreement[0]["monitor"][1] == agreement[1]["monitor"][1]
 
 
-def test_fsdp_in_one_process_equals_the_unsharded_run(tmp_path: Path, text_file: Path) -> None:
-    # --fsdp without --nproc-per-node: a one-rank process group, every parameter a DTensor of one shard
-    runs = {fsdp: _train(tiny_config(tmp_path / f"fsdp{fsdp}", text_file, steps=4, fsdp=fsdp)) for fsdp in (False, True)}
-    assert runs[True] == runs[False]
+@pytest.mark.parametrize("name", ["adamw", "schedule-free-adamw"])
+def test_fsdp_in_one_process_equals_the_unsharded_run(tmp_path: Path, text_file: Path, name: str) -> None:
+    # --fsdp without --nproc-per-node: a one-rank process group, every parameter a DTensor of one shard; the
+    # same losses, validation losses (schedule-free: on its evaluation weights) and generated text
+    runs = {}
+    for fsdp in (False, True):
+        trainer = Trainer(tiny_config(tmp_path / f"fsdp{fsdp}", text_file, steps=4, fsdp=fsdp, optimizer=name,
+                                      sample_chars=10), quiet=True)
+        try:
+            result = trainer.train()
+        finally:
+            trainer.close()
+        runs[fsdp] = (result.losses, result.val_losses, result.sample)
+    assert runs[True] == runs[False] and len(runs[True][2]) == 10
     models = [_checkpoint(tmp_path / f"fsdp{fsdp}")["model"] for fsdp in (False, True)]
     assert _largest_difference(*models) == 0.0
     assert not torch.distributed.is_initialized()  # the trainer left the group it created
