@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import REPO, run_cli
+from train_helpers import REPO
 
 from optimlab.train.dcp_checkpoint import SHARDED_LATEST_NAME, latest_checkpoint, whole_checkpoint
 
@@ -56,18 +56,26 @@ def _losses(run: Path) -> dict[int, float]:
         return {int(row["step"]): float(row["train_loss"]) for row in csv.DictReader(handle) if row["train_loss"]}
 
 
+def _start(*args: str) -> subprocess.Popen:
+    """``python -m optimlab <args>`` started (one intra-op thread), its output captured."""
+    return subprocess.Popen([sys.executable, "-m", "optimlab", *args], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _finish(job: subprocess.Popen) -> tuple[int, str]:
+    _, stderr = job.communicate(timeout=300)
+    return job.returncode, stderr
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> dict:
+    """The reference and the job to kill run side by side, then the two resumes (each job its own free port)."""
     root = tmp_path_factory.mktemp("fsdp-kill")
-    reference = run_cli("train", "--out", str(root / "reference"), "--data", str(text_file), *TINY, "--nproc-per-node",
-                        "2", "--stop-at", str(STOP), timeout=300)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-
     killed = root / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    job = subprocess.Popen([sys.executable, "-m", "optimlab", "train", "--out", str(killed), "--data", str(text_file),
-                            *TINY, "--nproc-per-node", "2"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    reference = _start("train", "--out", str(root / "reference"), "--data", str(text_file), *TINY, "--nproc-per-node",
+                       "2", "--stop-at", str(STOP))
+    job = _start("train", "--out", str(killed), "--data", str(text_file), *TINY, "--nproc-per-node", "2")
     deadline = time.monotonic() + 240
     while not (killed / SHARDED_LATEST_NAME).exists() and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -75,17 +83,19 @@ def runs(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> dict:
     assert victim is not None and job.poll() is None, "the job ended before a rank could be killed"
     os.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()
-    _, stderr = job.communicate(timeout=120)
+    returncode, stderr = _finish(job)
     ended_after = time.monotonic() - killed_at
     step = whole_checkpoint(latest_checkpoint(killed))["step"]
     shutil.copytree(killed, root / "one-rank", symlinks=True)
-
-    two = run_cli("train", "--out", str(killed), "--resume", "--nproc-per-node", "2", "--master-port", "0", "--stop-at",
-                  str(STOP), "-q", timeout=300)
-    one = run_cli("train", "--out", str(root / "one-rank"), "--resume", "--batch-size", "8", "--stop-at", str(STOP),
-                  "-q", timeout=300)
-    return {"root": root, "returncode": job.returncode, "stderr": stderr, "victim": victim,
-            "ended_after": ended_after, "step": step, "two": two, "one": one}
+    resumes = {"two": _start("train", "--out", str(killed), "--resume", "--nproc-per-node", "2", "--master-port", "0",
+                             "--stop-at", str(STOP), "-q"),
+               "one": _start("train", "--out", str(root / "one-rank"), "--resume", "--batch-size", "8", "--stop-at",
+                             str(STOP), "-q")}
+    finished = {name: _finish(resume) for name, resume in resumes.items()}
+    reference_code, reference_stderr = _finish(reference)
+    assert reference_code == 0, reference_stderr[-3000:]
+    return {"root": root, "returncode": returncode, "stderr": stderr, "victim": victim, "ended_after": ended_after,
+            "step": step, **finished}
 
 
 @pytest.mark.slow
@@ -100,7 +110,7 @@ def test_the_job_ends_within_seconds_naming_the_killed_rank(runs: dict) -> None:
 
 @pytest.mark.slow
 def test_resume_on_two_ranks_is_bit_for_bit(runs: dict) -> None:
-    assert runs["two"].returncode == 0, runs["two"].stderr[-3000:]
+    assert runs["two"][0] == 0, runs["two"][1][-3000:]
     root = runs["root"]
     resumed, reference = (whole_checkpoint(latest_checkpoint(root / name)) for name in ("killed", "reference"))
     assert resumed["step"] == reference["step"] == STOP and resumed["resumes"][-1]["step"] == runs["step"]
@@ -114,7 +124,7 @@ def test_resume_on_two_ranks_is_bit_for_bit(runs: dict) -> None:
 
 @pytest.mark.slow
 def test_resume_on_one_rank_reshards_to_equal_losses(runs: dict) -> None:
-    assert runs["one"].returncode == 0, runs["one"].stderr[-3000:]
+    assert runs["one"][0] == 0, runs["one"][1][-3000:]
     root = runs["root"]
     one, reference = _losses(root / "one-rank"), _losses(root / "reference")
     assert sorted(one) == sorted(reference) == list(range(1, STOP + 1))
