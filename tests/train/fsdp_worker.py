@@ -4,6 +4,7 @@ Usage: ``torchrun --nproc-per-node 2 fsdp_worker.py ROOT DATA``. Joins one gloo 
 
 * trains the tiny GPT with ``fsdp=True`` (per-rank batch 4, sharded checkpoints at steps 3 and 6) for each
   optimizer of ``FSDP_OPTIMIZERS``, in ``ROOT/<name>``;
+* trains ``adamw`` with 2 micro-batches per step (``ROOT/adamw-accum2``);
 * trains ``adamw`` and ``adafactor`` again, stopped at step ``FSDP_STOP`` and resumed (``ROOT/<name>-resumed``);
 * resumes the one-process run ``ROOT/single-adamw``'s single-file checkpoint of step 3 (written by the test)
   under FSDP2 (``ROOT/adamw-from-single``);
@@ -116,6 +117,10 @@ def main(root: Path, data: Path) -> None:
             trainer.close()
             if context.is_main:
                 (root / name / "losses.json").write_text(json.dumps(result.losses))
+        trainer = Trainer(tiny_config(root / "adamw-accum2", data, batch_size=4, accum=2, steps=FSDP_STOP, fsdp=True),
+                          context, quiet=True)
+        (root / "adamw-accum2" / "losses.json").write_text(json.dumps(trainer.train().losses))
+        trainer.close()
         for name in ("adamw", "adafactor"):
             config = tiny_config(root / f"{name}-resumed", data, batch_size=4, steps=FSDP_STEPS, fsdp=True,
                                  optimizer=name)

@@ -59,6 +59,8 @@ def fsdp_runs(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> Path
     small = root / "small.txt"  # 1500 characters: 9 validation windows of 16
     small.write_text(text_file.read_text(encoding="utf-8")[:1500], encoding="utf-8")
     _train(tiny_config(root / "single-small-eval", small, batch_size=8, steps=1))
+    losses = _train(tiny_config(root / "single-adamw-accum2", text_file, batch_size=8, accum=2, steps=FSDP_STOP))
+    (root / "single-adamw-accum2" / "losses.json").write_text(json.dumps(losses))
     for name in FSDP_OPTIMIZERS:
         losses = _train(tiny_config(root / f"single-{name}", text_file, batch_size=8, steps=FSDP_STEPS, optimizer=name,
                                     checkpoint_every=FSDP_STOP))
@@ -92,6 +94,17 @@ def test_fsdp_two_processes_equal_one_process_with_twice_the_batch(fsdp_runs: Pa
     loss_tolerance, parameter_tolerance = TOLERANCES.get(name, REDUCTION_ORDER)
     assert max(abs(a - b) for a, b in zip(*losses)) <= loss_tolerance, losses
     assert _largest_difference(sharded["model"], single["model"]) <= parameter_tolerance
+
+
+@pytest.mark.slow
+def test_fsdp_gradient_accumulation_equals_one_process(fsdp_runs: Path) -> None:
+    # 2 micro-batches a step: each one's gradients reduce-scattered into the sharded gradients (no no_sync)
+    losses = [json.loads((fsdp_runs / name / "losses.json").read_text()) for name in ("adamw-accum2",
+                                                                                   "single-adamw-accum2")]
+    assert len(losses[0]) == len(losses[1]) == FSDP_STOP
+    assert max(abs(a - b) for a, b in zip(*losses)) <= REDUCTION_ORDER[0]
+    sharded, single = _checkpoint(fsdp_runs / "adamw-accum2"), _checkpoint(fsdp_runs / "single-adamw-accum2")
+    assert _largest_difference(sharded["model"], single["model"]) <= REDUCTION_ORDER[1]
 
 
 @pytest.mark.slow
