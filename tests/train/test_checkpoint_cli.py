@@ -136,6 +136,14 @@ def test_a_sharded_checkpoint_resumes_without_fsdp_as_its_single_file(run: Path,
     assert _same(*models)
 
 
+def test_a_sharded_checkpoint_cannot_resume_under_zero(converted: tuple[Path, Path], tmp_path: Path) -> None:
+    line = _one_line_error(invoke("train", "--out", str(tmp_path / "other"), "--resume-from", str(converted[0]),
+                                  "--zero", "--nproc-per-node", "2", "--batch-size", "2", "--master-port", "0"))
+    assert line == (f"error: Invalid zero: {converted[0]} is a sharded checkpoint, which --zero cannot load; resume "
+                    "it with --fsdp or without --zero, or convert it with `optimlab checkpoint convert`")
+    assert not (tmp_path / "other").exists()
+
+
 def test_a_damaged_sharded_checkpoint_is_refused_by_convert(converted: tuple[Path, Path], tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     import shutil
