@@ -12,9 +12,9 @@ import torch
 from analysis_problems import Point, quadratic_loss, random_symmetric
 from torch import nn
 
-from optimlab.analysis._params import supervised_loss
+from optimlab.analysis._params import supervised_loss, training_step
 from optimlab.analysis.lr_find import lr_find, lr_schedule, plot_lr_find, smooth_losses, steepest_descent_index
-from optimlab.optim.registry import create_optimizer, get_spec, list_optimizers, needs_closure
+from optimlab.optim.registry import create_optimizer, get_spec, list_optimizers
 
 
 def _noisy_quadratic(seed: int):
@@ -29,7 +29,7 @@ def _noisy_quadratic(seed: int):
     return model, quadratic_loss(matrix), shifts, curvature
 
 
-@pytest.mark.parametrize("name", ["torch.sgd", "sgd"])
+@pytest.mark.parametrize("name", ["torch.sgd", "sgd", "sam-sgd"])
 def test_suggestion_lies_in_stable_range_of_quadratic(name):
     for seed in range(12):
         model, loss_fn, shifts, curvature = _noisy_quadratic(seed)
@@ -56,9 +56,7 @@ def _adam_setup(name: str):
     data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(5)]
     loss_fn = supervised_loss(nn.functional.cross_entropy)
     for batch in data[:3]:  # non-empty optimizer state and BatchNorm statistics
-        optimizer.zero_grad()
-        loss_fn(model, batch).backward()
-        optimizer.step()
+        training_step(model, optimizer, loss_fn, batch)
     model.eval()
     return model, optimizer, loss_fn, data
 
@@ -78,7 +76,7 @@ def _assert_nested_equal(a, b):
         assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
 
 
-@pytest.mark.parametrize("name", [n for n in list_optimizers() if not needs_closure(n)])  # lr_find steps without one
+@pytest.mark.parametrize("name", list_optimizers())
 def test_model_optimizer_and_rng_restored_bitwise(name):
     model, optimizer, loss_fn, data = _adam_setup(name)
     twin_model = copy.deepcopy(model)
@@ -100,10 +98,8 @@ def test_model_optimizer_and_rng_restored_bitwise(name):
     # the optimizer still references the model's parameters: the next step is identical to the twin's
     for m, opt in ((model, optimizer), (twin_model, twin_optimizer)):
         m.train()
-        opt.zero_grad()
         torch.manual_seed(1)
-        loss_fn(m, data[0]).backward()
-        opt.step()
+        training_step(m, opt, loss_fn, data[0])
     for p, q in zip(model.parameters(), twin_model.parameters()):
         assert torch.equal(p, q)
 

@@ -1,5 +1,6 @@
 """Helpers shared by the analysis tools: snapshots of a model's and an optimizer's state that are
-restored bitwise, flat views of a parameter list, and evaluating a loss over one batch or several.
+restored bitwise, flat views of a parameter list, evaluating a loss over one batch or several, and one
+training step (with a closure for the optimizers that need one).
 
 Throughout :mod:`optimlab.analysis`, a *loss function* is a callable ``loss_fn(model, batch) -> Tensor``
 returning a scalar; :func:`supervised_loss` builds one from a criterion such as
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from optimlab.optim.registry import needs_closure
+
 __all__ = [
     "LossFn",
     "supervised_loss",
@@ -28,6 +31,7 @@ __all__ = [
     "mean_loss",
     "as_batches",
     "cycle_batches",
+    "training_step",
 ]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -163,3 +167,27 @@ def cycle_batches(data: Iterable[Any]) -> Iterator[Any]:
             yield batch
         if not produced:
             raise ValueError("Invalid data: the iterable yielded no batch (an exhausted generator?)")
+
+
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, batch: Any) -> float:
+    """One step on ``batch``: clear the gradients, ``loss_fn(model, batch)``, backward, ``optimizer.step()``;
+    returns the loss before the step.
+
+    An optimizer the registry marks ``needs_closure`` (SAM, LBFGS) gets ``step(closure)`` instead, the closure
+    clearing the gradients and evaluating the same ``batch`` again (SAM calls it twice, LBFGS up to ``max_eval``
+    times); the loss returned is the closure's first, at the parameters before the step.
+    """
+    def closure() -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model, batch)
+        loss.backward()
+        losses.append(float(loss.detach()))
+        return loss
+
+    losses: list[float] = []
+    if needs_closure(optimizer):
+        optimizer.step(closure)
+    else:
+        closure()
+        optimizer.step()
+    return losses[0]

@@ -30,7 +30,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from optimlab.analysis._params import LossFn, cycle_batches, preserved_model, preserved_optimizer
+from optimlab.analysis._params import LossFn, cycle_batches, preserved_model, preserved_optimizer, training_step
 from optimlab.io import atomic_savefig
 from optimlab.progress import progress
 
@@ -172,7 +172,8 @@ def lr_find(
     Args:
         model: the model to train; its parameters, buffers, gradients and train/eval flags come back bitwise.
         optimizer: any ``torch.optim.Optimizer`` over ``model``'s parameters (torch's or optimlab's); every
-            param group gets the same LR at each step; its ``state_dict`` comes back bitwise.
+            param group gets the same LR at each step; its ``state_dict`` comes back bitwise. One the registry
+            marks ``needs_closure`` (SAM) steps with a closure on the step's batch (:func:`training_step`).
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
         data: an iterable of batches (a DataLoader, a list); restarted when exhausted.
         start_lr, end_lr, num_iter, mode: the LR sweep (:func:`lr_schedule`).
@@ -198,11 +199,7 @@ def lr_find(
         model.train()
         for i, lr in enumerate(lrs):
             _set_lr(optimizer, lr)
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model, next(batches))
-            loss.backward()
-            optimizer.step()
-            raw = float(loss.detach())
+            raw = training_step(model, optimizer, loss_fn, next(batches))
             current = ema.update(raw)
             taken.append(lr)
             losses.append(raw)

@@ -20,7 +20,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from optimlab.analysis._params import LossFn, as_batches, cycle_batches, mean_loss
+from optimlab.analysis._params import LossFn, as_batches, cycle_batches, mean_loss, training_step
 from optimlab.analysis.hessian import HessianOperator, lanczos_eigenvalues, stability_bound
 from optimlab.io import atomic_savefig
 from optimlab.progress import progress
@@ -90,13 +90,10 @@ def track_sharpness(
     with progress("sharpness", total=steps, quiet=quiet) as bar:
         for step in range(1, steps + 1):
             model.train()
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model, next(batches))
-            loss.backward()
-            optimizer.step()
+            loss = training_step(model, optimizer, loss_fn, next(batches))
             if step % every == 0 or step == steps:
                 record(step)
-            bar.advance(loss=float(loss.detach()), sharpness=sharpness[-1])
+            bar.advance(loss=loss, sharpness=sharpness[-1])
     return SharpnessTrace(record_steps, losses, sharpness, lrs, momentum)
 
 

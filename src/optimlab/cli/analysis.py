@@ -51,6 +51,7 @@ def _optimizer(model: torch.nn.Module, name: str, lr: float | None) -> torch.opt
 def _prepare(instance: Any, checkpoint: Path | None, train_steps: int, optimizer_name: str, lr: float | None,
              quiet: bool) -> tuple[dict[str, torch.Tensor], torch.optim.Optimizer]:
     """Load ``checkpoint`` or train ``train_steps``; return the initial parameters and the optimizer."""
+    from optimlab.analysis._params import training_step
     from optimlab.progress import progress
 
     model = instance.model
@@ -70,11 +71,8 @@ def _prepare(instance: Any, checkpoint: Path | None, train_steps: int, optimizer
     model.train()
     with progress("train", total=train_steps, quiet=quiet) as bar:
         for _ in range(train_steps):
-            optimizer.zero_grad(set_to_none=True)
-            loss = instance.loss(next(instance.batches))
-            loss.backward()
-            optimizer.step()
-            bar.advance(loss=float(loss.detach()))
+            loss = training_step(model, optimizer, _loss_fn(instance), next(instance.batches))
+            bar.advance(loss=loss)
     return initial, optimizer
 
 
