@@ -97,6 +97,29 @@ def test_the_converted_file_resumes_like_the_original_with_and_without_fsdp(
     assert len(losses["original"]) == 2 and all(value == losses["original"] for value in losses.values()), losses
 
 
+@pytest.mark.parametrize("name", ["muon", "sgd"])
+def test_conversion_of_regrouping_and_stateless_optimizers(tmp_path: Path, text_file: Path, name: str) -> None:
+    """Muon regroups its parameters (matrices, embeddings, the rest); plain SGD has no state, which DCP does not
+    store: both convert to the sharded layout and back bit for bit, and the sharded copy resumes like the file."""
+    from optimlab.train.dcp_checkpoint import sharded_to_single, single_to_sharded
+
+    trainer = Trainer(tiny_config(tmp_path / "run", text_file, steps=2, checkpoint_every=2, optimizer=name),
+                      quiet=True)
+    trainer.train()
+    trainer.close()
+    single_to_sharded(tmp_path / "run" / "checkpoint.pt", tmp_path / "sharded")
+    back = sharded_to_single(tmp_path / "sharded", tmp_path / "back.pt")
+    original = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert _same(back["optimizer"], original["optimizer"]) and _same(back["model"], original["model"])
+    losses = []
+    for source in (tmp_path / "run" / "checkpoint.pt", tmp_path / "sharded"):
+        resumed = Trainer(tiny_config(tmp_path / source.name / "resumed", text_file, steps=3, checkpoint_every=2,
+                                      optimizer=name), quiet=True, resume_from=source)
+        losses.append(resumed.train().losses)
+        resumed.close()
+    assert len(losses[0]) == 1 and losses[0] == losses[1]
+
+
 def test_verify(run: Path, converted: tuple[Path, Path]) -> None:
     single = invoke("checkpoint", "verify", str(run / "checkpoint.pt"))
     assert single.exit_code == 0 and "is a single-file checkpoint of step 2" in single.stdout

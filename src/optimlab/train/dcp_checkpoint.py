@@ -556,15 +556,17 @@ def _optimizer_to_numbers(optimizer_state: dict[str, Any]) -> dict[str, Any]:
             number.setdefault(name, len(number))
             params.append(number[name])
         groups.append({**group, "params": params})
-    return {"state": {number[name]: value for name, value in optimizer_state["state"].items()},
-            "param_groups": groups}
+    stored = optimizer_state.get("state", {})  # DCP stores no entry for an empty state (plain SGD's)
+    return {"state": {number[name]: value for name, value in stored.items()}, "param_groups": groups}
 
 
 def optimizer_parameter_names(payload: dict[str, Any]) -> list[str]:
     """The name of each parameter of a single-file checkpoint's optimizer state, in its numbering: the trainer's
-    model (``model_config``) and param groups (``optimlab.param_groups`` with the run's weight decay, layer decay
-    and LR) rebuilt without memory (meta device). Raises :class:`CheckpointError` when they do not match."""
+    model (``model_config``), param groups (``optimlab.param_groups`` with the run's weight decay, layer decay and
+    LR) and optimizer (by registry name: some regroup, e.g. Muon puts matrices and the rest in groups of their own)
+    rebuilt without memory (meta device). Raises :class:`CheckpointError` when they do not match the checkpoint."""
     from optimlab.optim.groups import param_groups
+    from optimlab.optim.registry import create_optimizer
     from optimlab.train.model import GPT, GPTConfig
 
     settings = payload.get("train_config") or {}
@@ -572,14 +574,15 @@ def optimizer_parameter_names(payload: dict[str, Any]) -> list[str]:
         model = GPT(GPTConfig(**payload["model_config"]))
     groups = param_groups(model, settings.get("weight_decay", 0.0), layer_decay=settings.get("layer_decay"),
                           lr=settings.get("lr"))
+    if settings.get("optimizer"):
+        groups = create_optimizer(groups, settings["optimizer"], lr=settings.get("lr", 1e-3)).param_groups
     by_id = {id(p): name for name, p in model.named_parameters()}
-    names = [by_id[id(p)] for group in groups for p in group["params"]]
+    built = [len(group["params"]) for group in groups]
     saved = [len(group["params"]) for group in payload["optimizer"]["param_groups"]]
-    if saved != [len(group["params"]) for group in groups]:
+    if saved != built:
         raise CheckpointError(f"cannot name the optimizer's parameters: the checkpoint's param groups hold {saved} "
-                              "parameters, the trainer's model makes "
-                              f"{[len(group['params']) for group in groups]}")
-    return names
+                              f"parameters, the trainer's model and optimizer make {built}")
+    return [by_id[id(p)] for group in groups for p in group["params"]]
 
 
 def whole_checkpoint(path: str | Path) -> dict[str, Any]:
