@@ -242,6 +242,8 @@ def test_read_only_out_is_refused_before_training(text_file: Path, read_only_dir
     (("--nproc-per-node", "2", "--master-port", "70000"), "Invalid --master-port: 70000 (accepted range: 0..65535"),
     (("--nproc-per-node", "0"), "Invalid --nproc-per-node: 0 (accepted range: >= 1)"),
     (("--keep-checkpoints", "0"), "Invalid keep_checkpoints: 0"),
+    (("--optimizer", "sam-sgd", "--zero", "--nproc-per-node", "2"), "Invalid zero: sam-sgd steps with a closure"),
+    (("--optimizer", "asam-adamw", "--precision", "fp16"), "Invalid precision: 'fp16' with asam-adamw, which steps"),
 ])
 def test_bad_values_write_nothing(tmp_path: Path, text_file: Path, args: tuple[str, ...], named: str) -> None:
     out = tmp_path / "run"

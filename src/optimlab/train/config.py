@@ -132,6 +132,12 @@ class TrainConfig:
             raise ValueError(f"Invalid dist_timeout_s: {self.dist_timeout_s} (accepted range: > 0)")
         if self.fsdp:
             self._check_fsdp()
+        if (self.zero or self.precision == "fp16") and _steps_with_closure(self.optimizer):
+            raise ValueError(
+                f"Invalid zero: {self.optimizer} steps with a closure, which ZeroRedundancyOptimizer runs on each "
+                "rank's shard alone (SAM's perturbation norm would be per shard); drop --zero" if self.zero else
+                f"Invalid precision: 'fp16' with {self.optimizer}, which steps with a closure that torch's "
+                "GradScaler refuses; use --precision bf16 or fp32")
 
     def _check_fsdp(self) -> None:
         """The options ``fsdp`` cannot be combined with, each refused by name."""
@@ -178,6 +184,16 @@ class TrainConfig:
     def load(cls, path: str | Path) -> TrainConfig:
         """Read a JSON file written by :meth:`save`."""
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _steps_with_closure(optimizer: str) -> bool:
+    """Whether the registry name ``optimizer`` needs ``step(closure)``; an unknown name is refused by the trainer."""
+    from optimlab.optim.registry import needs_closure
+
+    try:
+        return needs_closure(optimizer)
+    except KeyError:
+        return False
 
 
 RESUME_SAFE = frozenset({"out_dir", "log_every", "eval_every", "eval_batches", "checkpoint_every", "monitor_every",
