@@ -58,7 +58,7 @@ def converted(run: Path) -> tuple[Path, Path]:
     assert f"-> {sharded} (sharded;" in to_sharded.stdout
     to_single = invoke("checkpoint", "convert", str(sharded), str(back))
     assert to_single.exit_code == 0, to_single.output
-    assert f"(sharded, step 2, written by 1 rank(s)) -> {back} (single file)" in to_single.stdout
+    assert f"(sharded, step 2 of a run on 1 rank(s)) -> {back} (single file)" in to_single.stdout
     return sharded, back
 
 

@@ -56,7 +56,7 @@ def convert_command(
     try:
         if layout == "sharded":
             payload = sharded_to_single(source, target)
-            typer.echo(f"converted {source} (sharded, step {payload['step']}, written by "
+            typer.echo(f"converted {source} (sharded, step {payload['step']} of a run on "
                        f"{payload.get('world_size', '?')} rank(s)) -> {target} (single file)")
         else:
             single_to_sharded(source, target)
