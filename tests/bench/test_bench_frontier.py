@@ -30,22 +30,27 @@ def test_sam_names_need_a_closure_and_search_their_base_range() -> None:
     assert type(wrapped.base_optimizer).__name__ == "Lion"
 
 
-def _by_hand(task: str, name: str, lr: float, steps: int) -> list[float]:
-    """The task's point after ``steps`` of ``step(closure)`` on each step's batch, outside the bench."""
+def _by_hand(task: str, name: str, lr: float, steps: int) -> tuple[list[float], list[int]]:
+    """The task's point after ``steps`` of ``step(closure)`` on each step's batch, outside the bench, and the
+    number of closure calls made by the end of each step."""
     instance = get_task(task).instantiate(1)
     torch.manual_seed(1)
     optimizer = create_optimizer([p for p in instance.model.parameters() if p.requires_grad], name, lr=lr)
+    calls, cumulative = 0, []
     for _ in range(steps):
         batch = next(instance.batches)
 
         def closure():
+            nonlocal calls
+            calls += 1
             optimizer.zero_grad(set_to_none=True)
             loss = instance.loss(batch)
             loss.backward()
             return loss
 
         optimizer.step(closure)
-    return instance.point()
+        cumulative.append(calls)
+    return instance.point(), cumulative
 
 
 def test_sam_trial_steps_with_a_closure_and_counts_two_gradient_evaluations_per_step() -> None:
@@ -57,8 +62,23 @@ def test_sam_trial_steps_with_a_closure_and_counts_two_gradient_evaluations_per_
     assert sam.steps_to_target is not None and plain.steps_to_target is not None  # both reach gap <= 1e-3
     assert sam.grad_evals_to_target == 2 * sam.steps_to_target
     assert plain.grad_evals_to_target == plain.steps_to_target
-    assert sam.artifacts["final_point"] == pytest.approx(_by_hand("quadratic", "asam-sgd", 0.01, steps), abs=1e-12)
+    point, evaluations = _by_hand("quadratic", "asam-sgd", 0.01, steps)
+    assert sam.artifacts["final_point"] == pytest.approx(point, abs=1e-12) and evaluations[-1] == 2 * steps
     assert sam.d_estimate is None
+
+
+def test_lbfgs_trial_counts_every_closure_evaluation() -> None:
+    """LBFGS evaluates its closure a varying number of times per step (up to max_iter + 1): each call counts."""
+    assert needs_closure("lbfgs") and needs_closure("torch.lbfgs")
+    steps = 6
+    trial = run_trial(TrialConfig("rosenbrock", "lbfgs", {"lr": 0.5}, steps, seed=1, phase="final"))
+    point, evaluations = _by_hand("rosenbrock", "torch.lbfgs", 0.5, steps)  # torch's LBFGS, calls counted
+    assert trial.status == "complete" and trial.artifacts["final_point"] == point
+    per_step = {b - a for a, b in zip([0, *evaluations], evaluations)}
+    assert len(per_step) > 1 and max(per_step) > 2, evaluations  # measured: 20, 20, 20, 20, 8, 1
+    assert trial.grad_evals == evaluations[-1]
+    assert trial.steps_to_target is not None  # rosenbrock evaluates every step: the count at that step
+    assert trial.grad_evals_to_target == evaluations[trial.steps_to_target - 1]
 
 
 def test_sam_in_a_bench_stores_and_summarises_gradient_evaluations(tmp_path) -> None:

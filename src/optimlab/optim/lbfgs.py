@@ -168,8 +168,9 @@ def two_loop_direction(flat_grad: Tensor, old_dirs: list[Tensor], old_stps: list
 
 
 @register(
-    names={},  # not in the lab's by-name list: step() needs a closure, which the lab's tasks do not pass
+    names={"lbfgs": "L-BFGS (Liu & Nocedal 1989), torch's defaults: no line search, max_iter 20 per step"},
     lr_bounds=(1e-3, 10.0), default_lr=1.0, reference=torch.optim.LBFGS, complex="supported", checks={},
+    needs_closure=True,
     matrix_exempt="step() needs a closure and the parameters form one vector (the generic matrix steps without "
                   "one); parity, state, semantics and torch's OptimizerInfo inputs in "
                   "tests/optim/test_torch_extras_parity.py",

@@ -224,14 +224,14 @@ def get_registration(cls: type) -> Registration:
 
 def needs_closure(optimizer: str | torch.optim.Optimizer | type) -> bool:
     """Whether ``optimizer`` (a registry name, an optimizer or its class) declared ``needs_closure`` when it was
-    registered: its ``step`` must be given a closure. Classes registered without it, and unregistered ones
-    (``torch.optim``'s), say ``False``."""
+    registered, or is the ``reference`` of a class that did (``torch.optim.LBFGS``): its ``step`` must be given
+    a closure. Other classes, registered or not, say ``False``."""
     if isinstance(optimizer, str):
         cls: type = get_spec(optimizer).resolve()
     else:
         cls = optimizer if isinstance(optimizer, type) else type(optimizer)
-    registration = _REGISTRATIONS.get(cls)
-    return registration is not None and registration.needs_closure
+    return any(registration.needs_closure and cls in (registration.cls, registration.reference)
+               for registration in _REGISTRATIONS.values())
 
 
 def register_optimizer(
