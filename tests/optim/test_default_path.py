@@ -69,6 +69,8 @@ def test_loop_pieces_slices_large_cpu_tensors(monkeypatch: pytest.MonkeyPatch) -
         assert len(loop_pieces(param, torch.randn(2107))) == 3  # same number of values, other shape: sliced
         assert len(loop_pieces(param, torch.randn(2108))) == 1  # sizes differ: whole
     assert len(loop_pieces(param, grad)) == 1  # autograd on (differentiable=True): whole
+    with torch.no_grad():  # under torch.compile (the compiler fuses the rule): whole
+        assert torch.compile(lambda: len(loop_pieces(param, grad)), backend="eager", fullgraph=True)() == 1
 
 
 _SLICED_CASES = {

@@ -312,6 +312,10 @@ def default_foreach(params: Sequence[Tensor]) -> bool:
       dispatch cost wins (AdamW at 10,000 tensors of 64 values: foreach about 1.4x faster);
     * other devices (and TorchScript): the per-tensor loop.
 
+    The per-tensor loop updates a CPU tensor of more than :data:`LOOP_CHUNK_NUMEL` values in slices
+    (:func:`loop_pieces`): the same operations as torch.optim's loop, bit for bit, with the slice in cache
+    across them.
+
     The compiled step (``fused=True``) is never a default: its first step compiles for seconds (see
     docs/perf.md for cold and warm compile times), and torch.optim does not default to fused either.
     """
@@ -342,12 +346,14 @@ def loop_pieces(*tensors: Tensor | None) -> list[tuple[Tensor | None, ...]]:
     and allocates each temporary (``sqrt``, a quotient) at full size, which for tensors of tens of MB means
     fresh pages every step; a slice stays in cache across the rule's operations and its temporaries are
     reused by the allocator. Slicing applies only to plain dense contiguous CPU tensors of one size with
-    autograd off (``differentiable=True`` keeps whole tensors); anything else is returned whole.
+    autograd off (``differentiable=True`` keeps whole tensors), outside ``torch.compile``; anything else is
+    returned whole.
     """
     first = tensors[0]
     assert first is not None
     numel = first.numel()
-    if numel <= LOOP_CHUNK_NUMEL or first.device.type != "cpu" or torch.is_grad_enabled():
+    if (numel <= LOOP_CHUNK_NUMEL or first.device.type != "cpu" or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()):  # under torch.compile the compiler fuses the rule: no slices to unroll
         return [tensors]
     for tensor in tensors:
         if tensor is not None and (type(tensor) not in (Tensor, torch.nn.Parameter) or tensor.layout != torch.strided
