@@ -15,6 +15,7 @@ time and for the process's CPU time (the latter is robust to other processes com
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -68,6 +69,18 @@ def _overheads(medians: dict[str, float]) -> dict[str, float]:
     return {mode: 100.0 * (value / baseline - 1.0) for mode, value in medians.items() if mode != "no monitor"}
 
 
+def _paired_overheads(samples: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Per monitored mode ``[median, lowest, highest]`` over the rounds of that round's overhead in percent (the
+    mode's block against the unmonitored block of the same round: a load change between rounds cancels out)."""
+    baseline = samples["no monitor"]
+    paired = {}
+    for mode, values in samples.items():
+        if mode != "no monitor":
+            per_round = [100.0 * (value / base - 1.0) for value, base in zip(values, baseline)]
+            paired[mode] = [statistics.median(per_round), min(per_round), max(per_round)]
+    return paired
+
+
 def run(quick: bool = False, device: str | None = None, widths: tuple[int, ...] = WIDTHS) -> dict[str, Any]:
     """Measure the monitor's overhead; ``quick`` uses fewer rounds and shorter blocks (``widths`` shrinks the
     model for tests). Returns a dict with the per-mode median step times (ms), overheads (%), all samples
@@ -88,6 +101,7 @@ def run(quick: bool = False, device: str | None = None, widths: tuple[int, ...] 
     wall: dict[str, list[float]] = {mode: [] for mode in MODES}
     cpu: dict[str, list[float]] = {mode: [] for mode in MODES}
     names = list(MODES)
+    load_before = os.getloadavg()[0]
     for round_index in range(rounds):
         for offset in range(len(names)):
             mode = names[(round_index + offset) % len(names)]
@@ -119,6 +133,9 @@ def run(quick: bool = False, device: str | None = None, widths: tuple[int, ...] 
         "overhead_percent": _overheads(medians),
         "median_step_cpu_ms": {mode: 1e3 * value for mode, value in cpu_medians.items()},
         "cpu_overhead_percent": _overheads(cpu_medians),
+        "paired_overhead_percent": _paired_overheads(wall),
+        "paired_cpu_overhead_percent": _paired_overheads(cpu),
+        "load": [load_before, os.getloadavg()[0]],
         "samples_ms": {mode: [1e3 * v for v in values] for mode, values in wall.items()},
         "samples_cpu_ms": {mode: [1e3 * v for v in values] for mode, values in cpu.items()},
     }
@@ -131,17 +148,27 @@ def to_markdown(results: dict[str, Any]) -> str:
         "",
         f"{results['parameters']:,}-parameter MLP, batch {results['batch_size']}, {results['optimizer']}, "
         f"{results['device']} ({results['threads']} threads), torch {results['torch']}; {results['rounds']} "
-        f"interleaved rounds of {results['steps_per_block']} steps per mode, medians.",
+        f"interleaved rounds of {results['steps_per_block']} steps per mode, medians"
+        + (f"; load average {min(results['load']):.1f}-{max(results['load']):.1f}." if "load" in results else "."),
+        "*paired*: the median over the rounds of each round's overhead (the mode's block against the unmonitored "
+        "block of the same round), with its range.",
         "",
-        "| mode | median step, wall (ms) | overhead, wall | median step, CPU (ms) | overhead, CPU |",
-        "|---|---:|---:|---:|---:|",
+        "| mode | median step, wall (ms) | overhead, wall | paired, wall | median step, CPU (ms) | overhead, CPU "
+        "| paired, CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def paired(key: str, mode: str) -> str:
+        value = results.get(key, {}).get(mode)
+        return "—" if value is None else f"{value[0]:+.1f}% ({value[1]:+.1f} to {value[2]:+.1f})"
+
     for mode, value in results["median_step_ms"].items():
         overhead = results["overhead_percent"].get(mode)
         cpu_overhead = results["cpu_overhead_percent"].get(mode)
         lines.append(f"| {mode} | {value:.2f} | {'—' if overhead is None else f'{overhead:+.1f}%'} | "
-                     f"{results['median_step_cpu_ms'][mode]:.2f} | "
-                     f"{'—' if cpu_overhead is None else f'{cpu_overhead:+.1f}%'} |")
+                     f"{paired('paired_overhead_percent', mode)} | {results['median_step_cpu_ms'][mode]:.2f} | "
+                     f"{'—' if cpu_overhead is None else f'{cpu_overhead:+.1f}%'} | "
+                     f"{paired('paired_cpu_overhead_percent', mode)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -128,7 +128,7 @@ def test_run_all_writes_perf_md_and_calls_monitor(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(run_all, "load_benchmark", lambda name: {"monitor_overhead": monitor,
                                                                  "compile_time": compile_time}.get(name)
                         or (None if name in ("guard_overhead", "store_scaleout", "parallel_memory",
-                                          "frontier_step")  # own tests
+                                          "frontier_step", "default_path")  # own tests
                             else real_loader(name)))
     results = run_all.run_all(tmp_path, quick=True, names=["adamw"], include_compiled=False, quiet=True)
     assert calls == [True]
@@ -237,3 +237,22 @@ def test_guard_overhead_quick_run() -> None:
     assert list(results["median_step_ms"]) == modes and results["overhead_percent"]["optimizer.step"] == 0.0
     assert results["parameters"] == 8 * 16 + 16 + 16 * 4 + 4
     assert all(f"| {mode} |" in guard.to_markdown(results) for mode in modes)
+
+
+def test_default_path_quick_run(tmp_path: Path) -> None:
+    """The one-thread default-path benchmark: one row per algorithm, each ratio the paired median of its own rows'
+    rounds, the thread count restored, both files written."""
+    import torch
+
+    default_path = _load("default_path")
+    threads = torch.get_num_threads()
+    results = default_path.run(quick=True)
+    assert torch.get_num_threads() == threads
+    assert [row["algorithm"] for row in results["rows"]] == ["adamw", "adam", "sgd-momentum"]
+    for row in results["rows"]:
+        low, high = row["range"]
+        assert low <= row["ratio"] <= high and len(row["load"]) == 2
+    json_path, md_path = default_path.write(results, tmp_path)
+    assert json.loads(json_path.read_text())["rows"] == results["rows"]
+    first = results["rows"][0]
+    assert f"| adamw | {first['optimlab_ms']:.1f} | {first['torch_ms']:.1f} | {first['ratio']:.2f}x (" in md_path.read_text()

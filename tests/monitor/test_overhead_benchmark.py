@@ -30,6 +30,11 @@ def test_quick_run_on_a_tiny_model_writes_json_and_markdown(benchmark, tmp_path:
         if mode != "no monitor":
             expected = 100.0 * (median / results["median_step_ms"]["no monitor"] - 1.0)
             assert results["overhead_percent"][mode] == pytest.approx(expected)
+    for mode in ("every=10", "every=1"):  # paired: the median of the rounds' own overheads
+        per_round = [100.0 * (a / b - 1.0) for a, b in zip(results["samples_cpu_ms"][mode],
+                                                             results["samples_cpu_ms"]["no monitor"])]
+        assert results["paired_cpu_overhead_percent"][mode] == pytest.approx(
+            [sorted(per_round)[1], min(per_round), max(per_round)])
     json_path, markdown_path = benchmark.write(results, tmp_path)
     assert json.loads(json_path.read_text())["overhead_percent"] == results["overhead_percent"]
     markdown = markdown_path.read_text()
