@@ -10,7 +10,6 @@ TorchDynamo's tracing and Inductor's cache lookups, which are per process.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -19,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from optimlab.io import write_json_and_markdown
+from optimlab.io import benchmark_main, write_json_and_markdown
 
 # (algorithm registry name, flat mode): the fused paths of the performance issue's table
 CONFIGS = [("adamw", True), ("adamw", False), ("sgd-momentum", True)]
@@ -89,13 +88,8 @@ def write(results: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="docs")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    results = run(args.quick)
-    write(results, args.out)
-    print(to_markdown(results))
+    """Command line: ``--out DIR`` (default docs) and ``--quick``."""
+    benchmark_main(__doc__.splitlines()[0], run, write, to_markdown, argv)
 
 
 if __name__ == "__main__":

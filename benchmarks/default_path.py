@@ -12,7 +12,6 @@ of the rounds' paired ratios with their range (``step_throughput.measure`` and `
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import sys
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 
-from optimlab.io import write_json_and_markdown
+from optimlab.io import benchmark_main, write_json_and_markdown
 
 ALGORITHMS = ("adamw", "adam", "sgd-momentum")
 LABELS = ("optimlab default", "torch for-loop")
@@ -83,14 +82,8 @@ def write(results: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="docs")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    results = run(args.quick)
-    for path in write(results, args.out):
-        print(path)
-    print(to_markdown(results))
+    """Command line: ``--out DIR`` (default docs) and ``--quick``."""
+    benchmark_main(__doc__.splitlines()[0], run, write, to_markdown, argv)
 
 
 if __name__ == "__main__":

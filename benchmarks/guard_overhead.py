@@ -12,7 +12,6 @@ per-step wall and CPU time, and the overhead ``median(mode) / median(plain) - 1`
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import sys
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from monitor_overhead import BATCH_SIZE, WARMUP_STEPS, WIDTHS, _time_block, build_mlp  # noqa: E402
 
 from optimlab.guard import NonFiniteGuard  # noqa: E402
-from optimlab.io import write_json_and_markdown  # noqa: E402
+from optimlab.io import benchmark_main, write_json_and_markdown  # noqa: E402
 
 MODES: dict[str, dict[str, bool] | None] = {"optimizer.step": None, "guard": {"check_update": False},
                                            "guard, check_update": {"check_update": True}}
@@ -91,14 +90,8 @@ def write(results: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: ``--out DIR [--quick]``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="docs", help="folder for guard_overhead.json/.md (default: docs)")
-    parser.add_argument("--quick", action="store_true", help="3 rounds of 10 steps instead of 9 of 20")
-    args = parser.parse_args(argv)
-    results = run(quick=args.quick)
-    print(to_markdown(results))
-    print("wrote " + ", ".join(str(p) for p in write(results, args.out)))
+    """Command line: ``--out DIR`` (default docs) and ``--quick``."""
+    benchmark_main(__doc__.splitlines()[0], run, write, to_markdown, argv)
 
 
 if __name__ == "__main__":

@@ -256,3 +256,22 @@ def test_default_path_quick_run(tmp_path: Path) -> None:
     assert json.loads(json_path.read_text())["rows"] == results["rows"]
     first = results["rows"][0]
     assert f"| adamw | {first['optimlab_ms']:.1f} | {first['torch_ms']:.1f} | {first['ratio']:.2f}x (" in md_path.read_text()
+
+
+def test_benchmark_main_runs_writes_and_prints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The command line the benchmark scripts share (optimlab.io.benchmark_main): --quick reaches run, --out
+    reaches write, the markdown and the written paths are printed."""
+    from optimlab.io import benchmark_main
+
+    calls: list[tuple] = []
+    written = (tmp_path / "x.json", tmp_path / "x.md")
+    benchmark_main("x", lambda quick: calls.append(("run", quick)) or {"ok": quick},
+                   lambda results, out: calls.append(("write", results, out)) or written,
+                   lambda results: f"| table {results['ok']} |", ["--out", str(tmp_path), "--quick"])
+    assert calls == [("run", True), ("write", {"ok": True}, str(tmp_path))]
+    printed = capsys.readouterr().out
+    assert "| table True |" in printed and f"wrote {written[0]}, {written[1]}" in printed
+    for name in ("default_path", "compile_time", "guard_overhead"):  # each script's main is this command line
+        with pytest.raises(SystemExit):
+            _load(name).main(["--help"])
+        assert "--quick" in capsys.readouterr().out

@@ -11,11 +11,11 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "atomic_savefig",
+__all__ = ["benchmark_main", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "atomic_savefig",
            "ensure_writable", "os_error_text", "write_json_and_markdown"]
 
 
@@ -76,6 +76,23 @@ def write_json_and_markdown(out: str | os.PathLike[str], name: str, results: Any
     atomic_write_text(json_path, json.dumps(results, indent=2, default=str) + "\n")
     atomic_write_text(markdown_path, markdown)
     return json_path, markdown_path
+
+
+def benchmark_main(description: str, run: Callable[[bool], Any],
+                   write: Callable[[Any, str], tuple[Path, Path]], to_markdown: Callable[[Any], str],
+                   argv: list[str] | None = None) -> None:
+    """The command line of a benchmark script (``benchmarks/*.py``): ``--out DIR`` (default ``docs``) and
+    ``--quick``; runs ``run(quick)``, writes its JSON and markdown files into ``DIR`` with ``write`` and prints
+    their paths and the markdown."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", default="docs", help="folder for the JSON and markdown files (default: docs)")
+    parser.add_argument("--quick", action="store_true", help="a small, fast run (checks the bookkeeping)")
+    args = parser.parse_args(argv)
+    results = run(args.quick)
+    print(to_markdown(results))
+    print("wrote " + ", ".join(str(path) for path in write(results, args.out)))
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
