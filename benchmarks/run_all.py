@@ -69,8 +69,8 @@ default (see *Findings*). In the tables: *optimlab default*.
 
 ## Findings (issue 17)
 
-**Conditions.** Measured 2026-12-04 22:50-23:35 UTC with the machine's 2 cores shared by seven agents:
-load average 7.8-11 throughout (printed with every table). On such a machine a step that opens many
+**Conditions.** Measured 2026-12-04 22:50-23:30 UTC with the machine's 2 cores shared by seven agents:
+load average 5.8-11 (printed with every table). On such a machine a step that opens many
 OpenMP parallel regions waits at each barrier for a thread that may be off its core for a scheduler time
 slice, so the 2-thread ratios below measure scheduling as much as work: optimlab's flat step opens one
 region, torch's fused step one per tensor, a loop one per operation per tensor. Every ratio is the median
