@@ -111,8 +111,12 @@ of per-round paired ratios (both paths timed side by side in each round) with it
   median of 11 per-round ratios [min, max], the 2 cores shared with other work (load 9-11), 2026-12-04:
   one thread bf16 **1.06x** [0.95, 1.59] (28.8 vs 31.1 ms), int8 **0.10x** [0.09, 0.12] (310 ms);
   two threads bf16 7.7x [4.1, 37.5] and int8 1.04x [0.61, 6.6], inflated by contention (torch's step
-  synchronises its threads per tensor, 100 times a step; ours once). No quiet machine was available to
-  check the 2-thread targets (bf16 >= 1.2x, int8 >= 1.0x). Bounds: bf16 moves 20 instead of 28 bytes a
+  synchronises its threads per tensor, 100 times a step; ours once). Again at load 4.5: one thread bf16
+  1.07x [0.68, 1.55] (15.2 vs 15.9 ms), int8 0.10x [0.07, 0.13]; two threads bf16 2.5x [0.5, 7.1], int8
+  0.34x [0.16, 0.73], while torch's own fused step took 213 ms on two threads against 11 ms on one (the
+  second core was busy). No quiet machine was available to check the 2-thread targets (bf16 >= 1.2x,
+  int8 >= 1.0x); on the earlier quiet run torch took 13.5 ms, and ours takes ~14.5 ms on two threads
+  here, so bf16 is probably near 0.9-1.0x there, below 1.2x. Bounds: bf16 moves 20 instead of 28 bytes a
   value but is compute-bound at ~1.4 ns/value/thread (sqrt, two divisions and the noise, as torch's
   rule plus rounding); int8 is bound by ~10 table gathers a value (decode, the 65,536-bucket code
   search in a 256 KB table, the two neighbours) and three divisions, not by its 16 bytes a value.
