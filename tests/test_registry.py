@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import optimlab
+from optimlab.analysis._params import training_step
 from optimlab.optim import create_optimizer, get_spec, list_optimizers, state_bytes, state_bytes_per_param
-from optimlab.optim.registry import needs_closure
 
 
 def test_torch_names_construct_and_step():
@@ -12,17 +12,9 @@ def test_torch_names_construct_and_step():
         opt = create_optimizer(model, name)
         assert isinstance(opt, torch.optim.Optimizer)
         assert opt.param_groups[0]["lr"] == get_spec(name).default_lr
-        inputs = torch.randn(4, 3)
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = model(inputs).pow(2).sum()
-            loss.backward()
-            return loss
-
-        closure()
         before = [p.detach().clone() for p in model.parameters()]
-        opt.step(closure if needs_closure(name) else None)  # torch.lbfgs evaluates it again
+        # with a closure for the names that need one (torch.lbfgs)
+        training_step(model, opt, lambda m, inputs: m(inputs).pow(2).sum(), torch.randn(4, 3))
         assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters())), name
 
 
