@@ -6,8 +6,9 @@ over the 2 gloo ranks, one of them unevenly: 9 rows) on its own batches, and bes
 the same optimizer whose gradient is the mean of both ranks' batch gradients (what FSDP2's reduce-scatter
 computes). Writes ``OUT/rank{r}.json``: per configuration the largest deviation of the full parameters (and, for the
 low-precision configurations, of the gathered stored moments: bf16 values, int8 codes and block scales) from
-the unsharded copy's (or the error raised), Newton-Schulz calls per rank, and the deviation of a per-shard
-orthogonalisation from the full matrix's.
+the unsharded copy's (or the error raised), Newton-Schulz calls per rank, the parameters SOAP's and Shampoo's
+per-tensor rule ran on per rank, the deviation of a per-shard orthogonalisation from the full matrix's, and a
+DCP save/load round trip of SOAP and Shampoo (``get_state_dict``).
 """
 
 import json
@@ -20,6 +21,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
 
 from optimlab.optim import muon
+from optimlab.optim.shampoo import Shampoo
+from optimlab.optim.soap import SOAP
 from optimlab.optim.registry import create_optimizer
 
 STEPS = 4
@@ -37,7 +40,13 @@ CONFIGS = {
     "lamb-fused": ("lamb", {"fused": True}),
     "adafactor-fused": ("adafactor", {"fused": True}),
     "lars": ("lars", {}),
-    "soap": ("soap", {}),
+    # whole-matrix rules on owner ranks: a preconditioner refresh (frequency 2, or 1 with blocks of 5 rows and
+    # columns, so blocks straddle the 5/4 shard boundary) within the 4 steps; a 1-D factor (precondition_1d)
+    "soap": ("soap", {"precondition_frequency": 2}),
+    "soap-1d": ("soap", {"precondition_frequency": 2, "precondition_1d": True}),
+    "shampoo": ("shampoo", {"precondition_frequency": 2, "start_preconditioning_step": 2}),
+    "shampoo-blocked": ("shampoo", {"precondition_frequency": 1, "start_preconditioning_step": 1, "block_size": 5,
+                                    "grafting": "adagrad"}),
     "prodigy": ("prodigy", {}),
     "dadapt-adam": ("dadapt-adam", {}),
     # low-precision state on shards (wide model: tensors of several int8 blocks, shard boundaries inside blocks)
@@ -61,11 +70,7 @@ def model(wide: bool = False) -> torch.nn.Module:
 def deviation(name: str, options: dict, rank: int) -> float:
     options = dict(options)
     wide = options.pop("wide", False)
-    reference, sharded = model(wide), model(wide)
-    for layer in sharded:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    fully_shard(sharded)
+    reference, sharded = model(wide), shard(model(wide))
     optimizers = [create_optimizer(net, name, lr=0.01, **options) for net in (reference, sharded)]
     generator = torch.Generator().manual_seed(7)  # the same batches on every rank; each rank trains on its own
     for _ in range(STEPS):
@@ -92,6 +97,62 @@ def deviation(name: str, options: dict, rank: int) -> float:
                     assert gathered.dtype == stored.dtype and gathered.shape == stored.shape, key
                     worst = max(worst, float((gathered.double() - stored.double()).abs().max()))
         return worst
+
+
+def shard(net: torch.nn.Module) -> torch.nn.Module:
+    for layer in net:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(net)
+    return net
+
+
+def train(net: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, seed: int, rank: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        batches = [(torch.randn(6, 12, generator=generator), torch.randn(6, 9, generator=generator)) for _ in (0, 1)]
+        torch.nn.functional.mse_loss(net(batches[rank][0]), batches[rank][1]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def round_trip(name: str, options: dict, folder: Path, rank: int) -> dict:
+    """Train a sharded model 3 steps, save ``get_state_dict`` with DCP, load it into a fresh sharded model and
+    optimizer (``set_state_dict``), take one more step with both: the largest deviation of the loaded state
+    and of the parameters after that step (full tensors), and the layout of the 9x16 weight's state (uneven)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    nets = [shard(model()), shard(model())]
+    optimizers = [create_optimizer(net, name, lr=0.01, **options) for net in nets]
+    train(nets[0], optimizers[0], 3, 11, rank)
+    model_state, optimizer_state = get_state_dict(nets[0], optimizers[0])
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+    model_state, optimizer_state = get_state_dict(nets[1], optimizers[1])  # a state template (one lr=0 step)
+    loaded = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(loaded, checkpoint_id=str(folder))
+    set_state_dict(nets[1], optimizers[1], model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+    worst = 0.0
+    with torch.no_grad():
+        for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+            first, second = optimizers[0].state[a], optimizers[1].state[b]
+            assert first.keys() == second.keys(), (first.keys(), second.keys())
+            for key, value in first.items():
+                other = second[key]
+                if hasattr(value, "full_tensor"):
+                    assert value.placements == other.placements, key
+                    value, other = value.full_tensor(), other.full_tensor()
+                worst = max(worst, float((value.double() - other.double()).abs().max()))
+    loaded_state = worst
+    for net, optimizer in zip(nets, optimizers):
+        train(net, optimizer, 1, 12, rank)
+    with torch.no_grad():
+        worst = max(float((a.full_tensor() - b.full_tensor()).abs().max())
+                    for a, b in zip(nets[0].parameters(), nets[1].parameters()))
+    last = list(nets[1].parameters())[4]
+    layout = {key: [str(value.placements), list(value.to_local().shape)]
+              for key, value in optimizers[1].state[last].items() if hasattr(value, "placements")}
+    return {"state": loaded_state, "params": worst, "layout": layout}
 
 
 def per_shard_deviation() -> float:
@@ -144,6 +205,14 @@ def main(out: Path) -> None:
     rank = dist.get_rank()
     calls = []
     orthogonalize = muon.newton_schulz_orthogonalize
+    rule_calls: dict[str, list] = {"soap": [], "shampoo": []}
+    rules = {label: cls._update_group for label, cls in (("soap", SOAP), ("shampoo", Shampoo))}
+
+    def counting(label: str):
+        def update(self, group, params, grads, states):  # the parameters each call of the rule gets, as shapes
+            rule_calls[label].append([type(params[0]).__name__, [list(p.shape) for p in params]])
+            return rules[label](self, group, params, grads, states)
+        return update
 
     def counted(*args, **kwargs):
         calls.append(tuple(args[0].shape))
@@ -152,13 +221,19 @@ def main(out: Path) -> None:
     results = {}
     for label, (name, options) in CONFIGS.items():
         muon.newton_schulz_orthogonalize = counted if label == "muon" else orthogonalize
+        for rule, cls in (("soap", SOAP), ("shampoo", Shampoo)):
+            cls._update_group = counting(rule) if label == rule else rules[rule]
         try:
             results[label] = deviation(name, options, rank)
         except NotImplementedError as error:
             results[label] = f"error: {error}"
     muon.newton_schulz_orthogonalize = orthogonalize
+    for rule, cls in (("soap", SOAP), ("shampoo", Shampoo)):
+        cls._update_group = rules[rule]
+    trips = {label: round_trip(*CONFIGS[label], out / f"dcp-{label}", rank) for label in ("soap", "shampoo-blocked")}
     # every call of the "muon" configuration: the unsharded copy's 3 matrices a step, plus the sharded one's owned
     (out / f"rank{rank}.json").write_text(json.dumps({"results": results, "ns_calls": calls,
+                                                      "rule_calls": rule_calls, "round_trips": trips,
                                                       "per_shard": per_shard_deviation(),
                                                       "layouts": owner_compute_layouts(),
                                                       "unsupported_layout": unsupported_layout_error()}))

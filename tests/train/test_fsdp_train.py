@@ -204,8 +204,8 @@ def test_fsdp_in_one_process_equals_the_unsharded_run(tmp_path: Path, text_file:
     (["--zero"], "error: Invalid fsdp: --fsdp and --zero are mutually exclusive"),
     (["--ema", "0.99"], "error: Invalid ema: --ema is not supported with --fsdp"),
     (["--clip", "agc:0.01"], "error: Invalid clip: 'agc:0.01' is not supported with --fsdp"),
-    (["--optimizer", "soap", "--nproc-per-node", "2"],
-     "error: Invalid optimizer: 'soap' with --fsdp: SOAP cannot update sharded (DTensor) parameters"),
+    (["--optimizer", "prodigy", "--nproc-per-node", "2"],
+     "error: Invalid optimizer: 'prodigy' with --fsdp: Prodigy cannot update sharded (DTensor) parameters"),
 ])
 def test_bad_fsdp_combinations_are_one_line_errors_before_any_work(tmp_path: Path, text_file: Path,
                                                                  options: list[str], message: str) -> None:

@@ -8,37 +8,47 @@ Under FSDP2 every parameter, gradient and optimizer state buffer is a ``DTensor`
   per-tensor and multi-tensor paths take DTensors as they are (torch dispatches each operation to the local
   shards); the fused (compiled) path is handed the local shards (:func:`local_lists`), since the compiler
   sees plain tensors only.
-* **Whole-matrix rules** (Muon's Newton–Schulz) are not elementwise: an orthogonalisation of a shard is not
-  the shard of the orthogonalised matrix. :func:`owner_compute` runs them on the full matrix, once:
-  matrix :math:`i` is gathered to its owner rank :math:`i \bmod W` alone (round-robin over the matrices of
-  the step, so the work is spread over the :math:`W` ranks), which computes the result and scatters it back
-  (``distribute_tensor(..., src_data_rank=owner)``), each rank receiving its shard in the parameter's
-  layout; of a sharded matrix, no rank but the owner holds the whole. The result equals the unsharded rule's bit for bit, since the owner
-  computes on exactly the matrix an unsharded run would. Trust-ratio norms (LAMB, LARS) are reductions that
-  DTensor all-reduces itself; :func:`host_values` brings such a replicated result to the host.
+* **Whole-matrix rules** (Muon's Newton–Schulz; SOAP's and Shampoo's factors, eigenbases and roots) are not
+  elementwise: an orthogonalisation of a shard is not the shard of the orthogonalised matrix. They run on the
+  full matrix, once: matrix :math:`i` is gathered to its owner rank alone, which computes and scatters the
+  result back (``distribute_tensor(..., src_data_rank=owner)``), each rank receiving its shard in the
+  parameter's layout; of a sharded matrix, no rank but the owner holds the whole. The owners are balanced by
+  size (:func:`_owners`: largest matrix first, to the least loaded rank). :func:`owner_apply` is the one
+  mechanism: :func:`owner_compute` computes a function of each matrix (Muon's orthogonalisation of its
+  momentum, on the local shards beforehand), :func:`owner_update` runs a whole per-parameter rule (SOAP,
+  Shampoo) on the gathered parameter, gradient and state, unchanged, and scatters the new parameter and state
+  back. Their state stays sharded (:func:`state_zeros`): tensors shaped like the parameter sharded like it,
+  others (the :math:`d \times d` factors, bases and roots) on dim 0 of the same mesh, so the memory is spread
+  and ``get_state_dict``/DCP checkpoints hold DTensors as for any optimizer. The result equals the unsharded
+  rule's bit for bit, since the owner computes on exactly the tensors an unsharded run would (row-major: SOAP
+  stores its bases contiguous, as gathered ones are, so that the same kernels run). Trust-ratio norms (LAMB,
+  LARS) are reductions that DTensor all-reduces itself; :func:`host_values` brings such a replicated result to
+  the host.
 
 An optimizer whose rule is neither (it would silently compute per shard) declares ``supports_dtensor =
 False`` and :func:`check_dtensor_support` refuses DTensor parameters when its param group is added.
 
 Only public APIs are used (``torch.distributed.tensor``). Reference for the owner-rank scheme: the
 distributed Muon of Liu et al. 2025, "Muon is Scalable for LLM Training" (gather, compute on one rank,
-scatter), with the matrices distributed round-robin as in sharded Shampoo implementations.
+scatter), with the matrices distributed over the ranks as in Distributed Shampoo (Shi et al. 2023).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = ["any_rank", "check_dtensor_support", "counted_once", "has_dtensor", "host_values", "is_dtensor", "local",
-           "local_lists", "owner_compute", "reduce_over_shards", "sharded_refusal", "whole_norms"]
+           "local_lists", "owner_apply", "owner_compute", "owner_update", "reduce_over_shards", "sharded_refusal",
+           "state_zeros", "whole_norms"]
 
 try:  # torch.distributed is optional (some builds lack it): then no parameter can be a DTensor
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import zeros as dtensor_zeros
 except ImportError:  # pragma: no cover - builds without torch.distributed
     DTensor = None  # type: ignore[assignment,misc]
 
@@ -170,39 +180,135 @@ def _gather_to_owner(shard: Tensor, layout: Tensor, owner: int) -> Tensor | None
     return torch.cat([piece.narrow(dim, 0, size) for piece, size in zip(pieces, sizes)], dim) if is_owner else None
 
 
+def _state_placements(shape: Sequence[int], like: Tensor) -> list:
+    """The layout of a state tensor of ``shape`` of the DTensor parameter ``like``: shaped like it, sharded like it;
+    any other tensor of order >= 1 (e.g. a d x d factor) sharded on dim 0 of the same 1-D mesh; a 0-dim one
+    replicated."""
+    if tuple(shape) == tuple(like.shape):
+        return list(like.placements)
+    return [Shard(0)] if len(shape) else [Replicate()]
+
+
+def state_zeros(like: Tensor, *shape: int) -> Tensor:
+    """A zero state tensor of ``shape`` for the parameter ``like``: ``like.new_zeros(shape)`` for a plain tensor;
+    for a DTensor a DTensor on its mesh laid out by :func:`_state_placements` (each rank allocating its shard only),
+    so the state is spread over the ranks as the parameter is."""
+    if not is_dtensor(like):
+        return like.new_zeros(shape)
+    return dtensor_zeros(shape, dtype=like.dtype, device_mesh=like.device_mesh,
+                         placements=_state_placements(shape, like))
+
+
+def _owners(like: Sequence[Tensor]) -> list[int]:
+    """The owner rank of each item: the largest items first (by element count, then by position), each to the
+    rank with the fewest elements so far (the lowest on a tie); the same on every rank, from the shapes alone.
+    Plain round-robin would give every weight matrix of a model that alternates weights and biases to one rank."""
+    ranks = like[0].device_mesh.size()
+    load, owners = [0] * ranks, [0] * len(like)
+    for index in sorted(range(len(like)), key=lambda i: (-like[i].numel(), i)):
+        owners[index] = min(range(ranks), key=lambda rank: (load[rank], rank))
+        load[owners[index]] += like[index].numel()
+    return owners
+
+
+def owner_apply(items: Sequence[dict[str, Tensor]], like: Sequence[Tensor],
+                compute: Callable[[dict[str, Tensor]], None], read_only: Collection[str] = ()) -> None:
+    r"""``compute`` on the whole tensors of each item, done once, by the item's owner rank; the results
+    written back into every rank's shards.
+
+    ``items[i]`` maps names to the tensors of item :math:`i`: DTensors on the 1-D mesh of the DTensor
+    ``like[i]`` (e.g. a parameter, its gradient and its optimizer state), and 0-dim plain tensors (e.g. a step
+    count, equal on every rank). Item :math:`i` is gathered to its owner (:func:`_owners`) only,
+    which calls ``compute`` on a dict of the whole tensors (the plain ones as they are); ``compute`` updates it in
+    place and may add entries. Every entry is then scattered back from the owner: into the shards of an
+    existing DTensor in place (so the parameter and state objects stay the same), as a new DTensor laid out by
+    :func:`_state_placements` for a new entry, and a plain 0-dim entry is copied from the owner's; entries named
+    in ``read_only`` (e.g. the gradient) are gathered but not scattered back. The ranks
+    compute their items concurrently (all gathers, then each rank's own items, then one exchange of the
+    results' names, shapes and scalars, then all scatters), so each rank holds the whole of the items it owns,
+    about :math:`1/W` of them, at once. Every rank must call this with the same items in the same order
+    (collectives).
+    """
+    for layout in like:
+        if layout.device_mesh.ndim != 1:
+            raise NotImplementedError(f"owner computation: a {layout.device_mesh.ndim}-D device mesh (e.g. HSDP); "
+                                      "only 1-D meshes (fully_shard over one process group) are supported yet")
+    if not items:
+        return
+    owners = _owners(like)
+    # three passes, so that the owners compute at the same time: every gather, then each rank's own items, then
+    # every scatter (one pass per item would leave all ranks but the owner waiting on its computation)
+    wholes = [{name: _gather_to_owner(value.to_local(), value, owner) if is_dtensor(value) else value
+               for name, value in item.items()} for item, owner in zip(items, owners)]
+    mine: dict[int, dict[str, tuple]] = {}
+    for index, whole in enumerate(wholes):
+        if any(value is None for value in whole.values()):
+            continue  # not this rank's item
+        compute(whole)
+        mine[index] = {name: (tuple(value.shape), value.dtype, None) if value.dim() else ((), value.dtype, value.cpu())
+                       for name, value in whole.items()}
+    group = like[0].device_mesh.get_group()
+    described: list[dict[int, dict[str, tuple]]] = [{} for _ in range(dist.get_world_size(group))]
+    dist.all_gather_object(described, mine, group=group)
+    results = {index: entries for rank_items in described for index, entries in rank_items.items()}
+    for index, (item, whole, layout, owner) in enumerate(zip(items, wholes, like, owners)):
+        for name, (shape, dtype, scalar) in results[index].items():
+            old = item.get(name)
+            if name in read_only:
+                continue
+            if scalar is not None:  # a 0-dim plain entry: the owner's value
+                item[name] = scalar.to(old.device) if old is None else old.copy_(scalar)
+                continue
+            full = whole.get(name)  # None except on the owner: a placeholder, which the scatter does not read
+            full = torch.empty(shape, dtype=dtype, device=layout.to_local().device) if full is None else full
+            placements = old.placements if is_dtensor(old) else _state_placements(shape, layout)
+            new = distribute_tensor(full, layout.device_mesh, placements, src_data_rank=owner)
+            if is_dtensor(old) and old.shape == new.shape and old.dtype == new.dtype:
+                old.to_local().copy_(new.to_local())
+            else:
+                item[name] = new
+
+
 def owner_compute(shards: Sequence[Tensor], like: Sequence[Tensor], compute: Callable[[Tensor], Tensor],
                   dtype: torch.dtype) -> list[Tensor]:
     """``compute`` of each whole matrix, done once, by its owner rank; returns this rank's shard of each result.
 
     ``shards[i]`` is this rank's local shard of matrix :math:`i`, laid out as the DTensor ``like[i]`` (same
-    1-D mesh, placement, global shape and stride). Matrix :math:`i` is gathered to its owner (:math:`i \bmod W`
-    in the mesh) only, which calls ``compute`` on it; ``compute`` must return a tensor of the global shape and
-    of ``dtype``. The owner scatters the result: each rank gets its local shard, laid out as ``like[i]``. The
-    ranks compute their matrices concurrently (all gathers first, then the computations, then all scatters), so
-    each rank holds the whole of the matrices it owns, about :math:`1/W` of them, at once. Every rank must call
-    this with the same matrices in the same order (collectives).
+    1-D mesh, placement, global shape and stride); ``compute`` must return a tensor of the global shape and of
+    ``dtype``, which the owner scatters, each rank getting its local shard, laid out as ``like[i]``
+    (:func:`owner_apply`).
     """
-    owners = []
-    for index, layout in enumerate(like):
-        if layout.device_mesh.ndim != 1:
-            raise NotImplementedError(f"owner_compute: a {layout.device_mesh.ndim}-D device mesh (e.g. HSDP); only "
-                                      "1-D meshes (fully_shard over one process group) are supported yet")
-        owners.append(index % layout.device_mesh.size())
-    # three passes, so that the owners compute at the same time: every gather, then each rank's own matrices,
-    # then every scatter (one pass per matrix would leave all ranks but the owner waiting on its computation)
-    wholes = [_gather_to_owner(shard, layout, owner) for shard, layout, owner in zip(shards, like, owners)]
-    results = []
-    for whole, shard, layout in zip(wholes, shards, like):
-        if whole is None:
-            results.append(torch.empty(layout.shape, dtype=dtype, device=shard.device))
-            continue
-        result = compute(whole)
-        if result.shape != layout.shape or result.dtype != dtype:
+    def on_owner(whole: dict[str, Tensor]) -> None:
+        result = compute(whole["matrix"])
+        if result.shape != whole["matrix"].shape or result.dtype != dtype:
             raise RuntimeError(f"owner_compute: compute returned a {result.dtype} tensor of shape "
-                               f"{tuple(result.shape)}; expected {dtype} of shape {tuple(layout.shape)}")
-        results.append(result)
-    return [distribute_tensor(result, layout.device_mesh, layout.placements, src_data_rank=owner).to_local()
-            for result, layout, owner in zip(results, like, owners)]
+                               f"{tuple(result.shape)}; expected {dtype} of shape {tuple(whole['matrix'].shape)}")
+        whole["result"] = result
+
+    items = [{"matrix": DTensor.from_local(shard, layout.device_mesh, layout.placements, run_check=False,
+                                           shape=layout.shape, stride=layout.stride())}
+             for shard, layout in zip(shards, like)]
+    owner_apply(items, like, on_owner, read_only=("matrix",))
+    return [item["result"].to_local() for item in items]
+
+
+def owner_update(update: Callable[[list[Tensor], list[Tensor], list[dict[str, Tensor]]], None],
+                 params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict[str, Tensor]]) -> None:
+    """A per-parameter rule on sharded parameters: for each parameter its owner rank runs ``update([param],
+    [grad], [state])`` (the unsharded rule, unchanged) on the whole parameter, gradient and state, and the new
+    parameter and state are scattered back into the shards (:func:`owner_apply`); state entries the rule adds
+    become DTensors laid out by :func:`_state_placements`. Every rank must call it with the same parameters."""
+    reserved = ("<param>", "<grad>")
+    items = [{reserved[0]: param, reserved[1]: grad, **state} for param, grad, state in zip(params, grads, states)]
+
+    def on_owner(whole: dict[str, Tensor]) -> None:
+        state = {name: value for name, value in whole.items() if name not in reserved}
+        update([whole[reserved[0]]], [whole[reserved[1]]], [state])
+        whole.update(state)
+
+    owner_apply(items, params, on_owner, read_only=reserved[1:])
+    for item, state in zip(items, states):
+        state.update({name: value for name, value in item.items() if name not in reserved})
 
 
 def sharded_refusal(optimizer_class: type) -> str | None:
@@ -215,7 +321,7 @@ def sharded_refusal(optimizer_class: type) -> str | None:
     if not getattr(optimizer_class, "supports_dtensor", True):
         return (f"{name} cannot update sharded (DTensor) parameters, e.g. under FSDP2's fully_shard: its rule needs "
                 "whole tensors and has no sharded path yet; use an elementwise optimizer (adamw, sgd, lion, ...), "
-                f"muon, adafactor or lamb, or train {name} without FSDP")
+                f"muon, soap, shampoo, adafactor or lamb, or train {name} without FSDP")
     return None
 
 

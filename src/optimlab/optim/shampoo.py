@@ -37,6 +37,10 @@ momentum for ``grafting="none"``), never a factor. No factor exceeds ``block_siz
 50k x 50k matrix costs 49 x 49 blocks of at most 1024 x 1024 factors, never one 50k x 50k
 eigendecomposition.
 
+On sharded (FSDP2, DTensor) parameters each parameter's rule runs once, unchanged, on its owner rank, on the
+gathered parameter, gradient and state, and the results are scattered back; the state stays sharded
+(:func:`optimlab.optim._dtensor.owner_update`); equal to the unsharded run bit for bit.
+
 State per parameter: ``step``, ``exp_avg`` (when :math:`\beta_1 > 0`), ``graft_sq`` (unless
 ``grafting="none"``), and for block number ``b`` (in :func:`block_slices` order) and dimension ``i``
 the factor ``L<b>_<i>`` and, once computed, its inverse root ``P<b>_<i>``: one value per element for
@@ -45,6 +49,7 @@ each of the first two, plus :math:`2 \sum_B \sum_i b_{B,i}^2` values for the fac
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Any
@@ -63,6 +68,7 @@ from optimlab.optim._base import (
     check_positive_int,
     new_step_tensor,
 )
+from optimlab.optim._dtensor import has_dtensor, owner_update, state_zeros
 from optimlab.optim.registry import register
 from optimlab.optim.soap import factor_outer, merged_shape, project
 
@@ -238,11 +244,14 @@ class Shampoo(OptimlabOptimizer):
             if shape is not None:
                 for number, block in enumerate(block_slices(shape, group["block_size"])):
                     for dim, chunk in enumerate(block):
-                        state[f"L{number}_{dim}"] = param.new_zeros(chunk.stop - chunk.start, chunk.stop - chunk.start)
+                        state[f"L{number}_{dim}"] = state_zeros(param, chunk.stop - chunk.start, chunk.stop - chunk.start)
 
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
+        if has_dtensor(params):  # sharded (FSDP2): each parameter's blocked rule once, on its owner rank
+            owner_update(functools.partial(self._update_group, group), params, grads, states)
+            return
         beta1, beta2 = (as_float(beta) for beta in group["betas"])
         shampoo_beta = beta2 if group["shampoo_beta"] is None else group["shampoo_beta"]
         lr, grafting = as_float(group["lr"]), group["grafting"]

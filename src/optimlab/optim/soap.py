@@ -45,6 +45,10 @@ later starts with its own preconditioner-only step. pytorch-optimizer's ``SOAP``
 param group, runs its QR in float32 and merges dimensions with another rule
 (``merge_small_dims``); it is the same algorithm otherwise (the parity tests say how close).
 
+On sharded (FSDP2, DTensor) parameters each parameter's rule runs once, unchanged, on its owner rank, on the
+gathered parameter, gradient and state, and the results are scattered back; the state stays sharded
+(:func:`optimlab.optim._dtensor.owner_update`); equal to the unsharded run bit for bit.
+
 State per parameter: ``step`` (gradients seen, the first included), ``exp_avg`` (in the current basis), ``exp_avg_sq`` and, for
 each rotated dimension ``i`` of the view, ``GG<i>`` (the factor) and ``Q<i>`` (its eigenbasis): for a
 shape :math:`(n_1, \dots, n_k)`, 2 values per element plus :math:`2 \sum_i n_i^2` values.
@@ -52,6 +56,7 @@ shape :math:`(n_1, \dots, n_k)`, 2 values per element plus :math:`2 \sum_i n_i^2
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -69,6 +74,7 @@ from optimlab.optim._base import (
     check_positive_int,
     new_step_tensor,
 )
+from optimlab.optim._dtensor import has_dtensor, owner_update, state_zeros
 from optimlab.optim.registry import register
 
 __all__ = ["SOAP", "factor_outer", "load_pytorch_optimizer_state", "merged_shape", "project"]
@@ -140,7 +146,8 @@ def _eigenbasis(factor: Tensor) -> Tensor | None:
     except RuntimeError:  # LAPACK did not converge
         return None
     vectors = vectors.flip(-1)
-    return vectors.to(factor.dtype) if _finite_basis(vectors) else None
+    # row-major, as a basis gathered from shards is: products with it then take the same kernels (bits) either way
+    return vectors.to(factor.dtype).contiguous() if _finite_basis(vectors) else None
 
 
 @register(
@@ -170,9 +177,6 @@ class SOAP(OptimlabOptimizer):
         normalize_gradient: divide the step by its RMS. Default False.
         maximize: ascend the objective instead.
     """
-
-    #: the eigenbases of its factors need whole matrices, which its rule has no sharded (FSDP2) path for yet
-    supports_dtensor = False
 
     def __init__(
         self,
@@ -225,11 +229,11 @@ class SOAP(OptimlabOptimizer):
                 continue
             shape = self._view_shape(param, group)
             state["step"] = new_step_tensor()
-            state["exp_avg"] = torch.zeros(param.shape, dtype=param.dtype, device=param.device)
-            state["exp_avg_sq"] = torch.zeros(param.shape, dtype=param.dtype, device=param.device)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
             for dim, size in enumerate(shape):
                 if self._rotated(size, len(shape), group):
-                    state[f"GG{dim}"] = param.new_zeros(size, size)
+                    state[f"GG{dim}"] = state_zeros(param, size, size)
 
     @staticmethod
     def _bases(state: dict[str, Any], order: int) -> list[Tensor | None]:
@@ -272,7 +276,7 @@ class SOAP(OptimlabOptimizer):
             if not _finite_basis(new_basis):
                 continue
             exp_avg_sq = exp_avg_sq.index_select(dim, order)
-            state[f"Q{dim}"] = new_basis.to(factor.dtype)
+            state[f"Q{dim}"] = new_basis.to(factor.dtype).contiguous()  # row-major, as in _eigenbasis
         state["exp_avg_sq"].copy_(exp_avg_sq.reshape(state["exp_avg_sq"].shape))
         new_bases = self._bases(state, len(shape))
         momentum = state["exp_avg"].view(shape)
@@ -287,6 +291,9 @@ class SOAP(OptimlabOptimizer):
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
+        if has_dtensor(params):  # sharded (FSDP2): each parameter's whole-matrix rule once, on its owner rank
+            owner_update(functools.partial(self._update_group, group), params, grads, states)
+            return
         beta1, beta2 = (as_float(beta) for beta in group["betas"])
         lr, eps = as_float(group["lr"]), group["eps"]
         for param, grad, state in zip(params, grads, states):
