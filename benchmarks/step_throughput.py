@@ -25,6 +25,7 @@ import gc
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ SIZES: dict[str, tuple[int, int]] = {
     "20M": (20_000_000, 100),
     "200M": (200_000_000, 100),
     "10k-small": (640_000, 10_000),
+    "1.3B": (1_300_000_000, 200),  # a GPU size (``--device cuda``): not in the CPU plan
 }
 QUICK_SIZES: dict[str, tuple[int, int]] = {"tiny": (20_000, 10), "tiny-small": (6_400, 100)}
 SMALL_TENSOR_SIZES = ("10k-small", "tiny-small")  # the per-tensor-overhead cases (targets against torch fused/foreach)
@@ -223,28 +225,36 @@ def algorithms(include_compiled: bool = True) -> dict[str, Algorithm]:
 
 
 def make_params(total: int, count: int, dtype: torch.dtype, seed: int = 0,
-                shapes: list[tuple[int, ...]] | None = None) -> list[torch.Tensor]:
-    """``count`` 2-D tensors holding ``total`` values in all (or tensors of the given ``shapes``), each with a
-    random gradient attached."""
-    generator = torch.Generator().manual_seed(seed)
+                shapes: list[tuple[int, ...]] | None = None, device: str = "cpu") -> list[torch.Tensor]:
+    """``count`` 2-D tensors holding ``total`` values in all (or tensors of the given ``shapes``) on ``device``,
+    each with a random gradient attached."""
+    generator = torch.Generator(device).manual_seed(seed)
     per_tensor = max(total // count, 1)
     shape = (max(per_tensor // ROW, 1), ROW) if per_tensor >= ROW else (8, max(per_tensor // 8, 1))
     params = []
     for shape in shapes or [shape] * count:
-        param = torch.randn(shape, generator=generator).to(dtype)
-        param.grad = (torch.randn(shape, generator=generator) * 1e-2).to(dtype)
+        param = torch.randn(shape, generator=generator, device=device).to(dtype)
+        param.grad = (torch.randn(shape, generator=generator, device=device) * 1e-2).to(dtype)
         params.append(param)
     return params
 
 
-def stream_bandwidth(numel: int, repeats: int = 5) -> float:
+def _synchronize(device: str) -> None:
+    """Wait for the device's queued work (a CUDA step returns before its kernels have run)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def stream_bandwidth(numel: int, repeats: int = 5, device: str = "cpu") -> float:
     """In-place streaming bandwidth in bytes/s: median time of ``a += b`` over fp32 buffers (12 bytes/element)."""
-    a, b = torch.ones(numel), torch.ones(numel)
+    a, b = torch.ones(numel, device=device), torch.ones(numel, device=device)
     a.add_(b)
     times = []
     for _ in range(repeats):
+        _synchronize(device)
         start = time.perf_counter()
         a.add_(b)
+        _synchronize(device)
         times.append(time.perf_counter() - start)
     return 12 * numel / statistics.median(times)
 
@@ -259,13 +269,14 @@ def _compile_seconds() -> float:
 
 
 def measure(algorithm: Algorithm, total: int, count: int, dtype: torch.dtype, *, rounds: int, steps: int,
-            bandwidth: float, shapes: list[tuple[int, ...]] | None = None) -> list[dict[str, Any]]:
+            bandwidth: float, shapes: list[tuple[int, ...]] | None = None, device: str = "cpu"
+            ) -> list[dict[str, Any]]:
     """Interleaved timing of every implementation of ``algorithm`` on shared parameters; one row per implementation.
 
     ``bandwidth`` (bytes/s) gives each row's ``bandwidth_fraction``; :func:`run` recomputes it at the end
     with the peak bandwidth of the whole run (:func:`add_bandwidth_fractions`).
     """
-    params = make_params(total, count, dtype, shapes=shapes)
+    params = make_params(total, count, dtype, shapes=shapes, device=device)
     grads = [p.grad for p in params]
 
     def restore_grads() -> None:  # some peers (heavyball) clear or reuse ``.grad`` after their step
@@ -282,8 +293,10 @@ def measure(algorithm: Algorithm, total: int, count: int, dtype: torch.dtype, *,
         try:
             optimizer = impl.build(params)
             before = _compile_seconds()
+            _synchronize(device)
             start = time.perf_counter()
             optimizer.step()  # warm-up: lazy state, compilation
+            _synchronize(device)
             row["first_step_s"] = time.perf_counter() - start
             row["compile_s"] = _compile_seconds() - before if impl.source == "optimlab" else None
             if impl.compiles and row["compile_s"] is None:
@@ -302,8 +315,10 @@ def measure(algorithm: Algorithm, total: int, count: int, dtype: torch.dtype, *,
         shift = round_index % max(len(labels), 1)
         for label in labels[shift:] + labels[:shift]:
             for _ in range(steps):
+                _synchronize(device)
                 start = time.perf_counter()
                 optimizers[label].step()
+                _synchronize(device)
                 times[label].append(time.perf_counter() - start)
                 restore_grads()
             per_round[label].append(1e3 * statistics.mean(times[label][-steps:]))
@@ -333,7 +348,7 @@ def add_bandwidth_fractions(rows: list[dict[str, Any]], bandwidth: float) -> Non
             row["bandwidth_fraction"] = row["bytes_per_param_moved"] * row["params"] / (row["ms_per_step"] / 1e3) / bandwidth
 
 
-def machine_description() -> dict[str, Any]:
+def machine_description(device: str = "cpu") -> dict[str, Any]:
     """CPU model, core count, memory, torch version and threads (and the GPU when one is used)."""
     model = platform.processor() or platform.machine()
     try:
@@ -349,13 +364,33 @@ def machine_description() -> dict[str, Any]:
         memory_gib = round(pages * page_size / 2**30, 1)
     except (ValueError, OSError, AttributeError):
         pass
-    return {"cpu": model, "cores": os.cpu_count(), "memory_gib": memory_gib, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "python": platform.python_version(), "platform": platform.platform()}
+    machine = {"cpu": model, "cores": os.cpu_count(), "memory_gib": memory_gib, "torch": torch.__version__,
+               "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "python": platform.python_version(), "platform": platform.platform()}
+    if torch.device(device).type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        machine.update(gpu=properties.name, gpu_memory_gib=round(properties.total_memory / 2**30, 1),
+                       cuda=torch.version.cuda, driver=_nvidia_driver())
+    return machine
 
 
-def default_plan(quick: bool) -> list[tuple[str, str, torch.dtype, list[str] | None]]:
-    """(size, algorithm, dtype, implementation labels or None for all) in the order they are run."""
+def _nvidia_driver() -> str | None:
+    """The NVIDIA driver's version as nvidia-smi reports it (None where it cannot be asked)."""
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+GPU_ALGORITHMS = ("adamw", "adam", "sgd-momentum", "lion", "lamb", "adamw-bf16-state", "adamw-int8-state")
+
+
+def default_plan(quick: bool, device: str = "cpu") -> list[tuple[str, str, torch.dtype, list[str] | None]]:
+    """(size, algorithm, dtype, implementation labels or None for all) in the order they are run. On a GPU: the
+    issue-18 table, GPT-2 small for the main algorithms and 1.3B parameters for AdamW."""
+    if torch.device(device).type == "cuda":
+        return [("gpt2-small", name, torch.float32, None) for name in GPU_ALGORITHMS] + [("1.3B", "adamw", torch.float32, None)]
     if quick:
         return [(size, name, torch.float32, None) for size in QUICK_SIZES for name in ("adamw", "lion")]
     table = algorithms()
@@ -377,7 +412,8 @@ def default_plan(quick: bool) -> list[tuple[str, str, torch.dtype, list[str] | N
 
 
 def run(quick: bool = False, sizes: list[str] | None = None, names: list[str] | None = None,
-        include_compiled: bool = True, rounds: int | None = None, quiet: bool = False) -> dict[str, Any]:
+        include_compiled: bool = True, rounds: int | None = None, quiet: bool = False, device: str = "cpu"
+        ) -> dict[str, Any]:
     """Run the benchmark and return ``{"machine", "bandwidth_gbs", "rows", "config"}``.
 
     ``quick``: tiny sizes and two rounds (checks the bookkeeping, not the speed); ``sizes`` / ``names``
@@ -385,11 +421,11 @@ def run(quick: bool = False, sizes: list[str] | None = None, names: list[str] | 
     """
     table = algorithms(include_compiled)
     all_sizes = {**SIZES, **QUICK_SIZES}
-    plan = [entry for entry in default_plan(quick)
+    plan = [entry for entry in default_plan(quick, device)
             if (sizes is None or entry[0] in sizes) and (names is None or entry[1] in names)]
     rounds = rounds or (2 if quick else 5)
     stream_numel = 1 << (18 if quick else 26)
-    bandwidth = stream_bandwidth(stream_numel)
+    bandwidth = stream_bandwidth(stream_numel, device=device)
     rows: list[dict[str, Any]] = []
     with progress("step throughput", total=len(plan), quiet=quiet, unit="configs") as bar:
         for size, name, dtype, labels in plan:
@@ -398,11 +434,11 @@ def run(quick: bool = False, sizes: list[str] | None = None, names: list[str] | 
                      and (i.sizes is None or size in i.sizes)]
             algorithm = Algorithm(algorithm.name, impls, algorithm.elementwise, algorithm.target, algorithm.sizes)
             total, count = all_sizes[size]
-            bandwidth = max(bandwidth, stream_bandwidth(stream_numel, repeats=3))  # the peak: load only lowers it
+            bandwidth = max(bandwidth, stream_bandwidth(stream_numel, repeats=3, device=device))  # the peak: load only lowers it
             slow = total >= 150_000_000 or count >= 1_000  # 200M parameters, or 10,000 tensors: fewer samples
             shapes = SHAPES[size]() if size in SHAPES else None
             for row in measure(algorithm, total, count, dtype, rounds=min(rounds, 3) if slow else rounds,
-                               steps=1 if slow else 2, bandwidth=bandwidth, shapes=shapes):
+                               steps=1 if slow else 2, bandwidth=bandwidth, shapes=shapes, device=device):
                 row["size"] = size
                 rows.append(row)
             bar.advance(1, last=f"{size}/{name}")
@@ -410,7 +446,7 @@ def run(quick: bool = False, sizes: list[str] | None = None, names: list[str] | 
     measured = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for row in rows:
         row["measured"] = measured
-    return {"machine": machine_description(), "bandwidth_gbs": bandwidth / 1e9, "rows": rows, "measured": measured,
+    return {"machine": machine_description(device), "bandwidth_gbs": bandwidth / 1e9, "rows": rows, "measured": measured,
             "config": {"quick": quick, "rounds": rounds, "stream_mb": 4 * stream_numel / 2**20, "elementwise": {n: a.elementwise for n, a in table.items()},
                        "targets": {n: a.target for n, a in table.items()}}}
 
@@ -621,9 +657,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default=None, help="comma-separated subset of " + ",".join(SIZES))
     parser.add_argument("--algorithms", default=None, help="comma-separated subset of " + ",".join(algorithms()))
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (the GPU plan: GPT-2 small and 1.3B)")
     args = parser.parse_args(argv)
     results = run(args.quick, sizes=args.sizes.split(",") if args.sizes else None,
-                  names=args.algorithms.split(",") if args.algorithms else None, rounds=args.rounds)
+                  names=args.algorithms.split(",") if args.algorithms else None, rounds=args.rounds,
+                  device=args.device)
     for path in write(results, args.out):
         print(path)
     print(to_markdown(results))

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from optimlab.optim import AdamW, flatten_parameters
+from optimlab.train.distributed import end_worker
 
 
 def model() -> torch.nn.Module:
@@ -47,7 +48,7 @@ def main(out: Path) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps({"equal": equal, "in_buffer": in_buffer, "checksum": checksum,
                                                       "still_flat": still_flat}))
     dist.barrier()
-    dist.destroy_process_group()
+    end_worker(0)  # no teardown of gloo's threads (optimlab.train.distributed.shutdown says why)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from optimlab.optim import muon
 from optimlab.optim.shampoo import Shampoo
 from optimlab.optim.soap import SOAP
 from optimlab.optim.registry import create_optimizer
+from optimlab.train.distributed import end_worker
 
 STEPS = 4
 CONFIGS = {
@@ -238,7 +239,7 @@ def main(out: Path) -> None:
                                                       "layouts": owner_compute_layouts(),
                                                       "unsupported_layout": unsupported_layout_error()}))
     dist.barrier()
-    dist.destroy_process_group()
+    end_worker(0)  # no teardown of gloo's threads (optimlab.train.distributed.shutdown says why)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from optimlab.optim.groups import param_groups
 from optimlab.optim.registry import create_optimizer
 from optimlab.train.dcp_checkpoint import load_sharded, save_sharded
+from optimlab.train.distributed import end_worker
 from optimlab.train.model import GPT, GPTConfig
 
 STEPS, SAVE_AT, GLOBAL_BATCH = 6, 3, 8
@@ -120,7 +121,7 @@ def main(root: Path, optimizers: list[str]) -> None:
     for optimizer in optimizers:
         scenario(root / optimizer, optimizer)
     dist.barrier()
-    dist.destroy_process_group()
+    end_worker(0)  # no teardown of gloo's threads (optimlab.train.distributed.shutdown says why)
 
 
 def scenario(root: Path, optimizer: str) -> None:

@@ -20,7 +20,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 
 from train_helpers import DDP_STEPS, DDP_STOP, tiny_config
 
-from optimlab.train.distributed import init_distributed, shutdown
+from optimlab.train.distributed import end_worker, init_distributed, shutdown
 from optimlab.train.trainer import Trainer
 
 
@@ -50,8 +50,9 @@ def main(root: Path, data: Path) -> None:
         trainer.train()
         trainer.close()
     finally:
-        shutdown(context)
+        shutdown(context, process_ends=True)
 
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), Path(sys.argv[2]))
+    end_worker(0)

@@ -29,7 +29,7 @@ from optimlab.clip import NormClipper, ValueClipper
 from optimlab.guard import NonFiniteGuard
 from optimlab.monitor import OptimizerMonitor
 from optimlab.optim.registry import create_optimizer
-from optimlab.train.distributed import init_distributed, shutdown
+from optimlab.train.distributed import end_worker, init_distributed, shutdown
 from optimlab.train.trainer import Trainer
 
 
@@ -139,8 +139,9 @@ def main(root: Path, data: Path) -> None:
         trainer.close()
         (root / f"agreement-rank{context.rank}.json").write_text(json.dumps(agreement(context.rank)))
     finally:
-        shutdown(context)
+        shutdown(context, process_ends=True)
 
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), Path(sys.argv[2]))
+    end_worker(0)

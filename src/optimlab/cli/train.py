@@ -27,6 +27,7 @@ from optimlab.train.config import TrainConfig
 from optimlab.train.distributed import (
     LaunchError,
     check_launch_options,
+    end_worker,
     exit_with_launcher,
     init_distributed,
     launch,
@@ -199,9 +200,11 @@ def _run_worker(config: TrainConfig, *, resume: bool, overwrite: bool, quiet: bo
             trainer.close()
         finished = True
     finally:
-        shutdown(context, finished=finished)
+        shutdown(context, finished=finished, process_ends=finished and context.is_distributed)
     if context.is_main and not quiet:
         _print_summary(Path(config.out_dir))
+    if context.is_distributed:
+        end_worker(0)  # the group is left undestroyed (shutdown): end before the interpreter tears it down
 
 
 def _print_summary(out_dir: Path) -> None:

@@ -18,6 +18,7 @@ elsewhere watches its parent process id from a thread.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import os
@@ -28,12 +29,12 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "LaunchError", "pick_device", "init_distributed", "shutdown", "all_reduce_sum",
+__all__ = ["DistContext", "LaunchError", "pick_device", "init_distributed", "shutdown", "end_worker", "all_reduce_sum",
            "all_gather_objects", "port_in_use", "check_launch_options", "launch", "exit_with_launcher",
            "LAUNCHER_PID_VARIABLE"]
 
@@ -102,18 +103,35 @@ def init_distributed(device: str = "auto", timeout_s: float = 60.0) -> DistConte
     return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=chosen)
 
 
-def shutdown(context: DistContext, *, finished: bool = True) -> None:
+def shutdown(context: DistContext, *, finished: bool = True, process_ends: bool = False) -> None:
     """Leave the process group (no-op for a single process).
 
     After a run that ``finished``, the ranks first meet at a barrier: a rank that tore its gloo
     connections down while the other was still closing its own made that one abort ("terminate
     called without an active exception", about one run in ten on this machine). After a failure there
     is no barrier, which the failed peer would never reach.
+
+    ``process_ends``: the caller ends the process right after (:func:`end_worker`), so after the barrier the
+    group is not destroyed at all. Even after the barrier, destroying it still aborted a rank now and then
+    under load (gloo's threads joined while a peer closed its sockets); a process that ends with
+    ``os._exit`` runs no destructor that could.
     """
     if context.is_distributed and dist.is_initialized():
         if finished:
             dist.barrier()
+            if process_ends:
+                return
         dist.destroy_process_group()
+
+
+def end_worker(code: int) -> NoReturn:
+    """End this worker process with ``code`` at once: streams flushed, no interpreter teardown (no atexit
+    handlers, no destructors of the process group's threads; see :func:`shutdown`). Files the run wrote are
+    closed by then (the trainer closes its outputs before returning)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def all_reduce_sum(values: torch.Tensor, context: DistContext) -> torch.Tensor:
