@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
+from benchmark_modules import load_benchmark
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"optimlab_benchmarks_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def throughput() -> ModuleType:
-    return _load("step_throughput")
+    return load_benchmark("step_throughput")
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +102,7 @@ def test_target_verdicts(throughput: ModuleType) -> None:
 
 
 def test_run_all_writes_perf_md_and_calls_monitor(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    run_all = _load("run_all")
+    run_all = load_benchmark("run_all")
     calls: list[bool] = []
     real_loader = run_all.load_benchmark
 
@@ -219,7 +209,7 @@ def test_ratios_are_paired_by_round(throughput: ModuleType) -> None:
 def test_compile_time_markdown_and_files(tmp_path: Path) -> None:
     """The table and files of the compile-time benchmark (its child processes compile for tens of seconds, so
     the measurement itself runs in ``make bench`` only)."""
-    compile_time = _load("compile_time")
+    compile_time = load_benchmark("compile_time")
     assert ("adamw", True) in compile_time.CONFIGS and compile_time.QUICK_CONFIGS
     run = {"first_steps_s": 20.5, "next_step_s": 0.0012, "compile_s": 19.25}
     results = {"threads": "2", "rows": [{"algorithm": "adamw", "path": "flat fused", "cold": run,
@@ -231,7 +221,7 @@ def test_compile_time_markdown_and_files(tmp_path: Path) -> None:
 
 def test_guard_overhead_quick_run() -> None:
     """The guard benchmark's bookkeeping on a tiny MLP (never its timings): three modes, no skipped step."""
-    guard = _load("guard_overhead")
+    guard = load_benchmark("guard_overhead")
     results = guard.run(quick=True, widths=(8, 16, 4))
     modes = ["optimizer.step", "guard", "guard, check_update"]
     assert list(results["median_step_ms"]) == modes and results["overhead_percent"]["optimizer.step"] == 0.0
@@ -244,7 +234,7 @@ def test_default_path_quick_run(tmp_path: Path) -> None:
     rounds, the thread count restored, both files written."""
     import torch
 
-    default_path = _load("default_path")
+    default_path = load_benchmark("default_path")
     threads = torch.get_num_threads()
     results = default_path.run(quick=True)
     assert torch.get_num_threads() == threads
@@ -273,5 +263,5 @@ def test_benchmark_main_runs_writes_and_prints(tmp_path: Path, capsys: pytest.Ca
     assert "| table True |" in printed and f"wrote {written[0]}, {written[1]}" in printed
     for name in ("default_path", "compile_time", "guard_overhead"):  # each script's main is this command line
         with pytest.raises(SystemExit):
-            _load(name).main(["--help"])
+            load_benchmark(name).main(["--help"])
         assert "--quick" in capsys.readouterr().out

@@ -3,29 +3,19 @@ the files it writes; run_all.py runs it."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from benchmark_modules import load_benchmark
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"optimlab_benchmarks_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def frontier() -> ModuleType:
-    return _load("frontier_step")
+    return load_benchmark("frontier_step")
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +90,6 @@ def test_files_and_run_all_registration(frontier: ModuleType, quick: dict, tmp_p
     assert json.loads(json_path.read_text())["sets"]["quick"] == quick["sets"]["quick"]
     table = markdown_path.read_text()
     assert "| quick (0.00M) | SOAP | heavyball |" in table and "Load average" in table
-    run_all = _load("run_all")
+    run_all = load_benchmark("run_all")
     assert "frontier_step" in run_all.BENCHMARKS
     assert "## SOAP and Shampoo against pytorch-optimizer and heavyball" in run_all.compose({"frontier_step": quick})

@@ -119,9 +119,14 @@ def _grouped(tensors: list[Tensor]) -> list[tuple[torch.device, list[Tensor]]]:
             group_by_device_and_dtype([[local(t) for t in tensors]]).items()]
 
 
-def _per_tensor_norms(tensors: list[Tensor], norm_type: float, foreach: bool | None) -> list[Tensor]:
-    """The ``norm_type``-norm of each tensor, in order; of a DTensor (an FSDP2 gradient), the norm of the whole
-    tensor: its shards' norms all-reduced across the ranks (:func:`optimlab.optim._dtensor.whole_norms`)."""
+def per_tensor_norms(tensors: list[Tensor], norm_type: float = 2.0, foreach: bool | None = None,
+                     like: list[Tensor] | None = None) -> list[Tensor]:
+    """The ``norm_type``-norm of each tensor, in order (``-inf``: the smallest absolute value), one multi-tensor
+    kernel per (device, dtype) where ``foreach`` allows (:func:`_use_foreach`). Of a DTensor (an FSDP2 gradient),
+    the norm of the whole tensor: its shards' norms all-reduced across the ranks
+    (:func:`optimlab.optim._dtensor.whole_norms`; every rank must call it). ``like[i]``, when given, is the
+    DTensor whose layout ``tensors[i]`` (a plain tensor shaped like its local shard, e.g. an update) has."""
+    layouts = tensors if like is None else like
     shards = [local(t) for t in tensors]
     norms: list[Tensor | None] = [None] * len(shards)
     for (device, _), ([device_tensors], indices) in group_by_device_and_dtype([shards]).items():
@@ -131,7 +136,7 @@ def _per_tensor_norms(tensors: list[Tensor], norm_type: float, foreach: bool | N
             device_norms = [torch.linalg.vector_norm(t, norm_type) for t in device_tensors]
         for index, norm in zip(indices, device_norms):
             norms[index] = norm
-    return whole_norms(norms, tensors, norm_type) if has_dtensor(tensors) else norms  # type: ignore[arg-type]
+    return whole_norms(norms, layouts, norm_type) if has_dtensor(layouts) else norms  # type: ignore[arg-type]
 
 
 @torch.no_grad()
@@ -152,7 +157,7 @@ def total_grad_norm(
     if not tensor_list:
         return torch.tensor(0.0)
     first_device = tensor_list[0].device
-    norms = _per_tensor_norms(tensor_list, norm_type, foreach)
+    norms = per_tensor_norms(tensor_list, norm_type, foreach)
     total = torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in norms]), norm_type)
     if error_if_nonfinite and bool(torch.logical_or(total.isnan(), total.isinf())):
         raise RuntimeError(

@@ -19,14 +19,13 @@ import errno
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import dcp_kill
 import pytest
 import torch
 from dcp_worker import SAVE_AT, STEPS, single_from_sharded, single_process
+from train_helpers import run_two_ranks
 
 from optimlab.train.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint, save_checkpoint
 from optimlab.train.dcp_checkpoint import (
@@ -91,11 +90,7 @@ def _equal_states(first: dict, second: dict) -> bool:
 def scenarios(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("dcp")
     single = {name: single_process(root / name, name) for name in OPTIMIZERS}  # before the job, which loads it
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(HERE / "dcp_worker.py"), str(root), ",".join(OPTIMIZERS)]
-    job = subprocess.run(command, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                         text=True, timeout=300)
-    assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-4000:]
+    run_two_ranks(HERE / "dcp_worker.py", str(root), ",".join(OPTIMIZERS), timeout=300)
     return {name: {"single": single[name], "sharded": torch.load(root / name / "sharded.pt", weights_only=False),
                    "from_sharded": single_from_sharded(root / name, name), "root": root / name}
             for name in OPTIMIZERS}

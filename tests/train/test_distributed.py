@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import DDP_STEPS, DDP_STOP, REPO, invoke, tiny_config
+from train_helpers import DDP_STEPS, DDP_STOP, REPO, invoke, run_two_ranks, tiny_config
 
 from optimlab.train.checkpoint import load_checkpoint
 from optimlab.train.trainer import CHECKPOINT_NAME, SUMMARY_NAME, Trainer
@@ -51,11 +51,7 @@ def ddp_runs(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> Path:
         if accum == 1:
             shutil.copytree(single, root / "zero-from-single")
         _train(tiny_config(single, text_file, batch_size=8, accum=accum, steps=DDP_STEPS), resume=True)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(HERE / "ddp_worker.py"), str(root), str(text_file)]
-    job = subprocess.run(command, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                         text=True, timeout=400)
-    assert job.returncode == 0, job.stderr[-4000:]
+    run_two_ranks(HERE / "ddp_worker.py", str(root), str(text_file))
     return root
 
 

@@ -24,14 +24,11 @@ Tolerances of "2 processes with batch B under FSDP2 = 1 process with batch 2B" (
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import FSDP_OPTIMIZERS, FSDP_STEPS, FSDP_STOP, invoke, tiny_config
+from train_helpers import FSDP_OPTIMIZERS, FSDP_STEPS, FSDP_STOP, invoke, run_two_ranks, tiny_config
 
 from optimlab.train import trainer as trainer_module
 from optimlab.train.checkpoint import load_checkpoint
@@ -65,11 +62,7 @@ def fsdp_runs(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> Path
         losses = _train(tiny_config(root / f"single-{name}", text_file, batch_size=8, steps=FSDP_STEPS, optimizer=name,
                                     checkpoint_every=FSDP_STOP))
         (root / f"single-{name}" / "losses.json").write_text(json.dumps(losses))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(HERE / "fsdp_worker.py"), str(root), str(text_file)]
-    job = subprocess.run(command, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                         text=True, timeout=400)
-    assert job.returncode == 0, job.stderr[-4000:]
+    run_two_ranks(HERE / "fsdp_worker.py", str(root), str(text_file))
     return root
 
 

@@ -33,6 +33,17 @@ def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None)
                           text=True, timeout=timeout)
 
 
+def run_two_ranks(worker: Path, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    """``worker`` run by torchrun as 2 gloo processes (one thread each), from ``worker``'s folder; fails the
+    test, with the end of the job's output, unless every rank ended cleanly."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker),
+               *args]
+    job = subprocess.run(command, cwd=worker.parent, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=timeout)
+    assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-4000:]
+    return job
+
+
 def invoke(*args: str) -> Result:
     """``optimlab <args>`` in this process (typer's CliRunner), output captured; stderr kept apart."""
     return CliRunner().invoke(app, list(args))

@@ -28,34 +28,25 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from optimlab.optim._base import group_by_device_and_dtype, loop_pieces
-from optimlab.optim._dtensor import counted_once, has_dtensor, local, reduce_over_shards, whole_norms
+from optimlab.clip import per_tensor_norms as clip_norms
+from optimlab.optim._base import loop_pieces
+from optimlab.optim._dtensor import counted_once, has_dtensor, local, reduce_over_shards
 
 __all__ = ["combine_norms", "effective_lr_summary", "per_tensor_norms", "state_tensor_norms", "to_floats"]
 
 
 def per_tensor_norms(tensors: Sequence[Tensor], ord: float = 2.0, like: Sequence[Tensor] | None = None) -> list[Tensor]:
     """``ord``-norm of each tensor (``-inf`` gives the min-abs), in the order given; one multi-tensor
-    kernel per (device, dtype).
+    kernel per (device, dtype) (:func:`optimlab.clip.per_tensor_norms`, on detached views: parameters too take
+    the multi-tensor kernel).
 
     Sharded tensors (DTensors, e.g. under FSDP2) count whole: the norms of this rank's shards are all-reduced
     across the ranks (one collective; every rank must call it). ``like[i]``, when given, is the DTensor whose
     layout ``tensors[i]`` (a plain tensor shaped like its local shard, e.g. a parameter update) has.
     """
-    tensors = list(tensors)
     if not tensors:
         return []
-    layouts = tensors if like is None else list(like)
-    tensors = [local(t) for t in tensors]
-    norms: list[Tensor | None] = [None] * len(tensors)
-    for (device, _), ([group], indices) in group_by_device_and_dtype([tensors]).items():
-        if device.type in ("cpu", "cuda"):
-            group_norms = torch._foreach_norm(group, ord)
-        else:
-            group_norms = [torch.linalg.vector_norm(t, ord) for t in group]
-        for index, norm in zip(indices, group_norms):
-            norms[index] = norm
-    return whole_norms(norms, layouts, ord) if has_dtensor(layouts) else norms  # type: ignore[arg-type]
+    return clip_norms([t.detach() for t in tensors], ord, like=None if like is None else list(like))
 
 
 def combine_norms(norms: Sequence[float]) -> float:
