@@ -49,7 +49,9 @@ CONFIGS = {
     "shampoo-blocked": ("shampoo", {"precondition_frequency": 1, "start_preconditioning_step": 1, "block_size": 5,
                                     "grafting": "adagrad"}),
     "prodigy": ("prodigy", {}),
-    "dadapt-adam": ("dadapt-adam", {}),
+    # d's sums all-reduced over the shards; lr 1 and d0 small enough that d grows and the parameters move
+    "dadapt-adam": ("dadapt-adam", {"lr": 1.0, "d0": 1e-3}),
+    "dadapt-adam-coupled": ("dadapt-adam", {"lr": 1.0, "d0": 1e-3, "weight_decay": 0.1}),
     # low-precision state on shards (wide model: tensors of several int8 blocks, shard boundaries inside blocks)
     "adamw-bf16": ("adamw-bf16", {"foreach": False, "weight_decay": 0.1, "wide": True}),
     "adamw-bf16-fused": ("adamw-bf16", {"fused": True, "weight_decay": 0.1, "wide": True}),
@@ -70,9 +72,10 @@ def model(wide: bool = False) -> torch.nn.Module:
 
 def deviation(name: str, options: dict, rank: int) -> float:
     options = dict(options)
-    wide = options.pop("wide", False)
+    wide, lr = options.pop("wide", False), options.pop("lr", 0.01)
     reference, sharded = model(wide), shard(model(wide))
-    optimizers = [create_optimizer(net, name, lr=0.01, **options) for net in (reference, sharded)]
+    optimizers = [create_optimizer(net, name, lr=lr, **options) for net in (reference, sharded)]
+    initial = [param.detach().clone() for param in reference.parameters()]
     generator = torch.Generator().manual_seed(7)  # the same batches on every rank; each rank trains on its own
     for _ in range(STEPS):
         batches = [(torch.randn(6, 12, generator=generator), torch.randn(6, 9, generator=generator)) for _ in (0, 1)]
@@ -89,6 +92,10 @@ def deviation(name: str, options: dict, rank: int) -> float:
             optimizer.zero_grad()
     with torch.no_grad():
         worst = max(float((a - b.full_tensor()).abs().max()) for a, b in zip(reference.parameters(), sharded.parameters()))
+        if hasattr(optimizers[0], "d"):  # learning-rate free: the estimates agree, and it grew (the parameters moved)
+            worst = max(worst, abs(optimizers[0].d - optimizers[1].d))
+            assert optimizers[0].d > options.get("d0", 1e-6), optimizers[0].d
+            assert max(float((a - b).abs().max()) for a, b in zip(reference.parameters(), initial)) > 1e-3
         if wide:  # low-precision state: the gathered stored moments (bf16 values, int8 codes, block scales) too
             for a, b in zip(reference.parameters(), sharded.parameters()):
                 whole, shards = optimizers[0].state[a], optimizers[1].state[b]

@@ -321,7 +321,7 @@ def sharded_refusal(optimizer_class: type) -> str | None:
     if not getattr(optimizer_class, "supports_dtensor", True):
         return (f"{name} cannot update sharded (DTensor) parameters, e.g. under FSDP2's fully_shard: its rule needs "
                 "whole tensors and has no sharded path yet; use an elementwise optimizer (adamw, sgd, lion, ...), "
-                f"muon, soap, shampoo, adafactor or lamb, or train {name} without FSDP")
+                f"muon, soap, shampoo, adafactor, lamb or dadapt-adam, or train {name} without FSDP")
     return None
 
 

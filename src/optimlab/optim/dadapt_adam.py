@@ -19,8 +19,10 @@ The step's size lives in :math:`m_k` (it accumulates :math:`\eta_k g_k`). Weight
 added to :math:`g_k` (the default, ``decouple=False``) or decoupled as written. This is the authors'
 ``dadaptation`` 3.2 ``DAdaptAdam`` (the paper's Algorithm for Adam, with the authors' ``layer_scale``
 and early exit: while :math:`\sum\|s_k\|_1 = 0`, no step is taken); the parity tests follow it to
-1e-12. No ``fsdp_in_use``/``log_every``: the statistics are not all-reduced (single process or
-DDP-replicated only) and the estimate is read from ``optimizer.d``.
+1e-12. No ``log_every``: the estimate is read from ``optimizer.d``. On sharded (FSDP2, DTensor) parameters
+the two sums (:math:`\rho_k` and :math:`\sum r \|s_k\|_1`) are taken over each rank's shards and all-reduced
+in one call (the authors' ``fsdp_in_use``); the rest is elementwise on the shards. Equal to the unsharded run to
+float64 reduction order (the shards' partial sums added in another order).
 
 State per parameter: ``step``, ``s``, ``exp_avg``, ``exp_avg_sq``: 12 bytes per float32 parameter.
 The estimate (``d``, ``numerator_weighted``, ``k``) lives in the param groups, as in ``dadaptation``,
@@ -44,6 +46,7 @@ from optimlab.optim._base import (
     check_non_negative,
     prepare_grad,
 )
+from optimlab.optim._dtensor import counted_once, has_dtensor, local, reduce_over_shards
 from optimlab.optim.lr_free import LR_FREE_BOUNDS, GroupBatch, LRFreeOptimizer
 from optimlab.optim.registry import register
 
@@ -73,6 +76,9 @@ class DAdaptAdam(LRFreeOptimizer, OptimlabOptimizer):
         d0: initial estimate (> 0). Default 1e-6.
         growth_rate: largest factor :math:`d` may grow per step (>= 1, ``math.inf`` for no limit).
     """
+
+    #: d's two sums are all-reduced over the shards (module docstring)
+    supports_dtensor = True
 
     def __init__(
         self,
@@ -123,11 +129,19 @@ class DAdaptAdam(LRFreeOptimizer, OptimlabOptimizer):
             for param, grad, state in zip(params, grads, states):
                 grad = prepare_grad(param, grad, maximize=False, weight_decay=coupled)
                 denom = state["exp_avg_sq"].sqrt().add_(eps)
-                numerator += scale * dlr * torch.dot(grad.flatten(), state["s"].div(denom).flatten()).double()
+                counted = counted_once(param)  # a replicated DTensor's sums on one rank only
+                if counted:
+                    numerator += scale * dlr * torch.dot(local(grad).flatten(), local(state["s"].div(denom)).flatten(
+                    )).double()
                 state["exp_avg"].mul_(beta1).add_(grad, alpha=scale * dlr * (1 - beta1))
                 state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 state["s"].mul_(sqrt_beta2).add_(grad, alpha=dlr * (1 - sqrt_beta2))
-                s_norm += scale * state["s"].abs().sum().double()
+                if counted:
+                    s_norm += scale * local(state["s"]).abs().sum().double()
+        every = [param for _, group_params, _, _ in batches for param in group_params]
+        if has_dtensor(every):  # sharded: the shards' partial sums added over the ranks, in one all-reduce
+            sums = torch.stack([numerator, s_norm]).to(local(every[0]).device)
+            numerator, s_norm = reduce_over_shards(sums, torch.distributed.ReduceOp.SUM, every).cpu()
         numerator_weighted = sqrt_beta2 * first["numerator_weighted"] + (1 - sqrt_beta2) * numerator.item()
         sk_l1 = s_norm.item()
         if sk_l1 == 0:

@@ -244,7 +244,8 @@ class Shampoo(OptimlabOptimizer):
             if shape is not None:
                 for number, block in enumerate(block_slices(shape, group["block_size"])):
                     for dim, chunk in enumerate(block):
-                        state[f"L{number}_{dim}"] = state_zeros(param, chunk.stop - chunk.start, chunk.stop - chunk.start)
+                        size = chunk.stop - chunk.start
+                        state[f"L{number}_{dim}"] = state_zeros(param, size, size)
 
     def _update_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]]
