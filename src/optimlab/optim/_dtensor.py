@@ -257,7 +257,7 @@ def owner_apply(items: Sequence[dict[str, Tensor]], like: Sequence[Tensor],
             if name in read_only:
                 continue
             if scalar is not None:  # a 0-dim plain entry: the owner's value
-                item[name] = scalar.to(old.device) if old is None else old.copy_(scalar)
+                item[name] = scalar.to(layout.to_local().device) if old is None else old.copy_(scalar)
                 continue
             full = whole.get(name)  # None except on the owner: a placeholder, which the scatter does not read
             full = torch.empty(shape, dtype=dtype, device=layout.to_local().device) if full is None else full
