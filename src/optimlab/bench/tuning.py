@@ -18,7 +18,6 @@ metrics; a diverged trial scores :data:`DIVERGED_SCORE`, worse than any real res
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from collections.abc import Sequence
@@ -50,15 +49,6 @@ class HistoryItem:
 
     params: dict[str, float]
     score: float
-
-
-def _accepted_kwargs(optimizer: str) -> set[str] | None:
-    """Constructor keywords the optimizer accepts (``None`` when it takes ``**kwargs``)."""
-    spec = get_spec(optimizer)
-    parameters = inspect.signature(spec.resolve().__init__).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return None
-    return {p.name for p in parameters}
 
 
 def lr_search_range(optimizer: str, lr_widen: float = 1.0,
@@ -107,7 +97,7 @@ def search_space(optimizer: str, tune: Sequence[str] = ("lr",), lr_widen: float 
     space: dict[str, BaseDistribution] = {}
     if "lr" not in fixed_params(optimizer, tune_lr_free):
         space["lr"] = FloatDistribution(low, high, log=True)
-    accepted = _accepted_kwargs(optimizer)
+    accepted = spec.accepted_kwargs()
     for name in tune:
         if name == "lr" or name in spec.preset or (accepted is not None and name not in accepted):
             continue

@@ -64,6 +64,13 @@ class OptimizerSpec:
         module_name, _, class_name = self.target.partition(":")
         return getattr(importlib.import_module(module_name), class_name)
 
+    def accepted_kwargs(self) -> set[str] | None:
+        """The constructor's keyword names (``None`` when it takes ``**kwargs``, i.e. any keyword)."""
+        parameters = inspect.signature(self.resolve().__init__).parameters.values()
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            return None
+        return {p.name for p in parameters}
+
 
 @dataclass(frozen=True)
 class Preset:

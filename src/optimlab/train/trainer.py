@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import inspect
 import io
 import json
 import math
@@ -689,8 +688,8 @@ def _build_optimizer(groups: list[dict[str, Any]], config: TrainConfig,
     ``weight_decay`` is passed only to an optimizer that takes it (Rprop does not: ``note`` says it is not
     applied, unless it is 0)."""
     spec = get_spec(config.optimizer)
-    parameters = inspect.signature(spec.resolve().__init__).parameters
-    takes_decay = "weight_decay" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    accepted = spec.accepted_kwargs()
+    takes_decay = accepted is None or "weight_decay" in accepted
     decay = {"weight_decay": config.weight_decay} if takes_decay else {}
     if not takes_decay and config.weight_decay:
         note(f"note: {config.optimizer} takes no weight decay; --weight-decay {config.weight_decay:g} is not applied")
