@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["benchmark_main", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "atomic_savefig",
-           "ensure_writable", "os_error_text", "write_json_and_markdown"]
+           "ensure_writable", "fsync_folder", "os_error_text", "write_json_and_markdown"]
 
 
 def _current_umask() -> int:
@@ -48,8 +48,14 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[
         if isinstance(error, OSError) and error.filename is None:
             error.filename = str(target)  # name the file the failed write was for (fsync, write: no name)
         raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dir_fd = os.open(target.parent, os.O_RDONLY)
+    fsync_folder(target.parent)  # make the rename itself durable
+
+
+def fsync_folder(folder: str | os.PathLike[str]) -> None:
+    """fsync ``folder`` itself, so that renames and new entries in it survive a crash (best effort: a
+    filesystem that cannot fsync a folder is left as it is)."""
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:

@@ -50,7 +50,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from optimlab.io import atomic_write_text, os_error_text
+from optimlab.io import atomic_write_text, fsync_folder, os_error_text
 from optimlab.optim._dtensor import is_dtensor
 from optimlab.train.checkpoint import (
     LATEST_NAME,
@@ -274,15 +274,6 @@ def _dcp_failure(error: Exception) -> str:
     return str(error)
 
 
-def _fsync_folder(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        handle = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(handle)
-        finally:
-            os.close(handle)
-
-
 class ShardedCheckpointFiles:
     """The sharded checkpoints of one run folder: the link ``<name>`` (default ``checkpoint.dcp``) to the latest
     ``checkpoint.step<N>.dcp`` folder, and up to ``keep - 1`` previous ones (the same surface as
@@ -370,11 +361,11 @@ class ShardedCheckpointFiles:
             if version.exists():  # an abandoned version of the same step (a resume from an older checkpoint)
                 shutil.rmtree(version)
             os.rename(temporary, version)
-            _fsync_folder(self.folder)
+            fsync_folder(self.folder)
             link = self.folder / f".{self.latest.name}.{uuid.uuid4().hex[:12]}.link.tmp"
             os.symlink(version.name, link)
             os.replace(link, self.latest)
-            _fsync_folder(self.folder)
+            fsync_folder(self.folder)
         except OSError as err:
             return f"cannot write checkpoint to {self.folder}: {os_error_text(err)}"
         for _, old in self.previous()[self.keep - 1:]:
@@ -638,7 +629,7 @@ def single_to_sharded(source: str | Path, target: str | Path) -> Path:
         _write_folder(temporary, state, extra, distributed=False)
         _verify_directory(temporary)
         os.rename(temporary, out)
-        _fsync_folder(out.parent)
+        fsync_folder(out.parent)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return out
