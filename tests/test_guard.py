@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from optimlab.guard import ExplosionDetector, NonFiniteGradientError, NonFiniteGuard, nonfinite_grads
+from optimlab.guard import ExplosionDetector, NonFiniteGradientError, NonFiniteGuard, nonfinite_grads, replay_first
 from optimlab.optim.registry import create_optimizer
 
 OPTIMIZERS = ["torch.adam", "torch.sgd-momentum", "adam", "adamw", "sgd-momentum", "rmsprop"]
@@ -120,6 +120,15 @@ def test_closure_is_evaluated_once_for_the_check_and_replayed() -> None:
     calls.clear()
     NonFiniteGuard(torch.optim.LBFGS(model.parameters(), max_iter=3)).step(closure)
     assert len(calls) >= 2  # L-BFGS re-evaluated the closure after the replayed first call
+
+
+def test_replay_first_hands_back_the_first_loss_then_evaluates() -> None:
+    evaluations = []
+    replay = replay_first(lambda: evaluations.append(1) or len(evaluations) * 10.0, first_loss=1.5)
+    assert replay() == 1.5 and evaluations == []  # the first call evaluates nothing
+    assert [replay(), replay()] == [10.0, 20.0] and len(evaluations) == 2
+    other = replay_first(lambda: 0.0, first_loss=2.5)  # each replay counts its own calls
+    assert other() == 2.5
 
 
 def test_with_grad_scaler_reports_the_skip_and_leaves_state_alone() -> None:

@@ -15,6 +15,9 @@ r"""Training-stability guards: skip optimizer steps on non-finite gradients, fla
   ``NonFiniteGuard(optimizer, check_update=True)`` also rolls back (bit for bit) and skips a step whose
   *update* made a parameter or optimizer state non-finite, although the gradients were finite.
 
+* :func:`replay_first` wraps a closure so that its first call returns a loss already computed (the guard's
+  own evaluation, or a training loop's) and only later calls evaluate it: SAM and L-BFGS step with it.
+
 * :class:`ExplosionDetector` flags a step whose total gradient norm exceeds a fixed threshold or lies
   ``k`` standard deviations above its recent history, returning an :class:`ExplosionEvent`.
 """
@@ -36,7 +39,7 @@ from torch import Tensor
 from optimlab.optim._dtensor import any_rank, local
 
 __all__ = ["ExplosionDetector", "ExplosionEvent", "NonFiniteGradientError", "NonFiniteGuard", "nonfinite_grads",
-           "nonfinite_update"]
+           "nonfinite_update", "replay_first"]
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +227,7 @@ class NonFiniteGuard:
                     loss = closure()
             bad = nonfinite_grads(self.optimizer)
             if not any_rank(bool(bad), _params(self.optimizer)):
-                self.optimizer.step(None if closure is None else _replay_first(closure, loss))
+                self.optimizer.step(None if closure is None else replay_first(closure, loss))
             elif not bad:
                 where = "non-finite gradient in another rank's shard"
         if snapshot is not None and self._optimizer_stepped:
@@ -286,9 +289,22 @@ class NonFiniteGuard:
                 f"skipped_steps={self.skipped_steps}, max_consecutive_skips={self.max_consecutive_skips})")
 
 
-def _replay_first(closure: Callable[[], Any], first_loss: Any) -> Callable[[], Any]:
-    """A closure whose first call returns the already-computed ``first_loss`` (the gradients from that
-    evaluation are in place) and whose later calls re-evaluate ``closure`` (for L-BFGS-like optimizers)."""
+def replay_first(closure: Callable[[], Any], first_loss: Any) -> Callable[[], Any]:
+    """A closure whose first call returns ``first_loss`` without evaluating anything, and whose later calls
+    evaluate ``closure``.
+
+    For a caller that has already run the forward and backward pass once before stepping: the guard (to
+    check the gradients for NaN/inf before it lets the optimizer step) and the trainer's step policy (which
+    accumulates, unscales and clips before the step). An optimizer stepped with a closure (SAM, L-BFGS) calls
+    it first for the loss and gradients at the current weights: those are already in place, so the first
+    call hands back ``first_loss`` instead of a second forward and backward (which would cost a pass and, for
+    a stateful clipper or dropout, change the result); SAM's second call (at the perturbed weights) and
+    L-BFGS's further evaluations run ``closure``. Each returned closure counts its own calls.
+
+    Args:
+        closure: evaluates the loss again (zeroes the gradients, forward, backward; returns the loss).
+        first_loss: the loss of the evaluation already done, returned by the first call.
+    """
     calls = 0
 
     def replay() -> Any:

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from optimlab.guard import NonFiniteGuard, _replay_first
+from optimlab.guard import NonFiniteGuard, replay_first
 from optimlab.optim.registry import needs_closure
 from optimlab.schedules import step_scheduler
 
@@ -92,7 +92,7 @@ class StepPolicy:
         clip = self.clipper.step()
         closure = None
         if self.needs_closure:  # first call: the gradients above; later calls: zero, accumulate and clip again
-            closure = _replay_first(functools.partial(self._again, batches, loss_of, no_sync), loss_sum / self.accum)
+            closure = replay_first(functools.partial(self._again, batches, loss_of, no_sync), loss_sum / self.accum)
         if self.guard is not None:
             self.guard.step(closure)  # skips the step on inf/NaN gradients (through the GradScaler under fp16)
         elif self.scaler is not None:
