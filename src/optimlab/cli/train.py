@@ -23,6 +23,7 @@ from optimlab.cli.app import app, demo_app, fail
 from optimlab.guard import NonFiniteGradientError
 from optimlab.io import ensure_writable, os_error_text
 from optimlab.train.checkpoint import CheckpointError, load_checkpoint
+from optimlab.train.checks import check_run_options
 from optimlab.train.config import TrainConfig
 from optimlab.train.distributed import (
     LaunchError,
@@ -139,6 +140,8 @@ def train_command(
         else:
             base = TrainConfig.quick() if quick else TrainConfig()
         config = _build_config(base, overrides)
+        world_size = nproc_per_node if nproc_per_node > 1 else int(os.environ.get("WORLD_SIZE", "1"))
+        check_run_options(config, world_size=world_size)  # before --out is created or workers are started
         if nproc_per_node > 1:
             _launch(config, nproc_per_node, master_addr, master_port, resume=resume, overwrite=overwrite,
                     quiet=quiet, stop_at=stop_at, resume_from=resume_from, loaded=loaded)

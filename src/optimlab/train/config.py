@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from optimlab.io import atomic_write_text
+from optimlab.io import atomic_write_text, os_error_text
 
 __all__ = ["TrainConfig", "PRECISIONS", "RESUME_SAFE", "resume_config"]
 
@@ -66,6 +66,10 @@ class TrainConfig:
         keep_checkpoints: how many checkpoints to keep (``checkpoint.pt`` and the K-1 before it).
         ema: decay of an exponential moving average of the weights (:class:`optimlab.optim.swa_utils.AveragedModel`,
             updated after every optimizer step), evaluated (``ema_val_loss``) and checkpointed; ``None``: off.
+
+    Each field's own range is checked here, when the config is built; the combinations of fields (and of a
+    field with the device or the number of processes) that a run refuses are checked by
+    :func:`optimlab.train.checks.check_run_options`, before the run writes anything.
     """
 
     out_dir: str = "runs/train"
@@ -130,29 +134,6 @@ class TrainConfig:
             raise ValueError(f"Invalid ema: {self.ema} (accepted range: (0, 1), e.g. 0.999; or None for no EMA)")
         if not (self.dist_timeout_s > 0):
             raise ValueError(f"Invalid dist_timeout_s: {self.dist_timeout_s} (accepted range: > 0)")
-        if self.fsdp:
-            self._check_fsdp()
-        if (self.zero or self.precision == "fp16") and _steps_with_closure(self.optimizer):
-            raise ValueError(
-                f"Invalid zero: {self.optimizer} steps with a closure, which ZeroRedundancyOptimizer runs on each "
-                "rank's shard alone (SAM's perturbation norm would be per shard); drop --zero" if self.zero else
-                f"Invalid precision: 'fp16' with {self.optimizer}, which steps with a closure that torch's "
-                "GradScaler refuses; use --precision bf16 or fp32")
-
-    def _check_fsdp(self) -> None:
-        """The options ``fsdp`` cannot be combined with, each refused by name."""
-        if self.zero:
-            raise ValueError("Invalid fsdp: --fsdp and --zero are mutually exclusive (FSDP2 already shards the "
-                             "optimizer state, with the parameters and gradients); drop one of them")
-        if self.ema is not None:
-            raise ValueError("Invalid ema: --ema is not supported with --fsdp yet (the averaged copy of the weights "
-                             "is not sharded); drop --ema or --fsdp")
-        if self.precision == "fp16":
-            raise ValueError("Invalid precision: 'fp16' is not supported with --fsdp (its GradScaler does not "
-                             "agree across shards); use --precision bf16")
-        if self.clip.strip().lower().startswith("agc"):
-            raise ValueError(f"Invalid clip: {self.clip!r} is not supported with --fsdp (unit-wise clipping has no "
-                             "sharded path yet); use norm:C, value:C, adaptive:P, autoclip:P or none")
 
     @classmethod
     def quick(cls, **overrides: Any) -> TrainConfig:
@@ -182,18 +163,21 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
-        """Read a JSON file written by :meth:`save`."""
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-
-def _steps_with_closure(optimizer: str) -> bool:
-    """Whether the registry name ``optimizer`` needs ``step(closure)``; an unknown name is refused by the trainer."""
-    from optimlab.optim.registry import needs_closure
-
-    try:
-        return needs_closure(optimizer)
-    except KeyError:
-        return False
+        """Read a JSON file written by :meth:`save`; a missing, unreadable or malformed file raises
+        (``FileNotFoundError``, ``ValueError``) with one line naming it."""
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"Config file not found: {path}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            reason = os_error_text(error) if isinstance(error, OSError) else error
+            raise ValueError(f"Invalid config file {path}: {reason} (accepted: a JSON object of TrainConfig fields, "
+                             "as a run's config.json)") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"Invalid config file {path}: holds a JSON {type(values).__name__}, not an object of "
+                             "TrainConfig fields (as a run's config.json)")
+        return cls.from_dict(values)
 
 
 RESUME_SAFE = frozenset({"out_dir", "log_every", "eval_every", "eval_batches", "checkpoint_every", "monitor_every",

@@ -2,7 +2,8 @@
 
 Read top to bottom, :class:`Trainer` does this:
 
-1. **Setup** (``__init__``): refuse to overwrite an existing checkpoint unless resuming; load the text
+1. **Setup** (``__init__``): refuse the options a run cannot take (:mod:`optimlab.train.checks`) and to
+   overwrite an existing checkpoint unless resuming; load the text
    (the standard library's sources or ``--data``), build the vocabulary and the train/val split; build
    the model from ``seed``; split its parameters into weight-decay groups (:func:`optimlab.param_groups`);
    build the optimizer by registry name (sharded with ``ZeroRedundancyOptimizer`` under ``--zero``),
@@ -53,12 +54,11 @@ from optimlab.guard import NonFiniteGuard
 from optimlab.io import atomic_write_text, ensure_writable
 from optimlab.monitor import CSVSink, OptimizerMonitor, TensorBoardSink
 from optimlab.optim.groups import param_groups
-from optimlab.optim._dtensor import sharded_refusal
 from optimlab.optim.modes import eval_weights
 from optimlab.optim.registry import create_optimizer, get_spec
 from optimlab.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from optimlab.progress import progress
-from optimlab.schedules import create_scheduler, list_schedules, needs_metric, step_scheduler
+from optimlab.schedules import create_scheduler, needs_metric, step_scheduler
 from optimlab.schedules._base import set_group_value
 from optimlab.train.checkpoint import (
     LATEST_NAME,
@@ -78,6 +78,7 @@ from optimlab.train.dcp_checkpoint import (
     load_sharded,
     read_training_checkpoint,
 )
+from optimlab.train.checks import check_run_options, takes_one_group
 from optimlab.train.config import TrainConfig, resume_config
 from optimlab.train.data import (
     CharCorpus,
@@ -124,33 +125,30 @@ class RunPlan:
 
 def prepare_run(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, world_size: int = 1,
                 rank: int = 0, resume_from: str | Path | None = None,
-                loaded: tuple[Path, dict[str, Any]] | None = None) -> RunPlan:
+                loaded: tuple[Path, dict[str, Any]] | None = None,
+                device: torch.device | str | None = None) -> RunPlan:
     """Every check that can reject a run, done before anything is written.
 
-    Refuses to start over an existing checkpoint unless ``resume`` or ``overwrite``; reads the text
-    (a missing ``--data`` file or a corpus shorter than the block size raise); checks the optimizer and
-    schedule names and the clipping spec; when resuming, loads and verifies the checkpoint (``resume_from``,
+    First the options (:func:`optimlab.train.checks.check_run_options`, for ``world_size`` processes on
+    ``device``, default the one ``config.device`` picks: optimizer, schedule, clipping spec and the
+    combinations a run refuses); then refuses to start over an existing checkpoint unless ``resume`` or
+    ``overwrite``; reads the text (a missing ``--data`` file or a corpus shorter than the block size raise);
+    when resuming, loads and verifies the checkpoint (``resume_from``,
     default ``out_dir/checkpoint.pt``; a damaged one names the intact previous checkpoint to resume from),
     checks that it was written for this model and vocabulary and that ``config`` differs from the stored
     run only where a resume may change it (:func:`optimlab.train.config.resume_config`); builds this rank's
-    batch stream (too large a batch for the corpus raises); finally proves that ``out_dir`` is writable.
-    Under ``fsdp`` an optimizer that cannot update sharded parameters is refused by name. ``loaded`` is the
+    batch stream (too large a batch for the corpus raises); finally proves that ``out_dir`` is writable
+    (creating it). ``loaded`` is the
     ``(path, payload)`` of the checkpoint to resume when the caller has read it already
     (:func:`read_resume_checkpoint`), so it is read once. The launcher runs it once before starting the workers.
     """
+    check_run_options(config, world_size=world_size, device=device)
     latest = latest_checkpoint(config.out_dir)
     if resume_from is not None:
         resume = True
     if latest.exists() and not (resume or overwrite):
         raise FileExistsError(f"{latest} already exists: pass --resume to continue that run, "
                               "--overwrite to start afresh over it, or another --out folder")
-    spec = get_spec(config.optimizer)
-    refusal = sharded_refusal(spec.resolve()) if config.fsdp else None
-    if refusal is not None:
-        raise ValueError(f"Invalid optimizer: {config.optimizer!r} with --fsdp: {refusal}")
-    if config.schedule != "none" and config.schedule.lower() not in list_schedules():
-        raise ValueError(f"Unknown schedule {config.schedule!r} (valid: none, {', '.join(list_schedules())})")
-    make_clipper(config.clip, [])
     text = read_text_file(config.data) if config.data else stdlib_corpus(config.corpus_chars)
     corpus = build_corpus(text, config.block_size, config.val_fraction)
     train_windows = WindowDataset(corpus.train, config.block_size)
@@ -248,17 +246,12 @@ class Trainer:
 
         # Data and model shape; the checkpoint to resume from, checked against them; the configuration to run.
         plan = prepare_run(config, resume=resume, overwrite=overwrite, world_size=self.context.world_size,
-                           rank=self.context.rank, resume_from=resume_from, loaded=loaded)
+                           rank=self.context.rank, resume_from=resume_from, loaded=loaded, device=device)
         self.config = config = plan.config
         self.out_dir = Path(config.out_dir)
         self.files = CheckpointFiles(self.out_dir, config.keep_checkpoints)
         self.sharded_files = ShardedCheckpointFiles(self.out_dir, config.keep_checkpoints)  # --fsdp's checkpoints
         self.checkpoint_path = self.files.latest
-        if config.zero and not self.context.is_distributed:
-            raise ValueError("Invalid zero: ZeroRedundancyOptimizer shards state across processes; "
-                             "use it with --nproc-per-node >= 2 (or under torchrun)")
-        if config.precision == "fp16" and device.type != "cuda":
-            raise ValueError("Invalid precision: 'fp16' needs a CUDA device (use 'bf16' on CPU)")
         self.vocab: CharVocab = plan.corpus.vocab
         self.model_config = plan.model_config
         self.train_windows, self.val_windows, self.batches = plan.train_windows, plan.val_windows, plan.batches
@@ -277,8 +270,7 @@ class Trainer:
             shard_model(self.model, list(self.model.blocks), config.precision)
 
         # Optimization: param groups, optimizer (maybe sharded), schedule, clipper, guard, scaler.
-        groups = param_groups(self.model, config.weight_decay, layer_decay=config.layer_decay, lr=config.lr)
-        self.optimizer = _build_optimizer(groups, config, note=self._print)
+        self.optimizer = _build_optimizer(_param_groups(self.model, config), config, note=self._print)
         self.scheduler = _build_scheduler(config, self.optimizer)
         self.clipper = make_clipper(config.clip, self.model.parameters())
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
@@ -375,7 +367,8 @@ class Trainer:
                        "tokens_seen": self.tokens_seen, "resumes": self.resumes}
             atomic_write_text(self.out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
         if self.step == config.steps and config.sample_chars > 0 and (self.context.is_main or config.fsdp):
-            result.sample = self.sample(config.sample_chars)  # FSDP2: every rank runs the (same) forwards
+            prompt = "\n" if "\n" in self.vocab.chars else self.vocab.chars[0]  # a --data text may have no newline
+            result.sample = self.sample(config.sample_chars, prompt)  # FSDP2: every rank runs the (same) forwards
             if self.context.is_main:
                 atomic_write_text(self.out_dir / "sample.txt", result.sample + "\n")
                 self._print(f"--- sample after {self.step} steps ---\n{result.sample}\n---")
@@ -680,6 +673,16 @@ def _truncate_csv(path: Path, step: int) -> None:
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(kept)
     atomic_write_text(path, buffer.getvalue())
+
+
+def _param_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """The optimizer's param groups: no decay on biases, norms and embeddings, and layer-wise LR decay
+    (:func:`optimlab.param_groups`); every parameter in one group for an optimizer that takes a single one
+    (L-BFGS, :func:`~optimlab.train.checks.takes_one_group`: it takes no weight decay, so the split would carry
+    nothing, and ``layer_decay`` was refused for it up front)."""
+    if takes_one_group(get_spec(config.optimizer).resolve()):
+        return [{"params": list(model.parameters())}]
+    return param_groups(model, config.weight_decay, layer_decay=config.layer_decay, lr=config.lr)
 
 
 def _build_optimizer(groups: list[dict[str, Any]], config: TrainConfig,
