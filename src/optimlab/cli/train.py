@@ -239,14 +239,18 @@ def demo_ddp_command(
 
     Both runs see the same global batches, so they must end with the same weights; the table shows the
     largest parameter difference, the validation losses and the throughputs."""
-    base = TrainConfig.quick(steps=steps, eval_every=steps, log_every=max(1, steps // 4), checkpoint_every=steps,
-                             sample_chars=0, tensorboard=False, device="cpu", schedule="warmup-cosine")
     runs = {"1 process, batch 2B": (1, 2 * batch_size), "2 processes (DDP), batch B": (2, batch_size)}
     with _one_line_errors():
         check_launch_options(2, master_port)
+        base = TrainConfig.quick(steps=steps, eval_every=steps, log_every=max(1, steps // 4), checkpoint_every=steps,
+                                 sample_chars=0, tensorboard=False, device="cpu", schedule="warmup-cosine")
+        configs = {label: dataclasses.replace(base, out_dir=str(out / f"nproc{nproc}"), batch_size=batch)
+                   for label, (nproc, batch) in runs.items()}
+        for label, config in configs.items():
+            check_run_options(config, world_size=runs[label][0])
         ensure_writable(out, "--out")
-        for label, (nproc, batch) in runs.items():
-            config = dataclasses.replace(base, out_dir=str(out / f"nproc{nproc}"), batch_size=batch)
+        for label, config in configs.items():
+            nproc = runs[label][0]
             typer.echo(f"== {label}")
             if nproc == 1:
                 _run_worker(config, resume=False, overwrite=True, quiet=True)

@@ -130,16 +130,14 @@ def prepare_run(config: TrainConfig, *, resume: bool = False, overwrite: bool = 
     """Every check that can reject a run, done before anything is written.
 
     First the options (:func:`optimlab.train.checks.check_run_options`, for ``world_size`` processes on
-    ``device``, default the one ``config.device`` picks: optimizer, schedule, clipping spec and the
-    combinations a run refuses); then refuses to start over an existing checkpoint unless ``resume`` or
-    ``overwrite``; reads the text (a missing ``--data`` file or a corpus shorter than the block size raise);
-    when resuming, loads and verifies the checkpoint (``resume_from``,
-    default ``out_dir/checkpoint.pt``; a damaged one names the intact previous checkpoint to resume from),
-    checks that it was written for this model and vocabulary and that ``config`` differs from the stored
-    run only where a resume may change it (:func:`optimlab.train.config.resume_config`); builds this rank's
-    batch stream (too large a batch for the corpus raises); finally proves that ``out_dir`` is writable
-    (creating it). ``loaded`` is the
-    ``(path, payload)`` of the checkpoint to resume when the caller has read it already
+    ``device``, default the one ``config.device`` picks); then refuses to start over an existing checkpoint
+    unless ``resume`` or ``overwrite``; reads the text (a missing ``--data`` file or a corpus shorter than the
+    block size raise); when resuming, loads and verifies the checkpoint (``resume_from``, default
+    ``out_dir/checkpoint.pt``; a damaged one names the intact previous checkpoint to resume from), checks that
+    it was written for this model and vocabulary and that ``config`` differs from the stored run only where a
+    resume may change it (:func:`optimlab.train.config.resume_config`); builds this rank's batch stream (too
+    large a batch for the corpus raises); finally proves that ``out_dir`` is writable, creating it. ``loaded``
+    is the ``(path, payload)`` of the checkpoint to resume when the caller has read it already
     (:func:`read_resume_checkpoint`), so it is read once. The launcher runs it once before starting the workers.
     """
     check_run_options(config, world_size=world_size, device=device)
