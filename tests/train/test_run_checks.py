@@ -43,7 +43,6 @@ REFUSALS: dict[str, tuple[dict[str, Any], int, str]] = {
     "layer decay lbfgs": (dict(layer_decay=0.8, optimizer="torch.lbfgs"), 1,
                           "Invalid layer_decay: --layer-decay 0.8 with --optimizer torch.lbfgs, which accepts a single "
                           "param group"),
-    "lbfgs on two processes": (dict(optimizer="lbfgs"), 2, "Invalid optimizer: 'lbfgs' on 2 processes"),
     "schedule too short": (dict(schedule="onecycle", steps=2), 1,
                            "Invalid schedule: 'onecycle' with steps=2: OneCycleLR phase 1 would be empty"),
     "unknown schedule": (dict(schedule="cosinus"), 1, "Unknown schedule 'cosinus' (valid: none, constant,"),
@@ -178,3 +177,27 @@ def _same(a: Any, b: Any) -> bool:
     if torch.is_tensor(a) or torch.is_tensor(b):
         return torch.is_tensor(a) and torch.is_tensor(b) and torch.equal(a, b)
     return a == b
+
+
+@pytest.mark.slow
+def test_lbfgs_on_two_processes_equals_one_process_with_twice_the_batch(tmp_path: Path, text_file: Path) -> None:
+    """Under DDP the closure's loss is averaged over the ranks like the gradients, so L-BFGS takes the same
+    decisions (stopping tests) and as many evaluations on both ranks: 2 processes x batch 4 train as 1 x 8."""
+    single = _lbfgs_config(tmp_path / "single", text_file, batch_size=8, steps=2, lr=0.05)
+    trainer = Trainer(single, quiet=True)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    args = ["train", "--out", str(tmp_path / "ddp"), "--data", str(text_file), "--nproc-per-node", "2",
+            "--master-port", "0", "-q"] + _cli_args({name: getattr(single, name) for name in (
+                "block_size", "n_layer", "n_head", "n_embd", "optimizer", "lr", "clip", "schedule", "eval_every",
+                "log_every", "checkpoint_every", "eval_batches", "monitor_every", "sample_chars", "device")}, 1)
+    result = invoke(*args, "--batch-size", "4", "--steps", "2", "--no-tensorboard")
+    assert result.exit_code == 0, result.output
+    parallel, reference = (load_checkpoint(tmp_path / name / CHECKPOINT_NAME) for name in ("ddp", "single"))
+    assert parallel["step"] == reference["step"] == 2 and parallel["world_size"] == 2
+    difference = max(float((parallel["model"][k] - reference["model"][k]).abs().max()) for k in reference["model"])
+    # float32, only the order of the reductions differs, but L-BFGS's 20 evaluations per step amplify it (measured
+    # 3.9e-5 on weights up to 2; at lr 0.5 the two runs part visibly by step 3)
+    assert difference < 1e-4

@@ -78,3 +78,22 @@ def test_trainer_runs_sam_by_name_and_resumes_bit_for_bit(tmp_path, text_file) -
     resumed, rest = _train(tiny_config(tmp_path / "split", text_file, **options), resume=True)
     assert rest == losses[4:]
     _assert_same_state(full, resumed)
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_the_closure_returns_the_loss_averaged_over_ranks(guarded: bool) -> None:
+    """Every evaluation the optimizer asks for returns the loss through ``reduce_mean``, as the gradients are
+    all-reduced under DDP: L-BFGS reads it (stopping tests, line search), so every rank takes the same decisions
+    and runs as many evaluations (each with its all-reduce). Here ``reduce_mean`` adds a marker instead."""
+    model = _model()
+    optimizer = create_optimizer(model.parameters(), "lbfgs", lr=0.1, max_iter=3)
+    guard = NonFiniteGuard(optimizer, log=False) if guarded else None
+    policy = StepPolicy(optimizer, make_clipper("none", model.parameters()), accum=2, guard=guard)
+    seen: list[float] = []
+    step = optimizer.step
+    optimizer.step = lambda closure: step(lambda: seen.append(float(closure())) or seen[-1])  # what L-BFGS reads
+    inputs, targets = _data(1, 8)[0]
+    micro = list(zip(inputs.chunk(2), targets.chunk(2)))
+    outcome = policy.step(micro, _mse(model), reduce_mean=lambda loss: loss + 1000.0)
+    assert len(seen) >= 3 and all(value > 1000.0 for value in seen)  # the replayed first loss and the others
+    assert outcome.loss == seen[0]  # the logged loss is the same mean over ranks

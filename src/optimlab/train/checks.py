@@ -2,7 +2,8 @@
 
 :func:`check_run_options` raises ``ValueError`` (``KeyError`` for an unknown optimizer name, listing the valid
 ones) with one line naming the option(s) and what is accepted. The command line calls it as soon as it has the
-run's configuration, before ``--out`` is created, a checkpoint is read or workers are launched; the
+run's configuration (with ``--resume``, once it has read the stored one), before ``--out`` is created, a
+process group is joined or workers are launched; the
 :class:`~optimlab.train.trainer.Trainer` calls it again (through :func:`~optimlab.train.trainer.prepare_run`),
 so the library refuses the same runs with the same messages, before writing anything.
 
@@ -20,9 +21,7 @@ after ``--out`` was created, or silently compute something else):
   path (:func:`optimlab.optim._dtensor.sharded_refusal`; torch's ``Rprop``, whose masked in-place update
   fails on DTensors; L-BFGS);
 * ``layer_decay`` (one learning rate per layer group) with a learning-rate-free optimizer (one step size for
-  all groups) or with L-BFGS (one param group);
-* L-BFGS on more than one process: its stopping tests compare each rank's own loss, so ranks could run
-  different numbers of closure evaluations and desynchronise their all-reduces.
+  all groups) or with L-BFGS (one param group).
 """
 
 from __future__ import annotations
@@ -80,10 +79,6 @@ def check_run_options(config: TrainConfig, *, world_size: int = 1, device: torch
                else "accepts a single param group (one lr for all parameters)")
         raise ValueError(f"Invalid layer_decay: --layer-decay {config.layer_decay:g} with --optimizer "
                          f"{config.optimizer}, which {why}; drop --layer-decay")
-    if takes_one_group(optimizer_class) and world_size > 1:
-        raise ValueError(f"Invalid optimizer: {config.optimizer!r} on {world_size} processes: L-BFGS's stopping "
-                         "tests compare each rank's own loss, so the ranks could take different numbers of closure "
-                         "evaluations; train it in one process (--nproc-per-node 1)")
 
 
 def _check_schedule(config: TrainConfig) -> None:

@@ -14,9 +14,12 @@ One optimizer step of :class:`StepPolicy` over ``accum`` micro-batches does, in 
    learning rate where it was, so a run with skips follows the same schedule in optimizer steps;
 6. zero the gradients and return the loss (averaged over micro-batches, and over ranks by ``reduce_mean``).
 
-An optimizer the registry marks ``needs_closure`` (SAM) gets ``step(closure)``: the closure's first call
-returns the loss of steps 1–3 (their gradients are in place), each later call zeroes the gradients and
-repeats steps 1 and 3 on the same micro-batches (SAM's second gradient, at the perturbed weights).
+An optimizer the registry marks ``needs_closure`` (SAM, L-BFGS) gets ``step(closure)``: the closure's first call
+returns the loss of steps 1–3 (their gradients are in place; :func:`optimlab.guard.replay_first`), each later
+call zeroes the gradients and repeats steps 1 and 3 on the same micro-batches (SAM's second gradient, at the
+perturbed weights; L-BFGS's further evaluations). The closure's loss is averaged over ranks (``reduce_mean``),
+like the gradients, so an optimizer that reads it (L-BFGS's stopping tests and line search) takes the same
+decisions, and runs as many evaluations (each with its all-reduce), on every rank.
 
 Kept apart from the trainer so each rule can be tested on a small model (``tests/train/test_step.py``).
 """
@@ -83,16 +86,17 @@ class StepPolicy:
         """Run one optimizer step over ``batches`` (exactly ``accum`` of them).
 
         ``loss_of(batch)`` returns the micro-batch's mean loss (a scalar with a graph); ``no_sync()`` (DDP)
-        wraps the non-final backward passes; ``reduce_mean`` averages the logged loss over ranks.
+        wraps the non-final backward passes; ``reduce_mean`` averages the loss over ranks (the logged loss and
+        the closure's).
         """
         batches = list(batches) if self.needs_closure else batches  # evaluated again at SAM's second pass
-        loss_sum = self._accumulate(batches, loss_of, no_sync)
+        mean = self._mean(self._accumulate(batches, loss_of, no_sync), reduce_mean)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         clip = self.clipper.step()
         closure = None
-        if self.needs_closure:  # first call: the gradients above; later calls: zero, accumulate and clip again
-            closure = replay_first(functools.partial(self._again, batches, loss_of, no_sync), loss_sum / self.accum)
+        if self.needs_closure:  # first call: the loss and gradients above; later calls: zero, accumulate, clip again
+            closure = replay_first(functools.partial(self._again, batches, loss_of, no_sync, reduce_mean), mean)
         if self.guard is not None:
             self.guard.step(closure)  # skips the step on inf/NaN gradients (through the GradScaler under fp16)
         elif self.scaler is not None:
@@ -102,8 +106,7 @@ class StepPolicy:
         if self.scaler is not None:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        mean = loss_sum / self.accum
-        mean_loss = float(reduce_mean(mean) if reduce_mean is not None else mean)
+        mean_loss = float(mean)
         skipped = self.guard is not None and self.guard.last_step_skipped
         if self.scheduler is not None and not skipped:
             step_scheduler(self.scheduler, metric=mean_loss)  # the loss is the metric of "plateau"
@@ -128,9 +131,15 @@ class StepPolicy:
         return loss_sum
 
     def _again(self, batches: list[Any], loss_of: Callable[[Any], torch.Tensor],
-               no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None) -> torch.Tensor:
+               no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None,
+               reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
         """A closure's later evaluation: zero the gradients, accumulate and clip again; the mean loss."""
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = self._accumulate(batches, loss_of, no_sync)
         self.clipper.step()
-        return loss_sum / self.accum
+        return self._mean(loss_sum, reduce_mean)
+
+    def _mean(self, loss_sum: torch.Tensor, reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+        """The mean loss over the micro-batches, and over the ranks when ``reduce_mean`` is given."""
+        mean = loss_sum / self.accum
+        return reduce_mean(mean) if reduce_mean is not None else mean
