@@ -124,13 +124,6 @@ static void bf16_range(const Adam& a, const Tensors& x, int64_t t, int64_t begin
   }
 }
 
-struct Code {  // the dynamic code (lowp_state.dynamic_code) and its bucket tables (lowp_state._code_buckets_cpu)
-  const float* values;  // sorted code, `offset` + stored int8 = index
-  const int32_t* base;  // per 16 high bits of a float32: the count of code entries below the bucket
-  const float* padded;  // the code followed by +inf
-  int32_t width, offset, size;
-};
-
 static const int64_t BLOCK = 256;
 
 // the largest |x| of a block, as the float32 pattern of a non-negative float (whose integer order is the float
@@ -144,39 +137,52 @@ static inline float block_absmax(const float* __restrict__ values, int64_t count
   return bits_to_float(largest);
 }
 
-// codes of one block: the index of the code entry at or below x / scale (searchsorted, clamped to [1, size - 1],
-// minus 1) or the next one, the next with probability equal to x's position between them (a dither of the 24 high
-// noise bits): lowp_state._quantize_flat. The bucket of a float's 16 high bits holds at most one code entry
-// (width 1, checked when the tables are passed), so one comparison completes the search. Written to int32 first:
-// every step of the loop is then a vector operation (gathers from the tables included).
-static inline void encode_block(const Code code, const float* __restrict__ x, int64_t count, float scale,
-                                uint32_t start, uint32_t begin, int32_t* __restrict__ out) {
-  const float* __restrict__ values = code.values;
-  const int32_t* __restrict__ base = code.base;
-  const float* __restrict__ padded = code.padded;
-  const int32_t last = code.size - 1, offset = code.offset;
+// int8 codes are 8-bit floats relative to the block maximum (lowp_state._encode / _decode): signed, a sign and
+// |code| = 4 exponent bits and 3 mantissa bits (exponent bias 15); unsigned, 5 and 3 (bias 31). A code's bits
+// sit 20 bits up in a float32 pattern, whose exponent is rebiased by `rebias`; below the smallest normal value
+// `smallest` the grid is linear: such a value is stored as the code of itself plus `smallest`, minus 8.
+template <bool SIGNED>
+struct Float8 {
+  static constexpr int32_t bias = SIGNED ? 15 : 31;
+  static constexpr int32_t rebias = (127 - bias) << 3;
+  static constexpr float smallest = SIGNED ? 6.103515625e-05f : 9.313225746154785e-10f;  // 2^(1 - bias)
+};
+
+// the codes of one block (lowp_state._quantize_flat with noise, operation for operation): r = x / scale; |r| (or
+// |r| + smallest below smallest) as a float32 pattern plus 20 noise bits (the 20 high bits of the element's
+// hash), shifted down 20 bits (stochastic rounding: the carry moves into the exponent), rebiased
+template <bool SIGNED>
+static inline void encode_block(const float* __restrict__ x, int64_t count, float scale, uint32_t start,
+                                uint32_t begin, int8_t* __restrict__ out) {
   const float tiny = 1.17549435e-38f;  // torch.finfo(float32).tiny: the clamp of an all-zero block's scale
   const float divisor = scale < tiny ? tiny : scale;
+  const float smallest = Float8<SIGNED>::smallest;
   for (int64_t j = 0; j < count; j++) {
-    const float normalized = x[j] / divisor;
-    const int32_t first = base[(float_to_bits(normalized) >> 16) & 0xFFFF];
-    int32_t upper = first + (padded[first] < normalized ? 1 : 0);
-    upper = upper < 1 ? 1 : upper;
-    upper = upper > last ? last : upper;
-    const float low = values[upper - 1];
-    const float position = (normalized - low) / (values[upper] - low);
-    const uint32_t noise = mix(start + (begin + (uint32_t)j) * 0x9E3779B9u);
-    const float uniform = (float)(noise >> 8) * (1.0f / 16777216.0f);
-    out[j] = upper - 1 + (uniform < position ? 1 : 0) - offset;
+    const float r = x[j] / divisor;
+    const float magnitude = std::fabs(r);
+    const bool low = magnitude < smallest;
+    const float shifted = low ? magnitude + smallest : magnitude;
+    const uint32_t noise = mix(start + (begin + (uint32_t)j) * 0x9E3779B9u) >> 12;
+    const int32_t code = (int32_t)((float_to_bits(shifted) + noise) >> 20) - (low ? 8 : 0) - Float8<SIGNED>::rebias;
+    out[j] = (int8_t)(SIGNED && r < 0.0f ? -code : code);
   }
+}
+
+// one code's value relative to the block maximum (lowp_state._decode)
+template <bool SIGNED>
+static inline float decode(int8_t stored) {
+  const int32_t code = SIGNED ? (stored < 0 ? -(int32_t)stored : (int32_t)stored) : (int32_t)(uint8_t)stored;
+  const bool low = code < 8;
+  const float value = bits_to_float((uint32_t)(code + (low ? 8 : 0) + Float8<SIGNED>::rebias) << 20) -
+                      (low ? Float8<SIGNED>::smallest : 0.0f);
+  return SIGNED && stored < 0 ? -value : value;
 }
 
 // int8 moments: blocks [first_block, last_block) of tensor t: decode and update, block maxima, encode. The
 // constants are passed by value (an int8 store may alias anything: values read through pointers would be
 // reloaded after every store)
 template <bool maximize, bool coupled, bool small_weight>
-static void int8_blocks(const Adam a, const Tensors& x, const Code signed_code, const Code unsigned_code, int64_t t,
-                        int64_t first_block, int64_t last_block) {
+static void int8_blocks(const Adam a, const Tensors& x, int64_t t, int64_t first_block, int64_t last_block) {
   const int64_t n = x.sizes[t];
   float* __restrict__ param = x.params[t];
   const float* __restrict__ grad = x.grads[t];
@@ -184,21 +190,14 @@ static void int8_blocks(const Adam a, const Tensors& x, const Code signed_code, 
   int8_t* __restrict__ codes_avg_sq = (int8_t*)x.exp_avg_sqs[t];
   float* __restrict__ scales_avg = x.exp_avg_scales[t];
   float* __restrict__ scales_avg_sq = x.exp_avg_sq_scales[t];
-  const float* __restrict__ values_avg = signed_code.values + signed_code.offset;
-  const float* __restrict__ values_avg_sq = unsigned_code.values + unsigned_code.offset;
   const uint32_t start_avg = x.starts_avg[t], start_avg_sq = x.starts_avg_sq[t];
   float m[BLOCK], v[BLOCK];
-  int32_t index_avg[BLOCK], index_avg_sq[BLOCK];
   for (int64_t block = first_block; block < last_block; block++) {
     const int64_t begin = block * BLOCK, count = n - begin < BLOCK ? n - begin : BLOCK;
     const float scale_avg = scales_avg[block], scale_avg_sq = scales_avg_sq[block];
     for (int64_t j = 0; j < count; j++) {
-      index_avg[j] = codes_avg[begin + j];
-      index_avg_sq[j] = codes_avg_sq[begin + j];
-    }
-    for (int64_t j = 0; j < count; j++) {  // decoded (gathers) apart from the update, which then vectorises
-      m[j] = values_avg[index_avg[j]] * scale_avg;
-      v[j] = values_avg_sq[index_avg_sq[j]] * scale_avg_sq;
+      m[j] = decode<true>(codes_avg[begin + j]) * scale_avg;
+      v[j] = decode<false>(codes_avg_sq[begin + j]) * scale_avg_sq;
     }
     for (int64_t j = 0; j < count; j++) {
       float p = param[begin + j], mj = m[j], vj = v[j];
@@ -208,12 +207,8 @@ static void int8_blocks(const Adam a, const Tensors& x, const Code signed_code, 
       v[j] = vj;
     }
     const float max_avg = block_absmax(m, count), max_avg_sq = block_absmax(v, count);
-    encode_block(signed_code, m, count, max_avg, start_avg, (uint32_t)begin, index_avg);
-    encode_block(unsigned_code, v, count, max_avg_sq, start_avg_sq, (uint32_t)begin, index_avg_sq);
-    for (int64_t j = 0; j < count; j++) {
-      codes_avg[begin + j] = (int8_t)index_avg[j];
-      codes_avg_sq[begin + j] = (int8_t)index_avg_sq[j];
-    }
+    encode_block<true>(m, count, max_avg, start_avg, (uint32_t)begin, codes_avg + begin);
+    encode_block<false>(v, count, max_avg_sq, start_avg_sq, (uint32_t)begin, codes_avg_sq + begin);
     scales_avg[block] = max_avg;
     scales_avg_sq[block] = max_avg_sq;
   }
@@ -222,13 +217,13 @@ static void int8_blocks(const Adam a, const Tensors& x, const Code signed_code, 
 // every tensor of a step in one parallel region: each thread takes its share of each tensor (no barrier between
 // tensors; int8 shares are whole blocks); a tensor below `grain` values per thread is split over fewer threads
 template <bool maximize, bool coupled, bool small_weight>
-static void adam_tensors(const Adam& a, const Tensors& x, int64_t count, const Code* codes, int threads) {
+static void adam_tensors(const Adam& a, const Tensors& x, int64_t count, bool int8, int threads) {
   const int64_t grain = 1 << 15;
 #pragma omp parallel num_threads(threads)
   {
     const int64_t thread = omp_get_thread_num(), team = omp_get_num_threads();
     for (int64_t t = 0; t < count; t++) {
-      const int64_t n = x.sizes[t], units = codes ? (n + BLOCK - 1) / BLOCK : n;
+      const int64_t n = x.sizes[t], units = int8 ? (n + BLOCK - 1) / BLOCK : n;
       int64_t used = (n + grain - 1) / grain;
       used = used < team ? used : team;
       used = used < 1 ? 1 : used;
@@ -237,31 +232,31 @@ static void adam_tensors(const Adam& a, const Tensors& x, int64_t count, const C
       const int64_t per = (units + used - 1) / used;
       const int64_t begin = per * k, end = begin + per < units ? begin + per : units;
       if (begin >= end) continue;
-      if (codes) int8_blocks<maximize, coupled, small_weight>(a, x, codes[0], codes[1], t, begin, end);
+      if (int8) int8_blocks<maximize, coupled, small_weight>(a, x, t, begin, end);
       else bf16_range<maximize, coupled, small_weight>(a, x, t, begin, end);
     }
   }
 }
 
-// codes: null for bf16 moments, else {signed code, unsigned code} for int8 moments
+// int8: 0 for bf16 moments, 1 for int8 moments
 extern "C" void adam_lowp(int64_t count, const int64_t* sizes, float* const* params, const float* const* grads,
                           void* const* exp_avgs, float* const* exp_avg_scales, void* const* exp_avg_sqs,
                           float* const* exp_avg_sq_scales, const uint32_t* starts_avg, const uint32_t* starts_avg_sq,
                           float decay, float weight_decay, int coupled, int maximize, float lerp_weight, float beta2,
                           float one_minus_beta2, float bias_correction2_sqrt, float eps, float step_size,
-                          const Code* codes, int threads) {
+                          int int8, int threads) {
   const bool small = std::fabs(lerp_weight) < 0.5f;
   const Adam a{decay, weight_decay, small ? lerp_weight : lerp_weight - 1.0f, beta2, one_minus_beta2,
                bias_correction2_sqrt, eps, step_size};
   const Tensors x{sizes, params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_avg_sq_scales, starts_avg,
                   starts_avg_sq};
   // the eight instantiations, indexed by (maximize, coupled, small)
-  using Step = void (*)(const Adam&, const Tensors&, int64_t, const Code*, int);
+  using Step = void (*)(const Adam&, const Tensors&, int64_t, bool, int);
   static const Step steps[8] = {
       adam_tensors<false, false, false>, adam_tensors<false, false, true>, adam_tensors<false, true, false>,
       adam_tensors<false, true, true>,   adam_tensors<true, false, false>, adam_tensors<true, false, true>,
       adam_tensors<true, true, false>,   adam_tensors<true, true, true>};
-  steps[(maximize ? 4 : 0) + (coupled ? 2 : 0) + (small ? 1 : 0)](a, x, count, codes, threads);
+  steps[(maximize ? 4 : 0) + (coupled ? 2 : 0) + (small ? 1 : 0)](a, x, count, int8 != 0, threads);
 }
 """
 
@@ -316,7 +311,7 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     function = library.adam_lowp
     function.restype = None
     function.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 9, ctypes.c_float, ctypes.c_float, ctypes.c_int,
-                         ctypes.c_int, *[ctypes.c_float] * 6, ctypes.c_void_p, ctypes.c_int]
+                         ctypes.c_int, *[ctypes.c_float] * 6, ctypes.c_int, ctypes.c_int]
     return library, None
 
 
@@ -326,32 +321,6 @@ def native_unavailable_reason() -> str | None:
     if os.environ.get("OPTIMLAB_DISABLE_NATIVE", "").strip().lower() not in ("", "0", "false", "no"):
         return f"disabled by the environment (OPTIMLAB_DISABLE_NATIVE={os.environ['OPTIMLAB_DISABLE_NATIVE']})"
     return _library()[1]
-
-
-class _Code(ctypes.Structure):
-    # the C struct Code: the dynamic code and its bucket tables (kept alive by _CODES)
-    _fields_ = [("values", ctypes.c_void_p), ("base", ctypes.c_void_p), ("padded", ctypes.c_void_p),
-                ("width", ctypes.c_int32), ("offset", ctypes.c_int32), ("size", ctypes.c_int32)]
-
-
-_CODES: list[tuple[ctypes.Array, list[Tensor]]] = []
-
-
-def _int8_codes() -> ctypes.Array:
-    """``Code[2]`` (signed, unsigned) for the kernel, from :func:`optimlab.optim.lowp_state._code_tables`."""
-    if not _CODES:
-        from optimlab.optim.lowp_state import _code_offset, _code_tables
-
-        tables, keep = [], []
-        for signed in (True, False):
-            code, base, padded, width = _code_tables(signed, "cpu")
-            if width != 1:  # the kernel's search makes one comparison per bucket
-                raise RuntimeError(f"native int8 kernel: the code's buckets hold up to {width} entries (expected 1)")
-            keep += [code, base, padded]
-            tables.append(_Code(code.data_ptr(), base.data_ptr(), padded.data_ptr(), width, _code_offset(signed),
-                                code.numel()))
-        _CODES.append(((_Code * 2)(*tables), keep))
-    return _CODES[0][0]
 
 
 def adam_lowp_kernel(storage: str) -> Callable[..., None] | None:
@@ -399,15 +368,13 @@ def _adam_lowp(storage: str, params: Sequence[Tensor], grads: Sequence[Tensor], 
         avg, avg_scales, avg_sq, avg_sq_scales = stored
         moments = [_pointers(avg, torch.int8), _pointers(avg_scales, torch.float32), _pointers(avg_sq, torch.int8),
                    _pointers(avg_sq_scales, torch.float32)]
-        codes = _int8_codes()
     else:
         avg, avg_sq = stored
         moments = [_pointers(avg, torch.bfloat16), None, _pointers(avg_sq, torch.bfloat16), None]
-        codes = None
     sizes = (ctypes.c_int64 * count)(*[param.numel() for param in params])
     noise = [(ctypes.c_uint32 * count)(*[start & 0xFFFFFFFF for start in moment]) for moment in starts]
     coupled = weight_decay != 0 and not decoupled_weight_decay
     decay = 1 - lr * weight_decay if weight_decay != 0 and decoupled_weight_decay else 1.0
     library.adam_lowp(count, sizes, _pointers(params, torch.float32), _pointers(grads, torch.float32), *moments,
                       *noise, decay, weight_decay, int(coupled), int(maximize), 1 - beta1, beta2, 1 - beta2,
-                      bias_correction2_sqrt, eps, -(lr / bias_correction1), codes, torch.get_num_threads())
+                      bias_correction2_sqrt, eps, -(lr / bias_correction1), int(storage == "int8"), torch.get_num_threads())

@@ -354,7 +354,7 @@ class Adam(OptimlabOptimizer):
     def _after_load_state_dict(self) -> None:
         """After ``load_state_dict`` (``torch.optim`` semantics): bf16 / int8 moments keep their storage dtype."""
         super()._after_load_state_dict()
-        restore_state_dtypes(self, [key for key, _ in _MOMENTS])
+        restore_state_dtypes(self, _MOMENTS)
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         for param in params:

@@ -174,7 +174,7 @@ class Lion(OptimlabOptimizer):
     def _after_load_state_dict(self) -> None:
         """After ``load_state_dict`` (``torch.optim`` semantics): low-precision moments keep their storage dtype."""
         super()._after_load_state_dict()
-        restore_state_dtypes(self, ("exp_avg",))
+        restore_state_dtypes(self, (("exp_avg", True),))
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         for param in params:

@@ -63,6 +63,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 import zlib
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
@@ -81,7 +82,7 @@ except ImportError:  # pragma: no cover - builds without torch.distributed
 
 __all__ = [
     "BLOCK_SIZE",
-    "dynamic_code",
+    "code_values",
     "quantize_blockwise",
     "dequantize_blockwise",
     "round_to_bfloat16",
@@ -97,68 +98,70 @@ __all__ = [
 ]
 
 BLOCK_SIZE = 256
-_ABSMAX_SUFFIX = "_absmax"
+_SCALE_SUFFIX = "_blockmax"  # int8 state: <key> holds the codes, <key>_blockmax the block maxima
+_LEGACY_SCALE_SUFFIX = "_absmax"  # format 1 (dynamic tree codes): migrated when a checkpoint is loaded
 _STORE_CHUNK = 1 << 18  # values per pass when storing; a multiple of BLOCK_SIZE
 
 
-@functools.lru_cache(maxsize=None)
-def _dynamic_code_cpu(signed: bool) -> Tensor:
-    # Magnitudes: decade e (0 = the smallest) holds 2**e values spaced linearly in (0.1, 1] * 10**(e - top),
-    # i.e. after the exponent the remaining bits are a linear fraction (the "dynamic tree" of Dettmers 2016/2022).
-    decades = 7 if signed else 8
-    magnitudes = [
-        10.0 ** (e - (decades - 1)) * (0.1 + 0.9 * j / 2**e) for e in range(decades) for j in range(1, 2**e + 1)
-    ]
-    values = [0.0, *magnitudes]
-    if signed:
-        values += [-m for m in magnitudes]
-    return torch.tensor(sorted(values), dtype=torch.float64)
+_EXPONENT_BIAS = {True: 15, False: 31}  # signed: sign + 4 exponent bits + 3 mantissa bits; unsigned: 5 + 3
+_DROPPED_BITS = 20  # float32 mantissa bits below a code's three
+_ROUND_HALF = 1 << (_DROPPED_BITS - 1)  # round to nearest (ties up): half of the dropped bits' range
 
 
-def dynamic_code(signed: bool, device: torch.device | str = "cpu") -> Tensor:
-    r"""The sorted dynamic-tree quantisation code (float32) on ``device``.
+def _rebias(signed: bool) -> int:
+    # a float32 pattern shifted right by _DROPPED_BITS, minus this, is the code of a normal value
+    return (127 - _EXPONENT_BIAS[signed]) << 3
 
-    Signed: 255 values, :math:`\{0\} \cup \{\pm m\}` with 127 magnitudes over the decades
-    :math:`10^{-6}..1`; unsigned: 256 values, :math:`\{0\}` and 255 magnitudes over :math:`10^{-7}..1`.
-    Decade :math:`e` holds :math:`2^e` values :math:`10^{e-E}(0.1 + 0.9\,j/2^e)`, :math:`j = 1..2^e`,
-    so the largest entry is exactly 1 and a block's absmax is represented without error
-    (Dettmers, "8-Bit Approximations for Parallelism in Deep Learning", 2016; Dettmers et al. 2022).
+
+def _smallest_normal(signed: bool) -> float:
+    return 2.0 ** (1 - _EXPONENT_BIAS[signed])
+
+
+def code_values(signed: bool, device: torch.device | str = "cpu") -> Tensor:
+    r"""Every value a code stands for, relative to its block's maximum (float32, sorted, distinct).
+
+    Signed (first moments): 0 and :math:`\pm 2^{e-15}(1 + f/8)` for :math:`e = 1..15`, :math:`f = 0..7` up to
+    1, and :math:`\pm f\,2^{-17}` below :math:`2^{-14}` (241 values); unsigned (second moments): 0,
+    :math:`2^{e-31}(1 + f/8)` for :math:`e = 1..31` up to 1, and :math:`f\,2^{-33}` below :math:`2^{-30}`
+    (249 values). Exact powers of two and 1 are codes, so a block's maximum is stored without error.
     """
-    return _dynamic_code_cpu(bool(signed)).to(device=device, dtype=torch.float32)
-
-
-def _code_offset(signed: bool) -> int:
-    # stored int8 value = index into the sorted code - offset (signed: -127..127, unsigned: -128..127)
-    return 127 if signed else 128
+    top = 120 if signed else 248  # the code of 1.0
+    codes = torch.arange(-top if signed else 0, top + 1, dtype=torch.int32)
+    stored = codes.to(torch.int8) if signed else codes.to(torch.uint8).view(torch.int8)
+    return _decode(stored, signed).to(device)
 
 
 def quantize_blockwise(
     values: Tensor, signed: bool, block_size: int = BLOCK_SIZE, dither: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    r"""Quantise ``values`` block-wise: returns ``(codes, absmax)``.
+    r"""Quantise ``values`` block-wise: returns ``(codes, blockmax)``.
 
-    ``codes`` is an ``int8`` tensor of ``values``' shape (the index of a code entry near
-    :math:`x_i / a_b`, shifted into the int8 range); ``absmax`` is a float32 tensor with one
+    ``codes`` is an ``int8`` tensor of ``values``' shape, each byte an 8-bit float of
+    :math:`r_i = x_i / a_b` (:func:`code_values`); ``blockmax`` is a float32 tensor with one
     :math:`a_b = \max_{i\in b}|x_i|` per block of ``block_size`` consecutive values of the flattened
     tensor (the last block may be shorter).
 
-    Without ``dither`` the nearest entry is taken, so each value's error is at most half the gap
-    between the two code entries around it, times :math:`a_b`. With ``dither`` (uniform [0, 1)
-    numbers, one per value, e.g. from :func:`uniform_dither`) the upper neighbour :math:`Q_{j+1}` is
-    taken when ``dither`` :math:`< (x_i/a_b - Q_j)/(Q_{j+1} - Q_j)`: stochastic rounding, unbiased
-    (:math:`\mathbb{E}\,\hat x_i = x_i`) with an error below one gap.
+    A normal :math:`|r_i|` is rounded like a float: its float32 pattern plus 20 bits of noise, the 20 low
+    mantissa bits dropped (the carry moves into the exponent); below the smallest normal code
+    :math:`\ell` (:math:`2^{-14}` signed, :math:`2^{-30}` unsigned), :math:`|r_i| + \ell` is rounded the same
+    way and :math:`\ell` taken off again, so the grid there is linear. Without ``dither`` the noise is
+    :math:`2^{19}`: the nearest code (ties away from zero), an error of at most half a code step times
+    :math:`a_b`. With ``dither`` (uniform [0, 1) numbers, one per value, e.g. from :func:`uniform_dither`)
+    the noise is :math:`\lfloor 2^{20} \cdot \mathrm{dither} \rfloor`: stochastic rounding, to the code above
+    with probability equal to the position between the two codes around :math:`r_i`, so
+    :math:`\mathbb{E}\,\hat x_i = x_i` up to float32 rounding, with an error below one step.
     """
     if block_size < 1:
         raise ValueError(f"Invalid block_size: {block_size} (accepted range: >= 1)")
     _check_sign(values, signed)
     flat = values.detach().reshape(-1).to(torch.float32)
-    uniform = None
+    noise = None
     if dither is not None:
         if dither.numel() != flat.numel():
             raise ValueError(f"Invalid dither: {dither.numel()} values for {flat.numel()} to quantise")
-        uniform = dither.reshape(-1).to(torch.float32)
-    codes, absmax = _quantize_flat(flat, signed, block_size, uniform)
-    return codes.view(values.shape), absmax
+        noise = (dither.reshape(-1).to(torch.float32) * float(1 << _DROPPED_BITS)).to(torch.int32)
+    codes, blockmax = _quantize_flat(flat, signed, block_size, noise)
+    return codes.view(values.shape), blockmax
 
 
 def _check_sign(values: Tensor, signed: bool) -> None:
@@ -166,77 +169,71 @@ def _check_sign(values: Tensor, signed: bool) -> None:
         raise ValueError("quantize_blockwise(signed=False) needs non-negative values (a second moment)")
 
 
-@functools.lru_cache(maxsize=None)
-def _code_buckets_cpu(signed: bool) -> tuple[Tensor, Tensor, int]:
-    # Exact replacement for searchsorted(code, x) (the count of code entries < x) on float32 x: bucket x by
-    # the 16 high bits of its float32 pattern (sign, exponent, 7 mantissa bits). Every bucket is a closed
-    # interval [low, high] of floats; base = #(code < low) and at most `width` code entries lie in
-    # [low, high), so #(code < x) = base + sum_{j < width} [code[base + j] < x] (code padded with +inf).
-    code = _dynamic_code_cpu(signed).to(torch.float32)
-    keys = torch.arange(1 << 16, dtype=torch.int64)
-    first = (keys << 16).to(torch.int32).view(torch.float32)
-    last = ((keys << 16) | 0xFFFF).to(torch.int32).view(torch.float32)
-    low, high = torch.minimum(first, last), torch.maximum(first, last)
-    base = torch.searchsorted(code, low, out_int32=True)
-    width = torch.searchsorted(code, high, out_int32=True) - base
-    finite = torch.isfinite(first) & torch.isfinite(last)
-    base, width = torch.where(finite, base, 0), torch.where(finite, width, 0)
-    max_width = int(width.max())
-    padded = torch.cat([code, torch.full((max_width,), math.inf)])
-    return base, padded, max_width
+def _encode(normalized: Tensor, signed: bool, noise: Tensor | int) -> Tensor:
+    """float32 ``normalized`` in [-1, 1] -> int8 codes, rounded with ``noise`` (int32 in [0, 2**20), or one int).
+
+    The operations of the native kernel's ``encode_block``, one for one (each exact or rounded once in float32)."""
+    magnitude = normalized.abs()
+    smallest = _smallest_normal(signed)
+    low = magnitude < smallest
+    shifted = torch.where(low, magnitude + smallest, magnitude)
+    code = (shifted.view(torch.int32) + noise).bitwise_right_shift_(_DROPPED_BITS)
+    code -= low.to(torch.int32).mul_(8).add_(_rebias(signed))
+    if signed:
+        return torch.where(normalized < 0, -code, code).to(torch.int8)
+    return code.to(torch.uint8).view(torch.int8)
 
 
-_TABLES: dict[tuple[bool, torch.device], tuple[Tensor, Tensor, Tensor, int]] = {}
+def _decode(codes: Tensor, signed: bool) -> Tensor:
+    """int8 codes -> their float32 values relative to the block maximum (:func:`code_values`): the code's
+    exponent and mantissa bits placed in a float32 pattern (no table); a code below the smallest normal one
+    is read as that normal value plus the smallest normal, which is then subtracted (exactly)."""
+    code = codes.to(torch.int32).abs_() if signed else codes.view(torch.uint8).to(torch.int32)
+    low = code < 8
+    code += low.to(torch.int32).mul_(8).add_(_rebias(signed))
+    value = code.bitwise_left_shift_(_DROPPED_BITS).view(torch.float32)
+    value = value - low.to(torch.float32).mul_(_smallest_normal(signed))
+    return torch.where(codes < 0, -value, value) if signed else value
 
 
-def _code_tables(signed: bool, device: torch.device | str) -> tuple[Tensor, Tensor, Tensor, int]:
-    """``(code, base, padded, width)`` on ``device``: :func:`dynamic_code` and the tables of
-    :func:`_code_buckets_cpu`, copied to a device once. A plain dict lookup, so that a compiled step
-    (whose tables were made before tracing) reads them as inputs instead of rebuilding them."""
-    key = (bool(signed), torch.device(device))
-    tables = _TABLES.get(key)
-    if tables is None:
-        base, padded, width = _code_buckets_cpu(bool(signed))
-        tables = _TABLES[key] = (dynamic_code(signed, device), base.to(device), padded.to(device), width)
-    return tables
-
-
-def _searchsorted_code(normalized: Tensor, signed: bool) -> Tensor:
-    """``torch.searchsorted(dynamic_code(signed), normalized)`` (as int32, 1-D), bit-exact for finite float32 input."""
-    _code, base, padded, width = _code_tables(signed, normalized.device)
-    flat = normalized.reshape(-1)
-    key = flat.view(torch.int32) >> 16
-    index = base.index_select(0, key.bitwise_and_(0xFFFF))
-    below = [padded.index_select(0, index + offset if offset else index) < flat for offset in range(width)]
-    for entry_below in below:
-        index += entry_below
-    return index
-
-
-def _quantize_flat(flat: Tensor, signed: bool, block_size: int, uniform: Tensor | None, lead: int = 0,
-                   absmax: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    # flat: 1-D float32; uniform: None (round to nearest) or 1-D float32 numbers in [0, 1), one per value
+def _quantize_flat(flat: Tensor, signed: bool, block_size: int, noise: Tensor | None, lead: int = 0,
+                   blockmax: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    # flat: 1-D float32; noise: None (round to nearest) or 1-D int32 in [0, 2**20), one per value
     # (no branch on the sizes: a compiled step keeps one graph whether or not numel fills the last block).
-    # A shard of a larger tensor: `flat` starts `lead` values into its first block, and `absmax` holds the
+    # A shard of a larger tensor: `flat` starts `lead` values into its first block, and `blockmax` holds the
     # maxima of the whole blocks it touches (some of their values live on other ranks).
     numel = flat.numel()
     n_blocks = -(-(lead + numel) // block_size)
     padded = torch.nn.functional.pad(flat, (lead, n_blocks * block_size - numel - lead)).view(n_blocks, block_size)
-    if absmax is None:
-        absmax = padded.abs().amax(dim=1)
-    normalized = padded / absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)
-    code = _code_tables(signed, flat.device)[0]
-    if uniform is None:
-        index = torch.bucketize(normalized, (code[1:] + code[:-1]) / 2)
-    else:
-        upper = _searchsorted_code(normalized.view(-1)[lead:lead + numel], signed).clamp_(1, code.numel() - 1)
-        lower = upper - 1
-        lower_value = code.index_select(0, lower)
-        position = (normalized.view(-1)[lead:lead + numel] - lower_value).div_(
-            code.index_select(0, upper).sub_(lower_value))
-        index = lower.add_(uniform < position)
-    codes = index.sub_(_code_offset(signed)).to(torch.int8).reshape(-1)
-    return codes[lead:lead + numel] if uniform is None else codes, absmax
+    if blockmax is None:
+        blockmax = padded.abs().amax(dim=1)
+    normalized = (padded / blockmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)).view(-1)
+    codes = _encode(normalized[lead:lead + numel], signed, _ROUND_HALF if noise is None else noise)
+    return codes, blockmax
+
+
+@functools.lru_cache(maxsize=None)
+def _legacy_code_cpu(signed: bool) -> Tensor:
+    # Format 1 (before the float8 codes): the sorted "dynamic tree" code of Dettmers (2016, 2022), float32. Decade
+    # e (0 = the smallest) held 2**e values spaced linearly in (0.1, 1] * 10**(e - top); stored int8 = index into
+    # it - 127 (signed) or - 128 (unsigned). Only read, to migrate a checkpoint (restore_state_dtypes).
+    decades = 7 if signed else 8
+    magnitudes = [
+        10.0 ** (e - (decades - 1)) * (0.1 + 0.9 * j / 2**e) for e in range(decades) for j in range(1, 2**e + 1)
+    ]
+    values = [0.0, *magnitudes]
+    if signed:
+        values += [-m for m in magnitudes]
+    return torch.tensor(sorted(values), dtype=torch.float64).to(torch.float32)
+
+
+def _migrate_legacy_int8(codes: Tensor, absmax: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """A format-1 moment (dynamic tree codes and their block absmax) -> format 2 (float8 codes, block maxima),
+    re-rounded to the nearest code: the values the old code decoded, each within half a new code step."""
+    index = codes.reshape(-1).to(torch.int64) + (127 if signed else 128)
+    scales = absmax.to(torch.float32).repeat_interleave(BLOCK_SIZE)[:index.numel()]
+    decoded = _legacy_code_cpu(signed).to(codes.device)[index] * scales
+    return quantize_blockwise(decoded.view(codes.shape), signed)
 
 
 def round_to_bfloat16(values: Tensor, dither: Tensor | None = None) -> Tensor:
@@ -325,26 +322,24 @@ def uniform_dither(shape: torch.Size | tuple[int, ...], seed: int, device: torch
 
 
 def dequantize_blockwise(
-    codes: Tensor, absmax: Tensor, signed: bool, dtype: torch.dtype = torch.float32, block_size: int = BLOCK_SIZE
+    codes: Tensor, blockmax: Tensor, signed: bool, dtype: torch.dtype = torch.float32, block_size: int = BLOCK_SIZE
 ) -> Tensor:
-    r""":math:`\hat x_i = a_b\, Q_{\mathrm{code}_i}`: the inverse of :func:`quantize_blockwise`, in ``dtype``."""
+    r""":math:`\hat x_i = a_b\, Q(\mathrm{code}_i)`: the inverse of :func:`quantize_blockwise`, in ``dtype``."""
     numel = codes.numel()
-    n_blocks = absmax.numel()
+    n_blocks = blockmax.numel()
     if not (n_blocks - 1) * block_size < numel <= n_blocks * block_size:
         raise ValueError(
-            f"Invalid absmax: {n_blocks} blocks of {block_size} do not match {numel} codes"
+            f"Invalid blockmax: {n_blocks} blocks of {block_size} do not match {numel} codes"
         )
-    return _dequantize_range(codes.reshape(-1), absmax, signed, block_size, 0).view(codes.shape).to(dtype)
+    return _dequantize_range(codes.reshape(-1), blockmax, block_size, 0, signed).view(codes.shape).to(dtype)
 
 
-def _dequantize_range(codes: Tensor, absmax: Tensor, signed: bool, block_size: int, lead: int) -> Tensor:
-    # 1-D codes starting `lead` values into the first of the blocks whose scales `absmax` holds -> float32 values
-    code = _code_tables(signed, codes.device)[0]
-    numel, n_blocks = codes.numel(), absmax.numel()
-    index = codes.to(torch.int32).add_(_code_offset(signed))
+def _dequantize_range(codes: Tensor, blockmax: Tensor, block_size: int, lead: int, signed: bool) -> Tensor:
+    # 1-D codes starting `lead` values into the first of the blocks whose maxima `blockmax` holds -> float32 values
+    numel, n_blocks = codes.numel(), blockmax.numel()
     # padded up to whole blocks without a branch on the sizes (one compiled graph for any numel)
-    index = torch.nn.functional.pad(index, (lead, n_blocks * block_size - numel - lead), value=_code_offset(signed))
-    decoded = code.index_select(0, index).view(n_blocks, block_size).mul_(absmax.to(torch.float32).unsqueeze(1))
+    values = torch.nn.functional.pad(_decode(codes, signed), (lead, n_blocks * block_size - numel - lead))
+    decoded = values.view(n_blocks, block_size).mul_(blockmax.to(torch.float32).unsqueeze(1))
     return decoded.reshape(-1)[lead:lead + numel]
 
 
@@ -379,10 +374,10 @@ def init_moment(state: dict[str, Any], key: str, param: Tensor, state_dtype: str
         zero_code = int(quantize_blockwise(torch.zeros(1), signed)[0][0])
         state[key] = torch.zeros_like(param, dtype=torch.int8).fill_(zero_code)
         scales = torch.zeros(-(-param.numel() // BLOCK_SIZE), dtype=torch.float32, device=param.to_local().device)
-        state[key + _ABSMAX_SUFFIX] = DTensor.from_local(scales, param.device_mesh, [Replicate()], run_check=False)
+        state[key + _SCALE_SUFFIX] = DTensor.from_local(scales, param.device_mesh, [Replicate()], run_check=False)
     else:
-        codes, absmax = quantize_blockwise(torch.zeros_like(param), signed)
-        state[key], state[key + _ABSMAX_SUFFIX] = codes, absmax
+        codes, blockmax = quantize_blockwise(torch.zeros_like(param), signed)
+        state[key], state[key + _SCALE_SUFFIX] = codes, blockmax
 
 
 def _local_range(tensor: Tensor) -> tuple[Tensor, int]:
@@ -409,12 +404,12 @@ def _local_range(tensor: Tensor) -> tuple[Tensor, int]:
     return tensor.to_local(), sum(rows[:mesh.get_local_rank()]) * row_numel
 
 
-def _load_sharded_int8(codes: Tensor, absmax: Tensor, signed: bool, dtype: torch.dtype) -> Tensor:
+def _load_sharded_int8(codes: Tensor, blockmax: Tensor, signed: bool, dtype: torch.dtype) -> Tensor:
     # a DTensor of codes and its replicated scales -> the decoded DTensor (this rank's shard decoded locally)
     local, offset = _local_range(codes)
     lead, first = offset % BLOCK_SIZE, offset // BLOCK_SIZE
     n_blocks = -(-(lead + local.numel()) // BLOCK_SIZE)
-    decoded = _dequantize_range(local.reshape(-1), absmax.to_local()[first:first + n_blocks], signed, BLOCK_SIZE, lead)
+    decoded = _dequantize_range(local.reshape(-1), blockmax.to_local()[first:first + n_blocks], BLOCK_SIZE, lead, signed)
     return DTensor.from_local(decoded.view(local.shape).to(dtype), codes.device_mesh, codes.placements,
                               shape=codes.shape, stride=codes.stride(), run_check=False)
 
@@ -425,11 +420,11 @@ def _store_sharded(state: dict[str, Any], key: str, value: Tensor, signed: bool,
     local, offset = _local_range(value)
     flat = local.detach().reshape(-1).to(torch.float32)
     start = _hash_start(seed, offset)
-    if key + _ABSMAX_SUFFIX not in state:
+    if key + _SCALE_SUFFIX not in state:
         state[key].to_local().copy_(_rounded_bfloat16(flat, start).view(local.shape))
         return
     _check_sign(local, signed)
-    scales = state[key + _ABSMAX_SUFFIX].to_local()
+    scales = state[key + _SCALE_SUFFIX].to_local()
     lead, first = offset % BLOCK_SIZE, offset // BLOCK_SIZE
     n_blocks = -(-(lead + flat.numel()) // BLOCK_SIZE) if flat.numel() else 0
     maxima = torch.zeros_like(scales)
@@ -439,8 +434,8 @@ def _store_sharded(state: dict[str, Any], key: str, value: Tensor, signed: bool,
     if not value.placements[0].is_replicate():
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=value.device_mesh.get_group())
     if n_blocks:
-        uniform = _bits_to_uniform(_hash_from(start, flat.numel(), flat.device))
-        codes, _ = _quantize_flat(flat, signed, BLOCK_SIZE, uniform, lead, maxima[first:first + n_blocks])
+        noise = _int8_noise(start, flat.numel(), flat.device)
+        codes, _ = _quantize_flat(flat, signed, BLOCK_SIZE, noise, lead, maxima[first:first + n_blocks])
         state[key].to_local().copy_(codes.view(local.shape))
     scales.copy_(maxima)
 
@@ -454,10 +449,10 @@ def load_moments(states: Sequence[dict[str, Any]], key: str, params: Sequence[Te
     loaded = []
     for state, param in zip(states, params):
         stored = state[key]
-        if key + _ABSMAX_SUFFIX in state and is_dtensor(stored):
-            loaded.append(_load_sharded_int8(stored, state[key + _ABSMAX_SUFFIX], signed, param.dtype))
-        elif key + _ABSMAX_SUFFIX in state:
-            loaded.append(dequantize_blockwise(stored, state[key + _ABSMAX_SUFFIX], signed, param.dtype))
+        if key + _SCALE_SUFFIX in state and is_dtensor(stored):
+            loaded.append(_load_sharded_int8(stored, state[key + _SCALE_SUFFIX], signed, param.dtype))
+        elif key + _SCALE_SUFFIX in state:
+            loaded.append(dequantize_blockwise(stored, state[key + _SCALE_SUFFIX], signed, param.dtype))
         elif stored.dtype != param.dtype:
             loaded.append(stored.to(param.dtype))
         else:
@@ -472,11 +467,15 @@ def _rounded_bfloat16(flat: Tensor, start: int | Tensor) -> Tensor:
     return _round_to_bfloat16_bits(flat, noise)
 
 
+def _int8_noise(start: int | Tensor, count: int, device: torch.device | str) -> Tensor:
+    """The 20 high hash bits of inputs ``start + i``: ``floor(uniform * 2**20)`` of :func:`uniform_dither`."""
+    return _hash_from(start, count, device).bitwise_right_shift_(12).bitwise_and_(0xFFFFF)
+
+
 def _rounded_int8(flat: Tensor, start: int | Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     """1-D ``flat`` (whole blocks from its first element) quantised with stochastic rounding, the
-    dither from hash inputs ``start + i``: ``(codes, absmax)``."""
-    uniform = _bits_to_uniform(_hash_from(start, flat.numel(), flat.device))
-    return _quantize_flat(flat.to(torch.float32), signed, BLOCK_SIZE, uniform)
+    noise from hash inputs ``start + i``: ``(codes, blockmax)``."""
+    return _quantize_flat(flat.to(torch.float32), signed, BLOCK_SIZE, _int8_noise(start, flat.numel(), flat.device))
 
 
 def store_moments(
@@ -496,14 +495,14 @@ def store_moments(
         numel = flat.numel()
         # in chunks of whole blocks: the same numbers, but temporaries that stay small
         chunks = [(begin, min(numel, begin + _STORE_CHUNK)) for begin in range(0, numel, _STORE_CHUNK)]
-        if key + _ABSMAX_SUFFIX in state:
+        if key + _SCALE_SUFFIX in state:
             _check_sign(value, signed)
             codes = torch.empty(numel, dtype=torch.int8, device=value.device)
-            absmax = torch.empty(-(-numel // BLOCK_SIZE), dtype=torch.float32, device=value.device)
+            blockmax = torch.empty(-(-numel // BLOCK_SIZE), dtype=torch.float32, device=value.device)
             for begin, end in chunks:
-                codes[begin:end], absmax[begin // BLOCK_SIZE:-(-end // BLOCK_SIZE)] = _rounded_int8(
+                codes[begin:end], blockmax[begin // BLOCK_SIZE:-(-end // BLOCK_SIZE)] = _rounded_int8(
                     flat[begin:end], _hash_start(seed, begin), signed)
-            state[key], state[key + _ABSMAX_SUFFIX] = codes.view(value.shape), absmax
+            state[key], state[key + _SCALE_SUFFIX] = codes.view(value.shape), blockmax
         else:
             rounded = torch.empty(numel, dtype=torch.bfloat16, device=value.device)
             for begin, end in chunks:
@@ -542,17 +541,17 @@ def lowp_rule(rule: Callable[..., None], moments: tuple[tuple[str, bool], ...], 
         parts = [stored[i * per_moment:(i + 1) * per_moment] for i in range(len(moments))]
         starts = [arguments.pop(_start_name(key)) for key, _ in moments]
         if storage == "int8":
-            working = [dequantize_blockwise(codes, absmax, signed, param.dtype)
-                       for (codes, absmax), (_, signed) in zip(parts, moments)]
+            working = [dequantize_blockwise(codes, blockmax, signed, param.dtype)
+                       for (codes, blockmax), (_, signed) in zip(parts, moments)]
         else:
             working = [bf16.to(param.dtype) for (bf16,) in parts]
         rule(param, grad, *working, **arguments)
         for part, value, start, (_, signed) in zip(parts, working, starts, moments):
             flat = value.reshape(-1)
             if storage == "int8":
-                codes, absmax = _rounded_int8(flat, start, signed)
+                codes, blockmax = _rounded_int8(flat, start, signed)
                 part[0].copy_(codes.view(part[0].shape))
-                part[1].copy_(absmax)
+                part[1].copy_(blockmax)
             else:
                 part[0].copy_(_rounded_bfloat16(flat, start).view(part[0].shape))
 
@@ -608,7 +607,7 @@ def fused_lowp_step(
 
     update = lowp_rule(rule, tuple(moments), storage)
     step_fn = fused_step(update, static, _CHUNK_SIZE)
-    suffixes = ("", _ABSMAX_SUFFIX) if storage == "int8" else ("",)
+    suffixes = ("", _SCALE_SUFFIX) if storage == "int8" else ("",)
     tensor_lists = [list(params), list(grads)] + [
         [state[key + suffix] for state in states] for key, _ in moments for suffix in suffixes]
     smallest = BLOCK_SIZE + 1 if storage == "int8" else 2
@@ -640,10 +639,7 @@ def fused_lowp_step(
             native(*[list(column) for column in zip(*[row for row, _ in natively])], starts, **step_scalars, **static)
         # one call per device and dtype: FusedStep then needs no regrouping (torch's foreach grouping
         # would reject int8 codes and float32 scales next to float64 parameters)
-        for (device, _dtype), indices in compiled.items():
-            if storage == "int8":  # made before tracing: the compiled step reads them as inputs
-                for signed in (True, False):
-                    _code_tables(signed, device)
+        for indices in compiled.values():
             with _int8_inductor_options() if storage == "int8" else contextlib.nullcontext():
                 step_fn([[column[i] for i in indices] for column in lists], arguments)
 
@@ -668,25 +664,41 @@ def _int8_inductor_options() -> contextlib.AbstractContextManager[Any]:
     return _compat.inductor_options(realize_reads_threshold=1)
 
 
-def restore_state_dtypes(optimizer: torch.optim.Optimizer, keys: Sequence[str]) -> None:
-    """Cast the moments ``keys`` of every group with a ``state_dtype`` back to their storage dtype.
+def restore_state_dtypes(optimizer: torch.optim.Optimizer, moments: Sequence[tuple[str, bool]]) -> None:
+    """Cast the ``moments`` (``(key, signed)`` pairs) of every group with a ``state_dtype`` back to their storage
+    dtype, and migrate int8 moments of an older format.
 
     Call it from ``_after_load_state_dict`` (:class:`optimlab.optim._base.OptimlabOptimizer`, which runs it right
     after loading, before user hooks): ``torch.optim.Optimizer.load_state_dict`` casts every non-``step`` state
     tensor to the parameter's dtype. The values round-trip exactly (bf16 values and int8 codes are representable
     in float32), so casting back restores the state bit for bit.
+
+    An int8 moment saved with ``<key>_absmax`` is format 1 (before the float8 codes: indices into the dynamic tree
+    code of Dettmers et al.): it is decoded with that code and re-rounded to the nearest float8 code, with one
+    ``UserWarning`` per load naming how many moments were migrated, so an old checkpoint is never read as codes
+    of the new format.
     """
+    migrated = 0
     for group in optimizer.param_groups:
         state_dtype = resolve_state_dtype(group.get("state_dtype"))
         if state_dtype is None:
             continue
         for param in group["params"]:
             state = optimizer.state.get(param, {})
-            for key in keys:
+            for key, signed in moments:
                 if key not in state:
                     continue
                 if state_dtype == "bfloat16":
                     state[key] = state[key].to(torch.bfloat16)
-                else:
-                    state[key] = state[key].to(torch.int8)
-                    state[key + _ABSMAX_SUFFIX] = state[key + _ABSMAX_SUFFIX].to(torch.float32)
+                    continue
+                codes = state[key].to(torch.int8)
+                legacy = state.pop(key + _LEGACY_SCALE_SUFFIX, None)
+                if legacy is not None:
+                    codes, state[key + _SCALE_SUFFIX] = _migrate_legacy_int8(codes, legacy, signed)
+                    migrated += 1
+                state[key] = codes
+                state[key + _SCALE_SUFFIX] = state[key + _SCALE_SUFFIX].to(torch.float32)
+    if migrated:
+        warnings.warn(f"{type(optimizer).__name__}.load_state_dict: {migrated} int8 moments were saved in the "
+                      "older dynamic-tree format (<key>_absmax); migrated to the float8 codes (<key>_blockmax), each "
+                      "value rounded to the nearest new code", UserWarning, stacklevel=3)
