@@ -1,9 +1,13 @@
-"""The fast low-precision state paths (int32 in-place hash, bucketed code search) against NumPy references, bit for bit.
+"""The fast low-precision state paths (int32 in-place hash, float8 codes by bit arithmetic) against NumPy
+references, bit for bit.
 
-The references are the definitions: the dither is ``mix((_mix32(seed) + i * WEYL) mod 2**32) >> 8`` over
-``2**24`` computed in uint64 (``mix``: xor-shift 16, multiply, xor-shift 15), int8 stochastic rounding uses ``np.searchsorted`` on the float32 code,
-and bf16 stochastic rounding adds ``floor(dither * 2**16)`` to the float32 bits. Stored moments must
-not change when the implementation gets faster: checkpoints and the determinism tests depend on it.
+The references are the definitions, computed another way: the dither is ``mix((_mix32(seed) + i * WEYL) mod 2**32)
+>> 8`` over ``2**24`` computed in uint64 (``mix``: xor-shift 16, multiply, xor-shift 15); an int8 code is found with
+``np.frexp`` in float64 (the binade of the value, its position on the binade's grid of 8 steps, rounded up when
+the 20-bit noise ``floor(dither * 2**20)`` reaches the distance to the next step) and decoded as
+``2**(e - bias) * (1 + f/8)``; bf16 stochastic rounding adds ``floor(dither * 2**16)`` to the float32 bits.
+Stored moments must not change when the implementation gets faster: checkpoints and the determinism tests depend
+on it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from optimlab.optim.lowp_state import (
     BLOCK_SIZE,
     dequantize_blockwise,
     dither_seed,
-    dynamic_code,
+    code_values,
     init_moment,
     quantize_blockwise,
     round_to_bfloat16,
@@ -49,20 +53,40 @@ def _dither_reference(numel: int, seed: int) -> np.ndarray:
     return (mixed >> np.uint64(8)).astype(np.float32) / np.float32(1 << 24)
 
 
-def _quantize_reference(values: np.ndarray, signed: bool, dither: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    code = dynamic_code(signed).numpy()
+_BIAS = {True: 15, False: 31}
+
+
+def _quantize_reference(values: np.ndarray, signed: bool, dither: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     flat = values.reshape(-1).astype(np.float32)
     n_blocks = -(-flat.size // BLOCK_SIZE)
     padded = np.zeros(n_blocks * BLOCK_SIZE, dtype=np.float32)
     padded[: flat.size] = flat
-    absmax = np.abs(padded.reshape(n_blocks, BLOCK_SIZE)).max(axis=1)
+    blockmax = np.abs(padded.reshape(n_blocks, BLOCK_SIZE)).max(axis=1)
     normalized = (padded.reshape(n_blocks, BLOCK_SIZE)
-                  / np.maximum(absmax, np.finfo(np.float32).tiny)[:, None]).reshape(-1)[: flat.size]
-    upper = np.clip(np.searchsorted(code, normalized, side="left"), 1, code.size - 1)
-    lower = upper - 1
-    position = (normalized - code[lower]) / (code[upper] - code[lower])
-    index = np.where(dither < position, upper, lower)
-    return (index - (127 if signed else 128)).astype(np.int8).reshape(values.shape), absmax
+                  / np.maximum(blockmax, np.finfo(np.float32).tiny)[:, None]).reshape(-1)[: flat.size]
+    noise = np.full(flat.size, 1 << 19) if dither is None else np.floor(dither.astype(np.float64) * 2**20)
+    bias = _BIAS[signed]
+    smallest = np.float32(2.0 ** (1 - bias))
+    magnitude = np.abs(normalized)
+    low = magnitude < smallest
+    shifted = np.where(low, magnitude + smallest, magnitude).astype(np.float64)  # float32 sum below the normals
+    mantissa, exponent = np.frexp(shifted)  # shifted = mantissa * 2**exponent, mantissa in [0.5, 1)
+    steps = mantissa * 16  # the position on the binade's grid of 8 steps: [8, 16), exact
+    whole = np.floor(steps)
+    up = noise >= np.round((1 - (steps - whole)) * 2**20)  # the 20 dropped bits plus the noise carry
+    code = (exponent - 1 + bias) * 8 + (whole + up - 8) - np.where(low, 8, 0)
+    code = code.astype(np.int64)
+    if signed:
+        return np.where(normalized < 0, -code, code).astype(np.int8).reshape(values.shape), blockmax
+    return code.astype(np.uint8).view(np.int8).reshape(values.shape), blockmax
+
+
+def _decode_reference(codes: np.ndarray, signed: bool) -> np.ndarray:
+    bias = _BIAS[signed]
+    code = np.abs(codes.astype(np.int64)) if signed else codes.view(np.uint8).astype(np.int64)
+    exponent, fraction = code >> 3, code & 7
+    value = np.where(exponent > 0, 2.0 ** (exponent - bias) * (1 + fraction / 8), fraction * 2.0 ** (1 - bias) / 8)
+    return (np.where(codes < 0, -value, value) if signed else value).astype(np.float32)
 
 
 def _bfloat16_reference(values: np.ndarray, dither: np.ndarray) -> np.ndarray:
@@ -77,7 +101,8 @@ def _moments(shape: tuple[int, ...], signed: bool, seed: int) -> torch.Tensor:
     numel = math.prod(shape)
     values = 10.0 ** torch.empty(numel).uniform_(-12, 4, generator=generator)
     values[::17] = 0.0
-    values[5::23] = dynamic_code(signed)[torch.randint(0, 255, (values[5::23].numel(),), generator=generator)].abs()
+    code = code_values(signed)
+    values[5::23] = code[torch.randint(0, code.numel(), (values[5::23].numel(),), generator=generator)].abs()
     if signed:
         values = values * torch.where(torch.rand(numel, generator=generator) < 0.5, -1.0, 1.0)
     return values.view(shape)
@@ -93,24 +118,26 @@ def test_uniform_dither_equals_the_uint64_hash(seed: int) -> None:
 
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("shape", _SHAPES)
-def test_int8_stochastic_rounding_equals_searchsorted_reference(signed: bool, shape: tuple[int, ...]) -> None:
+def test_int8_rounding_equals_the_frexp_reference(signed: bool, shape: tuple[int, ...]) -> None:
     for seed in _SEEDS[:2]:
         values = _moments(shape, signed, seed=seed + len(shape))
         dither = uniform_dither(shape, seed)
-        codes, absmax = quantize_blockwise(values, signed, dither=dither)
-        expected_codes, expected_absmax = _quantize_reference(values.numpy(), signed, dither.reshape(-1).numpy())
-        np.testing.assert_array_equal(absmax.numpy(), expected_absmax)
-        np.testing.assert_array_equal(codes.numpy(), expected_codes)
+        for given in (dither, None):  # stochastic, and to nearest
+            codes, blockmax = quantize_blockwise(values, signed, dither=given)
+            expected_codes, expected_blockmax = _quantize_reference(
+                values.numpy(), signed, None if given is None else dither.reshape(-1).numpy())
+            np.testing.assert_array_equal(blockmax.numpy(), expected_blockmax)
+            np.testing.assert_array_equal(codes.numpy(), expected_codes)
 
 
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("shape", _SHAPES)
-def test_dequantize_equals_table_lookup_reference(signed: bool, shape: tuple[int, ...]) -> None:
-    codes, absmax = quantize_blockwise(_moments(shape, signed, seed=4), signed, dither=uniform_dither(shape, 4))
-    scale = np.repeat(absmax.numpy(), BLOCK_SIZE)[: math.prod(shape)].reshape(shape)
-    expected = dynamic_code(signed).numpy()[codes.numpy().astype(np.int64) + (127 if signed else 128)] * scale
-    np.testing.assert_array_equal(dequantize_blockwise(codes, absmax, signed).numpy(), expected)
-    np.testing.assert_array_equal(dequantize_blockwise(codes, absmax, signed, torch.float64).numpy(),
+def test_dequantize_equals_the_power_of_two_reference(signed: bool, shape: tuple[int, ...]) -> None:
+    codes, blockmax = quantize_blockwise(_moments(shape, signed, seed=4), signed, dither=uniform_dither(shape, 4))
+    scale = np.repeat(blockmax.numpy(), BLOCK_SIZE)[: math.prod(shape)].reshape(shape)
+    expected = _decode_reference(codes.numpy(), signed) * scale
+    np.testing.assert_array_equal(dequantize_blockwise(codes, blockmax, signed).numpy(), expected)
+    np.testing.assert_array_equal(dequantize_blockwise(codes, blockmax, signed, torch.float64).numpy(),
                                   expected.astype(np.float64))
 
 
@@ -142,5 +169,5 @@ def test_store_moments_rounds_with_the_public_dither(
         if state_dtype == "bfloat16":
             assert torch.equal(state[key].view(torch.int16), round_to_bfloat16(value, dither).view(torch.int16))
         else:
-            codes, absmax = quantize_blockwise(value, signed, dither=dither)
-            assert torch.equal(state[key], codes) and torch.equal(state[key + "_absmax"], absmax)
+            codes, blockmax = quantize_blockwise(value, signed, dither=dither)
+            assert torch.equal(state[key], codes) and torch.equal(state[key + "_blockmax"], blockmax)

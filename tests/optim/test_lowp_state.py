@@ -1,4 +1,4 @@
-"""Memory-light optimizer state: the 8-bit block-wise code, its error bound, state dtypes and bytes."""
+"""Memory-light optimizer state: the 8-bit block-wise float code, its error bound, state dtypes and bytes."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from optimlab.optim import Adam, AdamW, Lion, create_optimizer, state_bytes, sta
 from optimlab.optim.lion import lion_step
 from optimlab.optim.lowp_state import (
     BLOCK_SIZE,
+    code_values,
     dequantize_blockwise,
     dither_seed,
-    dynamic_code,
     load_moments,
     quantize_blockwise,
     resolve_state_dtype,
@@ -26,21 +26,22 @@ from .harness import MLPProblem, save_and_load, train
 
 
 @pytest.mark.parametrize("signed", [True, False])
-def test_dynamic_code_shape_and_range(signed: bool) -> None:
-    code = dynamic_code(signed).double()
-    assert code.dtype == torch.float64 and code.numel() == (255 if signed else 256)
+def test_code_values_are_8_bit_floats_up_to_one(signed: bool) -> None:
+    code = code_values(signed).double()
+    assert code.numel() == (241 if signed else 249)
     assert bool((code[1:] > code[:-1]).all())  # sorted, no duplicates
     assert float(code.max()) == 1.0 and 0.0 in code.tolist()
     positive = code[code > 0]
-    assert positive.numel() == (127 if signed else 255)
-    assert float(positive.min()) == pytest.approx(1e-6 if signed else 1e-7, rel=1e-6)
+    bias = 15 if signed else 31
+    assert float(positive.min()) == 2.0 ** (-bias - 2)  # the smallest below-normal step: 2^(1 - bias) / 8
     if signed:
         assert torch.equal(code, -code.flip(0))
-    else:
-        assert float(code.min()) == 0.0
-    # dynamic: each decade [10^-k, 10^-k+1) holds twice as many entries as the one below it
-    counts = [int(((positive >= 10.0 ** -(k + 1) * 1.0001) & (positive <= 10.0**-k * 1.0001)).sum()) for k in range(3)]
-    assert counts[0] == 2 * counts[1] == 4 * counts[2]
+    # 8 values per binade [2^-k, 2^-k+1) with relative spacing 1/8 down to 2^(1 - bias), linear (8 steps) below
+    for k in (1, 5, bias - 1):
+        binade = positive[(positive >= 2.0**-k) & (positive < 2.0 ** (1 - k))]
+        assert torch.equal(binade, 2.0**-k * (1 + torch.arange(8, dtype=torch.float64) / 8))
+    linear = positive[positive < 2.0 ** (1 - bias)]
+    assert torch.equal(linear, 2.0 ** (1 - bias) * torch.arange(1, 8, dtype=torch.float64) / 8)
 
 
 def _values(numel: int, signed: bool, seed: int) -> torch.Tensor:
@@ -63,7 +64,7 @@ def test_round_trip_error_is_at_most_half_a_step_per_block(signed: bool, shape: 
     assert codes.dtype == torch.int8 and codes.shape == values.shape
     assert absmax.dtype == torch.float32 and absmax.shape == (math.ceil(numel / BLOCK_SIZE),)
     decoded = dequantize_blockwise(codes, absmax, signed).double()
-    code = dynamic_code(signed).double()
+    code = code_values(signed).double()
     flat, flat_decoded = values.reshape(-1).double(), decoded.reshape(-1)
     block_scale = absmax.double().repeat_interleave(BLOCK_SIZE)[:numel]
     normalized = flat / block_scale
@@ -78,7 +79,7 @@ def test_round_trip_error_is_at_most_half_a_step_per_block(signed: bool, shape: 
 @pytest.mark.parametrize("signed", [True, False])
 def test_stochastic_rounding_is_unbiased_and_within_one_step(signed: bool) -> None:
     values = _values(600, signed, seed=5)
-    code = dynamic_code(signed).double()
+    code = code_values(signed).double()
     total = torch.zeros(600, dtype=torch.float64)
     draws = 400
     for seed in range(draws):
@@ -121,15 +122,14 @@ def test_dither_is_deterministic_uniform_and_seed_dependent() -> None:
 
 
 def test_small_second_moments_survive_where_a_linear_code_loses_them() -> None:
-    values = torch.tensor([1.0, 1e-2, 3e-4, 1e-5, 2e-7])  # one block, 7 decades
+    values = torch.tensor([1.0, 1e-2, 3e-4, 1e-5, 2e-7, 3e-9])  # one block, 9 decades
     codes, absmax = quantize_blockwise(values, signed=False)
     decoded = dequantize_blockwise(codes, absmax, signed=False)
     assert bool((decoded > 0).all())
     relative_error = ((decoded - values).abs() / values)
-    assert float(relative_error.max()) <= 0.5  # the lowest decade holds one entry per 10x
-    assert float(relative_error[:3].max()) <= 0.1
+    assert float(relative_error.max()) <= 1 / 16  # half the relative spacing of 3 mantissa bits, in every binade
     linear = torch.round(values / values.max() * 255) / 255 * values.max()  # absmax int8, uniform code
-    assert int((linear == 0).sum()) == 3
+    assert int((linear == 0).sum()) == 4
 
 
 def test_all_zero_block_and_sign_checks() -> None:
@@ -137,7 +137,7 @@ def test_all_zero_block_and_sign_checks() -> None:
     assert torch.equal(dequantize_blockwise(codes, absmax, signed=True), torch.zeros(300))
     with pytest.raises(ValueError, match="non-negative"):
         quantize_blockwise(torch.tensor([1.0, -1.0]), signed=False)
-    with pytest.raises(ValueError, match="absmax"):
+    with pytest.raises(ValueError, match="blockmax"):
         dequantize_blockwise(codes, absmax[:1], signed=True)
 
 
@@ -365,23 +365,38 @@ def test_adam_state_dtype_group_key_is_validated() -> None:
 
 @pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
 @pytest.mark.parametrize("fused", [False, True])
-def test_a_checkpoint_of_the_previous_code_loads_unchanged(state_dtype: str, fused: bool) -> None:
+def test_a_checkpoint_of_the_previous_formats_loads(state_dtype: str, fused: bool) -> None:
     """``data/lowp_state_0c15a26.pt`` was written by commit 0c15a26's code (AdamW, 3 eager steps, a 7x60 and a
-    300-value parameter: int8 blocks that end inside a row, a partial last block), before the native kernels and
-    the counter-based rounding noise. The stored format did not change (bf16 moments; int8 indices into the
-    dynamic tree code over flat 256-value blocks with float32 scales), so no migration is needed: today's
-    optimizer loads it, decodes exactly the moments the old code decoded, and keeps training (eager and fused)."""
+    300-value parameter: int8 blocks that end inside a row, a partial last block). bf16 moments have not changed
+    format: they load bit for bit. int8 moments were then format 1 (indices into the dynamic tree code, scales in
+    ``<key>_absmax``): loading migrates them to the float8 codes (``<key>_blockmax``) with a warning, each value
+    the nearest float8 code to what the old code decoded (within half a code step of its block); training goes on
+    (eager and fused)."""
     saved = torch.load(Path(__file__).with_name("data") / "lowp_state_0c15a26.pt")[state_dtype]
     params = [p.clone() for p in saved["params"]]
     optimizer = AdamW(params, lr=1e-2, weight_decay=0.1, state_dtype=state_dtype,
                       **({"fused": True} if fused else {"foreach": False}))
-    optimizer.load_state_dict(saved["state_dict"])
+    if state_dtype == "int8":
+        assert "exp_avg_absmax" in saved["state_dict"]["state"][0]  # the fixture is format 1
+        with pytest.warns(UserWarning, match="4 int8 moments were saved in the older dynamic-tree format"):
+            optimizer.load_state_dict(saved["state_dict"])
+    else:
+        optimizer.load_state_dict(saved["state_dict"])
     for index, param in enumerate(params):
         state = optimizer.state[param]
         assert state["exp_avg"].dtype == (torch.bfloat16 if state_dtype == "bfloat16" else torch.int8)
         for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
             decoded = load_moments([state], key, [param], signed=signed)[0]
-            assert torch.equal(decoded, saved["decoded"][key][index]), (key, index)
+            old = saved["decoded"][key][index]
+            if state_dtype == "bfloat16":
+                assert torch.equal(decoded, old), (key, index)
+                continue
+            assert key + "_absmax" not in state and state[key + "_blockmax"].dtype == torch.float32
+            expected = dequantize_blockwise(*quantize_blockwise(old, signed), signed)  # the nearest float8 code
+            assert torch.equal(decoded, expected), (key, index)
+            scale = state[key + "_blockmax"].repeat_interleave(BLOCK_SIZE)[:old.numel()].view(old.shape)
+            assert bool(((decoded - old).abs() <= old.abs() / 16 + 2.0 ** -(18 if signed else 34) * scale).all())
+            assert bool((decoded != 0).any())
     for param in params:
         param.grad = torch.ones_like(param)
     optimizer.step()
