@@ -102,6 +102,7 @@ struct Tensors {  // parallel arrays over the step's tensors
   float* const* exp_avg_sq_scales;
   const uint32_t* starts_avg;    // per tensor: the noise start of its first element
   const uint32_t* starts_avg_sq;
+  bool scalar_codes;  // int8: code values one at a time (the reference of the vector path)
 };
 
 // bf16 moments: [begin, end) of tensor t, one vectorised loop
@@ -137,45 +138,144 @@ static inline float block_absmax(const float* __restrict__ values, int64_t count
   return bits_to_float(largest);
 }
 
-// int8 codes are 8-bit floats relative to the block maximum (lowp_state._encode / _decode): signed, a sign and
-// |code| = 4 exponent bits and 3 mantissa bits (exponent bias 15); unsigned, 5 and 3 (bias 31). A code's bits
-// sit 20 bits up in a float32 pattern, whose exponent is rebiased by `rebias`; below the smallest normal value
-// `smallest` the grid is linear: such a value is stored as the code of itself plus `smallest`, minus 8.
-template <bool SIGNED>
-struct Float8 {
-  static constexpr int32_t bias = SIGNED ? 15 : 31;
-  static constexpr int32_t rebias = (127 - bias) << 3;
-  static constexpr float smallest = SIGNED ? 6.103515625e-05f : 9.313225746154785e-10f;  // 2^(1 - bias)
+// int8 codes (lowp_state._encode / _decode): a value relative to its block's maximum, in binade groups of
+// 2^bits steps per binade (more bits near the maximum), linear below the lowest group. Layout<SIGNED> is generated
+// from lowp_state._groups (three groups): per group (top first) its lowest value 2^lowest, the float32 mantissa bits it drops
+// (23 - bits), the code of 2^lowest and the offset taken off a shifted float32 pattern; low_codes: the codes of the
+// linear range (2^bits of the lowest group).
+struct Group {
+  float lowest;
+  int32_t dropped, first, offset;
 };
-
-// the codes of one block (lowp_state._quantize_flat with noise, operation for operation): r = x / scale; |r| (or
-// |r| + smallest below smallest) as a float32 pattern plus 20 noise bits (the 20 high bits of the element's
-// hash), shifted down 20 bits (stochastic rounding: the carry moves into the exponent), rebiased
 template <bool SIGNED>
-static inline void encode_block(const float* __restrict__ x, int64_t count, float scale, uint32_t start,
-                                uint32_t begin, int8_t* __restrict__ out) {
-  const float tiny = 1.17549435e-38f;  // torch.finfo(float32).tiny: the clamp of an all-zero block's scale
-  const float divisor = scale < tiny ? tiny : scale;
-  const float smallest = Float8<SIGNED>::smallest;
-  for (int64_t j = 0; j < count; j++) {
-    const float r = x[j] / divisor;
-    const float magnitude = std::fabs(r);
-    const bool low = magnitude < smallest;
-    const float shifted = low ? magnitude + smallest : magnitude;
-    const uint32_t noise = mix(start + (begin + (uint32_t)j) * 0x9E3779B9u) >> 12;
-    const int32_t code = (int32_t)((float_to_bits(shifted) + noise) >> 20) - (low ? 8 : 0) - Float8<SIGNED>::rebias;
-    out[j] = (int8_t)(SIGNED && r < 0.0f ? -code : code);
-  }
+struct Layout;
+@INT8_LAYOUTS@
+
+// One value's code (lowp_state._encode, operation for operation): |r| = min(|x| * reciprocal, 1); its group (below
+// the lowest group: |r| plus the group's lowest value); the float32 pattern plus the noise bits the group drops
+// (the high ones of the element's 23), shifted down: stochastic rounding, a carry moving into the next step
+template <bool SIGNED>
+static inline int8_t encode_one(float x, float reciprocal, uint32_t noise) {
+  using L = Layout<SIGNED>;
+  const float r = x * reciprocal;
+  const float absolute = std::fabs(r);
+  const float magnitude = absolute < 1.0f ? absolute : 1.0f;
+  const bool low = magnitude < L::groups[2].lowest;
+  const float shifted = low ? magnitude + L::groups[2].lowest : magnitude;
+  const int g = magnitude >= L::groups[0].lowest ? 0 : magnitude >= L::groups[1].lowest ? 1 : 2;
+  const int32_t dropped = L::groups[g].dropped, offset = L::groups[g].offset + (low ? L::low_codes : 0);
+  const int32_t code = (int32_t)((float_to_bits(shifted) + (noise >> (23 - dropped))) >> dropped) - offset;
+  return (int8_t)(SIGNED && r < 0.0f ? -code : code);
 }
 
-// one code's value relative to the block maximum (lowp_state._decode)
+// one code's value relative to the block maximum (lowp_state._decode): the code plus its group's offset, shifted
+// into a float32 pattern; a code of the linear range is read in the lowest group, whose lowest value is subtracted
 template <bool SIGNED>
-static inline float decode(int8_t stored) {
+static inline float decode_one(int8_t stored) {
+  using L = Layout<SIGNED>;
   const int32_t code = SIGNED ? (stored < 0 ? -(int32_t)stored : (int32_t)stored) : (int32_t)(uint8_t)stored;
-  const bool low = code < 8;
-  const float value = bits_to_float((uint32_t)(code + (low ? 8 : 0) + Float8<SIGNED>::rebias) << 20) -
-                      (low ? Float8<SIGNED>::smallest : 0.0f);
+  const bool low = code < L::groups[2].first;
+  const int g = code >= L::groups[0].first ? 0 : code >= L::groups[1].first ? 1 : 2;
+  const int32_t dropped = L::groups[g].dropped, offset = L::groups[g].offset + (low ? L::low_codes : 0);
+  const float value = bits_to_float((uint32_t)(code + offset) << dropped) - (low ? L::groups[2].lowest : 0.0f);
   return SIGNED && stored < 0 ? -value : value;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+static const bool HAS_VECTOR_CODES = true;
+
+// a group's constant for 16 lanes: the lowest group's, replaced where `middle`, then where `top`
+static inline __m512i select_group(__mmask16 middle, __mmask16 top, int32_t lowest, int32_t middle_value,
+                                   int32_t top_value) {
+  const __m512i value = _mm512_mask_mov_epi32(_mm512_set1_epi32(lowest), middle, _mm512_set1_epi32(middle_value));
+  return _mm512_mask_mov_epi32(value, top, _mm512_set1_epi32(top_value));
+}
+
+// encode_one for the 16 values x[0..16), whose hash inputs (start + index * W) are `counter`
+template <bool SIGNED>
+static inline void encode16(const float* x, float reciprocal, __m512i counter, int8_t* out) {
+  using L = Layout<SIGNED>;
+  const __m512 r = _mm512_mul_ps(_mm512_loadu_ps(x), _mm512_set1_ps(reciprocal));
+  const __m512 magnitude = _mm512_min_ps(_mm512_abs_ps(r), _mm512_set1_ps(1.0f));
+  const __mmask16 low = _mm512_cmp_ps_mask(magnitude, _mm512_set1_ps(L::groups[2].lowest), _CMP_LT_OQ);
+  const __mmask16 middle = _mm512_cmp_ps_mask(magnitude, _mm512_set1_ps(L::groups[1].lowest), _CMP_GE_OQ);
+  const __mmask16 top = _mm512_cmp_ps_mask(magnitude, _mm512_set1_ps(L::groups[0].lowest), _CMP_GE_OQ);
+  const __m512 shifted = _mm512_mask_add_ps(magnitude, low, magnitude, _mm512_set1_ps(L::groups[2].lowest));
+  const __m512i dropped = select_group(middle, top, L::groups[2].dropped, L::groups[1].dropped, L::groups[0].dropped);
+  __m512i offset = select_group(middle, top, L::groups[2].offset, L::groups[1].offset, L::groups[0].offset);
+  offset = _mm512_mask_add_epi32(offset, low, offset, _mm512_set1_epi32(L::low_codes));
+  __m512i h = _mm512_xor_si512(counter, _mm512_srli_epi32(counter, 16));  // the noise: mix(counter) >> 9
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32((int32_t)0x21F0AAADu));
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
+  const __m512i noise = _mm512_srli_epi32(h, 9);
+  const __m512i rounded = _mm512_add_epi32(_mm512_castps_si512(shifted),
+                                           _mm512_srlv_epi32(noise, _mm512_sub_epi32(_mm512_set1_epi32(23), dropped)));
+  __m512i code = _mm512_sub_epi32(_mm512_srlv_epi32(rounded, dropped), offset);
+  if (SIGNED) {
+    const __mmask16 negative = _mm512_cmp_ps_mask(r, _mm512_setzero_ps(), _CMP_LT_OQ);
+    code = _mm512_mask_sub_epi32(code, negative, _mm512_setzero_si512(), code);
+  }
+  _mm_storeu_si128((__m128i*)out, _mm512_cvtepi32_epi8(code));
+}
+
+// decode_one for the 16 codes[0..16), times scale
+template <bool SIGNED>
+static inline void decode16(const int8_t* codes, float scale, float* out) {
+  using L = Layout<SIGNED>;
+  const __m128i bytes = _mm_loadu_si128((const __m128i*)codes);
+  const __m512i stored = SIGNED ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
+  const __m512i code = SIGNED ? _mm512_abs_epi32(stored) : stored;
+  const __mmask16 low = _mm512_cmplt_epi32_mask(code, _mm512_set1_epi32(L::groups[2].first));
+  const __mmask16 middle = _mm512_cmpge_epi32_mask(code, _mm512_set1_epi32(L::groups[1].first));
+  const __mmask16 top = _mm512_cmpge_epi32_mask(code, _mm512_set1_epi32(L::groups[0].first));
+  const __m512i dropped = select_group(middle, top, L::groups[2].dropped, L::groups[1].dropped, L::groups[0].dropped);
+  __m512i offset = select_group(middle, top, L::groups[2].offset, L::groups[1].offset, L::groups[0].offset);
+  offset = _mm512_mask_add_epi32(offset, low, offset, _mm512_set1_epi32(L::low_codes));
+  __m512 value = _mm512_castsi512_ps(_mm512_sllv_epi32(_mm512_add_epi32(code, offset), dropped));
+  value = _mm512_mask_sub_ps(value, low, value, _mm512_set1_ps(L::groups[2].lowest));
+  if (SIGNED) {
+    const __mmask16 negative = _mm512_cmplt_epi32_mask(stored, _mm512_setzero_si512());
+    value = _mm512_mask_sub_ps(value, negative, _mm512_setzero_ps(), value);
+  }
+  _mm512_storeu_ps(out, _mm512_mul_ps(value, _mm512_set1_ps(scale)));
+}
+#else
+static const bool HAS_VECTOR_CODES = false;
+#endif
+
+// the codes of a block's `count` values (its first element is element `begin` of the tensor); `scalar`: the
+// one-value functions only (the reference the vector path is tested against)
+template <bool SIGNED>
+static inline void encode_block(const float* __restrict__ x, int64_t count, float scale, uint32_t start,
+                                uint32_t begin, int8_t* __restrict__ out, bool scalar) {
+  const float tiny = 1.17549435e-38f;  // torch.finfo(float32).tiny: the clamp of an all-zero block's scale
+  const float reciprocal = 1.0f / (scale < tiny ? tiny : scale);
+  int64_t j = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if (!scalar) {
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i counter = _mm512_add_epi32(_mm512_set1_epi32((int32_t)start),
+                                       _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32((int32_t)begin), lanes),
+                                                          _mm512_set1_epi32((int32_t)0x9E3779B9u)));
+    const __m512i stride = _mm512_set1_epi32((int32_t)(16u * 0x9E3779B9u));  // 16 elements on
+    for (; j + 16 <= count; j += 16, counter = _mm512_add_epi32(counter, stride))
+      encode16<SIGNED>(x + j, reciprocal, counter, out + j);
+  }
+#endif
+  for (; j < count; j++) out[j] = encode_one<SIGNED>(x[j], reciprocal, mix(start + (begin + (uint32_t)j) * 0x9E3779B9u) >> 9);
+}
+
+// a block's `count` values from their codes and the block's scale
+template <bool SIGNED>
+static inline void decode_block(const int8_t* __restrict__ codes, int64_t count, float scale, float* __restrict__ out,
+                                bool scalar) {
+  int64_t j = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if (!scalar)
+    for (; j + 16 <= count; j += 16) decode16<SIGNED>(codes + j, scale, out + j);
+#endif
+  for (; j < count; j++) out[j] = decode_one<SIGNED>(codes[j]) * scale;
 }
 
 // int8 moments: blocks [first_block, last_block) of tensor t: decode and update, block maxima, encode. The
@@ -195,10 +295,8 @@ static void int8_blocks(const Adam a, const Tensors& x, int64_t t, int64_t first
   for (int64_t block = first_block; block < last_block; block++) {
     const int64_t begin = block * BLOCK, count = n - begin < BLOCK ? n - begin : BLOCK;
     const float scale_avg = scales_avg[block], scale_avg_sq = scales_avg_sq[block];
-    for (int64_t j = 0; j < count; j++) {
-      m[j] = decode<true>(codes_avg[begin + j]) * scale_avg;
-      v[j] = decode<false>(codes_avg_sq[begin + j]) * scale_avg_sq;
-    }
+    decode_block<true>(codes_avg + begin, count, scale_avg, m, x.scalar_codes);
+    decode_block<false>(codes_avg_sq + begin, count, scale_avg_sq, v, x.scalar_codes);
     for (int64_t j = 0; j < count; j++) {
       float p = param[begin + j], mj = m[j], vj = v[j];
       adam_element<maximize, coupled, small_weight>(a, p, grad[begin + j], mj, vj);
@@ -207,8 +305,8 @@ static void int8_blocks(const Adam a, const Tensors& x, int64_t t, int64_t first
       v[j] = vj;
     }
     const float max_avg = block_absmax(m, count), max_avg_sq = block_absmax(v, count);
-    encode_block<true>(m, count, max_avg, start_avg, (uint32_t)begin, codes_avg + begin);
-    encode_block<false>(v, count, max_avg_sq, start_avg_sq, (uint32_t)begin, codes_avg_sq + begin);
+    encode_block<true>(m, count, max_avg, start_avg, (uint32_t)begin, codes_avg + begin, x.scalar_codes);
+    encode_block<false>(v, count, max_avg_sq, start_avg_sq, (uint32_t)begin, codes_avg_sq + begin, x.scalar_codes);
     scales_avg[block] = max_avg;
     scales_avg_sq[block] = max_avg_sq;
   }
@@ -238,18 +336,21 @@ static void adam_tensors(const Adam& a, const Tensors& x, int64_t count, bool in
   }
 }
 
-// int8: 0 for bf16 moments, 1 for int8 moments
+// whether int8 codes are computed 16 at a time (AVX-512) unless scalar_codes asks for one at a time
+extern "C" int vector_codes() { return HAS_VECTOR_CODES ? 1 : 0; }
+
+// int8: 0 for bf16 moments, 1 for int8 moments; scalar_codes: 1 to code int8 values one at a time
 extern "C" void adam_lowp(int64_t count, const int64_t* sizes, float* const* params, const float* const* grads,
                           void* const* exp_avgs, float* const* exp_avg_scales, void* const* exp_avg_sqs,
                           float* const* exp_avg_sq_scales, const uint32_t* starts_avg, const uint32_t* starts_avg_sq,
                           float decay, float weight_decay, int coupled, int maximize, float lerp_weight, float beta2,
                           float one_minus_beta2, float bias_correction2_sqrt, float eps, float step_size,
-                          int int8, int threads) {
+                          int int8, int scalar_codes, int threads) {
   const bool small = std::fabs(lerp_weight) < 0.5f;
   const Adam a{decay, weight_decay, small ? lerp_weight : lerp_weight - 1.0f, beta2, one_minus_beta2,
                bias_correction2_sqrt, eps, step_size};
   const Tensors x{sizes, params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_avg_sq_scales, starts_avg,
-                  starts_avg_sq};
+                  starts_avg_sq, scalar_codes != 0};
   // the eight instantiations, indexed by (maximize, coupled, small)
   using Step = void (*)(const Adam&, const Tensors&, int64_t, bool, int);
   static const Step steps[8] = {
@@ -261,6 +362,9 @@ extern "C" void adam_lowp(int64_t count, const int64_t* sizes, float* const* par
 """
 
 _warned: set[str] = set()
+SCALAR_CODES = False
+"""int8 codes one value at a time even where the kernel has a 16-lane (AVX-512) path: the reference that the
+tests compare the vector path with (both compute the same operations, so the codes are equal bit for bit)."""
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC",
           "-std=c++17"]
 
@@ -278,19 +382,40 @@ def _cpu_flags() -> str:
         return ""
 
 
+def _layouts() -> str:
+    """The C++ ``Layout<SIGNED>`` specialisations of the int8 codes, from :func:`optimlab.optim.lowp_state._groups`."""
+    from optimlab.optim.lowp_state import _groups
+
+    lines = []
+    for signed in (True, False):
+        groups, _top = _groups(signed)
+        if len(groups) != 3:  # encode_block and decode select among three groups
+            raise RuntimeError(f"native int8 kernel: the code has {len(groups)} groups (expected 3)")
+        entries = ", ".join(f"{{{2.0**g.lowest!r}f, {23 - g.bits}, {g.first}, {g.offset}}}" for g in groups)
+        lines.append(f"template <>\nstruct Layout<{str(signed).lower()}> {{\n"
+                     f"  static constexpr Group groups[{len(groups)}] = {{{entries}}};\n"
+                     f"  static constexpr int32_t low_codes = {1 << groups[-1].bits};\n}};")
+    return "\n".join(lines)
+
+
+def _source() -> str:
+    return _SOURCE.replace("@INT8_LAYOUTS@", _layouts())
+
+
 def _build(compiler: str) -> Path:
     """The compiled library, from the cache or built now (written to a temporary name, then renamed)."""
-    key = hashlib.sha256("\0".join([_SOURCE, *_FLAGS, compiler, platform.machine(), _cpu_flags()]).encode())
+    source = _source()
+    key = hashlib.sha256("\0".join([source, *_FLAGS, compiler, platform.machine(), _cpu_flags()]).encode())
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "optimlab" / "native"
     library = base / f"lowp-{key.hexdigest()[:20]}.so"
     if library.exists():
         return library
     base.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=base) as scratch:
-        source = Path(scratch) / "lowp.cpp"
-        source.write_text(_SOURCE, encoding="utf-8")
+        source_file = Path(scratch) / "lowp.cpp"
+        source_file.write_text(source, encoding="utf-8")
         built = Path(scratch) / "lowp.so"
-        subprocess.run([compiler, *_FLAGS, str(source), "-o", str(built)], check=True, capture_output=True,
+        subprocess.run([compiler, *_FLAGS, str(source_file), "-o", str(built)], check=True, capture_output=True,
                        timeout=300)
         os.replace(built, library)
     return library
@@ -311,8 +436,15 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     function = library.adam_lowp
     function.restype = None
     function.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 9, ctypes.c_float, ctypes.c_float, ctypes.c_int,
-                         ctypes.c_int, *[ctypes.c_float] * 6, ctypes.c_int, ctypes.c_int]
+                         ctypes.c_int, *[ctypes.c_float] * 6, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    library.vector_codes.restype = ctypes.c_int
     return library, None
+
+
+def vector_codes() -> bool:
+    """Whether the built kernel codes int8 values 16 at a time (it was built for a CPU with AVX-512 F and BW)."""
+    library, _ = _library()
+    return bool(library is not None and library.vector_codes())
 
 
 def native_unavailable_reason() -> str | None:
@@ -377,4 +509,5 @@ def _adam_lowp(storage: str, params: Sequence[Tensor], grads: Sequence[Tensor], 
     decay = 1 - lr * weight_decay if weight_decay != 0 and decoupled_weight_decay else 1.0
     library.adam_lowp(count, sizes, _pointers(params, torch.float32), _pointers(grads, torch.float32), *moments,
                       *noise, decay, weight_decay, int(coupled), int(maximize), 1 - beta1, beta2, 1 - beta2,
-                      bias_correction2_sqrt, eps, -(lr / bias_correction1), int(storage == "int8"), torch.get_num_threads())
+                      bias_correction2_sqrt, eps, -(lr / bias_correction1), int(storage == "int8"), int(SCALAR_CODES),
+                      torch.get_num_threads())

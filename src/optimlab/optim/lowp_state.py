@@ -66,7 +66,7 @@ import math
 import warnings
 import zlib
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -103,29 +103,48 @@ _LEGACY_SCALE_SUFFIX = "_absmax"  # format 1 (dynamic tree codes): migrated when
 _STORE_CHUNK = 1 << 18  # values per pass when storing; a multiple of BLOCK_SIZE
 
 
-_EXPONENT_BIAS = {True: 15, False: 31}  # signed: sign + 4 exponent bits + 3 mantissa bits; unsigned: 5 + 3
-_DROPPED_BITS = 20  # float32 mantissa bits below a code's three
-_ROUND_HALF = 1 << (_DROPPED_BITS - 1)  # round to nearest (ties up): half of the dropped bits' range
+class _Group(NamedTuple):
+    """Binades :math:`[2^{\mathrm{lowest}}, 2^{\mathrm{upper}})` of a code, each split into :math:`2^{\mathrm{bits}}`
+    equal steps; the codes of the group start at ``first`` (the code of :math:`2^{\mathrm{lowest}}`), and a
+    float32 pattern in the group, shifted right by ``23 - bits``, minus ``offset`` is its code."""
+
+    lowest: int
+    bits: int
+    first: int
+    offset: int
 
 
-def _rebias(signed: bool) -> int:
-    # a float32 pattern shifted right by _DROPPED_BITS, minus this, is the code of a normal value
-    return (127 - _EXPONENT_BIAS[signed]) << 3
+# The binade groups of the two codes, from the top: (lowest exponent, mantissa bits). Near the block maximum a
+# code has more mantissa bits, further down fewer, over 8 (unsigned) or 5 (signed) decades, like the dynamic tree
+# code of Dettmers et al. (2022) but in binary, so that rounding is float bit arithmetic.
+_LAYOUTS = {True: ((-3, 4), (-9, 3), (-15, 2)), False: ((-4, 5), (-12, 3), (-26, 2))}
+_NOISE_BITS = 23  # noise bits of a value (a float32 mantissa's): the group's dropped bits are their high ones
 
 
-def _smallest_normal(signed: bool) -> float:
-    return 2.0 ** (1 - _EXPONENT_BIAS[signed])
+@functools.lru_cache(maxsize=None)
+def _groups(signed: bool) -> tuple[tuple[_Group, ...], int]:
+    """The groups of a code (top first) and the code of 1.0 (the largest). Below the lowest group the grid is
+    linear, with the lowest group's step: codes ``0 .. 2**bits - 1``."""
+    layout = _LAYOUTS[signed]
+    uppers = [0] + [lowest for lowest, _ in layout[:-1]]
+    groups = []
+    first = 1 << layout[-1][1]
+    for (lowest, bits), upper in reversed(list(zip(layout, uppers))):
+        groups.append(_Group(lowest, bits, first, ((lowest + 127) << bits) - first))
+        first += (upper - lowest) << bits
+    return tuple(reversed(groups)), first
 
 
 def code_values(signed: bool, device: torch.device | str = "cpu") -> Tensor:
     r"""Every value a code stands for, relative to its block's maximum (float32, sorted, distinct).
 
-    Signed (first moments): 0 and :math:`\pm 2^{e-15}(1 + f/8)` for :math:`e = 1..15`, :math:`f = 0..7` up to
-    1, and :math:`\pm f\,2^{-17}` below :math:`2^{-14}` (241 values); unsigned (second moments): 0,
-    :math:`2^{e-31}(1 + f/8)` for :math:`e = 1..31` up to 1, and :math:`f\,2^{-33}` below :math:`2^{-30}`
-    (249 values). Exact powers of two and 1 are codes, so a block's maximum is stored without error.
+    Unsigned (second moments): 0, 32 steps in each binade of :math:`[2^{-4}, 1)`, 8 in each of
+    :math:`[2^{-12}, 2^{-4})`, 4 in each of :math:`[2^{-26}, 2^{-12})`, then 4 linear steps of :math:`2^{-28}`
+    below, and 1 (253 values). Signed (first moments): 0 and :math:`\pm` 16 steps per binade of
+    :math:`[2^{-3}, 1)`, 8 in :math:`[2^{-9}, 2^{-3})`, 4 in :math:`[2^{-15}, 2^{-9})`, 4 linear steps of
+    :math:`2^{-17}` below, and 1 (249 values). 1 is a code, so a block's maximum is stored without error.
     """
-    top = 120 if signed else 248  # the code of 1.0
+    top = _groups(signed)[1]
     codes = torch.arange(-top if signed else 0, top + 1, dtype=torch.int32)
     stored = codes.to(torch.int8) if signed else codes.to(torch.uint8).view(torch.int8)
     return _decode(stored, signed).to(device)
@@ -159,7 +178,7 @@ def quantize_blockwise(
     if dither is not None:
         if dither.numel() != flat.numel():
             raise ValueError(f"Invalid dither: {dither.numel()} values for {flat.numel()} to quantise")
-        noise = (dither.reshape(-1).to(torch.float32) * float(1 << _DROPPED_BITS)).to(torch.int32)
+        noise = (dither.reshape(-1).to(torch.float32) * float(1 << _NOISE_BITS)).to(torch.int32)
     codes, blockmax = _quantize_flat(flat, signed, block_size, noise)
     return codes.view(values.shape), blockmax
 
@@ -169,16 +188,24 @@ def _check_sign(values: Tensor, signed: bool) -> None:
         raise ValueError("quantize_blockwise(signed=False) needs non-negative values (a second moment)")
 
 
-def _encode(normalized: Tensor, signed: bool, noise: Tensor | int) -> Tensor:
-    """float32 ``normalized`` in [-1, 1] -> int8 codes, rounded with ``noise`` (int32 in [0, 2**20), or one int).
+def _encode(normalized: Tensor, signed: bool, noise: Tensor) -> Tensor:
+    """float32 ``normalized`` (values times their block's reciprocal maximum) -> int8 codes, rounded with ``noise``
+    (int32 in [0, 2**23)).
 
     The operations of the native kernel's ``encode_block``, one for one (each exact or rounded once in float32)."""
-    magnitude = normalized.abs()
-    smallest = _smallest_normal(signed)
-    low = magnitude < smallest
-    shifted = torch.where(low, magnitude + smallest, magnitude)
-    code = (shifted.view(torch.int32) + noise).bitwise_right_shift_(_DROPPED_BITS)
-    code -= low.to(torch.int32).mul_(8).add_(_rebias(signed))
+    groups, _ = _groups(signed)
+    lowest = groups[-1]
+    magnitude = normalized.abs().clamp_(max=1.0)  # times the reciprocal of the maximum: can round above 1
+    low = magnitude < 2.0**lowest.lowest
+    shifted = torch.where(low, magnitude + 2.0**lowest.lowest, magnitude)
+    dropped = torch.full(magnitude.shape, 23 - lowest.bits, dtype=torch.int32, device=magnitude.device)
+    offset = torch.full_like(dropped, lowest.offset).add_(low.to(torch.int32) << lowest.bits)
+    for group in groups[-2::-1]:
+        above = magnitude >= 2.0**group.lowest
+        dropped = torch.where(above, 23 - group.bits, dropped)
+        offset = torch.where(above, group.offset, offset)
+    rounded = shifted.view(torch.int32) + (noise >> (_NOISE_BITS - dropped))
+    code = (rounded >> dropped).sub_(offset)
     if signed:
         return torch.where(normalized < 0, -code, code).to(torch.int8)
     return code.to(torch.uint8).view(torch.int8)
@@ -186,19 +213,26 @@ def _encode(normalized: Tensor, signed: bool, noise: Tensor | int) -> Tensor:
 
 def _decode(codes: Tensor, signed: bool) -> Tensor:
     """int8 codes -> their float32 values relative to the block maximum (:func:`code_values`): the code's
-    exponent and mantissa bits placed in a float32 pattern (no table); a code below the smallest normal one
-    is read as that normal value plus the smallest normal, which is then subtracted (exactly)."""
+    steps placed in a float32 pattern (no table); a code of the linear range below the lowest group is read as
+    a value of that group's first binade, whose lowest value is then subtracted (exactly)."""
+    groups, _ = _groups(signed)
+    lowest = groups[-1]
     code = codes.to(torch.int32).abs_() if signed else codes.view(torch.uint8).to(torch.int32)
-    low = code < 8
-    code += low.to(torch.int32).mul_(8).add_(_rebias(signed))
-    value = code.bitwise_left_shift_(_DROPPED_BITS).view(torch.float32)
-    value = value - low.to(torch.float32).mul_(_smallest_normal(signed))
+    low = code < lowest.first
+    dropped = torch.full_like(code, 23 - lowest.bits)
+    offset = torch.full_like(code, lowest.offset).add_(low.to(torch.int32) << lowest.bits)
+    for group in groups[-2::-1]:
+        above = code >= group.first
+        dropped = torch.where(above, 23 - group.bits, dropped)
+        offset = torch.where(above, group.offset, offset)
+    value = (code + offset).bitwise_left_shift_(dropped).view(torch.float32)
+    value = value - low.to(torch.float32).mul_(2.0**lowest.lowest)
     return torch.where(codes < 0, -value, value) if signed else value
 
 
 def _quantize_flat(flat: Tensor, signed: bool, block_size: int, noise: Tensor | None, lead: int = 0,
                    blockmax: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    # flat: 1-D float32; noise: None (round to nearest) or 1-D int32 in [0, 2**20), one per value
+    # flat: 1-D float32; noise: None (round to nearest) or 1-D int32 in [0, 2**23), one per value
     # (no branch on the sizes: a compiled step keeps one graph whether or not numel fills the last block).
     # A shard of a larger tensor: `flat` starts `lead` values into its first block, and `blockmax` holds the
     # maxima of the whole blocks it touches (some of their values live on other ranks).
@@ -207,8 +241,11 @@ def _quantize_flat(flat: Tensor, signed: bool, block_size: int, noise: Tensor | 
     padded = torch.nn.functional.pad(flat, (lead, n_blocks * block_size - numel - lead)).view(n_blocks, block_size)
     if blockmax is None:
         blockmax = padded.abs().amax(dim=1)
-    normalized = (padded / blockmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)).view(-1)
-    codes = _encode(normalized[lead:lead + numel], signed, _ROUND_HALF if noise is None else noise)
+    reciprocal = 1.0 / blockmax.clamp(min=torch.finfo(torch.float32).tiny)
+    normalized = (padded * reciprocal.unsqueeze(1)).view(-1)
+    if noise is None:  # to nearest: half of every dropped range
+        noise = torch.full((numel,), 1 << (_NOISE_BITS - 1), dtype=torch.int32, device=flat.device)
+    codes = _encode(normalized[lead:lead + numel], signed, noise)
     return codes, blockmax
 
 
@@ -468,8 +505,8 @@ def _rounded_bfloat16(flat: Tensor, start: int | Tensor) -> Tensor:
 
 
 def _int8_noise(start: int | Tensor, count: int, device: torch.device | str) -> Tensor:
-    """The 20 high hash bits of inputs ``start + i``: ``floor(uniform * 2**20)`` of :func:`uniform_dither`."""
-    return _hash_from(start, count, device).bitwise_right_shift_(12).bitwise_and_(0xFFFFF)
+    """The 23 high hash bits of inputs ``start + i``: ``floor(uniform * 2**23)`` of :func:`uniform_dither`."""
+    return _hash_from(start, count, device).bitwise_right_shift_(9).bitwise_and_(0x7FFFFF)
 
 
 def _rounded_int8(flat: Tensor, start: int | Tensor, signed: bool) -> tuple[Tensor, Tensor]:
