@@ -2,10 +2,11 @@
 references, bit for bit.
 
 The references are the definitions, computed another way: the dither is ``mix((_mix32(seed) + i * WEYL) mod 2**32)
->> 8`` over ``2**24`` computed in uint64 (``mix``: xor-shift 16, multiply, xor-shift 15); an int8 code is found with
-``np.frexp`` in float64 (the binade of the value, its position on the binade's grid of 8 steps, rounded up when
-the 20-bit noise ``floor(dither * 2**20)`` reaches the distance to the next step) and decoded as
-``2**(e - bias) * (1 + f/8)``; bf16 stochastic rounding adds ``floor(dither * 2**16)`` to the float32 bits.
+>> 8`` over ``2**24`` computed in uint64 (``mix``: xor-shift 16, multiply, xor-shift 15); the int8 code values are
+enumerated from the layout of binade groups, a value's code is its position among them (``np.searchsorted`` in
+float64), one up when the noise ``floor(dither * 2**23)``, cut to the bits the group drops, reaches the distance to
+the next code, and decoding looks the value up; bf16 stochastic rounding adds ``floor(dither * 2**16)`` to the
+float32 bits.
 Stored moments must not change when the implementation gets faster: checkpoints and the determinism tests depend
 on it.
 """
@@ -53,39 +54,58 @@ def _dither_reference(numel: int, seed: int) -> np.ndarray:
     return (mixed >> np.uint64(8)).astype(np.float32) / np.float32(1 << 24)
 
 
-_BIAS = {True: 15, False: 31}
+# The code's definition (docstring of lowp_state.code_values): binade groups from the top, (lowest exponent, steps
+# per binade as bits); linear below the lowest group with its step; 1.0 last.
+_LAYOUT = {True: ((-3, 4), (-9, 3), (-15, 2)), False: ((-4, 5), (-12, 3), (-26, 2))}
+
+
+def _code_values_reference(signed: bool) -> np.ndarray:
+    """The magnitudes of the codes 0, 1, 2, ... in order (float64), enumerated from the layout."""
+    layout = _LAYOUT[signed]
+    lowest, bits = layout[-1]
+    values = [k * 2.0 ** (lowest - bits) for k in range(2**bits)]
+    uppers = [0] + [group_lowest for group_lowest, _ in layout[:-1]]
+    for (group_lowest, group_bits), upper in reversed(list(zip(layout, uppers))):
+        for exponent in range(group_lowest, upper):
+            values += [2.0**exponent * (1 + f / 2**group_bits) for f in range(2**group_bits)]
+    return np.array([*values, 1.0])
 
 
 def _quantize_reference(values: np.ndarray, signed: bool, dither: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Codes as positions in the enumerated code values: the one at or below the value, or the next when the noise
+    reaches the dropped fraction (the value's position between the two, in units of 2**-dropped bits)."""
     flat = values.reshape(-1).astype(np.float32)
     n_blocks = -(-flat.size // BLOCK_SIZE)
     padded = np.zeros(n_blocks * BLOCK_SIZE, dtype=np.float32)
     padded[: flat.size] = flat
     blockmax = np.abs(padded.reshape(n_blocks, BLOCK_SIZE)).max(axis=1)
-    normalized = (padded.reshape(n_blocks, BLOCK_SIZE)
-                  / np.maximum(blockmax, np.finfo(np.float32).tiny)[:, None]).reshape(-1)[: flat.size]
-    noise = np.full(flat.size, 1 << 19) if dither is None else np.floor(dither.astype(np.float64) * 2**20)
-    bias = _BIAS[signed]
-    smallest = np.float32(2.0 ** (1 - bias))
-    magnitude = np.abs(normalized)
-    low = magnitude < smallest
-    shifted = np.where(low, magnitude + smallest, magnitude).astype(np.float64)  # float32 sum below the normals
-    mantissa, exponent = np.frexp(shifted)  # shifted = mantissa * 2**exponent, mantissa in [0.5, 1)
-    steps = mantissa * 16  # the position on the binade's grid of 8 steps: [8, 16), exact
-    whole = np.floor(steps)
-    up = noise >= np.round((1 - (steps - whole)) * 2**20)  # the 20 dropped bits plus the noise carry
-    code = (exponent - 1 + bias) * 8 + (whole + up - 8) - np.where(low, 8, 0)
-    code = code.astype(np.int64)
+    reciprocal = np.float32(1) / np.maximum(blockmax, np.finfo(np.float32).tiny)
+    normalized = (padded.reshape(n_blocks, BLOCK_SIZE) * reciprocal[:, None]).reshape(-1)[: flat.size]
+    noise = np.full(flat.size, 1 << 22) if dither is None else np.floor(dither.astype(np.float64) * 2**23)
+    magnitude = np.minimum(np.abs(normalized), np.float32(1))
+    lowest = np.float32(2.0 ** _LAYOUT[signed][-1][0])
+    low = magnitude < lowest
+    # below the lowest group the value is rounded as value + 2**lowest in float32 (that sum rounds once)
+    target = np.where(low, (magnitude + lowest).astype(np.float64) - np.float64(lowest), magnitude.astype(np.float64))
+    bits = np.full(flat.size, _LAYOUT[signed][-1][1])
+    for group_lowest, group_bits in reversed(_LAYOUT[signed][:-1]):
+        bits = np.where(target >= 2.0**group_lowest, group_bits, bits)
+    dropped = 23 - bits
+    code_values = _code_values_reference(signed)
+    index = np.searchsorted(code_values, target, side="right") - 1
+    above = code_values[np.minimum(index + 1, code_values.size - 1)]
+    gap = above - code_values[index]  # 0 only at 1.0, the largest code
+    fraction = np.divide(target - code_values[index], gap, out=np.zeros_like(gap), where=gap > 0)
+    up = np.floor(noise / 2.0 ** (23 - dropped)) >= np.round((1 - fraction) * 2.0**dropped)
+    code = index + (up & (fraction > 0))
     if signed:
         return np.where(normalized < 0, -code, code).astype(np.int8).reshape(values.shape), blockmax
     return code.astype(np.uint8).view(np.int8).reshape(values.shape), blockmax
 
 
 def _decode_reference(codes: np.ndarray, signed: bool) -> np.ndarray:
-    bias = _BIAS[signed]
     code = np.abs(codes.astype(np.int64)) if signed else codes.view(np.uint8).astype(np.int64)
-    exponent, fraction = code >> 3, code & 7
-    value = np.where(exponent > 0, 2.0 ** (exponent - bias) * (1 + fraction / 8), fraction * 2.0 ** (1 - bias) / 8)
+    value = _code_values_reference(signed)[code]
     return (np.where(codes < 0, -value, value) if signed else value).astype(np.float32)
 
 
@@ -118,7 +138,7 @@ def test_uniform_dither_equals_the_uint64_hash(seed: int) -> None:
 
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("shape", _SHAPES)
-def test_int8_rounding_equals_the_frexp_reference(signed: bool, shape: tuple[int, ...]) -> None:
+def test_int8_rounding_equals_the_enumerated_code_reference(signed: bool, shape: tuple[int, ...]) -> None:
     for seed in _SEEDS[:2]:
         values = _moments(shape, signed, seed=seed + len(shape))
         dither = uniform_dither(shape, seed)
@@ -132,7 +152,7 @@ def test_int8_rounding_equals_the_frexp_reference(signed: bool, shape: tuple[int
 
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("shape", _SHAPES)
-def test_dequantize_equals_the_power_of_two_reference(signed: bool, shape: tuple[int, ...]) -> None:
+def test_dequantize_equals_the_enumerated_code_reference(signed: bool, shape: tuple[int, ...]) -> None:
     codes, blockmax = quantize_blockwise(_moments(shape, signed, seed=4), signed, dither=uniform_dither(shape, 4))
     scale = np.repeat(blockmax.numpy(), BLOCK_SIZE)[: math.prod(shape)].reshape(shape)
     expected = _decode_reference(codes.numpy(), signed) * scale

@@ -232,3 +232,32 @@ def test_uncompiled_dtypes_take_the_wrapper_and_equal_eager_exactly(state_dtype:
             assert torch.equal(value, reference.state[reference_param][key]), key
     after = {name: entry["compiles"] for name, entry in _fused.compile_stats().items()}
     assert all(count == before.get(name, 0) for name, count in after.items())  # nothing compiled
+
+
+@needs_compiler
+def test_native_int8_vector_codes_equal_the_scalar_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The native kernel codes int8 moments 16 values at a time (AVX-512) and the rest one at a time; with
+    ``SCALAR_CODES`` all one at a time. Both compute the same operations: parameters and stored state are equal
+    bit for bit, over gradients spanning 12 decades (codes in every group and in the linear range) and tensors
+    whose blocks end inside a 16-value vector."""
+    if not _lowp_native.vector_codes():
+        pytest.skip("the kernel was built without AVX-512: it has only the scalar path")
+    runs = []
+    for scalar in (False, True):
+        monkeypatch.setattr(_lowp_native, "SCALAR_CODES", scalar)
+        generator = torch.Generator().manual_seed(0)
+        params = [torch.randn(n, generator=generator) for n in (3 * BLOCK_SIZE + 5, 4096 + 7, 1000)]
+        optimizer = AdamW(params, lr=1e-2, weight_decay=0.1, state_dtype="int8", fused=True)
+        for _ in range(4):
+            for param in params:
+                spread = 10.0 ** torch.empty(param.shape).uniform_(-12, 0, generator=generator)
+                param.grad = torch.randn(param.shape, generator=generator) * spread
+            optimizer.step()
+        runs.append((params, optimizer.state_dict()["state"]))
+    (vector_params, vector_state), (scalar_params, scalar_state) = runs
+    assert all(torch.equal(a, b) for a, b in zip(vector_params, scalar_params))
+    for index in vector_state:
+        for key, value in vector_state[index].items():
+            assert torch.equal(value, scalar_state[index][key]), (index, key)
+    codes = torch.cat([vector_state[index]["exp_avg_sq"].view(torch.uint8).int() for index in vector_state])
+    assert int((codes < 4).sum()) > 0 and int((codes >= 124).sum()) > 0 and int(((codes >= 4) & (codes < 60)).sum()) > 0

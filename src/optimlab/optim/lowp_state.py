@@ -104,7 +104,7 @@ _STORE_CHUNK = 1 << 18  # values per pass when storing; a multiple of BLOCK_SIZE
 
 
 class _Group(NamedTuple):
-    """Binades :math:`[2^{\mathrm{lowest}}, 2^{\mathrm{upper}})` of a code, each split into :math:`2^{\mathrm{bits}}`
+    r"""Binades :math:`[2^{\mathrm{lowest}}, 2^{\mathrm{upper}})` of a code, each split into :math:`2^{\mathrm{bits}}`
     equal steps; the codes of the group start at ``first`` (the code of :math:`2^{\mathrm{lowest}}`), and a
     float32 pattern in the group, shifted right by ``23 - bits``, minus ``offset`` is its code."""
 
