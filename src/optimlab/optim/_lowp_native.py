@@ -1,11 +1,15 @@
-r"""A hand-written CPU kernel for Adam/AdamW with bfloat16 moments: one vectorised pass per tensor.
+r"""A hand-written CPU kernel for Adam/AdamW with bfloat16 or int8 moments: one vectorised pass per tensor.
 
 Why not the compiled (Inductor) wrapper of :mod:`optimlab.optim.lowp_state`: on CPU, Inductor (torch 2.13)
 emits float <-> int bit casts one value at a time (through a stack buffer), and a kernel that also writes the
 float32 parameter is vectorised 16 lanes wide, where the bf16 loads and stores become masked half-vector
 accesses; both made the compiled bf16-state AdamW step 3x slower than torch's fused fp32 step although it
 moves 20 instead of 28 bytes per parameter. Plain C++ compiled with ``-O3 -march=native`` vectorises the
-whole loop, bit casts included (they are register moves).
+whole bf16 loop, bit casts included (they are register moves). int8 moments are decoded, updated and coded
+block by block (256 values in L1: decode, update, block maximum, code); the codes (``lowp_state._encode`` /
+``_decode``: a group chosen by two comparisons, a variable shift, an offset) are computed 16 values at a time
+with AVX-512 intrinsics where the CPU has them (GCC's vectoriser turned the selects into branches), one at a
+time otherwise and for a block's last values; both give the same bits (``SCALAR_CODES``, tested).
 
 Update rule (the same operations, in the same order, as :func:`optimlab.optim.adam._adam_tensor` on the
 decoded moments; see :mod:`optimlab.optim.adam` for the maths):
@@ -15,9 +19,10 @@ decoded moments; see :mod:`optimlab.optim.adam` for the maths):
     v \leftarrow \beta_2 v + (1-\beta_2) g^2,\quad
     \theta \leftarrow \theta - \frac{\eta}{1-\beta_1^t}\,\frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}
 
-with :math:`m, v` read from bf16 and written back with the stochastic rounding of
-:func:`optimlab.optim.lowp_state.round_to_bfloat16`: the float32 pattern plus 16 noise bits, truncated. The
-noise of element :math:`i` of a moment is the 16 high bits of :math:`\mathrm{mix}(s + i\,W \bmod 2^{32})`
+with :math:`m, v` read from bf16 or int8 and written back with the stochastic rounding of
+:mod:`optimlab.optim.lowp_state`: bf16, the float32 pattern plus 16 noise bits, truncated; int8, the
+pattern of the value over its block maximum plus the noise bits its code group drops. The noise of element
+:math:`i` of a moment is the high bits of :math:`\mathrm{mix}(s + i\,W \bmod 2^{32})`
 (:func:`optimlab.optim.lowp_state._hash_from`), so this kernel rounds exactly like the eager path; results
 equal it except where the C++ compiler and ATen order a float operation differently (last place).
 
@@ -47,7 +52,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["adam_lowp_kernel", "native_unavailable_reason"]
+__all__ = ["adam_lowp_kernel", "native_unavailable_reason", "vector_codes", "SCALAR_CODES"]
 
 WEYL = 0x9E3779B9
 """The odd step of the noise counter (``floor(2**32 / golden ratio)``); see ``lowp_state._hash_from``."""
