@@ -196,33 +196,64 @@ def _check_sign(values: Tensor, signed: bool) -> None:
         raise ValueError("quantize_blockwise(signed=False) needs non-negative values (a second moment)")
 
 
+def _group_of_exponent(signed: bool, exponent: int) -> tuple[int, int]:
+    """``(dropped bits, offset)`` of the group of a value whose float32 exponent field is ``exponent``; below the
+    lowest group (the linear range) the lowest group's, the offset raised by the linear range's codes."""
+    groups, _ = _groups(signed)
+    for group in groups:
+        if exponent >= group.lowest + 127:
+            return 23 - group.bits, group.offset
+    return 23 - groups[-1].bits, groups[-1].offset + (1 << groups[-1].bits)
+
+
+@functools.lru_cache(maxsize=None)
+def _code_tables_cpu(signed: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(values, dropped, offset)``: the value of each of the 256 bytes (:func:`_decode`, indexed by the byte as
+    uint8) and, per float32 exponent field (0-255), its group's dropped bits and offset (int32)."""
+    values = _decode(torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.int8), signed)
+    dropped, offset = zip(*[_group_of_exponent(signed, exponent) for exponent in range(256)])
+    return values, torch.tensor(dropped, dtype=torch.int32), torch.tensor(offset, dtype=torch.int32)
+
+
+_TABLES: dict[tuple[bool, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
+
+
+def _code_tables(signed: bool, device: torch.device | str) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_code_tables_cpu` on ``device``, copied once. A plain dict lookup, so that a compiled step (whose
+    tables were made before tracing, :func:`fused_lowp_step`) reads them as inputs instead of rebuilding them."""
+    key = (bool(signed), torch.device(device))
+    tables = _TABLES.get(key)
+    if tables is None:
+        tables = _TABLES[key] = tuple(table.to(device) for table in _code_tables_cpu(bool(signed)))  # type: ignore[assignment]
+    return tables
+
+
 def _encode(normalized: Tensor, signed: bool, noise: Tensor) -> Tensor:
     """float32 ``normalized`` (values times their block's reciprocal maximum) -> int8 codes, rounded with ``noise``
     (int32 in [0, 2**23)).
 
-    The operations of the native kernel's ``encode_block``, one for one (each exact or rounded once in float32)."""
-    groups, _ = _groups(signed)
-    lowest = groups[-1]
+    The value's group (its dropped bits and offset) is looked up by its float32 exponent field; below the lowest
+    group the value plus that group's lowest value is coded; the noise bits the group drops are added to the
+    float32 pattern, which is shifted down and offset. The native kernel's ``encode_one`` computes the same (the
+    group by two comparisons), operation for operation."""
+    _values, dropped_table, offset_table = _code_tables(signed, normalized.device)
+    lowest = 2.0 ** _groups(signed)[0][-1].lowest
     magnitude = normalized.abs().clamp_(max=1.0)  # times the reciprocal of the maximum: can round above 1
-    low = magnitude < 2.0**lowest.lowest
-    shifted = torch.where(low, magnitude + 2.0**lowest.lowest, magnitude)
-    dropped = torch.full(magnitude.shape, 23 - lowest.bits, dtype=torch.int32, device=magnitude.device)
-    offset = torch.full_like(dropped, lowest.offset).add_(low.to(torch.int32) << lowest.bits)
-    for group in groups[-2::-1]:
-        above = magnitude >= 2.0**group.lowest
-        dropped = torch.where(above, 23 - group.bits, dropped)
-        offset = torch.where(above, group.offset, offset)
-    rounded = shifted.view(torch.int32) + (noise >> (_NOISE_BITS - dropped))
-    code = (rounded >> dropped).sub_(offset)
+    exponent = (magnitude.view(torch.int32) >> 23).view(-1)
+    dropped = dropped_table.index_select(0, exponent).view(magnitude.shape)
+    shifted = magnitude + (magnitude < lowest).to(torch.float32).mul_(lowest)  # exact: + 0 or + lowest
+    rounded = shifted.view(torch.int32).add_(noise >> (_NOISE_BITS - dropped))
+    code = rounded.bitwise_right_shift_(dropped).sub_(offset_table.index_select(0, exponent).view(magnitude.shape))
     if signed:
-        return torch.where(normalized < 0, -code, code).to(torch.int8)
+        return code.mul_(1 - 2 * (normalized < 0).to(torch.int32)).to(torch.int8)
     return code.to(torch.uint8).view(torch.int8)
 
 
 def _decode(codes: Tensor, signed: bool) -> Tensor:
-    """int8 codes -> their float32 values relative to the block maximum (:func:`code_values`): the code's
-    steps placed in a float32 pattern (no table); a code of the linear range below the lowest group is read as
-    a value of that group's first binade, whose lowest value is then subtracted (exactly)."""
+    """int8 codes -> their float32 values relative to the block maximum, by arithmetic (the definition; the
+    native kernel's ``decode_one``, and the table of :func:`_code_tables` that the eager path looks values up
+    in): the code plus its group's offset, shifted into a float32 pattern; a code of the linear range below the
+    lowest group is read as a value of that group's first binade, whose lowest value is then subtracted."""
     groups, _ = _groups(signed)
     lowest = groups[-1]
     code = codes.to(torch.int32).abs_() if signed else codes.view(torch.uint8).to(torch.int32)
@@ -236,6 +267,12 @@ def _decode(codes: Tensor, signed: bool) -> Tensor:
     value = (code + offset).bitwise_left_shift_(dropped).view(torch.float32)
     value = value - low.to(torch.float32).mul_(2.0**lowest.lowest)
     return torch.where(codes < 0, -value, value) if signed else value
+
+
+def _lookup(codes: Tensor, signed: bool) -> Tensor:
+    """The float32 values of int8 codes from the table of :func:`_code_tables` (what :func:`_decode` computes)."""
+    values = _code_tables(signed, codes.device)[0]
+    return values.index_select(0, codes.reshape(-1).view(torch.uint8).to(torch.int32)).view(codes.shape)
 
 
 def _quantize_flat(flat: Tensor, signed: bool, block_size: int, noise: Tensor | None, lead: int = 0,
@@ -383,7 +420,7 @@ def _dequantize_range(codes: Tensor, blockmax: Tensor, block_size: int, lead: in
     # 1-D codes starting `lead` values into the first of the blocks whose maxima `blockmax` holds -> float32 values
     numel, n_blocks = codes.numel(), blockmax.numel()
     # padded up to whole blocks without a branch on the sizes (one compiled graph for any numel)
-    values = torch.nn.functional.pad(_decode(codes, signed), (lead, n_blocks * block_size - numel - lead))
+    values = torch.nn.functional.pad(_lookup(codes, signed), (lead, n_blocks * block_size - numel - lead))
     decoded = values.view(n_blocks, block_size).mul_(blockmax.to(torch.float32).unsqueeze(1))
     return decoded.reshape(-1)[lead:lead + numel]
 
@@ -684,7 +721,10 @@ def fused_lowp_step(
             native(*[list(column) for column in zip(*[row for row, _ in natively])], starts, **step_scalars, **static)
         # one call per device and dtype: FusedStep then needs no regrouping (torch's foreach grouping
         # would reject int8 codes and float32 scales next to float64 parameters)
-        for indices in compiled.values():
+        for (device, _dtype), indices in compiled.items():
+            if storage == "int8":  # made before tracing: the compiled step reads them as inputs
+                for signed in (True, False):
+                    _code_tables(signed, device)
             with _int8_inductor_options() if storage == "int8" else contextlib.nullcontext():
                 step_fn([[column[i] for i in indices] for column in lists], arguments)
 
@@ -702,8 +742,8 @@ def _native_takes(tensors: Sequence[Tensor]) -> bool:
 def _int8_inductor_options() -> contextlib.AbstractContextManager[Any]:
     # Inductor inlines a pointwise value into every reader below 4 readers; the int8 coding reads the
     # normalised value, its group and its decoded moments several times, so inlined they were recomputed
-    # per reader: materialising every value read more than once makes the compiled int8 Lion step 4.3x
-    # faster (59.6 -> 13.8 ms for 2M values, one thread; with the format-1 table code: 2.5x). Read when
+    # per reader: materialising every value read more than once makes the compiled int8 Lion step 2.3x
+    # faster (22.3 -> 9.6 ms for 2M values, one thread; with the format-1 code search: 2.5x). Read when
     # compiling; no effect afterwards.
     from optimlab import _compat
 
