@@ -779,6 +779,11 @@ def restore_state_dtypes(optimizer: torch.optim.Optimizer, moments: Sequence[tup
                     continue
                 codes = state[key].to(torch.int8)
                 legacy = state.pop(key + _LEGACY_SCALE_SUFFIX, None)
+                if legacy is not None and is_dtensor(codes):
+                    raise RuntimeError(
+                        f"{type(optimizer).__name__}.load_state_dict: int8 moment {key!r} of a sharded parameter is in "
+                        "the older dynamic-tree format (<key>_absmax); migrate it unsharded: load the checkpoint into "
+                        "the unsharded optimizer and save it again")
                 if legacy is not None:
                     codes, state[key + _SCALE_SUFFIX] = _migrate_legacy_int8(codes, legacy, signed)
                     migrated += 1
