@@ -43,6 +43,8 @@ REFUSALS: dict[str, tuple[dict[str, Any], int, str]] = {
     "layer decay lbfgs": (dict(layer_decay=0.8, optimizer="torch.lbfgs"), 1,
                           "Invalid layer_decay: --layer-decay 0.8 with --optimizer torch.lbfgs, which accepts a single "
                           "param group"),
+    "check update without the guard": (dict(check_update=True, skip_nonfinite=False), 1,
+                                       "Invalid check_update: --check-update rolls back through the non-finite guard"),
     "schedule too short": (dict(schedule="onecycle", steps=2), 1,
                            "Invalid schedule: 'onecycle' with steps=2: OneCycleLR phase 1 would be empty"),
     "unknown schedule": (dict(schedule="cosinus"), 1, "Unknown schedule 'cosinus' (valid: none, constant,"),
@@ -54,7 +56,7 @@ def _cli_args(fields: dict[str, Any], processes: int) -> list[str]:
     args = ["--nproc-per-node", str(processes), "--master-port", "0"] if processes > 1 else []
     for name, value in fields.items():
         flag = "--" + name.replace("_", "-")
-        args += [flag] if value is True else [flag, str(value)]
+        args += [flag] if value is True else ["--no-" + flag[2:]] if value is False else [flag, str(value)]
     return args
 
 

@@ -20,6 +20,7 @@ after ``--out`` was created, or silently compute something else):
 * ``fsdp`` with ``zero``, ``ema``, ``fp16`` or ``agc`` clipping, and with an optimizer that has no sharded
   path (:func:`optimlab.optim._dtensor.sharded_refusal`; torch's ``Rprop``, whose masked in-place update
   fails on DTensors; L-BFGS);
+* ``check_update`` without ``skip_nonfinite`` (the rollback is the guard's: it would be silently off);
 * ``layer_decay`` (one learning rate per layer group) with a learning-rate-free optimizer (one step size for
   all groups) or with L-BFGS (one param group).
 """
@@ -73,6 +74,9 @@ def check_run_options(config: TrainConfig, *, world_size: int = 1, device: torch
             raise ValueError("Invalid precision: 'fp16' needs a CUDA device (use 'bf16' on CPU)")
     if config.zero:
         _check_zero(config, optimizer_class, world_size, closure)
+    if config.check_update and not config.skip_nonfinite:
+        raise ValueError("Invalid check_update: --check-update rolls back through the non-finite guard, which "
+                         "--no-skip-nonfinite turns off; drop one of them")
     lr_free = issubclass(optimizer_class, LRFreeOptimizer)
     if config.layer_decay is not None and (lr_free or takes_one_group(optimizer_class)):
         why = ("estimates one step size for all parameters and needs the same lr in every param group" if lr_free
