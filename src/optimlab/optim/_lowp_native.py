@@ -224,26 +224,26 @@ static inline void encode16(const float* x, float reciprocal, __m512i counter, i
   _mm_storeu_si128((__m128i*)out, _mm512_cvtepi32_epi8(code));
 }
 
-// decode_one for the 16 codes[0..16), times scale
+// decode_one for the 32 codes[0..32), times scale: the value of each byte looked up in Layout::values (bf16
+// patterns, 256 words in 8 registers: four 64-word word permutes, chosen by the byte's two high bits)
 template <bool SIGNED>
-static inline void decode16(const int8_t* codes, float scale, float* out) {
+static inline void decode32(const int8_t* codes, float scale, float* out) {
   using L = Layout<SIGNED>;
-  const __m128i bytes = _mm_loadu_si128((const __m128i*)codes);
-  const __m512i stored = SIGNED ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
-  const __m512i code = SIGNED ? _mm512_abs_epi32(stored) : stored;
-  const __mmask16 low = _mm512_cmplt_epi32_mask(code, _mm512_set1_epi32(L::groups[2].first));
-  const __mmask16 middle = _mm512_cmpge_epi32_mask(code, _mm512_set1_epi32(L::groups[1].first));
-  const __mmask16 top = _mm512_cmpge_epi32_mask(code, _mm512_set1_epi32(L::groups[0].first));
-  const __m512i dropped = select_group(middle, top, L::groups[2].dropped, L::groups[1].dropped, L::groups[0].dropped);
-  __m512i offset = select_group(middle, top, L::groups[2].offset, L::groups[1].offset, L::groups[0].offset);
-  offset = _mm512_mask_add_epi32(offset, low, offset, _mm512_set1_epi32(L::low_codes));
-  __m512 value = _mm512_castsi512_ps(_mm512_sllv_epi32(_mm512_add_epi32(code, offset), dropped));
-  value = _mm512_mask_sub_ps(value, low, value, _mm512_set1_ps(L::groups[2].lowest));
-  if (SIGNED) {
-    const __mmask16 negative = _mm512_cmplt_epi32_mask(stored, _mm512_setzero_si512());
-    value = _mm512_mask_sub_ps(value, negative, _mm512_setzero_ps(), value);
-  }
-  _mm512_storeu_ps(out, _mm512_mul_ps(value, _mm512_set1_ps(scale)));
+  const __m512i* table = (const __m512i*)L::values;
+  const __m512i index = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)codes));
+  const __m512i quarter0 = _mm512_permutex2var_epi16(_mm512_load_si512(table + 0), index, _mm512_load_si512(table + 1));
+  const __m512i quarter1 = _mm512_permutex2var_epi16(_mm512_load_si512(table + 2), index, _mm512_load_si512(table + 3));
+  const __m512i quarter2 = _mm512_permutex2var_epi16(_mm512_load_si512(table + 4), index, _mm512_load_si512(table + 5));
+  const __m512i quarter3 = _mm512_permutex2var_epi16(_mm512_load_si512(table + 6), index, _mm512_load_si512(table + 7));
+  const __mmask32 bit6 = _mm512_test_epi16_mask(index, _mm512_set1_epi16(64));
+  const __mmask32 bit7 = _mm512_test_epi16_mask(index, _mm512_set1_epi16(128));
+  const __m512i low = _mm512_mask_mov_epi16(quarter0, bit6, quarter1), high = _mm512_mask_mov_epi16(quarter2, bit6, quarter3);
+  const __m512i words = _mm512_mask_mov_epi16(low, bit7, high);
+  const __m512 factor = _mm512_set1_ps(scale);
+  const __m512i first = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(words)), 16);
+  const __m512i second = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(words, 1)), 16);
+  _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_castsi512_ps(first), factor));
+  _mm512_storeu_ps(out + 16, _mm512_mul_ps(_mm512_castsi512_ps(second), factor));
 }
 #else
 static const bool HAS_VECTOR_CODES = false;
@@ -278,7 +278,7 @@ static inline void decode_block(const int8_t* __restrict__ codes, int64_t count,
   int64_t j = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
   if (!scalar)
-    for (; j + 16 <= count; j += 16) decode16<SIGNED>(codes + j, scale, out + j);
+    for (; j + 32 <= count; j += 32) decode32<SIGNED>(codes + j, scale, out + j);
 #endif
   for (; j < count; j++) out[j] = decode_one<SIGNED>(codes[j]) * scale;
 }
@@ -389,7 +389,7 @@ def _cpu_flags() -> str:
 
 def _layouts() -> str:
     """The C++ ``Layout<SIGNED>`` specialisations of the int8 codes, from :func:`optimlab.optim.lowp_state._groups`."""
-    from optimlab.optim.lowp_state import _groups
+    from optimlab.optim.lowp_state import _code_tables_cpu, _groups
 
     lines = []
     for signed in (True, False):
@@ -397,7 +397,12 @@ def _layouts() -> str:
         if len(groups) != 3:  # encode_block and decode select among three groups
             raise RuntimeError(f"native int8 kernel: the code has {len(groups)} groups (expected 3)")
         entries = ", ".join(f"{{{2.0**g.lowest!r}f, {23 - g.bits}, {g.first}, {g.offset}}}" for g in groups)
+        values = _code_tables_cpu(signed)[0].view(torch.int32)
+        if bool((values & 0xFFFF).any()):  # every code value is a bf16 number: decode16 reads its 16 high bits
+            raise RuntimeError("native int8 kernel: a code value is not exact in bfloat16")
+        table = ", ".join(str(int(bits)) for bits in (values >> 16) & 0xFFFF)
         lines.append(f"template <>\nstruct Layout<{str(signed).lower()}> {{\n"
+                     f"  alignas(64) static constexpr uint16_t values[256] = {{{table}}};\n"
                      f"  static constexpr Group groups[{len(groups)}] = {{{entries}}};\n"
                      f"  static constexpr int32_t low_codes = {1 << groups[-1].bits};\n}};")
     return "\n".join(lines)
