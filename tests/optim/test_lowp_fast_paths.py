@@ -24,6 +24,7 @@ from optimlab.optim.lowp_state import (
     BLOCK_SIZE,
     dequantize_blockwise,
     dither_seed,
+    int8_dither,
     code_values,
     init_moment,
     quantize_blockwise,
@@ -44,14 +45,24 @@ def _mix32_reference(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(15))
 
 
-def _dither_reference(numel: int, seed: int) -> np.ndarray:
+def _hash_reference(numel: int, seed: int) -> np.ndarray:
     mask = np.uint64(0xFFFFFFFF)
     start = _mix32_reference(np.array([seed & 0xFFFFFFFF], dtype=np.uint64))
     mixed = (np.arange(numel, dtype=np.uint64) * np.uint64(0x9E3779B9) + start) & mask
     mixed = mixed ^ (mixed >> np.uint64(16))
     mixed = (mixed * np.uint64(0x21F0AAAD)) & mask
-    mixed = mixed ^ (mixed >> np.uint64(15))
-    return (mixed >> np.uint64(8)).astype(np.float32) / np.float32(1 << 24)
+    return mixed ^ (mixed >> np.uint64(15))
+
+
+def _dither_reference(numel: int, seed: int) -> np.ndarray:
+    return (_hash_reference(numel, seed) >> np.uint64(8)).astype(np.float32) / np.float32(1 << 24)
+
+
+def _int8_dither_reference(numel: int, step: int, signed: bool) -> np.ndarray:
+    """int8 moments share one hash per element: the signed moment its 16 high bits, unsigned ones the 16 low."""
+    hashed = _hash_reference(numel, dither_seed(step, "int8 state"))
+    half = (hashed >> np.uint64(16)) if signed else (hashed & np.uint64(0xFFFF))
+    return half.astype(np.float32) / np.float32(1 << 16)
 
 
 # The code's definition (docstring of lowp_state.code_values): binade groups from the top, (lowest exponent, steps
@@ -161,6 +172,17 @@ def test_dequantize_equals_the_enumerated_code_reference(signed: bool, shape: tu
                                   expected.astype(np.float64))
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_int8_dither_equals_the_halves_of_one_hash(signed: bool) -> None:
+    for shape in _SHAPES:
+        dither = int8_dither(shape, 12_345, signed)
+        assert dither.shape == shape and dither.dtype == torch.float32
+        np.testing.assert_array_equal(dither.reshape(-1).numpy(), _int8_dither_reference(math.prod(shape), 12_345, signed))
+    first, second = int8_dither((200_000,), 3, True), int8_dither((200_000,), 3, False)
+    assert abs(float(torch.corrcoef(torch.stack([first, second]))[0, 1])) < 0.01  # the two halves are independent
+    assert abs(float(first.mean()) - 0.5) < 0.005 and abs(float(second.std()) - 12**-0.5) < 0.005
+
+
 @pytest.mark.parametrize("shape", _SHAPES)
 def test_bfloat16_stochastic_rounding_equals_bit_reference(shape: tuple[int, ...]) -> None:
     values = _moments(shape, signed=True, seed=len(shape))
@@ -185,9 +207,10 @@ def test_store_moments_rounds_with_the_public_dither(
         state: dict[str, torch.Tensor] = {}
         init_moment(state, key, value, state_dtype, signed=signed)
         store_moments([state], key, [value], signed=signed, steps=[7.0])
-        dither = uniform_dither(shape, dither_seed(7, key))
         if state_dtype == "bfloat16":
+            dither = uniform_dither(shape, dither_seed(7, key))
             assert torch.equal(state[key].view(torch.int16), round_to_bfloat16(value, dither).view(torch.int16))
         else:
+            dither = torch.from_numpy(_int8_dither_reference(math.prod(shape), 7, signed)).view(shape)
             codes, blockmax = quantize_blockwise(value, signed, dither=dither)
             assert torch.equal(state[key], codes) and torch.equal(state[key + "_blockmax"], blockmax)

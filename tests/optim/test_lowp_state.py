@@ -15,6 +15,7 @@ from optimlab.optim.lowp_state import (
     code_values,
     dequantize_blockwise,
     dither_seed,
+    int8_dither,
     load_moments,
     quantize_blockwise,
     resolve_state_dtype,
@@ -208,10 +209,11 @@ def test_lion_low_precision_state_is_fp32_math_on_rounded_moments(state_dtype: s
         lion_step(reference_params, grads, reference_moments, lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1,
                   maximize=False)
         for index, moment in enumerate(reference_moments):
-            dither = uniform_dither(moment.shape, dither_seed(step, "exp_avg"))
             if state_dtype == "bfloat16":
+                dither = uniform_dither(moment.shape, dither_seed(step, "exp_avg"))
                 reference_moments[index] = round_to_bfloat16(moment, dither).float()
             else:
+                dither = int8_dither(moment.shape, step, signed=True)
                 reference_moments[index] = dequantize_blockwise(*quantize_blockwise(moment, True, dither=dither), True)
     for param, reference in zip(params, reference_params):
         assert torch.equal(param.detach(), reference)
@@ -305,7 +307,7 @@ def test_adam_low_precision_state_is_fp32_math_on_rounded_moments() -> None:
         for reference_param in reference_params:
             state = reference.state[reference_param]
             for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-                dither = uniform_dither(state[key].shape, dither_seed(step, key))
+                dither = int8_dither(state[key].shape, step, signed)
                 state[key] = dequantize_blockwise(*quantize_blockwise(state[key], signed, dither=dither), signed)
     for param, reference_param in zip(params, reference_params):
         assert torch.equal(param.detach(), reference_param.detach())

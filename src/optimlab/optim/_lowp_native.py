@@ -11,8 +11,9 @@ block by block (256 values in L1: decode, update, block maximum, code); the code
 with AVX-512 intrinsics where the CPU has them (GCC's vectoriser turned the selects into branches), one at a
 time otherwise and for a block's last values; both give the same bits (``SCALAR_CODES``, tested).
 
-Update rule (the same operations, in the same order, as :func:`optimlab.optim.adam._adam_tensor` on the
-decoded moments; see :mod:`optimlab.optim.adam` for the maths):
+Update rule (the operations of :func:`optimlab.optim.adam._adam_tensor` on the decoded moments, in its order,
+except that :math:`\sqrt{v}` is multiplied by :math:`1/\sqrt{1-\beta_2^t}` where ATen divides: a division per
+value is the slowest operation of the int8 step; see :mod:`optimlab.optim.adam` for the maths):
 
 .. math::
     g \leftarrow \pm g\ (+\lambda\theta),\quad m \leftarrow \mathrm{lerp}(m, g, 1-\beta_1),\quad
@@ -81,7 +82,7 @@ static inline uint16_t round_bf16(float x, uint32_t noise) {
 }
 
 struct Adam {  // the step's constants, as float32 (what ATen uses for a float32 tensor's scalars)
-  float decay, weight_decay, lerp_coefficient, beta2, one_minus_beta2, bias_correction2_sqrt, eps, step_size;
+  float decay, weight_decay, lerp_coefficient, beta2, one_minus_beta2, inverse_bias_correction2_sqrt, eps, step_size;
 };
 
 // the Adam rule on one element, in the eager path's operation order (_adam_tensor on float32 tensors)
@@ -93,7 +94,7 @@ static inline void adam_element(const Adam& a, float& p, float grad, float& m, f
   m = std::fma(a.lerp_coefficient, g - m, small_weight ? m : g);   // ATen's vectorised lerp
   v = v * a.beta2;
   v = v + a.one_minus_beta2 * g * g;           // addcmul_(g, g, value=1 - beta2)
-  float denom = std::sqrt(v) / a.bias_correction2_sqrt + a.eps;
+  float denom = std::sqrt(v) * a.inverse_bias_correction2_sqrt + a.eps;  // a multiply for ATen's division
   p = p + a.step_size * (m / denom);           // addcdiv_(m, denom, value=-lr / bias_correction1)
 }
 
@@ -105,7 +106,7 @@ struct Tensors {  // parallel arrays over the step's tensors
   float* const* exp_avg_scales;  // int8: one float32 scale per block of 256
   void* const* exp_avg_sqs;
   float* const* exp_avg_sq_scales;
-  const uint32_t* starts_avg;    // per tensor: the noise start of its first element
+  const uint32_t* starts_avg;    // per tensor: the noise start of its first element (int8: of both moments)
   const uint32_t* starts_avg_sq;
   bool scalar_codes;  // int8: code values one at a time (the reference of the vector path)
 };
@@ -197,9 +198,9 @@ static inline __m512i select_group(__mmask16 middle, __mmask16 top, int32_t lowe
   return _mm512_mask_mov_epi32(value, top, _mm512_set1_epi32(top_value));
 }
 
-// encode_one for the 16 values x[0..16), whose hash inputs (start + index * W) are `counter`
+// encode_one for the 16 values x[0..16) with their 23-bit noise
 template <bool SIGNED>
-static inline void encode16(const float* x, float reciprocal, __m512i counter, int8_t* out) {
+static inline void encode16(const float* x, float reciprocal, __m512i noise, int8_t* out) {
   using L = Layout<SIGNED>;
   const __m512 r = _mm512_mul_ps(_mm512_loadu_ps(x), _mm512_set1_ps(reciprocal));
   const __m512 magnitude = _mm512_min_ps(_mm512_abs_ps(r), _mm512_set1_ps(1.0f));
@@ -210,10 +211,6 @@ static inline void encode16(const float* x, float reciprocal, __m512i counter, i
   const __m512i dropped = select_group(middle, top, L::groups[2].dropped, L::groups[1].dropped, L::groups[0].dropped);
   __m512i offset = select_group(middle, top, L::groups[2].offset, L::groups[1].offset, L::groups[0].offset);
   offset = _mm512_mask_add_epi32(offset, low, offset, _mm512_set1_epi32(L::low_codes));
-  __m512i h = _mm512_xor_si512(counter, _mm512_srli_epi32(counter, 16));  // the noise: mix(counter) >> 9
-  h = _mm512_mullo_epi32(h, _mm512_set1_epi32((int32_t)0x21F0AAADu));
-  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
-  const __m512i noise = _mm512_srli_epi32(h, 9);
   const __m512i rounded = _mm512_add_epi32(_mm512_castps_si512(shifted),
                                            _mm512_srlv_epi32(noise, _mm512_sub_epi32(_mm512_set1_epi32(23), dropped)));
   __m512i code = _mm512_sub_epi32(_mm512_srlv_epi32(rounded, dropped), offset);
@@ -249,13 +246,18 @@ static inline void decode32(const int8_t* codes, float scale, float* out) {
 static const bool HAS_VECTOR_CODES = false;
 #endif
 
-// the codes of a block's `count` values (its first element is element `begin` of the tensor); `scalar`: the
-// one-value functions only (the reference the vector path is tested against)
-template <bool SIGNED>
-static inline void encode_block(const float* __restrict__ x, int64_t count, float scale, uint32_t start,
-                                uint32_t begin, int8_t* __restrict__ out, bool scalar) {
+static inline float reciprocal_scale(float scale) {
   const float tiny = 1.17549435e-38f;  // torch.finfo(float32).tiny: the clamp of an all-zero block's scale
-  const float reciprocal = 1.0f / (scale < tiny ? tiny : scale);
+  return 1.0f / (scale < tiny ? tiny : scale);
+}
+
+// the codes of a block's `count` first and second moments (its first element is element `begin` of the tensor):
+// one hash per element, mix(start + i * W), its 16 high bits the first moment's noise and its 16 low bits the
+// second's (lowp_state._int8_noise); `scalar`: the one-value functions only (the reference of the vector path)
+static inline void encode_blocks(const float* __restrict__ m, const float* __restrict__ v, int64_t count, float max_m,
+                                 float max_v, uint32_t start, uint32_t begin, int8_t* __restrict__ out_m,
+                                 int8_t* __restrict__ out_v, bool scalar) {
+  const float reciprocal_m = reciprocal_scale(max_m), reciprocal_v = reciprocal_scale(max_v);
   int64_t j = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
   if (!scalar) {
@@ -264,11 +266,20 @@ static inline void encode_block(const float* __restrict__ x, int64_t count, floa
                                        _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32((int32_t)begin), lanes),
                                                           _mm512_set1_epi32((int32_t)0x9E3779B9u)));
     const __m512i stride = _mm512_set1_epi32((int32_t)(16u * 0x9E3779B9u));  // 16 elements on
-    for (; j + 16 <= count; j += 16, counter = _mm512_add_epi32(counter, stride))
-      encode16<SIGNED>(x + j, reciprocal, counter, out + j);
+    for (; j + 16 <= count; j += 16, counter = _mm512_add_epi32(counter, stride)) {
+      __m512i h = _mm512_xor_si512(counter, _mm512_srli_epi32(counter, 16));  // mix(counter)
+      h = _mm512_mullo_epi32(h, _mm512_set1_epi32((int32_t)0x21F0AAADu));
+      h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
+      encode16<true>(m + j, reciprocal_m, _mm512_slli_epi32(_mm512_srli_epi32(h, 16), 7), out_m + j);
+      encode16<false>(v + j, reciprocal_v, _mm512_srli_epi32(_mm512_slli_epi32(h, 16), 9), out_v + j);
+    }
   }
 #endif
-  for (; j < count; j++) out[j] = encode_one<SIGNED>(x[j], reciprocal, mix(start + (begin + (uint32_t)j) * 0x9E3779B9u) >> 9);
+  for (; j < count; j++) {
+    const uint32_t h = mix(start + (begin + (uint32_t)j) * 0x9E3779B9u);
+    out_m[j] = encode_one<true>(m[j], reciprocal_m, (h >> 16) << 7);
+    out_v[j] = encode_one<false>(v[j], reciprocal_v, (h & 0xFFFFu) << 7);
+  }
 }
 
 // a block's `count` values from their codes and the block's scale
@@ -295,7 +306,7 @@ static void int8_blocks(const Adam a, const Tensors& x, int64_t t, int64_t first
   int8_t* __restrict__ codes_avg_sq = (int8_t*)x.exp_avg_sqs[t];
   float* __restrict__ scales_avg = x.exp_avg_scales[t];
   float* __restrict__ scales_avg_sq = x.exp_avg_sq_scales[t];
-  const uint32_t start_avg = x.starts_avg[t], start_avg_sq = x.starts_avg_sq[t];
+  const uint32_t start = x.starts_avg[t];  // int8: one noise sequence for both moments (equal starts)
   float m[BLOCK], v[BLOCK];
   for (int64_t block = first_block; block < last_block; block++) {
     const int64_t begin = block * BLOCK, count = n - begin < BLOCK ? n - begin : BLOCK;
@@ -310,8 +321,8 @@ static void int8_blocks(const Adam a, const Tensors& x, int64_t t, int64_t first
       v[j] = vj;
     }
     const float max_avg = block_absmax(m, count), max_avg_sq = block_absmax(v, count);
-    encode_block<true>(m, count, max_avg, start_avg, (uint32_t)begin, codes_avg + begin, x.scalar_codes);
-    encode_block<false>(v, count, max_avg_sq, start_avg_sq, (uint32_t)begin, codes_avg_sq + begin, x.scalar_codes);
+    encode_blocks(m, v, count, max_avg, max_avg_sq, start, (uint32_t)begin, codes_avg + begin, codes_avg_sq + begin,
+                  x.scalar_codes);
     scales_avg[block] = max_avg;
     scales_avg_sq[block] = max_avg_sq;
   }
@@ -353,7 +364,7 @@ extern "C" void adam_lowp(int64_t count, const int64_t* sizes, float* const* par
                           int int8, int scalar_codes, int threads) {
   const bool small = std::fabs(lerp_weight) < 0.5f;
   const Adam a{decay, weight_decay, small ? lerp_weight : lerp_weight - 1.0f, beta2, one_minus_beta2,
-               bias_correction2_sqrt, eps, step_size};
+               1.0f / bias_correction2_sqrt, eps, step_size};
   const Tensors x{sizes, params, grads, exp_avgs, exp_avg_scales, exp_avg_sqs, exp_avg_sq_scales, starts_avg,
                   starts_avg_sq, scalar_codes != 0};
   // the eight instantiations, indexed by (maximize, coupled, small)
@@ -394,7 +405,7 @@ def _layouts() -> str:
     lines = []
     for signed in (True, False):
         groups, _top = _groups(signed)
-        if len(groups) != 3:  # encode_block and decode select among three groups
+        if len(groups) != 3:  # encode_one, encode16 and decode_one select among three groups
             raise RuntimeError(f"native int8 kernel: the code has {len(groups)} groups (expected 3)")
         entries = ", ".join(f"{{{2.0**g.lowest!r}f, {23 - g.bits}, {g.first}, {g.offset}}}" for g in groups)
         values = _code_tables_cpu(signed)[0].view(torch.int32)
