@@ -1,4 +1,4 @@
-"""The fast low-precision state paths (int32 in-place hash, float8 codes by bit arithmetic) against NumPy
+"""The fast low-precision state paths (int32 in-place hash, binary int8 codes by bit arithmetic) against NumPy
 references, bit for bit.
 
 The references are the definitions, computed another way: the dither is ``mix((_mix32(seed) + i * WEYL) mod 2**32)

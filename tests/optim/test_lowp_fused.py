@@ -87,7 +87,7 @@ def _stored_differences(fused: torch.optim.Optimizer, fused_params: list[torch.T
             total += value.numel()
             if value.dtype == torch.bfloat16:  # one bf16 ulp: adjacent bit patterns (same sign)
                 gap = (value.view(torch.int16).int() - expected.view(torch.int16).int()).abs()
-            else:  # one int8 code: adjacent float8 codes
+            else:  # one int8 code: adjacent codes
                 assert value.dtype == torch.int8, key
                 gap = (value.int() - expected.int()).abs()
             assert int(gap.max()) <= 1, key

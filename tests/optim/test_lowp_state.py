@@ -375,8 +375,8 @@ def test_a_checkpoint_of_the_previous_formats_loads(state_dtype: str, fused: boo
     """``data/lowp_state_0c15a26.pt`` was written by commit 0c15a26's code (AdamW, 3 eager steps, a 7x60 and a
     300-value parameter: int8 blocks that end inside a row, a partial last block). bf16 moments have not changed
     format: they load bit for bit. int8 moments were then format 1 (indices into the dynamic tree code, scales in
-    ``<key>_absmax``): loading migrates them to the float8 codes (``<key>_blockmax``) with a warning, each value
-    the nearest float8 code to what the old code decoded (within half a code step of its block); training goes on
+    ``<key>_absmax``): loading migrates them to the format-2 codes (``<key>_blockmax``) with a warning, each value
+    the nearest format-2 code to what the old code decoded (within half a code step of its block); training goes on
     (eager and fused)."""
     saved = torch.load(Path(__file__).with_name("data") / "lowp_state_0c15a26.pt")[state_dtype]
     params = [p.clone() for p in saved["params"]]
@@ -398,7 +398,7 @@ def test_a_checkpoint_of_the_previous_formats_loads(state_dtype: str, fused: boo
                 assert torch.equal(decoded, old), (key, index)
                 continue
             assert key + "_absmax" not in state and state[key + "_blockmax"].dtype == torch.float32
-            expected = dequantize_blockwise(*quantize_blockwise(old, signed), signed)  # the nearest float8 code
+            expected = dequantize_blockwise(*quantize_blockwise(old, signed), signed)  # the nearest format-2 code
             assert torch.equal(decoded, expected), (key, index)
             scale = state[key + "_blockmax"].repeat_interleave(BLOCK_SIZE)[:old.numel()].view(old.shape)
             assert bool(((decoded - old).abs() <= old.abs() / 16 + 2.0 ** -(18 if signed else 34) * scale).all())

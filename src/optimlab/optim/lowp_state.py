@@ -166,19 +166,18 @@ def quantize_blockwise(
 ) -> tuple[Tensor, Tensor]:
     r"""Quantise ``values`` block-wise: returns ``(codes, blockmax)``.
 
-    ``codes`` is an ``int8`` tensor of ``values``' shape, each byte an 8-bit float of
-    :math:`r_i = x_i / a_b` (:func:`code_values`); ``blockmax`` is a float32 tensor with one
-    :math:`a_b = \max_{i\in b}|x_i|` per block of ``block_size`` consecutive values of the flattened
-    tensor (the last block may be shorter).
+    ``codes`` is an ``int8`` tensor of ``values``' shape, each byte the code of :math:`r_i = x_i / a_b`
+    (:func:`code_values`); ``blockmax`` is a float32 tensor with one :math:`a_b = \max_{i\in b}|x_i|` per block
+    of ``block_size`` consecutive values of the flattened tensor (the last block may be shorter).
 
-    A normal :math:`|r_i|` is rounded like a float: its float32 pattern plus 20 bits of noise, the 20 low
-    mantissa bits dropped (the carry moves into the exponent); below the smallest normal code
-    :math:`\ell` (:math:`2^{-14}` signed, :math:`2^{-30}` unsigned), :math:`|r_i| + \ell` is rounded the same
-    way and :math:`\ell` taken off again, so the grid there is linear. Without ``dither`` the noise is
-    :math:`2^{19}`: the nearest code (ties away from zero), an error of at most half a code step times
-    :math:`a_b`. With ``dither`` (uniform [0, 1) numbers, one per value, e.g. from :func:`uniform_dither`)
-    the noise is :math:`\lfloor 2^{20} \cdot \mathrm{dither} \rfloor`: stochastic rounding, to the code above
-    with probability equal to the position between the two codes around :math:`r_i`, so
+    :math:`|r_i|` is rounded like a float cut to its group's mantissa bits: its float32 pattern plus noise in the
+    bits the group drops (18 to 21), those bits then dropped (a carry moves to the next step); below the lowest
+    group, :math:`|r_i|` plus the group's lowest value is rounded the same way and the lowest value taken off
+    again, so the grid there is linear. Without ``dither`` the noise is half the dropped range: the nearest code
+    (ties away from zero), an error of at most half a code step times :math:`a_b`. With ``dither`` (uniform
+    [0, 1) numbers, one per value, e.g. :func:`int8_dither`) the noise is the high bits of
+    :math:`\lfloor 2^{23} \cdot \mathrm{dither} \rfloor`: stochastic rounding, to the code above with
+    probability equal to the position between the two codes around :math:`r_i`, so
     :math:`\mathbb{E}\,\hat x_i = x_i` up to float32 rounding, with an error below one step.
     """
     if block_size < 1:
@@ -299,7 +298,7 @@ def _quantize_flat(flat: Tensor, signed: bool, block_size: int, noise: Tensor | 
 
 @functools.lru_cache(maxsize=None)
 def _legacy_code_cpu(signed: bool) -> Tensor:
-    # Format 1 (before the float8 codes): the sorted "dynamic tree" code of Dettmers (2016, 2022), float32. Decade
+    # Format 1 (before the binary tapered codes): the sorted "dynamic tree" code of Dettmers (2016, 2022), float32. Decade
     # e (0 = the smallest) held 2**e values spaced linearly in (0.1, 1] * 10**(e - top); stored int8 = index into
     # it - 127 (signed) or - 128 (unsigned). Only read, to migrate a checkpoint (restore_state_dtypes).
     decades = 7 if signed else 8
@@ -313,7 +312,7 @@ def _legacy_code_cpu(signed: bool) -> Tensor:
 
 
 def _migrate_legacy_int8(codes: Tensor, absmax: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
-    """A format-1 moment (dynamic tree codes and their block absmax) -> format 2 (float8 codes, block maxima),
+    """A format-1 moment (dynamic tree codes and their block absmax) -> format 2 (binary codes, block maxima),
     re-rounded to the nearest code: the values the old code decoded, each within half a new code step."""
     index = codes.reshape(-1).to(torch.int64) + (127 if signed else 128)
     scales = absmax.to(torch.float32).repeat_interleave(BLOCK_SIZE)[:index.numel()]
@@ -785,8 +784,8 @@ def restore_state_dtypes(optimizer: torch.optim.Optimizer, moments: Sequence[tup
     tensor to the parameter's dtype. The values round-trip exactly (bf16 values and int8 codes are representable
     in float32), so casting back restores the state bit for bit.
 
-    An int8 moment saved with ``<key>_absmax`` is format 1 (before the float8 codes: indices into the dynamic tree
-    code of Dettmers et al.): it is decoded with that code and re-rounded to the nearest float8 code, with one
+    An int8 moment saved with ``<key>_absmax`` is format 1 (before the binary codes: indices into the dynamic tree
+    code of Dettmers et al.): it is decoded with that code and re-rounded to the nearest format-2 code, with one
     ``UserWarning`` per load naming how many moments were migrated, so an old checkpoint is never read as codes
     of the new format.
     """
@@ -817,5 +816,5 @@ def restore_state_dtypes(optimizer: torch.optim.Optimizer, moments: Sequence[tup
                 state[key + _SCALE_SUFFIX] = state[key + _SCALE_SUFFIX].to(torch.float32)
     if migrated:
         warnings.warn(f"{type(optimizer).__name__}.load_state_dict: {migrated} int8 moments were saved in the "
-                      "older dynamic-tree format (<key>_absmax); migrated to the float8 codes (<key>_blockmax), each "
+                      "older dynamic-tree format (<key>_absmax); migrated to the format-2 codes (<key>_blockmax), each "
                       "value rounded to the nearest new code", UserWarning, stacklevel=3)
