@@ -8,8 +8,9 @@ moves 20 instead of 28 bytes per parameter. Plain C++ compiled with ``-O3 -march
 whole bf16 loop, bit casts included (they are register moves). int8 moments are decoded, updated and coded
 block by block (256 values in L1: decode, update, block maximum, code); the codes (``lowp_state._encode`` /
 ``_decode``: a group chosen by two comparisons, a variable shift, an offset) are computed 16 values at a time
-with AVX-512 intrinsics where the CPU has them (GCC's vectoriser turned the selects into branches), one at a
-time otherwise and for a block's last values; both give the same bits (``SCALAR_CODES``, tested).
+with AVX-512 intrinsics where the CPU has them (there: 1.15x torch's fused fp32 step at 20M), else by one-value
+functions in loops that the compiler vectorises for the CPU it has (0.79x here; an AVX2 build 0.30x); both give the
+same bits (``SCALAR_CODES`` selects the one-value loops; tested).
 
 Update rule (the operations of :func:`optimlab.optim.adam._adam_tensor` on the decoded moments, in its order,
 except that :math:`\sqrt{v}` is multiplied by :math:`1/\sqrt{1-\beta_2^t}` where ATen divides: a division per
