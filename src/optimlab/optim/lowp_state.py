@@ -394,6 +394,9 @@ def _bits_to_uniform(bits: Tensor) -> Tensor:
     return (bits >> 8).bitwise_and_(0xFFFFFF).to(torch.float32).mul_(1.0 / (1 << 24))
 
 
+_INT8_NOISE_KEY = "int8 state"  # the dither_seed key of int8 moments: one noise sequence for all of them
+
+
 def dither_seed(step: int, key: str) -> int:
     """The seed of the rounding noise for moment ``key`` at optimizer step ``step`` (a 31-bit integer)."""
     return (int(step) * 0x2545F491 + zlib.crc32(key.encode())) & 0x7FFFFFFF
@@ -405,7 +408,7 @@ def int8_dither(shape: torch.Size | tuple[int, ...], step: int, signed: bool, de
     ``shape``, multiples of 2**-16): ``quantize_blockwise(value, signed, dither=int8_dither(value.shape, step,
     signed))`` is what :func:`store_moments` stores. One hash per element and step serves all of a parameter's
     moments: its 16 high bits the signed (first) moment, its 16 low bits the unsigned ones."""
-    start = _hash_start(_noise_seed(step, "", True), 0)
+    start = _hash_start(dither_seed(step, _INT8_NOISE_KEY), 0)
     return _int8_noise(start, math.prod(shape), device, signed).to(torch.float32).mul_(2.0**-_NOISE_BITS).view(shape)
 
 
@@ -559,9 +562,6 @@ def _rounded_bfloat16(flat: Tensor, start: int | Tensor) -> Tensor:
     high hash bits are ``floor(uniform * 2**16)`` of :func:`uniform_dither`)."""
     noise = _hash_from(start, flat.numel(), flat.device).bitwise_right_shift_(16).bitwise_and_(0xFFFF)
     return _round_to_bfloat16_bits(flat, noise)
-
-
-_INT8_NOISE_KEY = "int8 state"  # the dither_seed key of int8 moments: one noise sequence for all of them
 
 
 def _int8_noise(start: int | Tensor, count: int, device: torch.device | str, signed: bool) -> Tensor:
